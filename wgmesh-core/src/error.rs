@@ -1,0 +1,174 @@
+//! The one error type of the core: what was wrong, where (the mesh or a named node, and the
+//! field), and the offending value.
+
+use std::fmt;
+
+use crate::key::KeyError;
+
+/// Where a bad value sits in the cluster description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Location {
+    /// The `mesh` section.
+    Mesh,
+    /// The node with this name.
+    Node(String),
+    /// The node at this position of `nodes`, when its name itself is the problem.
+    NodeIndex(usize),
+    /// The document as a whole (syntax), at this path (`nodes[2].addresses[0]`), if known.
+    Document(String),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Mesh => f.write_str("mesh"),
+            Self::Node(name) => write!(f, "node {name:?}"),
+            Self::NodeIndex(i) => write!(f, "nodes[{i}]"),
+            Self::Document(path) if path.is_empty() || path == "." || path == "?" => {
+                f.write_str("cluster")
+            }
+            Self::Document(path) => write!(f, "cluster at {path}"),
+        }
+    }
+}
+
+/// What is wrong with a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Problem {
+    /// Not an IPv4 or IPv6 address.
+    #[error("not an IP address")]
+    InvalidIp,
+    /// Not a CIDR (`address/prefix-length`).
+    #[error("not a CIDR (address/prefix-length)")]
+    InvalidCidr,
+    /// A CIDR with bits set after the prefix.
+    #[error("host bits are set; the block is {canonical}")]
+    HostBitsSet {
+        /// The CIDR with the host bits cleared.
+        canonical: String,
+    },
+    /// A malformed WireGuard key.
+    #[error("invalid WireGuard key: {0}")]
+    InvalidKey(KeyError),
+    /// A number outside its range.
+    #[error("must be between {min} and {max}")]
+    OutOfRange {
+        /// Smallest accepted value.
+        min: i64,
+        /// Largest accepted value.
+        max: i64,
+    },
+    /// A number that is reserved for another purpose.
+    #[error("{0}")]
+    Reserved(&'static str),
+    /// A route source other than `cidr_blocks` and `workload_ips`.
+    #[error("unknown route source; expected \"cidr_blocks\" or \"workload_ips\"")]
+    UnknownRouteSource,
+    /// A Linux interface name that the kernel would refuse.
+    #[error("invalid interface name: {0}")]
+    InvalidInterfaceName(&'static str),
+    /// An empty value where one is required.
+    #[error("must not be empty")]
+    Empty,
+    /// Two settings that must differ are equal.
+    #[error("must differ from {0}")]
+    MustDiffer(&'static str),
+    /// Another node already has this name.
+    #[error("duplicate node name (also nodes[{first}])")]
+    DuplicateName {
+        /// The index of the first node with this name.
+        first: usize,
+    },
+    /// The MTU left for the tunnel is below what the family requires.
+    #[error("{0}")]
+    Mtu(String),
+    /// A value of the wrong type or shape, as the parser reported it.
+    #[error("{0}")]
+    Syntax(String),
+}
+
+/// Every error of the core: bad input, found while validating a cluster or applying an event.
+///
+/// Its `Display` is one line that names the node (or `mesh`) and the field:
+///
+/// ```
+/// use wgmesh_core::spec::parse_cluster;
+/// let err = parse_cluster(r#"{"nodes":[{"name":"n1","pod_cidrs":["10.0.0.1/24"]}]}"#).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     r#"node "n1": pod_cidrs[0] = "10.0.0.1/24": host bits are set; the block is 10.0.0.0/24"#
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A field holds a bad value.
+    #[error("{location}: {field}{}: {problem}", value_suffix(.value))]
+    Invalid {
+        /// The mesh, or the node.
+        location: Location,
+        /// The field, with its index for lists (`pod_cidrs[1]`).
+        field: String,
+        /// The offending value as given, if there was one.
+        value: Option<String>,
+        /// What is wrong.
+        problem: Problem,
+    },
+    /// A node was named that the cluster does not have.
+    #[error("node {0:?} is not in the cluster")]
+    UnknownNode(String),
+}
+
+fn value_suffix(value: &Option<String>) -> String {
+    match value {
+        Some(v) => format!(" = {v:?}"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    pub(crate) fn mesh(field: impl Into<String>, value: Option<String>, problem: Problem) -> Self {
+        Self::Invalid {
+            location: Location::Mesh,
+            field: field.into(),
+            value,
+            problem,
+        }
+    }
+
+    pub(crate) fn node(
+        node: &str,
+        field: impl Into<String>,
+        value: Option<String>,
+        problem: Problem,
+    ) -> Self {
+        Self::Invalid {
+            location: Location::Node(node.to_owned()),
+            field: field.into(),
+            value,
+            problem,
+        }
+    }
+
+    /// The node the error is about, if it is about one.
+    pub fn node_name(&self) -> Option<&str> {
+        match self {
+            Self::Invalid {
+                location: Location::Node(n),
+                ..
+            }
+            | Self::UnknownNode(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The field the error is about, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { field, .. } => Some(field),
+            Self::UnknownNode(_) => None,
+        }
+    }
+}

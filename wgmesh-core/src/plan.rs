@@ -1,0 +1,522 @@
+//! Plans: everything one node must program, and the full planner that computes them.
+//!
+//! # The rules, in one place
+//!
+//! For each family the local node has an address of, and while the mesh and the node's
+//! WireGuard are enabled, the node gets one interface. A node **takes part** in a family's
+//! mesh when WireGuard is enabled on it, it has that family's key, no other node claims that
+//! key, and it has an address of that family. Every other node is *plain*.
+//!
+//! A node's **destinations** are its blocks plus its borrowed workload addresses
+//! (`cidr_blocks`), or one host prefix per workload address (`workload_ips`), plus its own
+//! addresses when host encryption is on. A destination claimed by two or more nodes belongs
+//! to nobody: it gets a throw route everywhere and sits on no peer, so it can never be moved
+//! silently between peers (WireGuard would move it) and it stays reachable in plaintext.
+//!
+//! When the local node takes part, each destination gets a route in the mesh table: `dev
+//! <interface>` and an allowed IP on the owner's peer if the owner takes part; `throw` if the
+//! owner is the local node or plain, so the lookup falls back to the main table. A rule `not
+//! fwmark M/M lookup T` sends everything WireGuard did not emit itself to that table.
+//!
+//! **Packet marking.** While the node takes part, an nftables table marks packets that arrive
+//! from the underlay with the mesh mark, and `src_valid_mark` makes the reverse-path check use
+//! it, so strict `rp_filter` does not drop the underlay's packets from addresses the mesh table
+//! routes into the tunnel. Without host encryption, host traffic must stay plain (the peers do
+//! not accept node addresses as sources), so locally generated packets are marked too and skip
+//! the mesh table; their replies arrive plain and pass the reverse-path check by the same mark.
+//!
+//! **MTU.** WireGuard sends its UDP packets with DF set, so an inner packet that does not fit
+//! the smallest underlay MTU on its path is dropped, not fragmented. The automatic MTU is
+//! therefore the smallest underlay MTU among the nodes taking part (the local one included)
+//! minus the tunnel overhead (60 bytes over IPv4, 80 over IPv6): a jumbo-frame node must not
+//! send packets that a 1500-byte peer cannot carry.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::key::PublicKey;
+use crate::model::{Cluster, Family, MeshConfig, Node, RouteSource, host_net};
+
+/// The nftables table that wgmesh owns.
+pub const MARKING_TABLE: &str = "wgmesh";
+
+/// The sysctl that makes the reverse-path check honour packet marks.
+pub const SRC_VALID_MARK: &str = "net.ipv4.conf.all.src_valid_mark";
+
+/// Everything one node must program. Field names are a public contract.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePlan {
+    /// The node this plan is for.
+    pub node: String,
+    /// One WireGuard interface per family, IPv4 first.
+    pub interfaces: Vec<InterfacePlan>,
+    /// The mesh table, sorted by destination.
+    pub routes: Vec<Route>,
+    /// The policy rules, IPv4 first.
+    pub rules: Vec<Rule>,
+    /// Kernel settings, sorted by key.
+    pub sysctls: Vec<Sysctl>,
+    /// The packet marking (nftables) that keeps reverse-path filtering and host traffic right.
+    pub marking: Option<Marking>,
+}
+
+impl NodePlan {
+    /// A plan that programs nothing: appliers remove what earlier plans left.
+    pub fn empty(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the plan programs nothing.
+    pub fn is_empty(&self) -> bool {
+        self.interfaces.is_empty()
+            && self.routes.is_empty()
+            && self.rules.is_empty()
+            && self.sysctls.is_empty()
+            && self.marking.is_none()
+    }
+
+    /// The interface of a family.
+    pub fn interface(&self, family: Family) -> Option<&InterfacePlan> {
+        self.interfaces.iter().find(|i| i.family == family)
+    }
+}
+
+/// One WireGuard interface of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfacePlan {
+    /// Link name.
+    pub name: String,
+    /// The family of its peers' endpoints and allowed IPs.
+    pub family: Family,
+    /// UDP port.
+    pub listen_port: u16,
+    /// The mark on WireGuard's own packets.
+    pub firewall_mark: u32,
+    /// Link MTU.
+    pub mtu: u32,
+    /// The local node's published key for this interface, if it has one.
+    pub public_key: Option<PublicKey>,
+    /// Peers, sorted by node name.
+    pub peers: Vec<PeerPlan>,
+}
+
+/// One peer of an interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPlan {
+    /// The node behind the peer.
+    pub node: String,
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// Its first address of the family, with the mesh port.
+    pub endpoint: SocketAddr,
+    /// Its destinations, sorted.
+    pub allowed_ips: Vec<IpNet>,
+    /// Keepalive interval in seconds.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The kind of a mesh-table route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteType {
+    /// Into the WireGuard interface.
+    Unicast,
+    /// Back to the rule list, and so to the main table.
+    Throw,
+}
+
+/// One route of the mesh table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Route {
+    /// Family of the destination.
+    pub family: Family,
+    /// The mesh table.
+    pub table: u32,
+    /// The destination prefix.
+    pub destination: IpNet,
+    /// Unicast into the tunnel or throw.
+    #[serde(rename = "type")]
+    pub kind: RouteType,
+    /// The WireGuard interface, for unicast routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// One policy rule: `not fwmark M/M lookup T` when `invert`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rule {
+    /// Family of the rule.
+    pub family: Family,
+    /// Rule priority.
+    pub priority: u32,
+    /// The table it looks up.
+    pub table: u32,
+    /// The mark compared.
+    pub firewall_mark: u32,
+    /// The mask applied before comparing.
+    pub firewall_mask: u32,
+    /// Whether the match is inverted (`not`).
+    pub invert: bool,
+}
+
+/// A kernel setting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Sysctl {
+    /// The dotted key, as `sysctl` spells it.
+    pub key: String,
+    /// The value to write.
+    pub value: String,
+}
+
+/// The packet marking of a node, as an nftables table of family `inet` that wgmesh owns.
+///
+/// The `prerouting` chain (filter, priority raw) returns for the loopback, mesh and workload
+/// interfaces and ORs `firewall_mark` into the mark of every other packet: those came from the
+/// underlay. With `mark_output`, the `output` chain (route, priority mangle) ORs the mark into
+/// every locally generated packet, so host traffic skips the mesh table. [`Marking::nft_script`]
+/// spells it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marking {
+    /// The nftables table (family `inet`).
+    pub table: String,
+    /// The mark to set (ORed into the packet's mark).
+    pub firewall_mark: u32,
+    /// Input interfaces that are not underlay, by exact name.
+    pub skip_interfaces: Vec<String>,
+    /// Input interfaces that are not underlay, by name prefix.
+    pub skip_interface_prefixes: Vec<String>,
+    /// Mark locally generated packets too (host traffic stays out of the tunnel).
+    pub mark_output: bool,
+}
+
+impl Marking {
+    /// The table as an `nft -f` script (for people and tests; appliers use netlink).
+    pub fn nft_script(&self) -> String {
+        let mut s = format!("table inet {} {{\n", self.table);
+        s.push_str("\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n");
+        for name in &self.skip_interfaces {
+            s.push_str(&format!("\t\tiifname \"{name}\" return\n"));
+        }
+        for prefix in &self.skip_interface_prefixes {
+            s.push_str(&format!("\t\tiifname \"{prefix}*\" return\n"));
+        }
+        s.push_str(&format!(
+            "\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
+            self.firewall_mark
+        ));
+        if self.mark_output {
+            s.push_str(&format!(
+                "\tchain output {{\n\t\ttype route hook output priority mangle; policy accept;\n\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
+                self.firewall_mark
+            ));
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind, &self.device) {
+            (RouteType::Unicast, Some(dev)) => write!(
+                f,
+                "{} dev {dev} table {} scope link",
+                self.destination, self.table
+            ),
+            (RouteType::Unicast, None) => write!(f, "{} table {}", self.destination, self.table),
+            (RouteType::Throw, _) => write!(f, "throw {} table {}", self.destination, self.table),
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:\t{}from all fwmark {:#x}/{:#x} lookup {}",
+            self.priority,
+            if self.invert { "not " } else { "" },
+            self.firewall_mark,
+            self.firewall_mask,
+            self.table
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules shared by the full and the incremental planner.
+
+/// Whether a node takes part in a family's mesh, given how many nodes claim its key.
+pub(crate) fn takes_part(mesh: &MeshConfig, node: &Node, family: Family, key_claims: usize) -> bool {
+    mesh.enabled && node.key(family).is_some() && key_claims == 1 && node.address(family).is_some()
+}
+
+/// Every destination of a node in a family, each once, in no particular order.
+pub(crate) fn destinations(mesh: &MeshConfig, node: &Node, family: Family) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = Vec::new();
+    let in_family = |a: &IpAddr| Family::of(a) == family;
+    match mesh.route_source {
+        RouteSource::CidrBlocks => {
+            let blocks: Vec<IpNet> = node
+                .pod_cidrs
+                .iter()
+                .copied()
+                .filter(|b| Family::of_net(b) == family)
+                .collect();
+            out.extend(blocks.iter().copied());
+            out.extend(
+                node.workload_ips
+                    .iter()
+                    .filter(|a| in_family(a) && !blocks.iter().any(|b| b.contains(*a)))
+                    .map(|a| host_net(*a)),
+            );
+        }
+        RouteSource::WorkloadIps => {
+            out.extend(node.workload_ips.iter().filter(|a| in_family(a)).map(|a| host_net(*a)));
+        }
+    }
+    if mesh.host_encryption {
+        out.extend(node.addresses.iter().filter(|a| in_family(a)).map(|a| host_net(*a)));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The endpoint of a node in a family.
+pub(crate) fn endpoint(mesh: &MeshConfig, node: &Node, family: Family) -> Option<SocketAddr> {
+    node.address(family)
+        .map(|a| SocketAddr::new(a, mesh.port(family)))
+}
+
+/// A family's interface without peers.
+pub(crate) fn interface(
+    mesh: &MeshConfig,
+    local: &Node,
+    family: Family,
+    min_peer_mtu: Option<u32>,
+) -> InterfacePlan {
+    let underlay = min_peer_mtu.map_or(local.underlay_mtu, |m| m.min(local.underlay_mtu));
+    InterfacePlan {
+        name: mesh.interface(family).to_owned(),
+        family,
+        listen_port: mesh.port(family),
+        firewall_mark: mesh.firewall_mark,
+        mtu: mesh
+            .mtu
+            .unwrap_or_else(|| underlay - family.wireguard_overhead()),
+        public_key: local.key(family),
+        peers: Vec::new(),
+    }
+}
+
+/// The rule of a family.
+pub(crate) fn rule(mesh: &MeshConfig, family: Family) -> Rule {
+    Rule {
+        family,
+        priority: mesh.rule_priority,
+        table: mesh.routing_table,
+        firewall_mark: mesh.firewall_mark,
+        firewall_mask: mesh.firewall_mark,
+        invert: true,
+    }
+}
+
+/// Rules, sysctls and marking, given the interfaces and the families the local node takes part in.
+pub(crate) fn finish(
+    mesh: &MeshConfig,
+    plan: &mut NodePlan,
+    active: [bool; 2],
+) {
+    plan.rules = Family::ALL
+        .iter()
+        .filter(|f| active[f.index()])
+        .map(|f| rule(mesh, *f))
+        .collect();
+    plan.sysctls = if active[Family::V4.index()] {
+        vec![Sysctl {
+            key: SRC_VALID_MARK.into(),
+            value: "1".into(),
+        }]
+    } else {
+        Vec::new()
+    };
+    plan.marking = (active[0] || active[1]).then(|| Marking {
+        table: MARKING_TABLE.into(),
+        firewall_mark: mesh.firewall_mark,
+        skip_interfaces: std::iter::once("lo".to_owned())
+            .chain(plan.interfaces.iter().map(|i| i.name.clone()))
+            .collect(),
+        skip_interface_prefixes: vec![mesh.workload_interface_prefix.clone()],
+        mark_output: !mesh.host_encryption,
+    });
+}
+
+/// How a destination is routed, from the local node's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision<N> {
+    /// Into the tunnel, to this node's peer.
+    Peer(N),
+    /// Back to the main table.
+    Throw,
+}
+
+/// The routing decision for a destination with these claimants.
+pub(crate) fn decide<N: PartialEq + Copy>(
+    local: N,
+    sole_claimant: Option<N>,
+    takes_part: impl Fn(N) -> bool,
+) -> Decision<N> {
+    match sole_claimant {
+        Some(n) if n != local && takes_part(n) => Decision::Peer(n),
+        _ => Decision::Throw,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The full planner.
+
+/// Computes the plan of one node from the whole cluster.
+///
+/// ```
+/// use wgmesh_core::{plan_node, spec::parse_cluster, RouteType};
+/// let cluster = parse_cluster(r#"{
+///   "mesh": {"route_source": "workload_ips"},
+///   "nodes": [
+///     {"name": "a", "addresses": ["10.0.0.1"], "workload_ips": ["10.0.0.10"],
+///      "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+///     {"name": "b", "addresses": ["10.0.0.2"], "workload_ips": ["10.0.0.20"],
+///      "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
+/// let plan = plan_node(&cluster, "a")?;
+/// let wg = &plan.interfaces[0];
+/// assert_eq!(wg.mtu, 1440);
+/// assert_eq!(wg.peers[0].endpoint.to_string(), "10.0.0.2:51820");
+/// assert_eq!(wg.peers[0].allowed_ips, ["10.0.0.20/32".parse()?]);
+/// assert_eq!(plan.routes[0].kind, RouteType::Throw); // 10.0.0.10, local
+/// assert_eq!(plan.routes[1].kind, RouteType::Unicast); // 10.0.0.20, via b
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
+    let local = cluster
+        .node(node)
+        .ok_or_else(|| Error::UnknownNode(node.to_owned()))?;
+    let mesh = cluster.mesh();
+    let mut plan = NodePlan::empty(node);
+    if !mesh.enabled || !local.wireguard_enabled() {
+        return Ok(plan);
+    }
+    let nodes = cluster.nodes();
+    let local_idx = nodes
+        .iter()
+        .position(|n| n.name == node)
+        .ok_or_else(|| Error::UnknownNode(node.to_owned()))?;
+    let mut active = [false; 2];
+    let mut routes = Vec::new();
+    for family in Family::ALL {
+        if local.address(family).is_none() {
+            continue;
+        }
+        let mut key_claims: HashMap<PublicKey, usize> = HashMap::new();
+        for n in nodes {
+            if let Some(k) = n.key(family) {
+                *key_claims.entry(k).or_default() += 1;
+            }
+        }
+        let part: Vec<bool> = nodes
+            .iter()
+            .map(|n| {
+                let claims = n.key(family).map_or(0, |k| key_claims[&k]);
+                takes_part(mesh, n, family, claims)
+            })
+            .collect();
+        let min_mtu = nodes
+            .iter()
+            .zip(&part)
+            .filter(|(_, p)| **p)
+            .map(|(n, _)| n.underlay_mtu)
+            .min();
+        let mut iface = interface(mesh, local, family, min_mtu);
+        if !part[local_idx] {
+            plan.interfaces.push(iface);
+            continue;
+        }
+        active[family.index()] = true;
+
+        // Who claims each destination: the first claimant, and whether there are more.
+        let mut claims: HashMap<IpNet, (usize, bool)> = HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            for dest in destinations(mesh, n, family) {
+                claims
+                    .entry(dest)
+                    .and_modify(|c| c.1 = true)
+                    .or_insert((i, false));
+            }
+        }
+        let mut allowed: Vec<Vec<IpNet>> = vec![Vec::new(); nodes.len()];
+        routes.reserve(claims.len());
+        for (dest, (first, many)) in claims {
+            let sole = (!many).then_some(first);
+            match decide(local_idx, sole, |n| part[n]) {
+                Decision::Peer(n) => {
+                    allowed[n].push(dest);
+                    routes.push((dest, RouteType::Unicast));
+                }
+                Decision::Throw => routes.push((dest, RouteType::Throw)),
+            }
+        }
+        let keepalive = mesh.persistent_keepalive;
+        for (i, n) in nodes.iter().enumerate() {
+            if i == local_idx || !part[i] {
+                continue;
+            }
+            let (Some(public_key), Some(endpoint)) = (n.key(family), endpoint(mesh, n, family))
+            else {
+                continue;
+            };
+            let mut ips = std::mem::take(&mut allowed[i]);
+            ips.sort_unstable();
+            iface.peers.push(PeerPlan {
+                node: n.name.clone(),
+                public_key,
+                endpoint,
+                allowed_ips: ips,
+                persistent_keepalive: keepalive,
+            });
+        }
+        iface.peers.sort_unstable_by(|a, b| a.node.cmp(&b.node));
+        plan.interfaces.push(iface);
+    }
+    routes.sort_unstable_by_key(|r| r.0);
+    plan.routes = routes
+        .into_iter()
+        .map(|(destination, kind)| {
+            let family = Family::of_net(&destination);
+            Route {
+                family,
+                table: mesh.routing_table,
+                destination,
+                kind,
+                device: (kind == RouteType::Unicast).then(|| mesh.interface(family).to_owned()),
+            }
+        })
+        .collect();
+    finish(mesh, &mut plan, active);
+    Ok(plan)
+}
+
+/// Plans every node of the cluster, in the cluster's order.
+pub fn plan_all(cluster: &Cluster) -> Vec<NodePlan> {
+    cluster
+        .nodes()
+        .iter()
+        .filter_map(|n| plan_node(cluster, &n.name).ok())
+        .collect()
+}
