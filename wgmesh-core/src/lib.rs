@@ -38,15 +38,24 @@
 //! ```
 
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
+pub mod delta;
+pub mod diagnostics;
 pub mod error;
+pub mod incremental;
 pub mod key;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod sim;
 pub mod spec;
 
+pub use delta::{PlanDelta, diff};
+pub use incremental::{Event, IncrementalPlanner};
 
 pub use error::{Error, Location, Problem};
 

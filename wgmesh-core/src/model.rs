@@ -262,7 +262,9 @@ impl MeshConfig {
             return Err(Error::mesh(
                 "firewall_mark",
                 Some("0".into()),
-                Problem::Reserved("0 means no mark; WireGuard's packets would loop into the mesh table"),
+                Problem::Reserved(
+                    "0 means no mark; WireGuard's packets would loop into the mesh table",
+                ),
             ));
         }
         match self.routing_table {
@@ -270,7 +272,9 @@ impl MeshConfig {
                 return Err(Error::mesh(
                     "routing_table",
                     Some(self.routing_table.to_string()),
-                    Problem::Reserved("0, 253 (default), 254 (main) and 255 (local) are the kernel's tables"),
+                    Problem::Reserved(
+                        "0, 253 (default), 254 (main) and 255 (local) are the kernel's tables",
+                    ),
                 ));
             }
             _ => {}
@@ -311,7 +315,9 @@ fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result
     } else if name.len() > 15 {
         Some(Problem::InvalidInterfaceName("longer than 15 bytes"))
     } else if !prefix && (name == "." || name == "..") {
-        Some(Problem::InvalidInterfaceName("\".\" and \"..\" are reserved"))
+        Some(Problem::InvalidInterfaceName(
+            "\".\" and \"..\" are reserved",
+        ))
     } else if name
         .chars()
         .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
@@ -484,7 +490,9 @@ impl Node {
                 &self.name,
                 "name",
                 None,
-                Problem::Syntax("a node name has at most 253 characters and no control characters".into()),
+                Problem::Syntax(
+                    "a node name has at most 253 characters and no control characters".into(),
+                ),
             ));
         }
         let min = self.min_underlay_mtu();

@@ -201,7 +201,9 @@ impl Marking {
     /// The table as an `nft -f` script (for people and tests; appliers use netlink).
     pub fn nft_script(&self) -> String {
         let mut s = format!("table inet {} {{\n", self.table);
-        s.push_str("\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n");
+        s.push_str(
+            "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n",
+        );
         for name in &self.skip_interfaces {
             s.push_str(&format!("\t\tiifname \"{name}\" return\n"));
         }
@@ -255,7 +257,12 @@ impl fmt::Display for Rule {
 // Rules shared by the full and the incremental planner.
 
 /// Whether a node takes part in a family's mesh, given how many nodes claim its key.
-pub(crate) fn takes_part(mesh: &MeshConfig, node: &Node, family: Family, key_claims: usize) -> bool {
+pub(crate) fn takes_part(
+    mesh: &MeshConfig,
+    node: &Node,
+    family: Family,
+    key_claims: usize,
+) -> bool {
     mesh.enabled && node.key(family).is_some() && key_claims == 1 && node.address(family).is_some()
 }
 
@@ -280,11 +287,21 @@ pub(crate) fn destinations(mesh: &MeshConfig, node: &Node, family: Family) -> Ve
             );
         }
         RouteSource::WorkloadIps => {
-            out.extend(node.workload_ips.iter().filter(|a| in_family(a)).map(|a| host_net(*a)));
+            out.extend(
+                node.workload_ips
+                    .iter()
+                    .filter(|a| in_family(a))
+                    .map(|a| host_net(*a)),
+            );
         }
     }
     if mesh.host_encryption {
-        out.extend(node.addresses.iter().filter(|a| in_family(a)).map(|a| host_net(*a)));
+        out.extend(
+            node.addresses
+                .iter()
+                .filter(|a| in_family(a))
+                .map(|a| host_net(*a)),
+        );
     }
     out.sort_unstable();
     out.dedup();
@@ -331,11 +348,7 @@ pub(crate) fn rule(mesh: &MeshConfig, family: Family) -> Rule {
 }
 
 /// Rules, sysctls and marking, given the interfaces and the families the local node takes part in.
-pub(crate) fn finish(
-    mesh: &MeshConfig,
-    plan: &mut NodePlan,
-    active: [bool; 2],
-) {
+pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) {
     plan.rules = Family::ALL
         .iter()
         .filter(|f| active[f.index()])

@@ -19,7 +19,9 @@ pub fn text(plan: &NodePlan) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "node: {}", plan.node);
     if plan.is_empty() {
-        s.push_str("  (no mesh: nothing to program; anything left from earlier plans is removed)\n");
+        s.push_str(
+            "  (no mesh: nothing to program; anything left from earlier plans is removed)\n",
+        );
         return s;
     }
     for iface in &plan.interfaces {
@@ -34,7 +36,11 @@ pub fn text(plan: &NodePlan) -> String {
         let _ = writeln!(
             s,
             "  {}{route}",
-            if route.family == crate::Family::V6 { "-6 " } else { "" }
+            if route.family == crate::Family::V6 {
+                "-6 "
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(s, "\nrules:");
@@ -45,7 +51,11 @@ pub fn text(plan: &NodePlan) -> String {
         let _ = writeln!(
             s,
             "  {}{rule}",
-            if rule.family == crate::Family::V6 { "-6 " } else { "" }
+            if rule.family == crate::Family::V6 {
+                "-6 "
+            } else {
+                ""
+            }
         );
     }
     if !plan.sysctls.is_empty() {
@@ -86,7 +96,11 @@ fn interface_text(s: &mut String, iface: &InterfacePlan) {
         let _ = writeln!(
             s,
             "  allowed ips: {}",
-            if ips.is_empty() { "(none)".to_owned() } else { ips.join(", ") }
+            if ips.is_empty() {
+                "(none)".to_owned()
+            } else {
+                ips.join(", ")
+            }
         );
         if let Some(k) = peer.persistent_keepalive {
             let _ = writeln!(s, "  persistent keepalive: every {k} seconds");

@@ -99,7 +99,8 @@ impl MeshSpec {
     /// Converts to typed settings and validates them.
     pub fn validate(&self) -> Result<MeshConfig, Error> {
         let d = MeshConfig::default();
-        let mesh_err = |field: &'static str| move |value, problem| Error::mesh(field, value, problem);
+        let mesh_err =
+            |field: &'static str| move |value, problem| Error::mesh(field, value, problem);
         let route_source = match self.route_source.as_deref() {
             None => d.route_source,
             Some("cidr_blocks") => RouteSource::CidrBlocks,
@@ -126,8 +127,17 @@ impl MeshSpec {
         let mesh = MeshConfig {
             enabled: self.enabled.unwrap_or(d.enabled),
             interface_name: self.interface_name.clone().unwrap_or(d.interface_name),
-            interface_name_v6: self.interface_name_v6.clone().unwrap_or(d.interface_name_v6),
-            listen_port: ranged(self.listen_port, d.listen_port, 1, 65535, mesh_err("listen_port"))?,
+            interface_name_v6: self
+                .interface_name_v6
+                .clone()
+                .unwrap_or(d.interface_name_v6),
+            listen_port: ranged(
+                self.listen_port,
+                d.listen_port,
+                1,
+                65535,
+                mesh_err("listen_port"),
+            )?,
             listen_port_v6: ranged(
                 self.listen_port_v6,
                 d.listen_port_v6,
@@ -185,7 +195,12 @@ impl NodeSpec {
         let name = self.name.as_str();
         let ip = |field: &str, i: usize, text: &str| {
             text.trim().parse::<IpAddr>().map_err(|_| {
-                Error::node(name, format!("{field}[{i}]"), Some(text.into()), Problem::InvalidIp)
+                Error::node(
+                    name,
+                    format!("{field}[{i}]"),
+                    Some(text.into()),
+                    Problem::InvalidIp,
+                )
             })
         };
         let addresses = self
@@ -206,16 +221,21 @@ impl NodeSpec {
             .enumerate()
             .map(|(i, text)| {
                 text.trim().parse::<IpNet>().map_err(|_| {
-                    Error::node(name, format!("pod_cidrs[{i}]"), Some(text.clone()), Problem::InvalidCidr)
+                    Error::node(
+                        name,
+                        format!("pod_cidrs[{i}]"),
+                        Some(text.clone()),
+                        Problem::InvalidCidr,
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let key = |field: &str, text: &Option<String>| -> Result<Option<PublicKey>, Error> {
             match text.as_deref().map(str::trim) {
                 None | Some("") => Ok(None),
-                Some(t) => PublicKey::from_base64(t).map(Some).map_err(|e| {
-                    Error::node(name, field, Some(t.into()), Problem::InvalidKey(e))
-                }),
+                Some(t) => PublicKey::from_base64(t)
+                    .map(Some)
+                    .map_err(|e| Error::node(name, field, Some(t.into()), Problem::InvalidKey(e))),
             }
         };
         let wireguard = match &self.wireguard {
@@ -339,11 +359,23 @@ fn locate(text: &str, is_json: bool, path: &str) -> (Location, String) {
     let name = if is_json {
         serde_json::from_str::<serde_json::Value>(text)
             .ok()
-            .and_then(|v| v.get("nodes")?.get(index)?.get("name")?.as_str().map(str::to_owned))
+            .and_then(|v| {
+                v.get("nodes")?
+                    .get(index)?
+                    .get("name")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
     } else {
         serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
             .ok()
-            .and_then(|v| v.get("nodes")?.get(index)?.get("name")?.as_str().map(str::to_owned))
+            .and_then(|v| {
+                v.get("nodes")?
+                    .get(index)?
+                    .get("name")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
     };
     let field = field.trim_start_matches('.');
     let field = if field.is_empty() { "syntax" } else { field };
@@ -373,28 +405,85 @@ mod tests {
     #[test]
     fn every_bad_input_names_node_and_field() {
         let cases = [
-            (r#"{"nodes":[{"name":"a","addresses":["10.0.0.300"]}]}"#, r#"node "a": addresses[0] = "10.0.0.300": not an IP address"#),
-            (r#"{"nodes":[{"name":"a","pod_cidrs":["10.0.0.0/33"]}]}"#, r#"node "a": pod_cidrs[0] = "10.0.0.0/33": not a CIDR"#),
-            (r#"{"nodes":[{"name":"a","workload_ips":["x"]}]}"#, r#"node "a": workload_ips[0] = "x": not an IP address"#),
-            (r#"{"nodes":[{"name":"a","wireguard":{"public_key":"abc"}}]}"#, r#"node "a": wireguard.public_key = "abc": invalid WireGuard key"#),
-            (r#"{"mesh":{"listen_port":70000}}"#, r#"mesh: listen_port = "70000": must be between 1 and 65535"#),
-            (r#"{"mesh":{"mtu":100}}"#, r#"mesh: mtu = "100": must be between 576"#),
-            (r#"{"mesh":{"route_source":"magic"}}"#, r#"mesh: route_source = "magic": unknown route source"#),
-            (r#"{"nodes":[{"name":"a"},{"name":"a"}]}"#, r#"nodes[1]: name = "a": duplicate node name (also nodes[0])"#),
-            (r#"{"nodes":[{"name":"a","underlay_mtu":600,"addresses":["fd00::1"]}]}"#, r#"node "a": underlay_mtu = "600": must be between 1360"#),
-            (r#"{"nodes":[{"addresses":[]}]}"#, "nodes[0]: name: must not be empty"),
-            (r#"{"nodes":[{"name":"a","adresses":[]}]}"#, r#"node "a": adresses: unknown field `adresses`"#),
-            (r#"{"nodes":[{"name":"a","underlay_mtu":"big"}]}"#, r#"node "a": underlay_mtu: invalid type"#),
-            (r#"{"mesh":{"routing_table":254}}"#, r#"mesh: routing_table = "254": 0, 253"#),
-            (r#"{"mesh":{"firewall_mark":0}}"#, r#"mesh: firewall_mark = "0": must be between 1"#),
-            (r#"{"mesh":{"interface_name":"this-name-is-too-long"}}"#, "mesh: interface_name = \"this-name-is-too-long\": invalid interface name"),
-            (r#"{"mesh":{"listen_port_v6":51820}}"#, r#"mesh: listen_port_v6 = "51820": must differ from listen_port"#),
-            (r#"{"nodes":[{"name":"a"}]"#, "cluster: syntax: EOF while parsing"),
-            ("nodes: [ {name: a, addresses: [1.2.3.4.5]} ]", r#"node "a": addresses[0] = "1.2.3.4.5""#),
+            (
+                r#"{"nodes":[{"name":"a","addresses":["10.0.0.300"]}]}"#,
+                r#"node "a": addresses[0] = "10.0.0.300": not an IP address"#,
+            ),
+            (
+                r#"{"nodes":[{"name":"a","pod_cidrs":["10.0.0.0/33"]}]}"#,
+                r#"node "a": pod_cidrs[0] = "10.0.0.0/33": not a CIDR"#,
+            ),
+            (
+                r#"{"nodes":[{"name":"a","workload_ips":["x"]}]}"#,
+                r#"node "a": workload_ips[0] = "x": not an IP address"#,
+            ),
+            (
+                r#"{"nodes":[{"name":"a","wireguard":{"public_key":"abc"}}]}"#,
+                r#"node "a": wireguard.public_key = "abc": invalid WireGuard key"#,
+            ),
+            (
+                r#"{"mesh":{"listen_port":70000}}"#,
+                r#"mesh: listen_port = "70000": must be between 1 and 65535"#,
+            ),
+            (
+                r#"{"mesh":{"mtu":100}}"#,
+                r#"mesh: mtu = "100": must be between 576"#,
+            ),
+            (
+                r#"{"mesh":{"route_source":"magic"}}"#,
+                r#"mesh: route_source = "magic": unknown route source"#,
+            ),
+            (
+                r#"{"nodes":[{"name":"a"},{"name":"a"}]}"#,
+                r#"nodes[1]: name = "a": duplicate node name (also nodes[0])"#,
+            ),
+            (
+                r#"{"nodes":[{"name":"a","underlay_mtu":600,"addresses":["fd00::1"]}]}"#,
+                r#"node "a": underlay_mtu = "600": must be between 1360"#,
+            ),
+            (
+                r#"{"nodes":[{"addresses":[]}]}"#,
+                "nodes[0]: name: must not be empty",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","adresses":[]}]}"#,
+                r#"node "a": adresses: unknown field `adresses`"#,
+            ),
+            (
+                r#"{"nodes":[{"name":"a","underlay_mtu":"big"}]}"#,
+                r#"node "a": underlay_mtu: invalid type"#,
+            ),
+            (
+                r#"{"mesh":{"routing_table":254}}"#,
+                r#"mesh: routing_table = "254": 0, 253"#,
+            ),
+            (
+                r#"{"mesh":{"firewall_mark":0}}"#,
+                r#"mesh: firewall_mark = "0": must be between 1"#,
+            ),
+            (
+                r#"{"mesh":{"interface_name":"this-name-is-too-long"}}"#,
+                "mesh: interface_name = \"this-name-is-too-long\": invalid interface name",
+            ),
+            (
+                r#"{"mesh":{"listen_port_v6":51820}}"#,
+                r#"mesh: listen_port_v6 = "51820": must differ from listen_port"#,
+            ),
+            (
+                r#"{"nodes":[{"name":"a"}]"#,
+                "cluster: syntax: EOF while parsing",
+            ),
+            (
+                "nodes: [ {name: a, addresses: [1.2.3.4.5]} ]",
+                r#"node "a": addresses[0] = "1.2.3.4.5""#,
+            ),
         ];
         for (input, expected) in cases {
             let got = err(input);
-            assert!(got.starts_with(expected), "input {input}\n  got      {got}\n  expected {expected}…");
+            assert!(
+                got.starts_with(expected),
+                "input {input}\n  got      {got}\n  expected {expected}…"
+            );
             assert!(!got.contains('\n'), "one line: {got}");
         }
     }

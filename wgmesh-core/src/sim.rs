@@ -1,0 +1,544 @@
+//! A packet-path simulator: the design's picture, checked against plans.
+//!
+//! Given a cluster and the plans of its nodes, [`Simulator::trace`] walks one packet the way a
+//! Linux node would: marking (nftables, from the plan), the local table, the policy rules and
+//! the mesh table (from the plan), the main table (the CNI's routes, modelled from the
+//! cluster: own addresses are local, own pods sit behind their workload interface, everything
+//! else is reached over the underlay), strict reverse-path filtering honouring
+//! `src_valid_mark`, WireGuard's peer selection by longest prefix, the underlay, the
+//! receiver's key lookup and cryptokey check, and delivery. It classifies the packet as
+//! [`Outcome::Local`], [`Outcome::Encrypted`], [`Outcome::Plain`] or dropped, with the reason
+//! and every hop.
+//!
+//! Model limits: one underlay interface per node; the underlay delivers any address to the
+//! node that owns it; IPv6 has no kernel reverse-path filter (as on Linux); marks do not
+//! survive WireGuard decapsulation (WireGuard scrubs the packet).
+//!
+//! ```
+//! use wgmesh_core::{sim::{Outcome, Simulator, Source}, spec::parse_cluster};
+//! let cluster = parse_cluster(r#"{"mesh": {"route_source": "workload_ips"}, "nodes": [
+//!   {"name": "a", "addresses": ["10.0.0.1"], "workload_ips": ["10.0.0.10", "10.0.0.11"],
+//!    "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+//!   {"name": "b", "addresses": ["10.0.0.2"], "workload_ips": ["10.0.0.20"],
+//!    "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
+//! let sim = Simulator::from_cluster(&cluster);
+//! let pod = |ip: &str| Source::Pod(ip.parse().unwrap());
+//! assert_eq!(sim.trace(pod("10.0.0.10"), "10.0.0.20".parse().unwrap()).outcome, Outcome::Encrypted);
+//! assert_eq!(sim.trace(pod("10.0.0.10"), "10.0.0.11".parse().unwrap()).outcome, Outcome::Local);
+//! # Ok::<(), wgmesh_core::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::model::{Cluster, Family};
+use crate::plan::{InterfacePlan, NodePlan, PeerPlan, RouteType, SRC_VALID_MARK, plan_all};
+
+/// Where a packet starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A pod, by address (the node that runs it is found from the cluster).
+    Pod(IpAddr),
+    /// A node's host network stack, with the node's first address of the family as source.
+    Host(String, Family),
+}
+
+/// How a packet ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered without leaving the node.
+    Local,
+    /// Delivered, and it crossed the underlay only inside WireGuard.
+    Encrypted,
+    /// Delivered, and it crossed the underlay in plaintext.
+    Plain,
+    /// Not delivered.
+    Dropped(Drop),
+}
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Drop {
+    /// The source is not a pod or node of the cluster.
+    UnknownSource,
+    /// No route to the destination on this node.
+    NoRoute {
+        /// The node.
+        node: String,
+    },
+    /// Routed into WireGuard, but no peer allows the destination (WireGuard answers
+    /// "required key not available").
+    NoPeer {
+        /// The node.
+        node: String,
+    },
+    /// WireGuard's own packet was routed back into the tunnel.
+    Loop {
+        /// The node.
+        node: String,
+    },
+    /// Nothing listens on the endpoint's port (or the endpoint is not a node).
+    NoListener {
+        /// The endpoint.
+        endpoint: SocketAddr,
+    },
+    /// The receiver has no peer with the sender's key, so the handshake fails.
+    UnknownSender {
+        /// The receiving node.
+        node: String,
+    },
+    /// The receiver's peer for the sender does not allow the inner source address.
+    SourceNotAllowed {
+        /// The receiving node.
+        node: String,
+        /// The inner source.
+        source: IpAddr,
+    },
+    /// Strict reverse-path filtering dropped it.
+    ReversePath {
+        /// The node.
+        node: String,
+        /// The interface it arrived on.
+        interface: String,
+        /// The source that failed the check.
+        source: IpAddr,
+    },
+    /// It reached a node that neither owns nor can forward the destination.
+    NotDeliverable {
+        /// The node.
+        node: String,
+    },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local => f.write_str("local"),
+            Self::Encrypted => f.write_str("encrypted"),
+            Self::Plain => f.write_str("plain"),
+            Self::Dropped(d) => write!(f, "dropped: {d:?}"),
+        }
+    }
+}
+
+/// The result of a trace: the outcome and a line per step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// What happened, step by step.
+    pub hops: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Iface {
+    Underlay,
+    Mesh(String),
+    Workload(IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Next {
+    Local,
+    Workload(IpAddr),
+    Underlay(usize),
+    Dev(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Host(usize),
+    Pod(usize),
+}
+
+/// The simulator: a cluster and the plan of every node.
+#[derive(Debug, Clone)]
+pub struct Simulator {
+    cluster: Cluster,
+    plans: Vec<NodePlan>,
+    owners: HashMap<IpAddr, Owner>,
+}
+
+struct Walk<'a> {
+    sim: &'a Simulator,
+    hops: Vec<String>,
+}
+
+impl Simulator {
+    /// A simulator for these plans (nodes without a plan program nothing).
+    pub fn new(cluster: &Cluster, plans: impl IntoIterator<Item = NodePlan>) -> Self {
+        let mut by_name: HashMap<String, NodePlan> =
+            plans.into_iter().map(|p| (p.node.clone(), p)).collect();
+        let plans = cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                by_name
+                    .remove(&n.name)
+                    .unwrap_or_else(|| NodePlan::empty(&n.name))
+            })
+            .collect();
+        let mut owners = HashMap::new();
+        for (i, n) in cluster.nodes().iter().enumerate() {
+            for a in &n.addresses {
+                owners.entry(*a).or_insert(Owner::Host(i));
+            }
+        }
+        for (i, n) in cluster.nodes().iter().enumerate() {
+            for a in &n.workload_ips {
+                owners.entry(*a).or_insert(Owner::Pod(i));
+            }
+        }
+        Self {
+            cluster: cluster.clone(),
+            plans,
+            owners,
+        }
+    }
+
+    /// A simulator with every node's plan computed by [`plan_all`].
+    pub fn from_cluster(cluster: &Cluster) -> Self {
+        Self::new(cluster, plan_all(cluster))
+    }
+
+    /// Walks one packet from `from` to `to`.
+    pub fn trace(&self, from: Source, to: IpAddr) -> Trace {
+        let mut walk = Walk {
+            sim: self,
+            hops: Vec::new(),
+        };
+        let outcome = walk.send(from, to);
+        Trace {
+            outcome,
+            hops: walk.hops,
+        }
+    }
+
+    fn name(&self, node: usize) -> &str {
+        &self.cluster.nodes()[node].name
+    }
+}
+
+fn lpm<'a, T>(items: impl Iterator<Item = (&'a IpNet, T)>, addr: &IpAddr) -> Option<(IpNet, T)> {
+    items
+        .filter(|(net, _)| net.contains(addr))
+        .max_by_key(|(net, _)| net.prefix_len())
+        .map(|(net, t)| (*net, t))
+}
+
+impl Walk<'_> {
+    fn hop(&mut self, node: usize, text: String) {
+        let line = format!("{}: {text}", self.sim.name(node));
+        self.hops.push(line);
+    }
+
+    fn iface_name(&self, iface: &Iface) -> String {
+        match iface {
+            Iface::Underlay => "eth0".into(),
+            Iface::Mesh(name) => name.clone(),
+            Iface::Workload(ip) => {
+                format!(
+                    "{}{}",
+                    self.sim.cluster.mesh().workload_interface_prefix,
+                    ip
+                )
+            }
+        }
+    }
+
+    /// The prerouting chain of the node's nftables table.
+    fn prerouting_mark(&self, node: usize, iface: &Iface, mark: u32) -> u32 {
+        let Some(marking) = &self.sim.plans[node].marking else {
+            return mark;
+        };
+        let name = self.iface_name(iface);
+        if marking.skip_interfaces.contains(&name)
+            || marking
+                .skip_interface_prefixes
+                .iter()
+                .any(|p| name.starts_with(p.as_str()))
+        {
+            return mark;
+        }
+        mark | marking.firewall_mark
+    }
+
+    /// The routing decision of `node` for `dst`: local table, plan rules and tables, main.
+    fn lookup(&mut self, node: usize, dst: IpAddr, mark: u32) -> Option<Next> {
+        let n = &self.sim.cluster.nodes()[node];
+        if n.addresses.contains(&dst) {
+            return Some(Next::Local);
+        }
+        let plan = &self.sim.plans[node];
+        let family = Family::of(&dst);
+        let mut rules: Vec<_> = plan.rules.iter().filter(|r| r.family == family).collect();
+        rules.sort_by_key(|r| r.priority);
+        for rule in rules {
+            let matched = ((mark & rule.firewall_mask) == rule.firewall_mark) != rule.invert;
+            if !matched {
+                continue;
+            }
+            let routes = plan
+                .routes
+                .iter()
+                .filter(|r| r.table == rule.table && r.family == family)
+                .map(|r| (&r.destination, r));
+            match lpm(routes, &dst) {
+                Some((net, r)) if r.kind == RouteType::Unicast => {
+                    let dev = r.device.clone().unwrap_or_default();
+                    self.hop(
+                        node,
+                        format!(
+                            "rule {} → table {}: {net} dev {dev}",
+                            rule.priority, rule.table
+                        ),
+                    );
+                    return Some(Next::Dev(dev));
+                }
+                Some((net, _)) => {
+                    self.hop(
+                        node,
+                        format!("rule {} → table {}: throw {net}", rule.priority, rule.table),
+                    );
+                }
+                None => {}
+            }
+        }
+        if n.workload_ips.contains(&dst) {
+            return Some(Next::Workload(dst));
+        }
+        match self.sim.owners.get(&dst) {
+            Some(Owner::Host(o) | Owner::Pod(o)) if *o != node => Some(Next::Underlay(*o)),
+            _ => None,
+        }
+    }
+
+    /// Strict reverse-path filtering of `src` arriving on `iface` (IPv4 only, as in Linux).
+    fn rpf_ok(&mut self, node: usize, src: IpAddr, iface: &Iface, mark: u32) -> bool {
+        if Family::of(&src) == Family::V6 {
+            return true;
+        }
+        let valid_mark = self.sim.plans[node]
+            .sysctls
+            .iter()
+            .any(|s| s.key == SRC_VALID_MARK && s.value == "1");
+        let mark = if valid_mark { mark } else { 0 };
+        let back = self.lookup(node, src, mark);
+        match (back, iface) {
+            (Some(Next::Dev(d)), Iface::Mesh(m)) => d == *m,
+            (Some(Next::Workload(ip)), Iface::Workload(w)) => ip == *w,
+            (Some(Next::Underlay(_)), Iface::Underlay) => true,
+            _ => false,
+        }
+    }
+
+    fn rpf_drop(&self, node: usize, src: IpAddr, iface: &Iface) -> Outcome {
+        Outcome::Dropped(Drop::ReversePath {
+            node: self.sim.name(node).to_owned(),
+            interface: self.iface_name(iface),
+            source: src,
+        })
+    }
+
+    fn send(&mut self, from: Source, dst: IpAddr) -> Outcome {
+        let (node, src, mark) = match from {
+            Source::Pod(ip) => {
+                let Some(Owner::Pod(node)) = self.sim.owners.get(&ip).copied() else {
+                    return Outcome::Dropped(Drop::UnknownSource);
+                };
+                let iface = Iface::Workload(ip);
+                self.hop(
+                    node,
+                    format!("pod {ip} → {dst} arrives on {}", self.iface_name(&iface)),
+                );
+                let mark = self.prerouting_mark(node, &iface, 0);
+                if !self.rpf_ok(node, ip, &iface, mark) {
+                    return self.rpf_drop(node, ip, &iface);
+                }
+                (node, ip, mark)
+            }
+            Source::Host(name, family) => {
+                let Some(node) = self.sim.cluster.nodes().iter().position(|n| n.name == name)
+                else {
+                    return Outcome::Dropped(Drop::UnknownSource);
+                };
+                let Some(src) = self.sim.cluster.nodes()[node].address(family) else {
+                    return Outcome::Dropped(Drop::UnknownSource);
+                };
+                let mut mark = 0;
+                if let Some(m) = &self.sim.plans[node].marking
+                    && m.mark_output
+                {
+                    mark |= m.firewall_mark;
+                    self.hop(node, format!("host {src} → {dst}: output marked {mark:#x}"));
+                } else {
+                    self.hop(node, format!("host {src} → {dst}"));
+                }
+                (node, src, mark)
+            }
+        };
+        self.forward(node, src, dst, mark)
+    }
+
+    /// Routes a packet that is on `node` (arrived, or generated) and follows it to the end.
+    fn forward(&mut self, node: usize, src: IpAddr, dst: IpAddr, mark: u32) -> Outcome {
+        let name = self.sim.name(node).to_owned();
+        match self.lookup(node, dst, mark) {
+            None => Outcome::Dropped(Drop::NoRoute { node: name }),
+            Some(Next::Local) => {
+                self.hop(node, format!("delivered to the host ({dst})"));
+                Outcome::Local
+            }
+            Some(Next::Workload(ip)) => {
+                self.hop(node, format!("delivered to pod {ip}"));
+                Outcome::Local
+            }
+            Some(Next::Underlay(to)) => {
+                self.hop(
+                    node,
+                    format!("plaintext on the underlay to {}", self.sim.name(to)),
+                );
+                self.receive_plain(to, src, dst)
+            }
+            Some(Next::Dev(dev)) => self.encrypt(node, &dev, src, dst),
+        }
+    }
+
+    fn receive_plain(&mut self, node: usize, src: IpAddr, dst: IpAddr) -> Outcome {
+        let mark = self.prerouting_mark(node, &Iface::Underlay, 0);
+        if !self.rpf_ok(node, src, &Iface::Underlay, mark) {
+            return self.rpf_drop(node, src, &Iface::Underlay);
+        }
+        match self.lookup(node, dst, mark) {
+            Some(Next::Local) => {
+                self.hop(node, format!("delivered to the host ({dst})"));
+                Outcome::Plain
+            }
+            Some(Next::Workload(ip)) => {
+                self.hop(node, format!("delivered to pod {ip}"));
+                Outcome::Plain
+            }
+            _ => Outcome::Dropped(Drop::NotDeliverable {
+                node: self.sim.name(node).to_owned(),
+            }),
+        }
+    }
+
+    fn encrypt(&mut self, node: usize, dev: &str, src: IpAddr, dst: IpAddr) -> Outcome {
+        let name = self.sim.name(node).to_owned();
+        let Some(iface) = self.sim.plans[node]
+            .interfaces
+            .iter()
+            .find(|i| i.name == dev)
+        else {
+            return Outcome::Dropped(Drop::NoRoute { node: name });
+        };
+        let peers = iface
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(move |net| (net, p)));
+        let Some((net, peer)) = lpm(peers, &dst) else {
+            return Outcome::Dropped(Drop::NoPeer { node: name });
+        };
+        self.hop(
+            node,
+            format!(
+                "{dev}: peer {} (allowed {net}) at {}",
+                peer.node, peer.endpoint
+            ),
+        );
+        let family = iface.family;
+        let Some(outer_src) = self.sim.cluster.nodes()[node].address(family) else {
+            return Outcome::Dropped(Drop::NoRoute { node: name });
+        };
+        let sender_key = iface.public_key;
+        // WireGuard's own packet carries the device mark.
+        let to = match self.lookup(node, peer.endpoint.ip(), iface.firewall_mark) {
+            Some(Next::Underlay(to)) => to,
+            Some(Next::Dev(_)) => return Outcome::Dropped(Drop::Loop { node: name }),
+            _ => {
+                return Outcome::Dropped(Drop::NoListener {
+                    endpoint: peer.endpoint,
+                });
+            }
+        };
+        self.hop(
+            node,
+            format!(
+                "udp {outer_src} → {} on the underlay, encrypted",
+                peer.endpoint
+            ),
+        );
+        self.receive_wireguard(to, outer_src, peer.endpoint, sender_key, src, dst)
+    }
+
+    fn receive_wireguard(
+        &mut self,
+        node: usize,
+        outer_src: IpAddr,
+        endpoint: SocketAddr,
+        sender_key: Option<crate::PublicKey>,
+        src: IpAddr,
+        dst: IpAddr,
+    ) -> Outcome {
+        let name = self.sim.name(node).to_owned();
+        let mark = self.prerouting_mark(node, &Iface::Underlay, 0);
+        if !self.rpf_ok(node, outer_src, &Iface::Underlay, mark) {
+            return self.rpf_drop(node, outer_src, &Iface::Underlay);
+        }
+        let family = Family::of(&endpoint.ip());
+        let Some(iface): Option<&InterfacePlan> = self.sim.plans[node]
+            .interfaces
+            .iter()
+            .find(|i| i.listen_port == endpoint.port() && i.family == family)
+        else {
+            return Outcome::Dropped(Drop::NoListener { endpoint });
+        };
+        let Some(peer): Option<&PeerPlan> =
+            sender_key.and_then(|k| iface.peers.iter().find(|p| p.public_key == k))
+        else {
+            return Outcome::Dropped(Drop::UnknownSender { node: name });
+        };
+        let allowed = iface
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(move |net| (net, p)));
+        match lpm(allowed, &src) {
+            Some((_, p)) if p.public_key == peer.public_key => {}
+            _ => {
+                return Outcome::Dropped(Drop::SourceNotAllowed {
+                    node: name,
+                    source: src,
+                });
+            }
+        }
+        let mesh = Iface::Mesh(iface.name.clone());
+        self.hop(
+            node,
+            format!(
+                "{}: decrypted from peer {}, source {src} allowed",
+                iface.name, peer.node
+            ),
+        );
+        // Decapsulated packets start with a clean mark and arrive on the mesh interface.
+        let mark = self.prerouting_mark(node, &mesh, 0);
+        if !self.rpf_ok(node, src, &mesh, mark) {
+            return self.rpf_drop(node, src, &mesh);
+        }
+        match self.lookup(node, dst, mark) {
+            Some(Next::Local) => {
+                self.hop(node, format!("delivered to the host ({dst})"));
+                Outcome::Encrypted
+            }
+            Some(Next::Workload(ip)) => {
+                self.hop(node, format!("delivered to pod {ip}"));
+                Outcome::Encrypted
+            }
+            _ => Outcome::Dropped(Drop::NotDeliverable { node: name }),
+        }
+    }
+}

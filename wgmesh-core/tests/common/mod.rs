@@ -1,0 +1,213 @@
+//! Random clusters for the property tests: small shapes that proptest shrinks well, built
+//! into clusters with unique addresses, borrowed workload addresses, plain nodes, duplicate
+//! keys, dual stack and every mesh option that changes routing.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use wgmesh_core::{Cluster, Family, MeshConfig, Node, NodeWireGuard, PublicKey, RouteSource};
+
+/// Up to this many nodes; names come from a fixed pool so removed nodes can come back.
+pub const MAX_NODES: usize = 6;
+
+pub fn key(i: u8) -> PublicKey {
+    PublicKey::from_bytes([i.wrapping_add(1); 32]).unwrap()
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeShape {
+    /// 0: no WireGuard settings; 1: present but disabled; 2..: enabled.
+    pub wg: u8,
+    /// Index into a pool of 12 keys (small, so that duplicates happen).
+    pub key: Option<u8>,
+    pub key6: Option<u8>,
+    pub v6: bool,
+    pub mtu: u32,
+    /// Own pods (index in own block) and borrowed pods (index into another node's block).
+    pub own_pods: Vec<u8>,
+    pub borrowed: Vec<(u8, u8)>,
+    pub v6_pods: Vec<u8>,
+    pub extra_block: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterShape {
+    pub nodes: Vec<NodeShape>,
+    pub workload_ips: bool,
+    pub host_encryption: bool,
+    pub keepalive: Option<u16>,
+    pub fixed_mtu: Option<u32>,
+}
+
+pub fn node_shape() -> impl Strategy<Value = NodeShape> {
+    (
+        0u8..6,
+        proptest::option::weighted(0.9, 0u8..12),
+        proptest::option::weighted(0.8, 0u8..12),
+        any::<bool>(),
+        prop_oneof![Just(1500u32), Just(1400), Just(9000), Just(1420)],
+        proptest::collection::vec(0u8..60, 0..4),
+        proptest::collection::vec((0u8..8, 0u8..4), 0..3),
+        proptest::collection::vec(0u8..60, 0..3),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(wg, key, key6, v6, mtu, own_pods, borrowed, v6_pods, extra_block)| NodeShape {
+                wg,
+                key,
+                key6,
+                v6,
+                mtu,
+                own_pods,
+                borrowed,
+                v6_pods,
+                extra_block,
+            },
+        )
+}
+
+pub fn cluster_shape() -> impl Strategy<Value = ClusterShape> {
+    (
+        proptest::collection::vec(node_shape(), 1..=MAX_NODES),
+        any::<bool>(),
+        any::<bool>(),
+        proptest::option::weighted(0.2, 1u16..60),
+        proptest::option::weighted(0.1, prop_oneof![Just(1300u32), Just(1380)]),
+    )
+        .prop_map(
+            |(nodes, workload_ips, host_encryption, keepalive, fixed_mtu)| ClusterShape {
+                nodes,
+                workload_ips,
+                host_encryption,
+                keepalive,
+                fixed_mtu,
+            },
+        )
+}
+
+pub fn name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+pub fn mesh(shape: &ClusterShape) -> MeshConfig {
+    let mut mesh = MeshConfig::default();
+    mesh.route_source = if shape.workload_ips {
+        RouteSource::WorkloadIps
+    } else {
+        RouteSource::CidrBlocks
+    };
+    mesh.host_encryption = shape.host_encryption;
+    mesh.persistent_keepalive = shape.keepalive;
+    mesh.mtu = shape.fixed_mtu;
+    mesh
+}
+
+/// Node `i`'s IPv4 block is 10.i.0.0/24 (and 10.i.1.0/24 with `extra_block`); its IPv6
+/// block fd10:i::/64. Own pods are 10.i.0.(2+k); the pod that node `i` borrows from node
+/// `j` with index `k` is 10.j.0.(100 + 4i + k), so no address is used twice.
+pub fn node(i: usize, shape: &NodeShape, n: usize) -> Node {
+    let mut node = Node::new(name(i)).with_underlay_mtu(shape.mtu);
+    node.addresses
+        .push(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1 + i as u8)));
+    if shape.v6 {
+        node.addresses.push(IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1 + i as u16,
+        )));
+    }
+    if shape.v6 && shape.mtu < 1360 {
+        node.underlay_mtu = 1500;
+    }
+    node.wireguard = match shape.wg {
+        0 => None,
+        1 => {
+            let mut wg = NodeWireGuard::new(shape.key.map(key), None);
+            wg.enabled = false;
+            Some(wg)
+        }
+        _ => Some(NodeWireGuard::new(
+            shape.key.map(key),
+            shape.key6.map(|k| key(k + 100)),
+        )),
+    };
+    node.pod_cidrs
+        .push(format!("10.{i}.0.0/24").parse().unwrap());
+    if shape.extra_block {
+        node.pod_cidrs
+            .push(format!("10.{i}.1.0/24").parse().unwrap());
+    }
+    if shape.v6 {
+        node.pod_cidrs
+            .push(format!("fd10:{i}::/64").parse::<IpNet>().unwrap());
+    }
+    let mut pods: Vec<IpAddr> = shape
+        .own_pods
+        .iter()
+        .map(|k| IpAddr::V4(Ipv4Addr::new(10, i as u8, 0, 2 + k)))
+        .collect();
+    for (j, k) in &shape.borrowed {
+        let j = *j as usize % n.max(1);
+        if j != i {
+            pods.push(IpAddr::V4(Ipv4Addr::new(
+                10,
+                j as u8,
+                0,
+                100 + 4 * i as u8 + k,
+            )));
+        }
+    }
+    if shape.v6 {
+        pods.extend(shape.v6_pods.iter().map(|k| {
+            IpAddr::V6(Ipv6Addr::new(
+                0xfd10,
+                i as u16,
+                0,
+                0,
+                0,
+                0,
+                0,
+                2 + u16::from(*k),
+            ))
+        }));
+    }
+    pods.sort();
+    pods.dedup();
+    node.workload_ips = pods;
+    node
+}
+
+pub fn build(shape: &ClusterShape) -> Cluster {
+    let n = shape.nodes.len();
+    let nodes = shape
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| node(i, s, n))
+        .collect();
+    Cluster::new(mesh(shape), nodes).unwrap()
+}
+
+/// Whether a node takes part in a family: computed here from first principles, not by the
+/// planner under test.
+pub fn takes_part(cluster: &Cluster, node: &Node, family: Family) -> bool {
+    let Some(k) = node.key(family) else {
+        return false;
+    };
+    cluster.mesh().enabled
+        && node.address(family).is_some()
+        && cluster
+            .nodes()
+            .iter()
+            .filter(|n| n.key(family) == Some(k))
+            .count()
+            == 1
+}
