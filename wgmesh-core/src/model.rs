@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -165,6 +165,13 @@ pub struct MeshConfig {
     pub persistent_keepalive: Option<u16>,
     /// Interfaces whose names start with this lead to local workloads (`cali` matches `cali*`).
     pub workload_interface_prefix: String,
+    /// TCP endpoints (the Kubernetes API server) that host traffic always reaches outside the
+    /// tunnel, in both directions, when host encryption is on. A node whose key its peers do
+    /// not know yet (after a reboot that lost the key, say) can then still reach the API
+    /// server to publish its new key; without this, the API server's replies would be
+    /// encrypted to the old key and the node would be locked out. The API server's traffic
+    /// is protected by TLS either way.
+    pub control_plane_endpoints: Vec<SocketAddr>,
 }
 
 impl Default for MeshConfig {
@@ -183,6 +190,7 @@ impl Default for MeshConfig {
             mtu: None,
             persistent_keepalive: None,
             workload_interface_prefix: "cali".into(),
+            control_plane_endpoints: Vec::new(),
         }
     }
 }

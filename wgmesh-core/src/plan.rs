@@ -193,8 +193,11 @@ pub struct Marking {
     pub skip_interfaces: Vec<String>,
     /// Input interfaces that are not underlay, by name prefix.
     pub skip_interface_prefixes: Vec<String>,
-    /// Mark locally generated packets too (host traffic stays out of the tunnel).
+    /// Mark every locally generated packet (host traffic stays out of the tunnel).
     pub mark_output: bool,
+    /// Mark locally generated TCP packets to and from these endpoints (the API server), so
+    /// they stay out of the tunnel even with host encryption.
+    pub plain_tcp_endpoints: Vec<SocketAddr>,
 }
 
 impl Marking {
@@ -214,11 +217,22 @@ impl Marking {
             "\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
             self.firewall_mark
         ));
-        if self.mark_output {
-            s.push_str(&format!(
-                "\tchain output {{\n\t\ttype route hook output priority mangle; policy accept;\n\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
-                self.firewall_mark
-            ));
+        if self.mark_output || !self.plain_tcp_endpoints.is_empty() {
+            let mark = format!("meta mark set meta mark | {:#x}", self.firewall_mark);
+            s.push_str(
+                "\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n",
+            );
+            if self.mark_output {
+                s.push_str(&format!("\t\t{mark}\n"));
+            } else {
+                for ep in &self.plain_tcp_endpoints {
+                    let ip = if ep.is_ipv4() { "ip" } else { "ip6" };
+                    let (a, p) = (ep.ip(), ep.port());
+                    s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} {mark}\n"));
+                    s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} {mark}\n"));
+                }
+            }
+            s.push_str("\t}\n");
         }
         s.push_str("}\n");
         s
@@ -370,6 +384,11 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) 
             .collect(),
         skip_interface_prefixes: vec![mesh.workload_interface_prefix.clone()],
         mark_output: !mesh.host_encryption,
+        plain_tcp_endpoints: if mesh.host_encryption {
+            mesh.control_plane_endpoints.clone()
+        } else {
+            Vec::new()
+        },
     });
 }
 

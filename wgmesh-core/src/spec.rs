@@ -11,7 +11,7 @@
 //! [`ClusterSpec::validate`] can say exactly which node and field is wrong, and with which
 //! value. [`parse_cluster`] (feature `parse`) goes from text to a [`Cluster`] in one step.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,8 @@ pub struct MeshSpec {
     pub mtu: Option<i64>,
     pub persistent_keepalive: Option<i64>,
     pub workload_interface_prefix: Option<String>,
+    #[serde(default)]
+    pub control_plane_endpoints: Vec<String>,
 }
 
 /// A node as written.
@@ -174,6 +176,20 @@ impl MeshSpec {
                 .workload_interface_prefix
                 .clone()
                 .unwrap_or(d.workload_interface_prefix),
+            control_plane_endpoints: self
+                .control_plane_endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    text.trim().parse::<SocketAddr>().map_err(|_| {
+                        Error::mesh(
+                            format!("control_plane_endpoints[{i}]"),
+                            Some(text.clone()),
+                            Problem::Syntax("not an address:port ([v6]:port for IPv6)".into()),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
         };
         mesh.validate()?;
         Ok(mesh)
