@@ -34,16 +34,21 @@
 pub mod diff;
 pub mod error;
 pub mod keys;
+mod linux;
 pub mod nft;
 mod nla;
 pub mod op;
 pub mod reconcile;
+mod socket;
 pub mod state;
 pub mod testing;
+pub mod uapi;
+pub mod wire;
 
 pub use diff::{DiffOptions, delta_operations, diff, route_metric};
 pub use error::{Error, Result};
 pub use keys::KeyRing;
+pub use linux::{Backend, Linux, LinuxConfig};
 pub use op::Operation;
 pub use reconcile::{Dataplane, Reconciler, Report};
 pub use state::{

@@ -479,6 +479,7 @@ pub(crate) fn get_request(cmd: u16, table: Option<&str>, seq: u32) -> Vec<u8> {
 }
 
 /// The message type of an nf_tables command.
+#[cfg(test)]
 pub(crate) fn msg_type(cmd: u16) -> u16 {
     (NFNL_SUBSYS_NFTABLES << 8) | cmd
 }
