@@ -482,20 +482,18 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         }
         active[family.index()] = true;
 
-        // Who claims each destination: the first claimant, and whether there are more.
-        let mut claims: HashMap<IpNet, (usize, bool)> = HashMap::new();
+        // Every (destination, claimant) pair, sorted: claims of one destination end up next
+        // to each other, routes come out in order, and each peer's allowed IPs too.
+        let mut claims: Vec<(IpNet, usize)> = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
-            for dest in destinations(mesh, n, family) {
-                claims
-                    .entry(dest)
-                    .and_modify(|c| c.1 = true)
-                    .or_insert((i, false));
-            }
+            claims.extend(destinations(mesh, n, family).into_iter().map(|d| (d, i)));
         }
+        claims.sort_unstable();
         let mut allowed: Vec<Vec<IpNet>> = vec![Vec::new(); nodes.len()];
         routes.reserve(claims.len());
-        for (dest, (first, many)) in claims {
-            let sole = (!many).then_some(first);
+        for group in claims.chunk_by(|a, b| a.0 == b.0) {
+            let (dest, first) = group[0];
+            let sole = (group.len() == 1).then_some(first);
             match decide(local_idx, sole, |n| part[n]) {
                 Decision::Peer(n) => {
                     allowed[n].push(dest);
@@ -513,20 +511,18 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
             else {
                 continue;
             };
-            let mut ips = std::mem::take(&mut allowed[i]);
-            ips.sort_unstable();
             iface.peers.push(PeerPlan {
                 node: n.name.clone(),
                 public_key,
                 endpoint,
-                allowed_ips: ips,
+                allowed_ips: std::mem::take(&mut allowed[i]),
                 persistent_keepalive: keepalive,
             });
         }
         iface.peers.sort_unstable_by(|a, b| a.node.cmp(&b.node));
         plan.interfaces.push(iface);
     }
-    routes.sort_unstable_by_key(|r| r.0);
+    // Each family's routes are sorted already, IPv4 before IPv6.
     plan.routes = routes
         .into_iter()
         .map(|(destination, kind)| {
