@@ -171,8 +171,9 @@ fn a_broken_plan_is_caught() {
             .outcome,
         Outcome::Encrypted
     );
-    plans[1].marking = None;
-    plans[1].sysctls.clear();
+    // Without ARP marking, node-1 cannot answer node-0's ARP requests: strict RPF routes
+    // node-0's address into the tunnel (this was seen on a real kernel before the plan had it).
+    plans[1].marking.as_mut().unwrap().mark_arp = false;
     let sim = Simulator::new(&cluster, plans.clone());
     let outcome = sim
         .trace(Source::Host("node-0".into(), Family::V4), b_host)
@@ -180,7 +181,35 @@ fn a_broken_plan_is_caught() {
     assert!(
         matches!(
             outcome,
-            Outcome::Dropped(wgmesh_core::sim::Drop::ReversePath { .. })
+            Outcome::Dropped(wgmesh_core::sim::Drop::Arp { .. })
+        ),
+        "{outcome:?}"
+    );
+    // Without src_valid_mark the marks are ignored by the reverse-path check: same failure.
+    let mut plans = plan_all(&cluster);
+    plans[1].sysctls.clear();
+    let sim = Simulator::new(&cluster, plans);
+    let outcome = sim
+        .trace(Source::Host("node-0".into(), Family::V4), b_host)
+        .outcome;
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Dropped(wgmesh_core::sim::Drop::Arp { .. })
+        ),
+        "{outcome:?}"
+    );
+    // Without any marking, the pod traffic's outer packets die the same way.
+    let mut plans = plan_all(&cluster);
+    plans[1].marking = None;
+    let sim = Simulator::new(&cluster, plans);
+    let pod_a = cluster.nodes()[0].workload_ips[0];
+    let pod_b = cluster.nodes()[1].workload_ips[0];
+    let outcome = sim.trace(Source::Pod(pod_a), pod_b).outcome;
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Dropped(wgmesh_core::sim::Drop::Arp { .. })
         ),
         "{outcome:?}"
     );
