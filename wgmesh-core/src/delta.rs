@@ -249,30 +249,8 @@ pub fn diff(old: &NodePlan, new: &NodePlan) -> PlanDelta {
             d.routes_added.push((*r).clone());
         }
     }
-    d.rules_removed = old
-        .rules
-        .iter()
-        .filter(|r| !new.rules.contains(r))
-        .cloned()
-        .collect();
-    d.rules_added = new
-        .rules
-        .iter()
-        .filter(|r| !old.rules.contains(r))
-        .cloned()
-        .collect();
-    d.sysctls_removed = old
-        .sysctls
-        .iter()
-        .filter(|s| !new.sysctls.contains(s))
-        .cloned()
-        .collect();
-    d.sysctls_added = new
-        .sysctls
-        .iter()
-        .filter(|s| !old.sysctls.contains(s))
-        .cloned()
-        .collect();
+    (d.rules_removed, d.rules_added) = removed_and_added(&old.rules, &new.rules);
+    (d.sysctls_removed, d.sysctls_added) = removed_and_added(&old.sysctls, &new.sysctls);
     d.marking = match (&old.marking, &new.marking) {
         (a, b) if a == b => MarkingDelta::Unchanged,
         (_, Some(m)) => MarkingDelta::Set(m.clone()),
@@ -281,6 +259,12 @@ pub fn diff(old: &NodePlan, new: &NodePlan) -> PlanDelta {
     };
     d.canonicalize();
     d
+}
+
+/// The items of short lists that only `old` has, and those that only `new` has.
+fn removed_and_added<T: PartialEq + Clone>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
+    let only = |a: &[T], b: &[T]| a.iter().filter(|x| !b.contains(x)).cloned().collect();
+    (only(old, new), only(new, old))
 }
 
 fn add_all_peers(d: &mut PlanDelta, iface: &InterfacePlan) {

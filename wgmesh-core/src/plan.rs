@@ -176,13 +176,18 @@ pub struct Sysctl {
     pub value: String,
 }
 
-/// The packet marking of a node, as an nftables table of family `inet` that wgmesh owns.
+/// The packet marking of a node: nftables tables named `table` that wgmesh owns, one of family
+/// `inet` and, with `mark_arp`, one of family `arp`.
 ///
-/// The `prerouting` chain (filter, priority raw) returns for the loopback, mesh and workload
-/// interfaces and ORs `firewall_mark` into the mark of every other packet: those came from the
-/// underlay. With `mark_output`, the `output` chain (route, priority mangle) ORs the mark into
-/// every locally generated packet, so host traffic skips the mesh table. [`Marking::nft_script`]
-/// spells it out.
+/// The `inet` table's `prerouting` chain (filter, priority raw) returns for the loopback, mesh
+/// and workload interfaces and ORs `firewall_mark` into the mark of every other packet: those
+/// came from the underlay. The `arp` table's `input` chain does the same for ARP: the kernel
+/// checks the sender of an ARP request against the routing table too (with the mark when
+/// `src_valid_mark` is set), and under host encryption the sender's address is routed into
+/// the tunnel, so strict `rp_filter` would drop every ARP request from a peer and nodes could
+/// not resolve each other. With `mark_output`, the `inet` table's `output` chain (route,
+/// priority mangle) ORs the mark into every locally generated packet, so host traffic skips the
+/// mesh table. [`Marking::nft_script`] spells it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marking {
     /// The nftables table (family `inet`).
@@ -193,6 +198,8 @@ pub struct Marking {
     pub skip_interfaces: Vec<String>,
     /// Input interfaces that are not underlay, by name prefix.
     pub skip_interface_prefixes: Vec<String>,
+    /// Mark ARP packets from the underlay too (the `arp` table).
+    pub mark_arp: bool,
     /// Mark every locally generated packet (host traffic stays out of the tunnel).
     pub mark_output: bool,
     /// Mark locally generated TCP packets to and from these endpoints (the API server), so
@@ -201,22 +208,36 @@ pub struct Marking {
 }
 
 impl Marking {
-    /// The table as an `nft -f` script (for people and tests; appliers use netlink).
+    /// Whether an input interface is underlay (its packets get the mark).
+    pub fn marks_input(&self, interface: &str) -> bool {
+        !self.skip_interfaces.iter().any(|n| n == interface)
+            && !self
+                .skip_interface_prefixes
+                .iter()
+                .any(|p| interface.starts_with(p.as_str()))
+    }
+
+    /// The tables as an `nft -f` script (for people and tests; appliers use netlink).
     pub fn nft_script(&self) -> String {
+        let skips = || {
+            let mut s = String::new();
+            for name in &self.skip_interfaces {
+                s.push_str(&format!("\t\tiifname \"{name}\" return\n"));
+            }
+            for prefix in &self.skip_interface_prefixes {
+                s.push_str(&format!("\t\tiifname \"{prefix}*\" return\n"));
+            }
+            s.push_str(&format!(
+                "\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
+                self.firewall_mark
+            ));
+            s
+        };
         let mut s = format!("table inet {} {{\n", self.table);
         s.push_str(
             "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n",
         );
-        for name in &self.skip_interfaces {
-            s.push_str(&format!("\t\tiifname \"{name}\" return\n"));
-        }
-        for prefix in &self.skip_interface_prefixes {
-            s.push_str(&format!("\t\tiifname \"{prefix}*\" return\n"));
-        }
-        s.push_str(&format!(
-            "\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
-            self.firewall_mark
-        ));
+        s.push_str(&skips());
         if self.mark_output || !self.plain_tcp_endpoints.is_empty() {
             let mark = format!("meta mark set meta mark | {:#x}", self.firewall_mark);
             s.push_str(
@@ -235,6 +256,14 @@ impl Marking {
             s.push_str("\t}\n");
         }
         s.push_str("}\n");
+        if self.mark_arp {
+            s.push_str(&format!("table arp {} {{\n", self.table));
+            s.push_str(
+                "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n",
+            );
+            s.push_str(&skips());
+            s.push_str("}\n");
+        }
         s
     }
 }
@@ -383,6 +412,7 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) 
             .chain(plan.interfaces.iter().map(|i| i.name.clone()))
             .collect(),
         skip_interface_prefixes: vec![mesh.workload_interface_prefix.clone()],
+        mark_arp: true,
         mark_output: !mesh.host_encryption,
         plain_tcp_endpoints: if mesh.host_encryption {
             mesh.control_plane_endpoints.clone()
@@ -482,20 +512,18 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         }
         active[family.index()] = true;
 
-        // Who claims each destination: the first claimant, and whether there are more.
-        let mut claims: HashMap<IpNet, (usize, bool)> = HashMap::new();
+        // Every (destination, claimant) pair, sorted: claims of one destination end up next
+        // to each other, routes come out in order, and each peer's allowed IPs too.
+        let mut claims: Vec<(IpNet, usize)> = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
-            for dest in destinations(mesh, n, family) {
-                claims
-                    .entry(dest)
-                    .and_modify(|c| c.1 = true)
-                    .or_insert((i, false));
-            }
+            claims.extend(destinations(mesh, n, family).into_iter().map(|d| (d, i)));
         }
+        claims.sort_unstable();
         let mut allowed: Vec<Vec<IpNet>> = vec![Vec::new(); nodes.len()];
         routes.reserve(claims.len());
-        for (dest, (first, many)) in claims {
-            let sole = (!many).then_some(first);
+        for group in claims.chunk_by(|a, b| a.0 == b.0) {
+            let (dest, first) = group[0];
+            let sole = (group.len() == 1).then_some(first);
             match decide(local_idx, sole, |n| part[n]) {
                 Decision::Peer(n) => {
                     allowed[n].push(dest);
@@ -513,20 +541,18 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
             else {
                 continue;
             };
-            let mut ips = std::mem::take(&mut allowed[i]);
-            ips.sort_unstable();
             iface.peers.push(PeerPlan {
                 node: n.name.clone(),
                 public_key,
                 endpoint,
-                allowed_ips: ips,
+                allowed_ips: std::mem::take(&mut allowed[i]),
                 persistent_keepalive: keepalive,
             });
         }
         iface.peers.sort_unstable_by(|a, b| a.node.cmp(&b.node));
         plan.interfaces.push(iface);
     }
-    routes.sort_unstable_by_key(|r| r.0);
+    // Each family's routes are sorted already, IPv4 before IPv6.
     plan.routes = routes
         .into_iter()
         .map(|(destination, kind)| {

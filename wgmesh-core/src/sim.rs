@@ -107,6 +107,14 @@ pub enum Drop {
         /// The source that failed the check.
         source: IpAddr,
     },
+    /// The next hop never answered ARP: strict reverse-path filtering dropped the request
+    /// because the sender's address routes elsewhere (into the tunnel).
+    Arp {
+        /// The node that dropped the ARP request.
+        node: String,
+        /// The sender it could not answer.
+        sender: IpAddr,
+    },
     /// It reached a node that neither owns nor can forward the destination.
     NotDeliverable {
         /// The node.
@@ -255,16 +263,37 @@ impl Walk<'_> {
         let Some(marking) = &self.sim.plans[node].marking else {
             return mark;
         };
-        let name = self.iface_name(iface);
-        if marking.skip_interfaces.contains(&name)
-            || marking
-                .skip_interface_prefixes
-                .iter()
-                .any(|p| name.starts_with(p.as_str()))
-        {
-            return mark;
+        if marking.marks_input(&self.iface_name(iface)) {
+            mark | marking.firewall_mark
+        } else {
+            mark
         }
-        mark | marking.firewall_mark
+    }
+
+    /// Before `from` sends anything to its underlay neighbour `to`, it resolves it with ARP
+    /// (IPv4; IPv6 neighbour discovery has no reverse-path check). The request carries
+    /// `from`'s address, and `to` answers only if that address passes its reverse-path check.
+    fn arp_ok(&mut self, from: usize, to: usize, family: Family) -> Result<(), Outcome> {
+        if family == Family::V6 {
+            return Ok(());
+        }
+        let Some(sender) = self.sim.cluster.nodes()[from].address(Family::V4) else {
+            return Ok(());
+        };
+        let mark = match &self.sim.plans[to].marking {
+            Some(m) if m.mark_arp && m.marks_input(&self.iface_name(&Iface::Underlay)) => {
+                m.firewall_mark
+            }
+            _ => 0,
+        };
+        if self.rpf_ok(to, sender, &Iface::Underlay, mark) {
+            Ok(())
+        } else {
+            Err(Outcome::Dropped(Drop::Arp {
+                node: self.sim.name(to).to_owned(),
+                sender,
+            }))
+        }
     }
 
     /// The routing decision of `node` for `dst`: local table, plan rules and tables, main.
@@ -398,6 +427,9 @@ impl Walk<'_> {
                 Outcome::Local
             }
             Some(Next::Underlay(to)) => {
+                if let Err(dropped) = self.arp_ok(node, to, Family::of(&dst)) {
+                    return dropped;
+                }
                 self.hop(
                     node,
                     format!("plaintext on the underlay to {}", self.sim.name(to)),
@@ -466,6 +498,9 @@ impl Walk<'_> {
                 });
             }
         };
+        if let Err(dropped) = self.arp_ok(node, to, family) {
+            return dropped;
+        }
         self.hop(
             node,
             format!(

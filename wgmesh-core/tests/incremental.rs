@@ -161,25 +161,7 @@ proptest! {
 
 #[test]
 fn one_workload_ip_is_one_route_and_one_allowed_ip() {
-    let shape = ClusterShape {
-        nodes: (0..4)
-            .map(|i| NodeShape {
-                wg: 2,
-                key: Some(i),
-                key6: None,
-                v6: false,
-                mtu: 1500,
-                own_pods: vec![1, 2],
-                borrowed: vec![],
-                v6_pods: vec![],
-                extra_block: false,
-            })
-            .collect(),
-        workload_ips: true,
-        host_encryption: true,
-        keepalive: None,
-        fixed_mtu: None,
-    };
+    let shape = ClusterShape::uniform(4, &[1, 2], true, true);
     let cluster = build(&shape);
     let mut planner = IncrementalPlanner::new(&cluster, "node-0");
     let ip: IpAddr = "10.2.0.50".parse().unwrap();

@@ -143,47 +143,36 @@ proptest! {
 fn a_broken_plan_is_caught() {
     // The simulator is only worth something if it notices mistakes: remove the marking from
     // one node with host encryption and strict RPF must drop the underlay's packets.
-    let shape = ClusterShape {
-        nodes: (0..3)
-            .map(|i| NodeShape {
-                wg: 2,
-                key: Some(i),
-                key6: None,
-                v6: false,
-                mtu: 1500,
-                own_pods: vec![1],
-                borrowed: vec![],
-                v6_pods: vec![],
-                extra_block: false,
-            })
-            .collect(),
-        workload_ips: false,
-        host_encryption: true,
-        keepalive: None,
-        fixed_mtu: None,
-    };
+    let shape = ClusterShape::uniform(3, &[1], false, true);
     let cluster = build(&shape);
     let mut plans = plan_all(&cluster);
     let b_host = cluster.nodes()[1].addresses[0];
-    let sim = Simulator::new(&cluster, plans.clone());
-    assert_eq!(
-        sim.trace(Source::Host("node-0".into(), Family::V4), b_host)
-            .outcome,
-        Outcome::Encrypted
-    );
-    plans[1].marking = None;
+    let host_to_host = |plans: Vec<wgmesh_core::NodePlan>| {
+        Simulator::new(&cluster, plans)
+            .trace(Source::Host("node-0".into(), Family::V4), b_host)
+            .outcome
+    };
+    let arp_dropped =
+        |o: &Outcome| matches!(o, Outcome::Dropped(wgmesh_core::sim::Drop::Arp { .. }));
+    assert_eq!(host_to_host(plans.clone()), Outcome::Encrypted);
+    // Without ARP marking, node-1 cannot answer node-0's ARP requests: strict RPF routes
+    // node-0's address into the tunnel (this was seen on a real kernel before the plan had it).
+    plans[1].marking.as_mut().unwrap().mark_arp = false;
+    let outcome = host_to_host(plans);
+    assert!(arp_dropped(&outcome), "{outcome:?}");
+    // Without src_valid_mark the marks are ignored by the reverse-path check: same failure.
+    let mut plans = plan_all(&cluster);
     plans[1].sysctls.clear();
-    let sim = Simulator::new(&cluster, plans.clone());
-    let outcome = sim
-        .trace(Source::Host("node-0".into(), Family::V4), b_host)
-        .outcome;
-    assert!(
-        matches!(
-            outcome,
-            Outcome::Dropped(wgmesh_core::sim::Drop::ReversePath { .. })
-        ),
-        "{outcome:?}"
-    );
+    let outcome = host_to_host(plans);
+    assert!(arp_dropped(&outcome), "{outcome:?}");
+    // Without any marking, the pod traffic's outer packets die the same way.
+    let mut plans = plan_all(&cluster);
+    plans[1].marking = None;
+    let sim = Simulator::new(&cluster, plans);
+    let pod_a = cluster.nodes()[0].workload_ips[0];
+    let pod_b = cluster.nodes()[1].workload_ips[0];
+    let outcome = sim.trace(Source::Pod(pod_a), pod_b).outcome;
+    assert!(arp_dropped(&outcome), "{outcome:?}");
     // A peer that forgets an allowed IP: the receiver refuses the source.
     let mut plans = plan_all(&cluster);
     plans[1].interfaces[0]

@@ -345,11 +345,11 @@ pub fn diff(
     let wanted_marking = plan.marking.as_ref().map(nft::compile);
     let mut marking_set = Vec::new();
     let mut marking_delete = Vec::new();
-    match (&wanted_marking, &actual.marking) {
-        (Some(w), a) if a.as_ref() != Some(w) => {
-            marking_set.push(Operation::SetMarking { table: w.clone() })
+    match &wanted_marking {
+        Some(w) if *w != actual.marking => {
+            marking_set.push(Operation::SetMarking { tables: w.clone() })
         }
-        (None, Some(_)) => marking_delete.push(Operation::DeleteMarking {
+        None if !actual.marking.is_empty() => marking_delete.push(Operation::DeleteMarking {
             table: own.nft_table.clone(),
         }),
         _ => {}
@@ -562,7 +562,7 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
     }
     if let MarkingDelta::Set(m) = &d.marking {
         ops.push(Operation::SetMarking {
-            table: nft::compile(m),
+            tables: nft::compile(m),
         });
     }
     for r in &d.rules_added {

@@ -369,79 +369,79 @@ impl Linux {
         Ok(links)
     }
 
-    fn read_nft(&mut self, table: &str) -> Result<Option<nft::NftTable>> {
-        let doing = format!("read nftables table inet {table}");
-        let mut out = Vec::new();
-        // One dump at a time per socket.
-        for (cmd, name) in [
-            (nft::NFT_MSG_GETTABLE, Some(table)),
-            (nft::NFT_MSG_GETCHAIN, None),
-            (nft::NFT_MSG_GETRULE, None),
-        ] {
+    fn read_nft(&mut self, table: &str) -> Result<Vec<nft::NftTable>> {
+        let doing = format!("read nftables tables {table}");
+        let mut tables = Vec::new();
+        for family in nft::FAMILIES {
             let seq = self.nft.seqs(1);
             let reqs = [Request {
-                bytes: nft::get_request(cmd, name, seq),
+                bytes: nft::get_request(family, nft::NFT_MSG_GETTABLE, Some(table), seq),
                 answered: true,
             }];
             let mut o = self
                 .nft
                 .transact(&reqs, None)
                 .map_err(|e| Error::io(&doing, e))?;
-            let o = o.pop().unwrap_or(Ok(Vec::new()));
-            let missing = cmd == nft::NFT_MSG_GETTABLE && o == Err(crate::error::ENOENT);
-            out.push(o);
-            if missing {
-                break;
+            match o.pop() {
+                Some(Ok(replies)) => {
+                    if let Some(p) = replies.first() {
+                        let (_, _, flags) =
+                            nft::decode_table(p).map_err(|d| Error::decode(&doing, d))?;
+                        tables.push(nft::NftTable {
+                            family,
+                            name: table.to_owned(),
+                            flags,
+                            chains: Vec::new(),
+                        });
+                    }
+                }
+                Some(Err(errno)) if errno == crate::error::ENOENT => {}
+                // A kernel without nf_tables has no table of ours.
+                Some(Err(errno)) if errno == 93 || errno == crate::error::EOPNOTSUPP => {}
+                Some(Err(errno)) => return Err(kernel_err(doing, errno)),
+                None => {}
             }
         }
-        let mut it = out.into_iter();
-        let flags = match it.next() {
-            Some(Ok(replies)) => match replies.first() {
-                Some(p) => {
-                    nft::decode_table(p)
-                        .map_err(|d| Error::decode(&doing, d))?
-                        .2
-                }
-                None => return Ok(None),
-            },
-            Some(Err(errno)) if errno == crate::error::ENOENT => return Ok(None),
-            Some(Err(errno)) => return Err(kernel_err(doing, errno)),
-            None => return Ok(None),
-        };
-        let mut t = nft::NftTable {
-            name: table.to_owned(),
-            flags,
-            chains: Vec::new(),
-        };
-        match it.next() {
-            Some(Ok(chains)) => {
-                for p in chains {
+        if tables.is_empty() {
+            return Ok(tables);
+        }
+        // One dump at a time per socket; dumps of family 0 cover every family.
+        for cmd in [nft::NFT_MSG_GETCHAIN, nft::NFT_MSG_GETRULE] {
+            let seq = self.nft.seqs(1);
+            let reqs = [Request {
+                bytes: nft::get_request(0, cmd, None, seq),
+                answered: true,
+            }];
+            let mut o = self
+                .nft
+                .transact(&reqs, None)
+                .map_err(|e| Error::io(&doing, e))?;
+            let replies = match o.pop() {
+                Some(Ok(r)) => r,
+                Some(Err(errno)) => return Err(kernel_err(doing, errno)),
+                None => Vec::new(),
+            };
+            for p in replies {
+                if cmd == nft::NFT_MSG_GETCHAIN {
                     let (fam, tbl, c) =
                         nft::decode_chain(&p).map_err(|d| Error::decode(&doing, d))?;
-                    if fam == nft::NFPROTO_INET && tbl == table {
+                    if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
                         t.chains.push(c);
                     }
-                }
-            }
-            Some(Err(errno)) => return Err(kernel_err(doing, errno)),
-            None => {}
-        }
-        match it.next() {
-            Some(Ok(rules)) => {
-                for p in rules {
+                } else {
                     let (fam, tbl, chain, exprs) =
                         nft::decode_rule(&p).map_err(|d| Error::decode(&doing, d))?;
-                    if fam == nft::NFPROTO_INET && tbl == table {
-                        if let Some(c) = t.chains.iter_mut().find(|c| c.name == chain) {
-                            c.rules.push(exprs);
-                        }
+                    if let Some(c) = tables
+                        .iter_mut()
+                        .find(|t| t.family == fam && tbl == table)
+                        .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
+                    {
+                        c.rules.push(exprs);
                     }
                 }
             }
-            Some(Err(errno)) => return Err(kernel_err(doing, errno)),
-            None => {}
         }
-        Ok(Some(t))
+        Ok(tables)
     }
 
     fn sysctl_path(&self, key: &str) -> Result<PathBuf> {
@@ -760,14 +760,17 @@ impl Linux {
             }
             Channel::Nft => {
                 for (i, op) in ops.iter().enumerate() {
-                    let (name, table) = match op {
-                        Operation::SetMarking { table } => (table.name.as_str(), Some(table)),
-                        Operation::DeleteMarking { table } => (table.as_str(), None),
+                    let (name, tables): (&str, &[nft::NftTable]) = match op {
+                        Operation::SetMarking { tables } => (
+                            tables.first().map(|t| t.name.as_str()).unwrap_or_default(),
+                            tables,
+                        ),
+                        Operation::DeleteMarking { table } => (table.as_str(), &[]),
                         _ => continue,
                     };
-                    let n = nft::replace_batch(name, table, 0).len();
+                    let n = nft::replace_batch(name, tables, 0).len();
                     let seq = self.nft.seqs(n + 1);
-                    let batch = nft::replace_batch(name, table, seq);
+                    let batch = nft::replace_batch(name, tables, seq);
                     let mut reqs: Vec<Request> = batch
                         .into_iter()
                         .enumerate()
@@ -778,7 +781,7 @@ impl Linux {
                         .collect();
                     // A barrier in its own send: once it is answered, the batch is done.
                     reqs.push(Request {
-                        bytes: nft::get_request(nft::NFT_MSG_GETGEN, Some(""), seq + n as u32),
+                        bytes: nft::get_request(0, nft::NFT_MSG_GETGEN, Some(""), seq + n as u32),
                         answered: true,
                     });
                     self.messages += n;

@@ -15,6 +15,23 @@ use crate::nla::{NlaWriter, attrs, be32, cstr, frame};
 
 /// `NFPROTO_INET`.
 pub const NFPROTO_INET: u8 = 1;
+/// `NFPROTO_ARP`.
+pub const NFPROTO_ARP: u8 = 3;
+/// The nftables families wgmesh's tables live in (`inet`, and `arp` for ARP marking).
+pub const FAMILIES: [u8; 2] = [NFPROTO_INET, NFPROTO_ARP];
+
+/// The `nft` name of a family number.
+pub fn family_name(family: u8) -> &'static str {
+    match family {
+        NFPROTO_INET => "inet",
+        NFPROTO_ARP => "arp",
+        2 => "ip",
+        10 => "ip6",
+        5 => "netdev",
+        7 => "bridge",
+        _ => "unknown",
+    }
+}
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -68,6 +85,8 @@ pub const REG_1: u32 = 1;
 pub const VERDICT_RETURN: i32 = -5;
 /// `NF_INET_PRE_ROUTING`.
 pub const HOOK_PREROUTING: u32 = 0;
+/// `NF_ARP_IN`.
+pub const HOOK_ARP_INPUT: u32 = 0;
 /// `NF_INET_LOCAL_OUT`.
 pub const HOOK_OUTPUT: u32 = 3;
 /// `NF_IP_PRI_RAW`.
@@ -79,9 +98,11 @@ const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_CMP_EQ: u32 = 0;
 const IFNAMSIZ: usize = 16;
 
-/// An nftables table of family `inet`.
+/// An nftables table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NftTable {
+    /// Family (`NFPROTO_INET` = 1, `NFPROTO_ARP` = 3).
+    pub family: u8,
     /// Table name.
     pub name: String,
     /// Table flags (`NFT_TABLE_F_DORMANT` = 1 disables it).
@@ -252,29 +273,35 @@ fn endpoint_rule(ep: &SocketAddr, destination: bool, mark: u32) -> Vec<Expr> {
     v
 }
 
-/// Compiles a plan's marking into the table it describes (see [`Marking::nft_script`]).
+/// Compiles a plan's marking into the tables it describes (see [`Marking::nft_script`]):
+/// the `inet` table, and the `arp` table when ARP is marked too.
 ///
 /// ```
 /// use wgmesh_netlink::nft::compile;
 /// use wgmesh_core::Marking;
 /// let m = Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
 ///     skip_interfaces: vec!["lo".into()], skip_interface_prefixes: vec!["cali".into()],
-///     mark_output: true, plain_tcp_endpoints: vec![] };
+///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![] };
 /// let t = compile(&m);
-/// assert_eq!(t.chains.len(), 2);
-/// assert_eq!(t.chains[0].rules.len(), 3); // lo, cali*, mark
+/// assert_eq!(t.len(), 2); // inet and arp
+/// assert_eq!(t[0].chains.len(), 2);
+/// assert_eq!(t[0].chains[0].rules.len(), 3); // lo, cali*, mark
 /// ```
-pub fn compile(m: &Marking) -> NftTable {
-    let mut pre = Vec::new();
-    for name in &m.skip_interfaces {
-        let mut data = name.as_bytes().to_vec();
-        data.resize(IFNAMSIZ, 0);
-        pre.push(iifname_return(data));
-    }
-    for prefix in &m.skip_interface_prefixes {
-        pre.push(iifname_return(prefix.as_bytes().to_vec()));
-    }
-    pre.push(mark_rule(m.firewall_mark));
+pub fn compile(m: &Marking) -> Vec<NftTable> {
+    let input_rules = || {
+        let mut pre = Vec::new();
+        for name in &m.skip_interfaces {
+            let mut data = name.as_bytes().to_vec();
+            data.resize(IFNAMSIZ, 0);
+            pre.push(iifname_return(data));
+        }
+        for prefix in &m.skip_interface_prefixes {
+            pre.push(iifname_return(prefix.as_bytes().to_vec()));
+        }
+        pre.push(mark_rule(m.firewall_mark));
+        pre
+    };
+    let pre = input_rules();
     let mut chains = vec![NftChain {
         name: "prerouting".into(),
         kind: Some("filter".into()),
@@ -306,11 +333,28 @@ pub fn compile(m: &Marking) -> NftTable {
             rules,
         });
     }
-    NftTable {
+    let mut tables = vec![NftTable {
+        family: NFPROTO_INET,
         name: m.table.clone(),
         flags: 0,
         chains,
+    }];
+    if m.mark_arp {
+        tables.push(NftTable {
+            family: NFPROTO_ARP,
+            name: m.table.clone(),
+            flags: 0,
+            chains: vec![NftChain {
+                name: "input".into(),
+                kind: Some("filter".into()),
+                hook: Some(HOOK_ARP_INPUT),
+                priority: Some(0),
+                policy: Some(1),
+                rules: input_rules(),
+            }],
+        });
     }
+    tables
 }
 
 fn nfgen(family: u8, res_id: u16) -> [u8; 4] {
@@ -318,8 +362,8 @@ fn nfgen(family: u8, res_id: u16) -> [u8; 4] {
     [family, 0, r[0], r[1]]
 }
 
-fn msg(cmd: u16, flags: u16, seq: u32, body: &NlaWriter) -> Vec<u8> {
-    let mut payload = nfgen(NFPROTO_INET, 0).to_vec();
+fn msg(family: u8, cmd: u16, flags: u16, seq: u32, body: &NlaWriter) -> Vec<u8> {
+    let mut payload = nfgen(family, 0).to_vec();
     payload.extend_from_slice(&body.buf);
     frame((NFNL_SUBSYS_NFTABLES << 8) | cmd, flags, seq, &payload)
 }
@@ -392,10 +436,10 @@ fn encode_expr(w: &mut NlaWriter, e: &Expr) {
     });
 }
 
-/// The nf_tables transaction that replaces the table `t.name` with `t` (or only deletes it,
-/// when `t` is `None`), as netlink messages with sequence numbers from `seq`. Every message
-/// but the batch delimiters asks for an acknowledgement.
-pub fn replace_batch(name: &str, t: Option<&NftTable>, seq: u32) -> Vec<Vec<u8>> {
+/// The nf_tables transaction that replaces wgmesh's tables named `name` (in every family of
+/// [`FAMILIES`]) with `tables` (none: only delete them), as netlink messages with sequence
+/// numbers from `seq`. Every message but the batch delimiters asks for an acknowledgement.
+pub fn replace_batch(name: &str, tables: &[NftTable], seq: u32) -> Vec<Vec<u8>> {
     let ack = NLM_F_REQUEST | NLM_F_ACK;
     let mut s = seq;
     let mut next = || {
@@ -409,18 +453,33 @@ pub fn replace_batch(name: &str, t: Option<&NftTable>, seq: u32) -> Vec<Vec<u8>>
         next(),
         &nfgen(0, NFNL_SUBSYS_NFTABLES),
     ));
-    let mut tbl = NlaWriter::new();
-    tbl.put_str(NFTA_TABLE_NAME, name)
-        .put_be32(NFTA_TABLE_FLAGS, 0);
-    out.push(msg(NFT_MSG_NEWTABLE, ack | NLM_F_CREATE, next(), &tbl));
-    let mut del = NlaWriter::new();
-    del.put_str(NFTA_TABLE_NAME, name);
-    out.push(msg(NFT_MSG_DELTABLE, ack, next(), &del));
-    if let Some(t) = t {
+    for family in FAMILIES {
+        // Create (if missing) then delete: the delete succeeds whether or not it existed.
+        let mut tbl = NlaWriter::new();
+        tbl.put_str(NFTA_TABLE_NAME, name)
+            .put_be32(NFTA_TABLE_FLAGS, 0);
+        out.push(msg(
+            family,
+            NFT_MSG_NEWTABLE,
+            ack | NLM_F_CREATE,
+            next(),
+            &tbl,
+        ));
+        let mut del = NlaWriter::new();
+        del.put_str(NFTA_TABLE_NAME, name);
+        out.push(msg(family, NFT_MSG_DELTABLE, ack, next(), &del));
+    }
+    for t in tables {
         let mut tbl = NlaWriter::new();
         tbl.put_str(NFTA_TABLE_NAME, &t.name)
             .put_be32(NFTA_TABLE_FLAGS, t.flags);
-        out.push(msg(NFT_MSG_NEWTABLE, ack | NLM_F_CREATE, next(), &tbl));
+        out.push(msg(
+            t.family,
+            NFT_MSG_NEWTABLE,
+            ack | NLM_F_CREATE,
+            next(),
+            &tbl,
+        ));
         for c in &t.chains {
             let mut w = NlaWriter::new();
             w.put_str(NFTA_CHAIN_TABLE, &t.name)
@@ -437,7 +496,13 @@ pub fn replace_batch(name: &str, t: Option<&NftTable>, seq: u32) -> Vec<Vec<u8>>
             if let Some(k) = &c.kind {
                 w.put_str(NFTA_CHAIN_TYPE, k);
             }
-            out.push(msg(NFT_MSG_NEWCHAIN, ack | NLM_F_CREATE, next(), &w));
+            out.push(msg(
+                t.family,
+                NFT_MSG_NEWCHAIN,
+                ack | NLM_F_CREATE,
+                next(),
+                &w,
+            ));
             for r in &c.rules {
                 let mut w = NlaWriter::new();
                 w.put_str(NFTA_RULE_TABLE, &t.name)
@@ -448,6 +513,7 @@ pub fn replace_batch(name: &str, t: Option<&NftTable>, seq: u32) -> Vec<Vec<u8>>
                         }
                     });
                 out.push(msg(
+                    t.family,
                     NFT_MSG_NEWRULE,
                     ack | NLM_F_CREATE | NLM_F_APPEND,
                     next(),
@@ -465,8 +531,8 @@ pub fn replace_batch(name: &str, t: Option<&NftTable>, seq: u32) -> Vec<Vec<u8>>
     out
 }
 
-/// A `GET*` request for family `inet`: a dump, or (with a name) one table.
-pub(crate) fn get_request(cmd: u16, table: Option<&str>, seq: u32) -> Vec<u8> {
+/// A `GET*` request: a dump of every family (`family` 0), or (with a name) one table.
+pub(crate) fn get_request(family: u8, cmd: u16, table: Option<&str>, seq: u32) -> Vec<u8> {
     let mut w = NlaWriter::new();
     let flags = match table {
         Some(name) => {
@@ -475,7 +541,7 @@ pub(crate) fn get_request(cmd: u16, table: Option<&str>, seq: u32) -> Vec<u8> {
         }
         None => NLM_F_REQUEST | NLM_F_DUMP,
     };
-    msg(cmd, flags, seq, &w)
+    msg(family, cmd, flags, seq, &w)
 }
 
 /// The message type of an nf_tables command.
@@ -647,6 +713,7 @@ mod tests {
             firewall_mark: 0x100000,
             skip_interfaces: vec!["lo".into(), "wireguard.cali".into()],
             skip_interface_prefixes: vec!["cali".into()],
+            mark_arp: true,
             mark_output: output,
             plain_tcp_endpoints: eps,
         }
@@ -661,8 +728,11 @@ mod tests {
                 "[fd00::1]:443".parse().unwrap(),
             ],
         ));
-        let msgs = replace_batch("wgmesh", Some(&t), 100);
-        // begin, newtable, deltable, newtable, 2 chains, 4 + 4 rules, end
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].chains[0].rules.len(), 4); // arp: lo, wireguard.cali, cali*, mark
+        let t = &t[..1];
+        let msgs = replace_batch("wgmesh", t, 100);
+        // begin, 2 x (newtable, deltable), newtable, 2 chains, 4 + 4 rules, end
         let rules: Vec<&Vec<u8>> = msgs
             .iter()
             .filter(|m| u16::from_ne_bytes([m[4], m[5]]) == msg_type(NFT_MSG_NEWRULE))
@@ -674,7 +744,7 @@ mod tests {
             assert_eq!((fam, table.as_str()), (NFPROTO_INET, "wgmesh"));
             decoded.push((chain, exprs));
         }
-        let want: Vec<(String, Vec<Expr>)> = t
+        let want: Vec<(String, Vec<Expr>)> = t[0]
             .chains
             .iter()
             .flat_map(|c| c.rules.iter().map(|r| (c.name.clone(), r.clone())))
@@ -687,7 +757,7 @@ mod tests {
             .collect();
         assert_eq!(chains[0].priority, Some(PRIORITY_RAW));
         assert_eq!(chains[1].kind.as_deref(), Some("route"));
-        assert_eq!(msgs.len(), 1 + 3 + 2 + 8 + 1);
+        assert_eq!(msgs.len(), 1 + 5 + 2 + 8 + 1);
         for (i, m) in msgs.iter().enumerate() {
             assert_eq!(
                 u32::from_ne_bytes([m[8], m[9], m[10], m[11]]),
@@ -703,9 +773,11 @@ mod tests {
     #[test]
     fn output_chain_only_when_needed() {
         let mut m = marking(false, vec![]);
-        assert_eq!(compile(&m).chains.len(), 1);
+        assert_eq!(compile(&m)[0].chains.len(), 1);
         m.mark_output = true;
-        assert_eq!(compile(&m).chains[1].rules, vec![mark_rule(0x100000)]);
+        assert_eq!(compile(&m)[0].chains[1].rules, vec![mark_rule(0x100000)]);
+        m.mark_arp = false;
+        assert_eq!(compile(&m).len(), 1);
     }
 
     /// Golden bytes: the mark rule `meta mark set meta mark | 0x100000`, as `nft --debug=netlink`
@@ -715,6 +787,7 @@ mod tests {
     #[cfg(target_endian = "little")]
     fn mark_rule_golden_bytes() {
         let t = NftTable {
+            family: NFPROTO_INET,
             name: "t".into(),
             flags: 0,
             chains: vec![NftChain {
@@ -726,11 +799,11 @@ mod tests {
                 rules: vec![mark_rule(0x100000)],
             }],
         };
-        let msgs = replace_batch("t", Some(&t), 1);
-        let rule = &msgs[5];
+        let msgs = replace_batch("t", &[t], 1);
+        let rule = &msgs[7];
         let want: Vec<u8> = [
-            // nlmsghdr: len 180, type 0x0a06 NEWRULE, flags REQUEST|ACK|CREATE|APPEND, seq 6
-            &[180, 0, 0, 0, 0x06, 0x0a, 0x05, 0x0c, 6, 0, 0, 0, 0, 0, 0, 0][..],
+            // nlmsghdr: len 180, type 0x0a06 NEWRULE, flags REQUEST|ACK|CREATE|APPEND, seq 8
+            &[180, 0, 0, 0, 0x06, 0x0a, 0x05, 0x0c, 8, 0, 0, 0, 0, 0, 0, 0][..],
             &[1, 0, 0, 0],                // nfgenmsg: inet, v0, res 0
             &[6, 0, 1, 0, b't', 0, 0, 0], // NFTA_RULE_TABLE "t"
             &[6, 0, 2, 0, b'c', 0, 0, 0], // NFTA_RULE_CHAIN "c"

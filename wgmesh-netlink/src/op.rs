@@ -114,12 +114,12 @@ pub enum Operation {
         /// Value.
         value: String,
     },
-    /// Replace wgmesh's nftables table with this one, atomically (one transaction).
+    /// Replace wgmesh's nftables tables with these, atomically (one transaction).
     SetMarking {
-        /// The whole table.
-        table: NftTable,
+        /// The whole tables.
+        tables: Vec<NftTable>,
     },
-    /// Delete wgmesh's nftables table.
+    /// Delete wgmesh's nftables tables (every family).
     DeleteMarking {
         /// Table name.
         table: String,
@@ -246,14 +246,22 @@ impl fmt::Display for Operation {
                 write!(f, " lookup {}", rule.table)
             }
             Self::SetSysctl { key, value } => write!(f, "sysctl {key}={value}"),
-            Self::SetMarking { table } => write!(
-                f,
-                "replace nftables table inet {} ({} chains, {} rules)",
-                table.name,
-                table.chains.len(),
-                table.chains.iter().map(|c| c.rules.len()).sum::<usize>()
-            ),
-            Self::DeleteMarking { table } => write!(f, "delete nftables table inet {table}"),
+            Self::SetMarking { tables } => {
+                write!(f, "replace nftables")?;
+                for (i, t) in tables.iter().enumerate() {
+                    write!(
+                        f,
+                        "{} table {} {} ({} chains, {} rules)",
+                        if i > 0 { "," } else { "" },
+                        crate::nft::family_name(t.family),
+                        t.name,
+                        t.chains.len(),
+                        t.chains.iter().map(|c| c.rules.len()).sum::<usize>()
+                    )?;
+                }
+                Ok(())
+            }
+            Self::DeleteMarking { table } => write!(f, "delete nftables tables {table}"),
         }
     }
 }

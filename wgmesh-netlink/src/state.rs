@@ -33,7 +33,7 @@ pub struct Ownership {
     pub rule_priority: u32,
     /// The mark of the rules and devices.
     pub firewall_mark: u32,
-    /// The nftables table (family `inet`).
+    /// The name of the nftables tables (families `inet` and `arp`).
     pub nft_table: String,
 }
 
@@ -202,8 +202,8 @@ pub struct ActualState {
     pub rules: Vec<ActualRule>,
     /// Current values of the sysctls asked about (the plan's).
     pub sysctls: BTreeMap<String, String>,
-    /// wgmesh's nftables table, if it exists.
-    pub marking: Option<NftTable>,
+    /// wgmesh's nftables tables that exist (`inet`, `arp`), in family order.
+    pub marking: Vec<NftTable>,
     /// Whether the WireGuard implementation can remove single allowed IPs
     /// (`WGALLOWEDIP_F_REMOVE_ME`, Linux 6.12+ / wireguard-go); informational.
     #[serde(default)]

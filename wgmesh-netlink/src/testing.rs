@@ -55,8 +55,8 @@ pub struct FakeKernel {
     pub rules: Vec<ActualRule>,
     /// Sysctls.
     pub sysctls: BTreeMap<String, String>,
-    /// nftables tables of family `inet`, by name.
-    pub nft: BTreeMap<String, NftTable>,
+    /// nftables tables, by (family, name).
+    pub nft: BTreeMap<(u8, String), NftTable>,
     /// The link kind [`Operation::CreateLink`] makes.
     pub kind: LinkKind,
     next_index: u32,
@@ -283,11 +283,20 @@ impl FakeKernel {
             Operation::SetSysctl { key, value } => {
                 self.sysctls.insert(key.clone(), value.clone());
             }
-            Operation::SetMarking { table } => {
-                self.nft.insert(table.name.clone(), table.clone());
+            Operation::SetMarking { tables } => {
+                for f in crate::nft::FAMILIES {
+                    if let Some(t) = tables.first() {
+                        self.nft.remove(&(f, t.name.clone()));
+                    }
+                }
+                for t in tables {
+                    self.nft.insert((t.family, t.name.clone()), t.clone());
+                }
             }
             Operation::DeleteMarking { table } => {
-                self.nft.remove(table);
+                for f in crate::nft::FAMILIES {
+                    self.nft.remove(&(f, table.clone()));
+                }
             }
         }
         Ok(())
@@ -326,7 +335,10 @@ impl Dataplane for FakeKernel {
                 s.sysctls.insert(k.clone(), v.clone());
             }
         }
-        s.marking = self.nft.get(&own.nft_table).cloned();
+        s.marking = crate::nft::FAMILIES
+            .iter()
+            .filter_map(|f| self.nft.get(&(*f, own.nft_table.clone())).cloned())
+            .collect();
         Ok(s)
     }
 

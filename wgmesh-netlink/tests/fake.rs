@@ -123,13 +123,18 @@ fn assert_matches_plan(k: &FakeKernel, plan: &NodePlan, own: &Ownership) {
     for s in &plan.sysctls {
         assert_eq!(k.sysctls.get(&s.key), Some(&s.value));
     }
-    assert_eq!(
-        k.nft.get(&own.nft_table),
-        plan.marking
-            .as_ref()
-            .map(wgmesh_netlink::nft::compile)
-            .as_ref()
-    );
+    let got: Vec<&wgmesh_netlink::nft::NftTable> = k
+        .nft
+        .iter()
+        .filter(|((_, n), _)| *n == own.nft_table)
+        .map(|(_, t)| t)
+        .collect();
+    let want = plan
+        .marking
+        .as_ref()
+        .map(wgmesh_netlink::nft::compile)
+        .unwrap_or_default();
+    assert_eq!(got, want.iter().collect::<Vec<_>>());
 }
 
 fn converge(r: &mut Reconciler<FakeKernel>, plan: &NodePlan) {
@@ -180,8 +185,9 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
     };
     k.rules.push(other_rule.clone());
     k.nft.insert(
-        "other".into(),
+        (1, "other".into()),
         wgmesh_netlink::nft::NftTable {
+            family: 1,
             name: "other".into(),
             flags: 0,
             chains: vec![],
@@ -201,7 +207,7 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
     assert_eq!(k.links, before.links);
     assert_eq!(k.routes, before.routes);
     assert_eq!(k.rules, vec![other_rule]);
-    assert!(k.nft.contains_key("other") && !k.nft.contains_key("wgmesh"));
+    assert!(k.nft.contains_key(&(1, "other".into())) && k.nft.keys().all(|(_, n)| n != "wgmesh"));
     assert!(r.reconcile(&off).unwrap().is_noop());
 }
 
@@ -308,12 +314,12 @@ fn converges_from_each_named_drift() {
         (
             "altered nft table",
             Box::new(|k| {
-                k.nft.get_mut("wgmesh").unwrap().chains.pop();
+                k.nft.get_mut(&(1, "wgmesh".into())).unwrap().chains.pop();
             }),
         ),
         (
             "dormant nft table",
-            Box::new(|k| k.nft.get_mut("wgmesh").unwrap().flags = 1),
+            Box::new(|k| k.nft.get_mut(&(3, "wgmesh".into())).unwrap().flags = 1),
         ),
         (
             "sysctl off",
@@ -607,7 +613,7 @@ fn apply_drift(k: &mut FakeKernel, d: &Drift) {
         }
         Drift::NftGone => k.nft.clear(),
         Drift::NftDormant => {
-            if let Some(t) = k.nft.get_mut("wgmesh") {
+            if let Some(t) = k.nft.get_mut(&(1, "wgmesh".into())) {
                 t.flags = 1;
             }
         }

@@ -42,6 +42,32 @@ pub struct ClusterShape {
     pub fixed_mtu: Option<u32>,
 }
 
+impl ClusterShape {
+    /// `n` nodes, all with WireGuard and distinct keys, IPv4 only, 1500-byte underlay, and
+    /// `pods` own workload addresses each.
+    pub fn uniform(n: u8, pods: &[u8], workload_ips: bool, host_encryption: bool) -> Self {
+        Self {
+            nodes: (0..n)
+                .map(|i| NodeShape {
+                    wg: 2,
+                    key: Some(i),
+                    key6: None,
+                    v6: false,
+                    mtu: 1500,
+                    own_pods: pods.to_vec(),
+                    borrowed: vec![],
+                    v6_pods: vec![],
+                    extra_block: false,
+                })
+                .collect(),
+            workload_ips,
+            host_encryption,
+            keepalive: None,
+            fixed_mtu: None,
+        }
+    }
+}
+
 pub fn node_shape() -> impl Strategy<Value = NodeShape> {
     (
         0u8..6,
