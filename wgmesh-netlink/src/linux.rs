@@ -107,6 +107,9 @@ pub struct Linux {
     decision: String,
     remove_flag: Option<bool>,
     messages: usize,
+    /// Interface indexes of owned links, from the last read or lookup; dropped whenever a
+    /// run creates or deletes a link.
+    ifindex: HashMap<String, u32>,
 }
 
 impl fmt::Debug for Linux {
@@ -201,6 +204,7 @@ impl Linux {
             decision,
             remove_flag: None,
             messages: 0,
+            ifindex: HashMap::new(),
         })
     }
 
@@ -459,8 +463,8 @@ impl Linux {
         Ok(self.config.proc_sys.join(key.replace('.', "/")))
     }
 
-    fn link_index(&mut self, name: &str, cache: &mut HashMap<String, u32>) -> Result<u32> {
-        if let Some(i) = cache.get(name) {
+    fn link_index(&mut self, name: &str) -> Result<u32> {
+        if let Some(i) = self.ifindex.get(name) {
             return Ok(*i);
         }
         let links = self.read_links(&[name.to_owned()])?;
@@ -468,7 +472,7 @@ impl Linux {
             .get(name)
             .map(|l| l.index)
             .ok_or_else(|| kernel_err(format!("find link {name}"), crate::error::ENODEV))?;
-        cache.insert(name.to_owned(), i);
+        self.ifindex.insert(name.to_owned(), i);
         Ok(i)
     }
 
@@ -612,7 +616,6 @@ impl Linux {
         &mut self,
         ops: &[Operation],
         keys: &KeyRing,
-        cache: &mut HashMap<String, u32>,
     ) -> std::result::Result<(), (usize, Error)> {
         let Some(first) = ops.first() else {
             return Ok(());
@@ -639,7 +642,7 @@ impl Linux {
                         Operation::AddRoute { route } => {
                             let oif = match &route.device {
                                 Some(d) if route.kind == wgmesh_core::RouteType::Unicast => {
-                                    Some(self.link_index(d, cache).map_err(|e| (i, e))?)
+                                    Some(self.link_index(d).map_err(|e| (i, e))?)
                                 }
                                 _ => None,
                             };
@@ -850,6 +853,7 @@ impl Dataplane for Linux {
     fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState> {
         let mut s = ActualState::default();
         let links = self.read_links(&own.interfaces)?;
+        self.ifindex = links.iter().map(|(n, l)| (n.clone(), l.index)).collect();
         let by_index: HashMap<u32, String> =
             links.iter().map(|(n, l)| (l.index, n.clone())).collect();
         for (name, l) in &links {
@@ -934,7 +938,6 @@ impl Dataplane for Linux {
 
     fn execute(&mut self, ops: &[Operation], keys: &KeyRing) -> Result<usize> {
         let before = self.messages;
-        let mut cache: HashMap<String, u32> = HashMap::new();
         let mut start = 0;
         while start < ops.len() {
             let ch = channel(&ops[start], &self.wg);
@@ -947,16 +950,16 @@ impl Dataplane for Linux {
                     end += 1;
                 }
             }
-            if let Err((i, e)) = self.run(&ops[start..end], keys, &mut cache) {
+            if changes_links(&ops[start]) {
+                self.ifindex.clear();
+            }
+            if let Err((i, e)) = self.run(&ops[start..end], keys) {
                 return Err(Error::Operation {
                     index: start + i,
                     total: ops.len(),
                     operation: ops[start + i].to_string(),
                     source: Box::new(e),
                 });
-            }
-            if changes_links(&ops[start]) {
-                cache.clear();
             }
             start = end;
         }
