@@ -241,8 +241,14 @@ impl Linux {
             peers: vec![p],
             ..Default::default()
         };
-        self.genl_set(family, &dev, "probe per-IP allowed-IP removal")?;
-        let read = self.kernel_device(family, ifname)?;
+        // Kernels without the flag validate attributes strictly and refuse the unknown one
+        // (EINVAL), after having created the peer; kernels with it remove nothing.
+        let probed = self.genl_set(family, &dev, "probe per-IP allowed-IP removal");
+        let read = match &probed {
+            Ok(()) => self.kernel_device(family, ifname)?,
+            Err(e) if e.errno() == Some(crate::error::EINVAL) => None,
+            Err(_) => None,
+        };
         let mut rm = PeerUpdate::new(probe);
         rm.remove = true;
         let dev = DeviceUpdate {
@@ -251,6 +257,10 @@ impl Linux {
             ..Default::default()
         };
         self.genl_set(family, &dev, "remove the probe peer")?;
+        match probed {
+            Err(e) if e.errno() != Some(crate::error::EINVAL) => return Err(e),
+            _ => {}
+        }
         let supported = read
             .and_then(|d| d.peers.get(&probe).map(|p| p.allowed_ips.is_empty()))
             .unwrap_or(false);

@@ -210,20 +210,20 @@ impl<D: Dataplane> Reconciler<D> {
     /// failed; after a failure, [`Self::needs_resync`] is true and [`Self::resync`] repairs.
     pub fn apply_delta(&mut self, delta: &PlanDelta) -> Result<Report> {
         let start = Instant::now();
-        let Some(old) = self.current.as_ref() else {
+        let options = self.options();
+        let Some(current) = self.current.as_mut() else {
             return Err(Error::Invalid(
                 "apply_delta needs a base plan: reconcile a full plan first".into(),
             ));
         };
-        let operations = delta_operations(old, delta, &self.options());
-        let mut new = old.clone();
-        new.apply_delta(delta);
-        self.current = Some(new);
+        let operations = delta_operations(current, delta, &options);
         let result = if operations.is_empty() {
             Ok(0)
         } else {
             self.dataplane.execute(&operations, &self.keys)
         };
+        // Fold the delta in place (no copy of a big plan), whatever happened.
+        current.apply_delta(delta);
         match result {
             Ok(messages) => Ok(Report {
                 operations,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use netlink_sys::{Socket, SocketAddr};
 
-use crate::wire::{NLM_F_MULTI, NLMSG_DONE, NLMSG_ERROR};
+use crate::wire::{NLMSG_DONE, NLMSG_ERROR};
 
 /// How many acknowledged requests may be in flight at once.
 const WINDOW: usize = 64;
@@ -162,7 +162,6 @@ impl NlSocket {
                 break;
             }
             let ty = u16::from_ne_bytes([b[4], b[5]]);
-            let flags = u16::from_ne_bytes([b[6], b[7]]);
             let seq = seq_of(b);
             let payload = &b[16..len];
             off += (len + 3) & !3;
@@ -201,10 +200,7 @@ impl NlSocket {
                         *outstanding = outstanding.saturating_sub(1);
                     }
                 }
-                _ => {
-                    partial[i].push(payload.to_vec());
-                    let _ = flags & NLM_F_MULTI;
-                }
+                _ => partial[i].push(payload.to_vec()),
             }
         }
         Ok(())

@@ -7,7 +7,7 @@ use std::collections::btree_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use netlink_packet_core::{Emitable, NLA_F_NESTED, ParseableParametrized};
+use netlink_packet_core::{Emitable, ParseableParametrized};
 use netlink_packet_generic::GenlHeader;
 use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAllowedIpFlags,
@@ -786,7 +786,6 @@ pub fn wg_set_messages(
     if !cur.is_empty() || !first_attrs.is_empty() || out.is_empty() {
         flush(&mut cur, &mut first_attrs, &mut out);
     }
-    let _ = NLA_F_NESTED;
     Ok(out)
 }
 

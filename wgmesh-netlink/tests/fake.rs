@@ -216,7 +216,8 @@ fn converges_from_each_named_drift() {
     let (plan, mut r) = setup(false);
     converge(&mut r, &plan);
     let name = "wireguard.cali".to_owned();
-    let drifts: Vec<(&str, Box<dyn Fn(&mut FakeKernel)>)> = vec![
+    type DriftFn = Box<dyn Fn(&mut FakeKernel)>;
+    let drifts: Vec<(&str, DriftFn)> = vec![
         (
             "wrong port",
             Box::new(|k| k.devices.get_mut("wireguard.cali").unwrap().listen_port = 1),

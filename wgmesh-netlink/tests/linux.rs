@@ -32,7 +32,6 @@ fn key(i: u8) -> PrivateKey {
 }
 
 fn backend() -> Backend {
-    let _ = env_logger_free();
     assert_eq!(
         Command::new("id")
             .arg("-u")
@@ -50,8 +49,6 @@ fn backend() -> Backend {
         ),
     }
 }
-
-fn env_logger_free() {}
 
 fn open() -> Linux {
     let b = backend();
@@ -275,13 +272,10 @@ fn converge(r: &mut Reconciler<Linux>, plan: &NodePlan) {
     assert!(again.is_noop(), "second run did {:#?}", again.operations);
 }
 
-const IGNORE: &str = "";
-
 #[test]
 #[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
 fn create_configure_read_back_and_tear_down() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = IGNORE;
     reset();
     for he in [false, true] {
         let plan = plan_node(&cluster(he), "a").unwrap();
