@@ -42,6 +42,14 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("linux", "bench"):
         print(m["target"]["name"], m["executable"])
 ')
+example=$(cargo test --release --features netlink --test apply_example --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "apply_example":
+        print(m["executable"])
+')
 linux="" bench=""
 for b in "${bins[@]}"; do
     case "$b" in
@@ -49,7 +57,8 @@ for b in "${bins[@]}"; do
     "bench "*) bench="${b#bench }" ;;
     esac
 done
-[ -x "$linux" ] && [ -x "$bench" ] || die "could not find the linux and bench test binaries (cargo test --no-run failed?)"
+[ -x "$linux" ] && [ -x "$bench" ] && [ -x "$example" ] ||
+    die "could not find the linux, bench and apply_example test binaries (cargo test --no-run failed?)"
 
 failed=()
 cases="${WGMESH_DRIFT_CASES:-24}"
@@ -77,6 +86,9 @@ t=$(date +%s)
 if ! WGMESH_TEST_BACKEND=userspace WGMESH_TEST_KERNEL_HAS_WIREGUARD=$host_wg WGMESH_DRIFT_CASES=$cases \
     RUST_BACKTRACE=1 ip netns exec "$ns" "$linux" --ignored --test-threads=1; then
     failed+=("userspace suite")
+fi
+if ! WGMESH_TEST_BACKEND=userspace RUST_BACKTRACE=1 ip netns exec "$ns" "$example" --ignored --test-threads=1; then
+    failed+=("apply example")
 fi
 echo "userspace suite: $(($(date +%s) - t)) s"
 cleanup
