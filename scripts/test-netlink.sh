@@ -42,6 +42,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("linux", "bench"):
         print(m["target"]["name"], m["executable"])
 ')
+# The example itself (cargo test --test X does not build examples).
+cargo build --release --features netlink --example apply
 example=$(cargo test --release --features netlink --test apply_example --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
