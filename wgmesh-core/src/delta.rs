@@ -267,6 +267,42 @@ fn removed_and_added<T: PartialEq + Clone>(old: &[T], new: &[T]) -> (Vec<T>, Vec
     (only(old, new), only(new, old))
 }
 
+/// The index of a peer in a list sorted by node name: by name first, else by key.
+fn find_peer(peers: &[PeerPlan], node: &str, key: &PublicKey) -> Option<usize> {
+    match peers.binary_search_by(|p| p.node.as_str().cmp(node)) {
+        Ok(i) if peers[i].public_key == *key => Some(i),
+        _ => peers.iter().position(|p| p.public_key == *key),
+    }
+}
+
+/// Removes the items with keys in `removed` (sorted or not) from `v`, sorted by `key`, and
+/// inserts `added`, keeping it sorted: by binary search for a few changes, by one pass for many.
+fn patch_sorted<T, K: Ord + Copy>(
+    v: &mut Vec<T>,
+    removed: &[K],
+    added: impl ExactSizeIterator<Item = T>,
+    key: impl Fn(&T) -> K,
+) {
+    const FEW: usize = 32;
+    if removed.len() + added.len() <= FEW {
+        for k in removed {
+            if let Ok(i) = v.binary_search_by(|x| key(x).cmp(k)) {
+                v.remove(i);
+            }
+        }
+        for item in added {
+            let at = v.partition_point(|x| key(x) < key(&item));
+            v.insert(at, item);
+        }
+    } else {
+        let mut gone = removed.to_vec();
+        gone.sort_unstable();
+        v.retain(|x| gone.binary_search(&key(x)).is_err());
+        v.extend(added);
+        v.sort_by_key(|x| key(x));
+    }
+}
+
 fn add_all_peers(d: &mut PlanDelta, iface: &InterfacePlan) {
     for peer in &iface.peers {
         d.peers_added.push(PeerAdded {
@@ -347,38 +383,44 @@ impl NodePlan {
         self.interfaces.extend(d.interfaces_added.iter().cloned());
         self.interfaces.sort_by_key(|i| i.family);
         for iface in &mut self.interfaces {
-            iface.peers.retain(|p| {
-                !d.peers_removed
-                    .iter()
-                    .any(|r| r.family == iface.family && r.public_key == p.public_key)
-            });
-            for u in d.peers_updated.iter().filter(|u| u.family == iface.family) {
-                if let Some(p) = iface
-                    .peers
-                    .iter_mut()
-                    .find(|p| p.public_key == u.public_key)
-                {
-                    p.node.clone_from(&u.node);
-                    p.endpoint = u.endpoint;
-                    p.persistent_keepalive = u.persistent_keepalive;
-                    p.allowed_ips
-                        .retain(|ip| u.allowed_ips_removed.binary_search(ip).is_err());
-                    p.allowed_ips.extend(u.allowed_ips_added.iter().copied());
-                    p.allowed_ips.sort_unstable();
+            let family = iface.family;
+            let peers = &mut iface.peers;
+            for r in d.peers_removed.iter().filter(|r| r.family == family) {
+                if let Some(i) = find_peer(peers, &r.node, &r.public_key) {
+                    peers.remove(i);
                 }
             }
-            iface.peers.extend(
-                d.peers_added
-                    .iter()
-                    .filter(|a| a.family == iface.family)
-                    .map(|a| a.peer.clone()),
-            );
-            iface.peers.sort_by(|a, b| a.node.cmp(&b.node));
+            for u in d.peers_updated.iter().filter(|u| u.family == family) {
+                let Some(i) = find_peer(peers, &u.node, &u.public_key) else {
+                    continue;
+                };
+                let p = &mut peers[i];
+                let renamed = p.node != u.node;
+                p.node.clone_from(&u.node);
+                p.endpoint = u.endpoint;
+                p.persistent_keepalive = u.persistent_keepalive;
+                patch_sorted(
+                    &mut p.allowed_ips,
+                    &u.allowed_ips_removed,
+                    u.allowed_ips_added.iter().copied(),
+                    |ip| *ip,
+                );
+                if renamed {
+                    peers.sort_by(|a, b| a.node.cmp(&b.node));
+                }
+            }
+            for a in d.peers_added.iter().filter(|a| a.family == family) {
+                let at = peers.partition_point(|p| p.node < a.peer.node);
+                peers.insert(at, a.peer.clone());
+            }
         }
-        let removed: std::collections::HashSet<&Route> = d.routes_removed.iter().collect();
-        self.routes.retain(|r| !removed.contains(r));
-        self.routes.extend(d.routes_added.iter().cloned());
-        self.routes.sort_by_key(|r| r.destination);
+        let removed: Vec<IpNet> = d.routes_removed.iter().map(|r| r.destination).collect();
+        patch_sorted(
+            &mut self.routes,
+            &removed,
+            d.routes_added.iter().cloned(),
+            |r| r.destination,
+        );
         self.rules.retain(|r| !d.rules_removed.contains(r));
         self.rules.extend(d.rules_added.iter().cloned());
         self.rules.sort_by_key(|r| r.family);
