@@ -227,6 +227,16 @@ impl Published {
         }
     }
 
+    /// The raw value of one of wgmesh's annotations, by name.
+    pub fn annotation(&self, name: &str) -> Option<&str> {
+        match name {
+            PUBLIC_KEY_ANNOTATION => self.public_key.as_deref(),
+            PUBLIC_KEY_V6_ANNOTATION => self.public_key_v6.as_deref(),
+            UNDERLAY_MTU_ANNOTATION => self.underlay_mtu.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Whether the key annotation of a family holds exactly `key`.
     pub fn has_key(&self, family: Family, key: Option<PublicKey>) -> bool {
         match (self.key(family), key) {

@@ -7,5 +7,10 @@
 )]
 
 pub mod adapter;
+pub mod agent;
+pub mod bootstrap;
+pub mod dataplane;
+pub mod metrics;
+pub mod view;
 
 pub use wgmesh_core;
