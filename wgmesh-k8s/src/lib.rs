@@ -10,7 +10,10 @@ pub mod adapter;
 pub mod agent;
 pub mod bootstrap;
 pub mod dataplane;
+pub mod http;
 pub mod metrics;
+pub mod publish;
+pub mod run;
 pub mod view;
 
 pub use wgmesh_core;

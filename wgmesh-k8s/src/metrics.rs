@@ -62,6 +62,27 @@ pub struct PeerRow {
     pub tx_bytes: u64,
 }
 
+impl PeerRow {
+    /// One peer's counters.
+    pub fn new(
+        interface: impl Into<String>,
+        node: impl Into<String>,
+        public_key: impl Into<String>,
+        last_handshake: Option<SystemTime>,
+        rx_bytes: u64,
+        tx_bytes: u64,
+    ) -> Self {
+        Self {
+            interface: interface.into(),
+            node: node.into(),
+            public_key: public_key.into(),
+            last_handshake,
+            rx_bytes,
+            tx_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 struct Histogram {
     buckets: [u64; DURATION_BUCKETS.len()],

@@ -1120,3 +1120,46 @@ fn a_restart_with_the_same_key_changes_nothing() {
     };
     assert!(!plan.marking.as_ref().unwrap().mark_output);
 }
+
+#[test]
+fn peer_counters_are_read_for_metrics_and_named_by_node() {
+    use std::time::SystemTime;
+    use wgmesh_k8s::dataplane::PeerStats;
+    let mut d = kubeadm(MeshConfig::default());
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    d.agent.dataplane_mut().set_stats(Some(vec![
+        PeerStats::new("wireguard.cali", public(2), Some(at), 100, 200),
+        PeerStats::new("wireguard.cali", public(3), None, 0, 0),
+    ]));
+    d.run_for(10 * MS);
+    let text = d.agent.metrics().render(at + Duration::from_secs(7));
+    assert!(
+        text.contains("wgmesh_peers{interface=\"wireguard.cali\"} 2\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("wgmesh_peer_receive_bytes_total"),
+        "not read before the interval"
+    );
+    d.run_for(15 * S);
+    let text = d.agent.metrics().render(at + Duration::from_secs(7));
+    let b = format!(
+        "interface=\"wireguard.cali\",node=\"b\",public_key=\"{}\"",
+        public(2).to_base64()
+    );
+    assert!(
+        text.contains(&format!(
+            "wgmesh_peer_latest_handshake_age_seconds{{{b}}} 7\n"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("wgmesh_peer_receive_bytes_total{{{b}}} 100\n")));
+    assert!(text.contains(&format!("wgmesh_peer_transmit_bytes_total{{{b}}} 200\n")));
+    let c = format!(
+        "interface=\"wireguard.cali\",node=\"c\",public_key=\"{}\"",
+        public(3).to_base64()
+    );
+    assert!(text.contains(&format!(
+        "wgmesh_peer_latest_handshake_age_seconds{{{c}}} +Inf\n"
+    )));
+}

@@ -245,3 +245,52 @@ impl Driver {
         self.agent.dataplane().public_key(family)
     }
 }
+pub mod api;
+
+/// A recording dataplane the test keeps a handle on while the agent owns it.
+#[derive(Clone, Default)]
+pub struct Shared(pub std::sync::Arc<std::sync::Mutex<RecordingDataplane>>);
+
+impl Shared {
+    pub fn new(d: RecordingDataplane) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(d)))
+    }
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, RecordingDataplane> {
+        self.0.lock().unwrap()
+    }
+}
+
+impl Dataplane for Shared {
+    fn public_key(&self, family: wgmesh_core::Family) -> Option<PublicKey> {
+        self.lock().public_key(family)
+    }
+    fn reconcile(
+        &mut self,
+        plan: &wgmesh_core::NodePlan,
+    ) -> Result<wgmesh_k8s::dataplane::ApplyReport, wgmesh_k8s::dataplane::DataplaneError> {
+        self.lock().reconcile(plan)
+    }
+    fn apply_delta(
+        &mut self,
+        delta: &wgmesh_core::PlanDelta,
+    ) -> Result<wgmesh_k8s::dataplane::ApplyReport, wgmesh_k8s::dataplane::DataplaneError> {
+        self.lock().apply_delta(delta)
+    }
+    fn peer_stats(
+        &mut self,
+    ) -> Result<Option<Vec<wgmesh_k8s::dataplane::PeerStats>>, wgmesh_k8s::dataplane::DataplaneError>
+    {
+        self.lock().peer_stats()
+    }
+}
+
+/// Waits (in virtual time, when paused) until `f` holds.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..4000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
