@@ -206,3 +206,23 @@ fn spawn_publish(client: Client, publication: Publication) -> JoinHandle<Result<
         }
     })
 }
+
+/// Completes on SIGTERM (what the kubelet sends) or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM"),
+                _ = int.recv() => info!("SIGINT"),
+            }
+        }
+        _ => {
+            warn!("cannot listen for signals; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
