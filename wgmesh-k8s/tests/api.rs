@@ -341,3 +341,85 @@ async fn nothing_is_published_for_a_node_that_does_not_exist() {
     .await;
     agent.stop().await;
 }
+
+/// The verbs the agent uses, from what the mock recorded, are exactly the verbs
+/// `deploy/rbac.yaml` grants: nothing missing (the agent would fail), nothing extra.
+#[tokio::test(start_paused = true)]
+async fn the_agent_uses_exactly_the_verbs_rbac_grants() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let used = |reqs: &[common::api::Recorded], out: &mut BTreeMap<String, BTreeSet<String>>| {
+        for r in reqs {
+            let mut parts = r.path.trim_start_matches("/api/v1/").split('/');
+            let resource = parts.next().unwrap().to_owned();
+            let named = parts.next().is_some();
+            let verb = match (r.method.as_str(), named, r.is_watch()) {
+                ("GET", false, true) => "watch",
+                ("GET", false, false) => "list",
+                ("GET", true, _) => "get",
+                ("PATCH", true, _) => "patch",
+                ("POST", false, _) => "create",
+                ("PUT", true, _) => "update",
+                ("DELETE", _, _) => "delete",
+                other => panic!("unexpected request {other:?} {}", r.path),
+            };
+            out.entry(resource).or_default().insert(verb.to_owned());
+        }
+    };
+    let mut verbs = BTreeMap::new();
+    // Publishing with pods watched, an API failure, a relist.
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], None));
+    api.put(
+        Kind::Pod,
+        pod("default", "p", "a", &["10.0.0.9"], "Running"),
+    );
+    let mut mesh = MeshConfig::default();
+    mesh.route_source = RouteSource::WorkloadIps;
+    let agent = start(&api, AgentSettings::new("a", mesh), 1);
+    eventually("published", || {
+        api.annotation("a", "wgmesh.io/public-key").is_some()
+    })
+    .await;
+    api.expire_watches();
+    api.put(Kind::Node, wg_node("b", "10.0.0.2", &[], Some(public(2))));
+    eventually("b", || peers(&agent) == 1).await;
+    agent.stop().await;
+    used(&api.requests(), &mut verbs);
+    // Clearing when disabled.
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
+    let mut mesh = MeshConfig::default();
+    mesh.enabled = false;
+    let agent = start(&api, AgentSettings::new("a", mesh), 1);
+    eventually("cleared", || {
+        api.annotation("a", "wgmesh.io/public-key").is_none()
+    })
+    .await;
+    agent.stop().await;
+    used(&api.requests(), &mut verbs);
+
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
+        .unwrap();
+    let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&rbac) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"] != "ClusterRole" {
+            continue;
+        }
+        for rule in v["rules"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                granted
+                    .entry(r.as_str().unwrap().to_owned())
+                    .or_default()
+                    .extend(
+                        rule["verbs"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.as_str().unwrap().to_owned()),
+                    );
+            }
+        }
+    }
+    assert_eq!(verbs, granted);
+}
