@@ -111,8 +111,8 @@ pub fn relist<K: Clone>(items: &[K]) -> Vec<WatchEvent<K>> {
 /// Drives an agent on a simulated clock, playing the API server for its own Node: a
 /// publication is answered (successfully, unless told otherwise) and its effect comes back
 /// through the Node watch, as on a real cluster.
-pub struct Driver {
-    pub agent: Agent<RecordingDataplane>,
+pub struct Driver<D = RecordingDataplane> {
+    pub agent: Agent<D>,
     pub now: Instant,
     pub start: Instant,
     /// The API server's copy of every Node.
@@ -125,8 +125,8 @@ pub struct Driver {
     pub echo: bool,
 }
 
-impl Driver {
-    pub fn new(agent: Agent<RecordingDataplane>) -> Self {
+impl<D: Dataplane> Driver<D> {
+    pub fn new(agent: Agent<D>) -> Self {
         let now = Instant::now();
         Self {
             agent,
@@ -221,6 +221,12 @@ impl Driver {
         }
     }
 
+    pub fn key(&self, family: wgmesh_core::Family) -> Option<PublicKey> {
+        self.agent.dataplane().public_key(family)
+    }
+}
+
+impl Driver<RecordingDataplane> {
     /// The calls made to the dataplane since the last `take_calls`.
     pub fn take_calls(&mut self) -> Vec<Call> {
         let calls = self.agent.dataplane().calls().to_vec();
@@ -239,10 +245,6 @@ impl Driver {
             .collect();
         self.agent.dataplane_mut().clear();
         ops
-    }
-
-    pub fn key(&self, family: wgmesh_core::Family) -> Option<PublicKey> {
-        self.agent.dataplane().public_key(family)
     }
 }
 pub mod api;
