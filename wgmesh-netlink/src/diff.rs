@@ -1,0 +1,579 @@
+//! The pure heart of the crate: what to do to make the actual state match a plan.
+//!
+//! [`diff`] compares a [`NodePlan`] with an [`ActualState`] and returns the operations, in
+//! the order they must run; [`delta_operations`] turns a [`PlanDelta`] into operations
+//! without reading anything (the incremental path). Neither does IO.
+//!
+//! Order: rules that point at the mesh table go first when they must go (so traffic stops
+//! entering the table before it changes) and come last when they are added (so traffic enters
+//! only a complete table, as Calico does); routes are deleted before links, links are made
+//! before devices are configured, peers are removed before they are added (a key change is
+//! remove-old then add-new), allowed IPs are added before others are removed (an allowed IP
+//! that moves between peers is simply added to its new peer: WireGuard moves it, with no gap),
+//! routes are replaced in place (`NLM_F_REPLACE`), and the marking exists before the rule.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use wgmesh_core::{
+    Family, InterfacePlan, NodePlan, PlanDelta, PublicKey, Route, RouteType, Rule,
+    delta::MarkingDelta,
+};
+
+use crate::nft;
+use crate::op::Operation;
+use crate::state::{ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind, Ownership};
+
+/// What the diff needs besides the plan and the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DiffOptions {
+    /// The kind of link the backend's devices are.
+    pub link_kind: LinkKind,
+    /// The public keys of the private keys to program, per family (IPv4, IPv6). `None`
+    /// leaves that family's device key alone.
+    pub public_keys: [Option<PublicKey>; 2],
+}
+
+impl Default for DiffOptions {
+    fn default() -> Self {
+        Self {
+            link_kind: LinkKind::Wireguard,
+            public_keys: [None, None],
+        }
+    }
+}
+
+impl DiffOptions {
+    /// Options for a backend whose links are of `kind`, with these keys.
+    pub fn new(link_kind: LinkKind, public_keys: [Option<PublicKey>; 2]) -> Self {
+        Self {
+            link_kind,
+            public_keys,
+        }
+    }
+}
+
+/// The metric wgmesh gives its routes: 0 for IPv4, and the kernel's default 1024 for IPv6
+/// (`IP6_RT_PRIO_USER`), so that reading back gives what was written.
+pub fn route_metric(family: Family) -> u32 {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1024,
+    }
+}
+
+fn rule_matches(a: &ActualRule, r: &Rule) -> bool {
+    a.family == r.family
+        && a.priority == r.priority
+        && a.table == r.table
+        && a.firewall_mark == Some(r.firewall_mark)
+        && a.firewall_mask == Some(r.firewall_mask)
+        && a.invert == r.invert
+        && a.action == 1
+        && !a.other_selectors
+}
+
+fn route_matches(a: &ActualRoute, r: &Route) -> bool {
+    a.kind == ActualRouteKind::from(r.kind)
+        && a.gateway.is_none()
+        && a.tos == 0
+        && a.metric == route_metric(r.family)
+        && match r.kind {
+            RouteType::Unicast => a.device.is_some() && a.device == r.device,
+            // The kernel hangs IPv6 throw routes on `lo`; which device a throw has is moot.
+            RouteType::Throw => true,
+        }
+}
+
+fn same_endpoint(a: Option<SocketAddr>, b: SocketAddr) -> bool {
+    a.is_some_and(|a| a.ip() == b.ip() && a.port() == b.port())
+}
+
+/// The operations that make `actual` match `plan`, in execution order. Pure.
+///
+/// Owned objects that the plan does not want are removed: links with the owned interface
+/// names, routes of the mesh table, rules that point at it, the nftables table. Everything
+/// else is left alone (it is not even in `actual`).
+///
+/// ```
+/// use wgmesh_netlink::{diff, ActualState, DiffOptions, Ownership, Operation};
+/// use wgmesh_core::{plan_node, spec::parse_cluster};
+/// let cluster = parse_cluster(r#"{"nodes":[
+///   {"name":"a","addresses":["10.0.0.1"],"pod_cidrs":["10.65.0.0/26"],
+///    "wireguard":{"public_key":"QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+///   {"name":"b","addresses":["10.0.0.2"],"pod_cidrs":["10.65.0.64/26"],
+///    "wireguard":{"public_key":"/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
+/// let plan = plan_node(&cluster, "a")?;
+/// let own = Ownership::from_mesh(cluster.mesh());
+/// let ops = diff(&plan, &ActualState::default(), &own, &DiffOptions::default());
+/// assert!(matches!(ops[0], Operation::CreateLink { .. }));
+/// assert!(matches!(ops.last(), Some(Operation::AddRule { .. })));
+/// // Nothing to remove from an empty host when the plan is empty:
+/// let empty = wgmesh_core::NodePlan::empty("a");
+/// assert!(diff(&empty, &ActualState::default(), &own, &DiffOptions::default()).is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn diff(
+    plan: &NodePlan,
+    actual: &ActualState,
+    own: &Ownership,
+    opts: &DiffOptions,
+) -> Vec<Operation> {
+    let planned: BTreeMap<&str, &InterfacePlan> = plan
+        .interfaces
+        .iter()
+        .map(|i| (i.name.as_str(), i))
+        .collect();
+    let mut names: BTreeSet<&str> = own.interfaces.iter().map(String::as_str).collect();
+    names.extend(planned.keys().copied());
+
+    // Links that go away (not planned, or of the wrong kind / not a working device).
+    let mut link_deletes = Vec::new();
+    let mut gone: HashSet<&str> = HashSet::new();
+    for name in &names {
+        let Some(link) = actual.links.get(*name) else {
+            continue;
+        };
+        let wrong = link.kind.as_deref() != Some(opts.link_kind.as_str())
+            || !actual.devices.contains_key(*name);
+        if !planned.contains_key(name) || wrong {
+            link_deletes.push(Operation::DeleteLink {
+                interface: (*name).to_owned(),
+            });
+            gone.insert(name);
+        }
+    }
+    let gone_index: HashSet<u32> = gone
+        .iter()
+        .filter_map(|n| actual.links.get(*n).map(|l| l.index))
+        .collect();
+
+    // Rules.
+    let mut rule_deletes = Vec::new();
+    let mut rule_adds = Vec::new();
+    let mut matched = vec![false; plan.rules.len()];
+    for a in &actual.rules {
+        match plan
+            .rules
+            .iter()
+            .enumerate()
+            .position(|(i, r)| !matched[i] && rule_matches(a, r))
+        {
+            Some(i) => matched[i] = true,
+            None => rule_deletes.push(Operation::DeleteRule { rule: a.clone() }),
+        }
+    }
+    for (r, m) in plan.rules.iter().zip(&matched) {
+        if !m {
+            rule_adds.push(Operation::AddRule { rule: r.clone() });
+        }
+    }
+
+    // Routes.
+    let desired: HashMap<(Family, IpNet), &Route> = plan
+        .routes
+        .iter()
+        .map(|r| ((r.family, r.destination), r))
+        .collect();
+    let mut kept: HashSet<(Family, IpNet)> = HashSet::new();
+    let mut route_deletes = Vec::new();
+    for a in &actual.routes {
+        if a.oif.is_some_and(|i| gone_index.contains(&i)) {
+            continue; // the kernel removes it with its link
+        }
+        let key = (a.family, a.destination);
+        match desired.get(&key) {
+            Some(r) if !kept.contains(&key) && route_matches(a, r) => {
+                kept.insert(key);
+            }
+            // Same key as the wanted route: replaced in place by AddRoute, no gap.
+            Some(r) if a.metric == route_metric(r.family) && a.tos == 0 && !kept.contains(&key) => {
+            }
+            _ => route_deletes.push(Operation::DeleteRoute { route: a.clone() }),
+        }
+    }
+    let route_adds: Vec<Operation> = plan
+        .routes
+        .iter()
+        .filter(|r| !kept.contains(&(r.family, r.destination)))
+        .map(|r| Operation::AddRoute { route: r.clone() })
+        .collect();
+
+    // Links, devices and peers of planned interfaces.
+    let mut link_ops = Vec::new();
+    let mut device_ops = Vec::new();
+    let mut peer_removes = Vec::new();
+    let mut peer_sets = Vec::new();
+    let mut ip_removes = Vec::new();
+    for (name, p) in &planned {
+        let key = opts.public_keys[p.family.index()];
+        let existing = actual
+            .links
+            .get(*name)
+            .filter(|_| !gone.contains(name))
+            .zip(actual.devices.get(*name));
+        let Some((link, dev)) = existing else {
+            link_ops.push(Operation::CreateLink {
+                interface: (*name).to_owned(),
+                kind: opts.link_kind,
+                mtu: p.mtu,
+            });
+            device_ops.push(Operation::ConfigureDevice {
+                interface: (*name).to_owned(),
+                set_private_key: key.map(|_| p.family),
+                listen_port: Some(p.listen_port),
+                firewall_mark: Some(p.firewall_mark),
+            });
+            for peer in &p.peers {
+                peer_sets.push(Operation::SetPeer {
+                    interface: (*name).to_owned(),
+                    public_key: peer.public_key,
+                    endpoint: Some(peer.endpoint),
+                    persistent_keepalive: Some(peer.persistent_keepalive.unwrap_or(0)),
+                    allowed_ips: peer.allowed_ips.clone(),
+                });
+            }
+            continue;
+        };
+        if link.mtu != p.mtu {
+            link_ops.push(Operation::SetMtu {
+                interface: (*name).to_owned(),
+                mtu: p.mtu,
+            });
+        }
+        if !link.up {
+            link_ops.push(Operation::SetUp {
+                interface: (*name).to_owned(),
+            });
+        }
+        let set_key = key.filter(|k| dev.public_key != Some(*k)).map(|_| p.family);
+        let port = (dev.listen_port != p.listen_port).then_some(p.listen_port);
+        let mark = (dev.firewall_mark != p.firewall_mark).then_some(p.firewall_mark);
+        if set_key.is_some() || port.is_some() || mark.is_some() {
+            device_ops.push(Operation::ConfigureDevice {
+                interface: (*name).to_owned(),
+                set_private_key: set_key,
+                listen_port: port,
+                firewall_mark: mark,
+            });
+        }
+        let wanted: BTreeMap<PublicKey, &wgmesh_core::PeerPlan> =
+            p.peers.iter().map(|q| (q.public_key, q)).collect();
+        for k in dev.peers.keys() {
+            if !wanted.contains_key(k) {
+                peer_removes.push(Operation::RemovePeer {
+                    interface: (*name).to_owned(),
+                    public_key: *k,
+                });
+            }
+        }
+        // Allowed IPs that some peer gains: those move by themselves.
+        let mut gained: HashSet<IpNet> = HashSet::new();
+        let mut removals = Vec::new();
+        for (k, q) in &wanted {
+            let keepalive = q.persistent_keepalive.unwrap_or(0);
+            match dev.peers.get(k) {
+                None => {
+                    gained.extend(q.allowed_ips.iter().copied());
+                    peer_sets.push(Operation::SetPeer {
+                        interface: (*name).to_owned(),
+                        public_key: *k,
+                        endpoint: Some(q.endpoint),
+                        persistent_keepalive: Some(keepalive),
+                        allowed_ips: q.allowed_ips.clone(),
+                    });
+                }
+                Some(a) => {
+                    let add: Vec<IpNet> = q
+                        .allowed_ips
+                        .iter()
+                        .filter(|ip| !a.allowed_ips.contains(ip))
+                        .copied()
+                        .collect();
+                    let want: BTreeSet<&IpNet> = q.allowed_ips.iter().collect();
+                    let remove: Vec<IpNet> = a
+                        .allowed_ips
+                        .iter()
+                        .filter(|ip| !want.contains(ip))
+                        .copied()
+                        .collect();
+                    let endpoint = (!same_endpoint(a.endpoint, q.endpoint)).then_some(q.endpoint);
+                    let ka = (a.persistent_keepalive != keepalive).then_some(keepalive);
+                    gained.extend(add.iter().copied());
+                    if !add.is_empty() || endpoint.is_some() || ka.is_some() {
+                        peer_sets.push(Operation::SetPeer {
+                            interface: (*name).to_owned(),
+                            public_key: *k,
+                            endpoint,
+                            persistent_keepalive: ka,
+                            allowed_ips: add,
+                        });
+                    }
+                    if !remove.is_empty() {
+                        removals.push((*k, remove));
+                    }
+                }
+            }
+        }
+        for (k, remove) in removals {
+            let remove: Vec<IpNet> = remove
+                .into_iter()
+                .filter(|ip| !gained.contains(ip))
+                .collect();
+            if !remove.is_empty() {
+                ip_removes.push(Operation::RemoveAllowedIps {
+                    interface: (*name).to_owned(),
+                    public_key: k,
+                    allowed_ips: remove,
+                });
+            }
+        }
+    }
+
+    // Sysctls and marking.
+    let sysctls: Vec<Operation> = plan
+        .sysctls
+        .iter()
+        .filter(|s| actual.sysctls.get(&s.key).map(|v| v.trim()) != Some(s.value.trim()))
+        .map(|s| Operation::SetSysctl {
+            key: s.key.clone(),
+            value: s.value.clone(),
+        })
+        .collect();
+    let wanted_marking = plan.marking.as_ref().map(nft::compile);
+    let mut marking_set = Vec::new();
+    let mut marking_delete = Vec::new();
+    match &wanted_marking {
+        Some(w) if *w != actual.marking => {
+            marking_set.push(Operation::SetMarking { tables: w.clone() })
+        }
+        None if !actual.marking.is_empty() => marking_delete.push(Operation::DeleteMarking {
+            table: own.nft_table.clone(),
+        }),
+        _ => {}
+    }
+
+    let mut ops = rule_deletes;
+    ops.extend(route_deletes);
+    ops.extend(link_deletes);
+    ops.extend(link_ops);
+    ops.extend(device_ops);
+    ops.extend(peer_removes);
+    ops.extend(peer_sets);
+    ops.extend(ip_removes);
+    ops.extend(route_adds);
+    ops.extend(sysctls);
+    ops.extend(marking_set);
+    ops.extend(rule_adds);
+    ops.extend(marking_delete);
+    ops
+}
+
+/// The wanted rule as it would be read back.
+pub(crate) fn actual_rule(r: &Rule) -> ActualRule {
+    ActualRule {
+        family: r.family,
+        priority: r.priority,
+        table: r.table,
+        firewall_mark: Some(r.firewall_mark),
+        firewall_mask: Some(r.firewall_mask),
+        invert: r.invert,
+        action: 1,
+        other_selectors: false,
+    }
+}
+
+/// The wanted route as it would be read back (without interface index).
+pub(crate) fn actual_route(r: &Route) -> ActualRoute {
+    ActualRoute {
+        family: r.family,
+        table: r.table,
+        destination: r.destination,
+        kind: r.kind.into(),
+        device: r.device.clone(),
+        oif: None,
+        gateway: None,
+        metric: route_metric(r.family),
+        tos: 0,
+    }
+}
+
+/// The operations that carry out `delta`, made against `old` (the plan the dataplane is
+/// believed to match), without reading the dataplane. For one workload IP that appears, this
+/// is one [`Operation::SetPeer`] and one [`Operation::AddRoute`].
+///
+/// ```
+/// use wgmesh_netlink::{delta_operations, DiffOptions, Operation};
+/// use wgmesh_core::{Event, IncrementalPlanner, spec::parse_cluster};
+/// let cluster = parse_cluster(r#"{"mesh":{"route_source":"workload_ips"},"nodes":[
+///   {"name":"a","addresses":["10.0.0.1"],
+///    "wireguard":{"public_key":"QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+///   {"name":"b","addresses":["10.0.0.2"],
+///    "wireguard":{"public_key":"/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
+/// let mut planner = IncrementalPlanner::new(&cluster, "a");
+/// let old = planner.plan();
+/// let delta = planner.apply(Event::WorkloadIpAdded { node: "b".into(), ip: "10.0.0.20".parse()? })?;
+/// let ops = delta_operations(&old, &delta, &DiffOptions::default());
+/// assert_eq!(ops.len(), 2);
+/// assert!(matches!(ops[0], Operation::SetPeer { .. }));
+/// assert!(matches!(ops[1], Operation::AddRoute { .. }));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Vec<Operation> {
+    let mut ops = Vec::new();
+    for r in &d.rules_removed {
+        ops.push(Operation::DeleteRule {
+            rule: actual_rule(r),
+        });
+    }
+    let added: HashSet<(Family, IpNet)> = d
+        .routes_added
+        .iter()
+        .map(|r| (r.family, r.destination))
+        .collect();
+    for r in &d.routes_removed {
+        if !added.contains(&(r.family, r.destination)) {
+            let mut a = actual_route(r);
+            if d.interfaces_removed
+                .iter()
+                .any(|i| Some(&i.name) == r.device.as_ref())
+            {
+                continue; // goes with its link
+            }
+            a.device = r.device.clone();
+            ops.push(Operation::DeleteRoute { route: a });
+        }
+    }
+    for i in &d.interfaces_removed {
+        ops.push(Operation::DeleteLink {
+            interface: i.name.clone(),
+        });
+    }
+    let mut devices = Vec::new();
+    for i in &d.interfaces_added {
+        ops.push(Operation::CreateLink {
+            interface: i.name.clone(),
+            kind: opts.link_kind,
+            mtu: i.mtu,
+        });
+        devices.push(Operation::ConfigureDevice {
+            interface: i.name.clone(),
+            set_private_key: opts.public_keys[i.family.index()].map(|_| i.family),
+            listen_port: Some(i.listen_port),
+            firewall_mark: Some(i.firewall_mark),
+        });
+    }
+    for i in &d.interfaces_changed {
+        let before = old.interface(i.family);
+        if before.is_none_or(|b| b.mtu != i.mtu) {
+            ops.push(Operation::SetMtu {
+                interface: i.name.clone(),
+                mtu: i.mtu,
+            });
+        }
+        let port = before
+            .is_none_or(|b| b.listen_port != i.listen_port)
+            .then_some(i.listen_port);
+        let mark = before
+            .is_none_or(|b| b.firewall_mark != i.firewall_mark)
+            .then_some(i.firewall_mark);
+        if port.is_some() || mark.is_some() {
+            devices.push(Operation::ConfigureDevice {
+                interface: i.name.clone(),
+                set_private_key: None,
+                listen_port: port,
+                firewall_mark: mark,
+            });
+        }
+    }
+    ops.extend(devices);
+    for p in &d.peers_removed {
+        ops.push(Operation::RemovePeer {
+            interface: p.interface.clone(),
+            public_key: p.public_key,
+        });
+    }
+    let mut gained: HashSet<(&str, IpNet)> = HashSet::new();
+    for p in &d.peers_added {
+        gained.extend(
+            p.peer
+                .allowed_ips
+                .iter()
+                .map(|ip| (p.interface.as_str(), *ip)),
+        );
+        ops.push(Operation::SetPeer {
+            interface: p.interface.clone(),
+            public_key: p.peer.public_key,
+            endpoint: Some(p.peer.endpoint),
+            persistent_keepalive: Some(p.peer.persistent_keepalive.unwrap_or(0)),
+            allowed_ips: p.peer.allowed_ips.clone(),
+        });
+    }
+    for u in &d.peers_updated {
+        gained.extend(
+            u.allowed_ips_added
+                .iter()
+                .map(|ip| (u.interface.as_str(), *ip)),
+        );
+        let before = old
+            .interface(u.family)
+            .and_then(|i| i.peers.iter().find(|p| p.public_key == u.public_key));
+        let endpoint = before
+            .is_none_or(|b| b.endpoint != u.endpoint)
+            .then_some(u.endpoint);
+        let ka = before
+            .is_none_or(|b| b.persistent_keepalive != u.persistent_keepalive)
+            .then_some(u.persistent_keepalive.unwrap_or(0));
+        if !u.allowed_ips_added.is_empty() || endpoint.is_some() || ka.is_some() {
+            ops.push(Operation::SetPeer {
+                interface: u.interface.clone(),
+                public_key: u.public_key,
+                endpoint,
+                persistent_keepalive: ka,
+                allowed_ips: u.allowed_ips_added.clone(),
+            });
+        }
+    }
+    for u in &d.peers_updated {
+        let remove: Vec<IpNet> = u
+            .allowed_ips_removed
+            .iter()
+            .filter(|ip| !gained.contains(&(u.interface.as_str(), **ip)))
+            .copied()
+            .collect();
+        if !remove.is_empty() {
+            ops.push(Operation::RemoveAllowedIps {
+                interface: u.interface.clone(),
+                public_key: u.public_key,
+                allowed_ips: remove,
+            });
+        }
+    }
+    for r in &d.routes_added {
+        ops.push(Operation::AddRoute { route: r.clone() });
+    }
+    for s in &d.sysctls_added {
+        ops.push(Operation::SetSysctl {
+            key: s.key.clone(),
+            value: s.value.clone(),
+        });
+    }
+    if let MarkingDelta::Set(m) = &d.marking {
+        ops.push(Operation::SetMarking {
+            tables: nft::compile(m),
+        });
+    }
+    for r in &d.rules_added {
+        ops.push(Operation::AddRule { rule: r.clone() });
+    }
+    if let MarkingDelta::Removed = &d.marking {
+        if let Some(m) = &old.marking {
+            ops.push(Operation::DeleteMarking {
+                table: m.table.clone(),
+            });
+        }
+    }
+    ops
+}

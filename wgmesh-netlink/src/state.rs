@@ -1,0 +1,211 @@
+//! What wgmesh owns on a host ([`Ownership`]) and what a host has ([`ActualState`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use wgmesh_core::{Family, MeshConfig, PublicKey, RouteType, plan::MARKING_TABLE};
+
+use crate::nft::NftTable;
+
+/// Everything wgmesh may touch on a host, derived from the mesh settings (not from a plan, so
+/// an empty plan still says what to remove).
+///
+/// wgmesh owns the links of its interface names, every route of its table (both families),
+/// every rule that points at its table, and its nftables table (family `inet`). It never
+/// touches other links, tables or rules.
+///
+/// ```
+/// use wgmesh_netlink::Ownership;
+/// let own = Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
+/// assert_eq!(own.interfaces, ["wireguard.cali", "wg-v6.cali"]);
+/// assert_eq!((own.table, own.rule_priority, own.nft_table.as_str()), (1, 99, "wgmesh"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Ownership {
+    /// WireGuard interface names (IPv4's first).
+    pub interfaces: Vec<String>,
+    /// The mesh routing table, in both families.
+    pub table: u32,
+    /// The priority of wgmesh's rules.
+    pub rule_priority: u32,
+    /// The mark of the rules and devices.
+    pub firewall_mark: u32,
+    /// The name of the nftables tables (families `inet` and `arp`).
+    pub nft_table: String,
+}
+
+impl Ownership {
+    /// What the mesh with these settings owns. It does not depend on `enabled`: a disabled
+    /// mesh still owns (and so removes) its objects.
+    pub fn from_mesh(mesh: &MeshConfig) -> Self {
+        Self {
+            interfaces: vec![
+                mesh.interface(Family::V4).to_owned(),
+                mesh.interface(Family::V6).to_owned(),
+            ],
+            table: mesh.routing_table,
+            rule_priority: mesh.rule_priority,
+            firewall_mark: mesh.firewall_mark,
+            nft_table: MARKING_TABLE.to_owned(),
+        }
+    }
+
+    /// Whether `name` is one of wgmesh's interfaces.
+    pub fn owns_interface(&self, name: &str) -> bool {
+        self.interfaces.iter().any(|i| i == name)
+    }
+}
+
+/// The kind of link a backend's WireGuard devices are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LinkKind {
+    /// A kernel WireGuard link (`ip link add … type wireguard`).
+    Wireguard,
+    /// A TUN device driven by a userspace implementation (wireguard-go, boringtun).
+    Tun,
+}
+
+impl LinkKind {
+    /// The rtnetlink `IFLA_INFO_KIND` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wireguard => "wireguard",
+            Self::Tun => "tun",
+        }
+    }
+}
+
+/// A link with one of wgmesh's interface names, as found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualLink {
+    /// Interface index.
+    pub index: u32,
+    /// `IFLA_INFO_KIND` (`wireguard`, `tun`, `dummy`, …); `None` for kindless links.
+    pub kind: Option<String>,
+    /// MTU.
+    pub mtu: u32,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+}
+
+/// A WireGuard device's configuration, as found. Private keys are never kept: only the public
+/// key derived from the device's private key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualDevice {
+    /// The public key of the device's private key (`None` when it has none).
+    pub public_key: Option<PublicKey>,
+    /// Listening port (0: none or random).
+    pub listen_port: u16,
+    /// Firewall mark (0: none).
+    pub firewall_mark: u32,
+    /// Peers by public key.
+    pub peers: BTreeMap<PublicKey, ActualPeer>,
+}
+
+/// A peer of a device, as found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualPeer {
+    /// Endpoint, if set.
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive in seconds (0: off).
+    pub persistent_keepalive: u16,
+    /// Allowed IPs.
+    pub allowed_ips: BTreeSet<IpNet>,
+}
+
+/// The kind of a route found in the mesh table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ActualRouteKind {
+    /// `RTN_UNICAST`.
+    Unicast,
+    /// `RTN_THROW`.
+    Throw,
+    /// Anything else (blackhole, prohibit, …), by its `RTN_*` number.
+    Other(u8),
+}
+
+impl From<RouteType> for ActualRouteKind {
+    fn from(t: RouteType) -> Self {
+        match t {
+            RouteType::Unicast => Self::Unicast,
+            RouteType::Throw => Self::Throw,
+        }
+    }
+}
+
+/// A route of the mesh table, as found (enough to delete exactly it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ActualRoute {
+    /// Family.
+    pub family: Family,
+    /// The table (always the mesh table when read).
+    pub table: u32,
+    /// Destination prefix.
+    pub destination: IpNet,
+    /// Route type.
+    pub kind: ActualRouteKind,
+    /// Output device name, when it has one and the device is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Output interface index, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oif: Option<u32>,
+    /// Gateway, when it has one (wgmesh's routes never do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+    /// Metric (`RTA_PRIORITY`).
+    pub metric: u32,
+    /// Type of service.
+    pub tos: u8,
+}
+
+/// A policy rule that points at the mesh table, as found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ActualRule {
+    /// Family.
+    pub family: Family,
+    /// Priority.
+    pub priority: u32,
+    /// Table.
+    pub table: u32,
+    /// Mark compared (`None` when the rule has no fwmark match).
+    pub firewall_mark: Option<u32>,
+    /// Mask (`None` when not given).
+    pub firewall_mask: Option<u32>,
+    /// `not` (`FIB_RULE_INVERT`).
+    pub invert: bool,
+    /// The rule's action number (`FR_ACT_TO_TBL` = 1 for a proper lookup rule).
+    pub action: u8,
+    /// Whether the rule matches on anything else (source, destination, interfaces, …):
+    /// wgmesh's rules never do.
+    pub other_selectors: bool,
+}
+
+/// What a host has of the objects wgmesh owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ActualState {
+    /// Links with owned names, by name.
+    pub links: BTreeMap<String, ActualLink>,
+    /// WireGuard configuration of owned links that are WireGuard devices, by name.
+    pub devices: BTreeMap<String, ActualDevice>,
+    /// Every route of the mesh table, both families.
+    pub routes: Vec<ActualRoute>,
+    /// Every rule that points at the mesh table, both families.
+    pub rules: Vec<ActualRule>,
+    /// Current values of the sysctls asked about (the plan's).
+    pub sysctls: BTreeMap<String, String>,
+    /// wgmesh's nftables tables that exist (`inet`, `arp`), in family order.
+    pub marking: Vec<NftTable>,
+    /// Whether the WireGuard implementation can remove single allowed IPs
+    /// (`WGALLOWEDIP_F_REMOVE_ME`, Linux 6.12+ / wireguard-go); informational.
+    #[serde(default)]
+    pub remove_allowed_ip_supported: Option<bool>,
+}

@@ -1,0 +1,672 @@
+//! The reconciler against the in-memory kernel: convergence, idempotency, ownership,
+//! non-disruptive updates, fault injection and the incremental path. No privileges needed.
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use wgmesh_core::{
+    Cluster, Event, Family, IncrementalPlanner, NodePlan, PrivateKey, PublicKey, plan_node,
+    spec::parse_cluster,
+};
+use wgmesh_netlink::testing::{FailingDataplane, FakeKernel, route};
+use wgmesh_netlink::{
+    ActualPeer, ActualRouteKind, ActualRule, Dataplane, KeyRing, Operation, Ownership, Reconciler,
+};
+
+fn key(i: u8) -> PrivateKey {
+    PrivateKey::from_bytes([i; 32]).unwrap()
+}
+
+fn cluster(host_encryption: bool) -> Cluster {
+    let pk = |i: u8| key(i).public_key().to_string();
+    parse_cluster(&format!(
+        r#"{{"mesh": {{"host_encryption": {host_encryption}, "persistent_keepalive": 25}},
+        "nodes": [
+          {{"name": "a", "addresses": ["10.0.0.1", "fd00::1"], "pod_cidrs": ["10.65.0.0/26", "fd10::/120"],
+            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
+          {{"name": "b", "addresses": ["10.0.0.2", "fd00::2"], "pod_cidrs": ["10.65.0.64/26", "fd10::100/120"],
+            "workload_ips": ["10.65.0.5"],
+            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
+          {{"name": "c", "addresses": ["10.0.0.3"], "pod_cidrs": ["10.65.0.128/26"],
+            "wireguard": {{"public_key": "{}"}}}},
+          {{"name": "plain", "addresses": ["10.0.0.4"], "pod_cidrs": ["10.65.0.192/26"]}}
+        ]}}"#,
+        pk(1),
+        pk(11),
+        pk(2),
+        pk(12),
+        pk(3)
+    ))
+    .unwrap()
+}
+
+fn ring() -> KeyRing {
+    KeyRing::per_family(Some(key(1)), Some(key(11)))
+}
+
+fn setup(host_encryption: bool) -> (NodePlan, Reconciler<FakeKernel>) {
+    let c = cluster(host_encryption);
+    let plan = plan_node(&c, "a").unwrap();
+    let r = Reconciler::new(FakeKernel::new(), Ownership::from_mesh(c.mesh()), ring());
+    (plan, r)
+}
+
+/// An oracle independent of `diff`: the fake kernel's owned state says exactly the plan.
+fn assert_matches_plan(k: &FakeKernel, plan: &NodePlan, own: &Ownership) {
+    for name in &own.interfaces {
+        match plan.interfaces.iter().find(|i| &i.name == name) {
+            None => assert!(!k.links.contains_key(name), "{name} should be gone"),
+            Some(i) => {
+                let l = &k.links[name];
+                assert_eq!(
+                    (l.mtu, l.up, l.kind.as_deref()),
+                    (i.mtu, true, Some("wireguard"))
+                );
+                let d = &k.devices[name];
+                assert_eq!(d.listen_port, i.listen_port);
+                assert_eq!(d.firewall_mark, i.firewall_mark);
+                assert_eq!(d.public_key, i.public_key);
+                let want: BTreeSet<PublicKey> = i.peers.iter().map(|p| p.public_key).collect();
+                let got: BTreeSet<PublicKey> = d.peers.keys().copied().collect();
+                assert_eq!(got, want);
+                for p in &i.peers {
+                    let a = &d.peers[&p.public_key];
+                    assert_eq!(a.endpoint, Some(p.endpoint));
+                    assert_eq!(a.persistent_keepalive, p.persistent_keepalive.unwrap_or(0));
+                    let want: BTreeSet<IpNet> = p.allowed_ips.iter().copied().collect();
+                    assert_eq!(a.allowed_ips, want);
+                }
+            }
+        }
+    }
+    let mut got: Vec<(IpNet, ActualRouteKind, Option<u32>)> = k
+        .routes
+        .iter()
+        .filter(|r| r.table == own.table)
+        .map(|r| (r.destination, r.kind, r.oif))
+        .collect();
+    got.sort();
+    let mut want: Vec<(IpNet, ActualRouteKind, Option<u32>)> = plan
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.destination,
+                r.kind.into(),
+                r.device.as_ref().map(|d| k.links[d].index),
+            )
+        })
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    let rules: Vec<&ActualRule> = k.rules.iter().filter(|r| r.table == own.table).collect();
+    assert_eq!(rules.len(), plan.rules.len());
+    for (a, r) in rules.iter().zip(&plan.rules) {
+        assert_eq!(
+            (
+                a.priority,
+                a.firewall_mark,
+                a.firewall_mask,
+                a.invert,
+                a.action
+            ),
+            (
+                r.priority,
+                Some(r.firewall_mark),
+                Some(r.firewall_mask),
+                true,
+                1
+            )
+        );
+    }
+    for s in &plan.sysctls {
+        assert_eq!(k.sysctls.get(&s.key), Some(&s.value));
+    }
+    let got: Vec<&wgmesh_netlink::nft::NftTable> = k
+        .nft
+        .iter()
+        .filter(|((_, n), _)| *n == own.nft_table)
+        .map(|(_, t)| t)
+        .collect();
+    let want = plan
+        .marking
+        .as_ref()
+        .map(wgmesh_netlink::nft::compile)
+        .unwrap_or_default();
+    assert_eq!(got, want.iter().collect::<Vec<_>>());
+}
+
+fn converge(r: &mut Reconciler<FakeKernel>, plan: &NodePlan) {
+    r.reconcile(plan).unwrap();
+    let own = r.ownership().clone();
+    assert_matches_plan(r.dataplane(), plan, &own);
+    let again = r.reconcile(plan).unwrap();
+    assert!(again.is_noop(), "second run did {:?}", again.operations);
+}
+
+#[test]
+fn fresh_host_converges_and_second_run_is_a_noop() {
+    for he in [false, true] {
+        let (plan, mut r) = setup(he);
+        assert_eq!(plan.interfaces.len(), 2);
+        converge(&mut r, &plan);
+    }
+}
+
+#[test]
+fn empty_plan_removes_everything_owned_and_nothing_else() {
+    let (plan, mut r) = setup(true);
+    let k = r.dataplane_mut();
+    let foreign = k.add_link("wg-foreign", Some("wireguard"), 1420, true);
+    k.routes.push(route(
+        Family::V4,
+        254,
+        "192.168.0.0/16".parse().unwrap(),
+        ActualRouteKind::Unicast,
+        Some(foreign),
+    ));
+    k.routes.push(route(
+        Family::V4,
+        7,
+        "10.65.0.0/26".parse().unwrap(),
+        ActualRouteKind::Throw,
+        None,
+    ));
+    let other_rule = ActualRule {
+        family: Family::V4,
+        priority: 99,
+        table: 7,
+        firewall_mark: Some(0x100000),
+        firewall_mask: Some(0x100000),
+        invert: true,
+        action: 1,
+        other_selectors: false,
+    };
+    k.rules.push(other_rule.clone());
+    k.nft.insert(
+        (1, "other".into()),
+        wgmesh_netlink::nft::NftTable {
+            family: 1,
+            name: "other".into(),
+            flags: 0,
+            chains: vec![],
+        },
+    );
+    let before = k.clone();
+    converge(&mut r, &plan);
+    let off = NodePlan::empty("a");
+    let report = r.reconcile(&off).unwrap();
+    // Rules go first, the marking last.
+    assert!(matches!(report.operations[0], Operation::DeleteRule { .. }));
+    assert!(matches!(
+        report.operations.last(),
+        Some(Operation::DeleteMarking { .. })
+    ));
+    let k = r.dataplane();
+    assert_eq!(k.links, before.links);
+    assert_eq!(k.routes, before.routes);
+    assert_eq!(k.rules, vec![other_rule]);
+    assert!(k.nft.contains_key(&(1, "other".into())) && k.nft.keys().all(|(_, n)| n != "wgmesh"));
+    assert!(r.reconcile(&off).unwrap().is_noop());
+}
+
+#[test]
+fn converges_from_each_named_drift() {
+    let (plan, mut r) = setup(false);
+    converge(&mut r, &plan);
+    let name = "wireguard.cali".to_owned();
+    type DriftFn = Box<dyn Fn(&mut FakeKernel)>;
+    let drifts: Vec<(&str, DriftFn)> = vec![
+        (
+            "wrong port",
+            Box::new(|k| k.devices.get_mut("wireguard.cali").unwrap().listen_port = 1),
+        ),
+        (
+            "wrong fwmark",
+            Box::new(|k| k.devices.get_mut("wireguard.cali").unwrap().firewall_mark = 7),
+        ),
+        (
+            "wrong mtu",
+            Box::new(|k| k.links.get_mut("wireguard.cali").unwrap().mtu = 1280),
+        ),
+        (
+            "link down",
+            Box::new(|k| k.links.get_mut("wireguard.cali").unwrap().up = false),
+        ),
+        (
+            "wrong key",
+            Box::new(|k| {
+                k.devices.get_mut("wireguard.cali").unwrap().public_key = Some(key(99).public_key())
+            }),
+        ),
+        (
+            "foreign peer",
+            Box::new(|k| {
+                k.devices
+                    .get_mut("wireguard.cali")
+                    .unwrap()
+                    .peers
+                    .insert(key(98).public_key(), ActualPeer::default());
+            }),
+        ),
+        (
+            "extra allowed ip",
+            Box::new(|k| {
+                let d = k.devices.get_mut("wireguard.cali").unwrap();
+                d.peers
+                    .values_mut()
+                    .next()
+                    .unwrap()
+                    .allowed_ips
+                    .insert("10.99.0.0/24".parse().unwrap());
+            }),
+        ),
+        (
+            "missing allowed ip",
+            Box::new(|k| {
+                let d = k.devices.get_mut("wireguard.cali").unwrap();
+                let p = d.peers.values_mut().next().unwrap();
+                let first = *p.allowed_ips.iter().next().unwrap();
+                p.allowed_ips.remove(&first);
+            }),
+        ),
+        (
+            "stale route",
+            Box::new(|k| {
+                k.routes.push(route(
+                    Family::V4,
+                    1,
+                    "10.98.0.0/24".parse().unwrap(),
+                    ActualRouteKind::Throw,
+                    None,
+                ))
+            }),
+        ),
+        (
+            "blackhole route",
+            Box::new(|k| {
+                let r = k.routes.iter_mut().find(|r| r.table == 1).unwrap();
+                r.kind = ActualRouteKind::Other(6);
+                r.oif = None;
+            }),
+        ),
+        (
+            "missing route",
+            Box::new(|k| {
+                k.routes
+                    .retain(|r| r.destination.to_string() != "10.65.0.64/26");
+            }),
+        ),
+        ("missing rule", Box::new(|k| k.rules.clear())),
+        (
+            "changed rule",
+            Box::new(|k| k.rules[0].firewall_mask = Some(0xffffffff)),
+        ),
+        ("rule without action", Box::new(|k| k.rules[0].action = 0)),
+        (
+            "duplicated rule",
+            Box::new(|k| {
+                let r = k.rules[0].clone();
+                k.rules.push(r);
+            }),
+        ),
+        ("missing nft table", Box::new(|k| k.nft.clear())),
+        (
+            "altered nft table",
+            Box::new(|k| {
+                k.nft.get_mut(&(1, "wgmesh".into())).unwrap().chains.pop();
+            }),
+        ),
+        (
+            "dormant nft table",
+            Box::new(|k| k.nft.get_mut(&(3, "wgmesh".into())).unwrap().flags = 1),
+        ),
+        (
+            "sysctl off",
+            Box::new(|k| {
+                k.sysctls
+                    .insert("net.ipv4.conf.all.src_valid_mark".into(), "0".into());
+            }),
+        ),
+        (
+            "link deleted",
+            Box::new(|k| {
+                let i = k.links.remove("wireguard.cali").unwrap().index;
+                k.devices.remove("wireguard.cali");
+                k.routes.retain(|r| r.oif != Some(i));
+            }),
+        ),
+        (
+            "wrong link type",
+            Box::new(|k| {
+                let i = k.links.remove("wireguard.cali").unwrap().index;
+                k.devices.remove("wireguard.cali");
+                k.routes.retain(|r| r.oif != Some(i));
+                k.add_link("wireguard.cali", Some("dummy"), 1500, true);
+            }),
+        ),
+    ];
+    for (what, drift) in drifts {
+        drift(r.dataplane_mut());
+        let report = r.reconcile(&plan).unwrap();
+        assert!(!report.is_noop(), "{what}: drift not seen");
+        let own = r.ownership().clone();
+        assert_matches_plan(r.dataplane(), &plan, &own);
+        assert!(
+            r.reconcile(&plan).unwrap().is_noop(),
+            "{what}: not idempotent"
+        );
+    }
+    let _ = name;
+}
+
+#[test]
+fn allowed_ip_changes_never_clear_or_remove_a_kept_peer() {
+    let (plan, mut r) = setup(false);
+    converge(&mut r, &plan);
+    // b's workload IP moves to c, and c gains a block.
+    let c = cluster(false);
+    let mut nodes = c.nodes().to_vec();
+    nodes[1].workload_ips.clear();
+    nodes[2].workload_ips.push("10.65.0.5".parse().unwrap());
+    nodes[2].pod_cidrs.push("10.66.0.0/26".parse().unwrap());
+    let c2 = Cluster::new(c.mesh().clone(), nodes).unwrap();
+    let plan2 = plan_node(&c2, "a").unwrap();
+    let report = r.reconcile(&plan2).unwrap();
+    for op in &report.operations {
+        assert!(
+            !matches!(
+                op,
+                Operation::RemovePeer { .. }
+                    | Operation::CreateLink { .. }
+                    | Operation::DeleteLink { .. }
+            ),
+            "disruptive: {op}"
+        );
+    }
+    // The moved /32 is only added to its new peer (WireGuard moves it), never removed first.
+    assert!(!report.operations.iter().any(|op| matches!(op,
+        Operation::RemoveAllowedIps { allowed_ips, .. } if allowed_ips.contains(&"10.65.0.5/32".parse().unwrap()))));
+    let own = r.ownership().clone();
+    assert_matches_plan(r.dataplane(), &plan2, &own);
+}
+
+#[test]
+fn key_change_is_remove_old_then_add_new() {
+    let (plan, mut r) = setup(false);
+    converge(&mut r, &plan);
+    let c = cluster(false);
+    let mut nodes = c.nodes().to_vec();
+    nodes[1]
+        .wireguard
+        .as_mut()
+        .unwrap()
+        .set_key(Family::V4, Some(key(42).public_key()));
+    let plan2 = plan_node(&Cluster::new(c.mesh().clone(), nodes).unwrap(), "a").unwrap();
+    let ops = r.reconcile(&plan2).unwrap().operations;
+    let rm = ops.iter().position(|o| matches!(o, Operation::RemovePeer { public_key, .. } if *public_key == key(2).public_key()));
+    let add = ops.iter().position(|o| matches!(o, Operation::SetPeer { public_key, .. } if *public_key == key(42).public_key()));
+    assert!(rm.unwrap() < add.unwrap(), "{ops:?}");
+}
+
+#[test]
+fn fault_at_every_k_is_repaired_by_the_next_reconcile() {
+    let (plan, _) = setup(true);
+    let c = cluster(true);
+    let own = Ownership::from_mesh(c.mesh());
+    let total = {
+        let mut k = FakeKernel::new();
+        let ops = wgmesh_netlink::diff(
+            &plan,
+            &k.read(&own, &[]).unwrap(),
+            &own,
+            &Default::default(),
+        );
+        ops.len()
+    };
+    assert!(total > 10);
+    for k in 0..total {
+        let mut r = Reconciler::new(
+            FailingDataplane::new(FakeKernel::new(), k),
+            own.clone(),
+            ring(),
+        );
+        let err = r.reconcile(&plan).unwrap_err();
+        assert!(
+            matches!(err, wgmesh_netlink::Error::Operation { index, .. } if index == k),
+            "{err}"
+        );
+        assert!(r.needs_resync());
+        r.reconcile(&plan).unwrap();
+        assert_matches_plan(r.dataplane().inner(), &plan, &own);
+        assert!(r.reconcile(&plan).unwrap().is_noop());
+        // The same, tearing down.
+        let mut r2 = Reconciler::new(
+            FailingDataplane::new(r.into_dataplane().inner().clone(), k),
+            own.clone(),
+            ring(),
+        );
+        let off = NodePlan::empty("a");
+        let _ = r2.reconcile(&off);
+        r2.reconcile(&off).unwrap();
+        assert_matches_plan(r2.dataplane().inner(), &off, &own);
+    }
+}
+
+#[test]
+fn one_workload_ip_is_one_peer_update_and_one_route() {
+    let c = cluster(false);
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let plan = planner.plan();
+    let mut r = Reconciler::new(FakeKernel::new(), Ownership::from_mesh(c.mesh()), ring());
+    r.reconcile(&plan).unwrap();
+    let d = planner
+        .apply(Event::WorkloadIpAdded {
+            node: "c".into(),
+            ip: "10.77.0.9".parse().unwrap(),
+        })
+        .unwrap();
+    let report = r.apply_delta(&d).unwrap();
+    assert_eq!(report.operations.len(), 2, "{:?}", report.operations);
+    assert_eq!(report.messages, 2);
+    assert!(
+        matches!(&report.operations[0], Operation::SetPeer { allowed_ips, endpoint: None, persistent_keepalive: None, .. } if allowed_ips.len() == 1)
+    );
+    assert!(matches!(&report.operations[1], Operation::AddRoute { .. }));
+    // Folding back: a resync finds nothing to do.
+    assert!(r.resync().unwrap().is_noop());
+}
+
+#[test]
+fn apply_delta_needs_a_base_and_failures_ask_for_resync() {
+    let c = cluster(false);
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let mut r = Reconciler::new(
+        FailingDataplane::new(FakeKernel::new(), 1000),
+        Ownership::from_mesh(c.mesh()),
+        ring(),
+    );
+    let d = planner
+        .apply(Event::WorkloadIpAdded {
+            node: "c".into(),
+            ip: "10.77.0.9".parse().unwrap(),
+        })
+        .unwrap();
+    assert!(r.apply_delta(&d).is_err());
+    r.reconcile(&planner.plan()).unwrap();
+    let n = r.dataplane().inner().recorded().len();
+    let mut r = Reconciler::new(
+        FailingDataplane::new(r.into_dataplane().into_inner_for_test(), 0),
+        Ownership::from_mesh(c.mesh()),
+        ring(),
+    );
+    r.reconcile(&planner.plan()).unwrap(); // no ops: nothing to fail
+    let d = planner
+        .apply(Event::WorkloadIpAdded {
+            node: "c".into(),
+            ip: "10.77.0.10".parse().unwrap(),
+        })
+        .unwrap();
+    assert!(r.apply_delta(&d).is_err());
+    assert!(r.needs_resync());
+    assert!(!r.resync().unwrap().is_noop());
+    assert!(r.resync().unwrap().is_noop());
+    let _ = n;
+}
+
+#[derive(Debug, Clone)]
+enum Drift {
+    Port(u16),
+    Mark(u32),
+    Mtu(u32),
+    Down,
+    Key(u8),
+    ForeignPeer(u8),
+    ExtraIp(u8),
+    MissingIp,
+    StaleRoute(u8),
+    MissingRoute(usize),
+    RuleGone,
+    RuleDup,
+    RuleMask(u32),
+    NftGone,
+    NftDormant,
+    LinkGone,
+    WrongType,
+    Sysctl,
+}
+
+fn drift_strategy() -> impl Strategy<Value = Drift> {
+    prop_oneof![
+        any::<u16>().prop_map(Drift::Port),
+        any::<u32>().prop_map(Drift::Mark),
+        (1280u32..9000).prop_map(Drift::Mtu),
+        Just(Drift::Down),
+        (50u8..60).prop_map(Drift::Key),
+        (60u8..70).prop_map(Drift::ForeignPeer),
+        any::<u8>().prop_map(Drift::ExtraIp),
+        Just(Drift::MissingIp),
+        any::<u8>().prop_map(Drift::StaleRoute),
+        (0usize..20).prop_map(Drift::MissingRoute),
+        Just(Drift::RuleGone),
+        Just(Drift::RuleDup),
+        any::<u32>().prop_map(Drift::RuleMask),
+        Just(Drift::NftGone),
+        Just(Drift::NftDormant),
+        Just(Drift::LinkGone),
+        Just(Drift::WrongType),
+        Just(Drift::Sysctl),
+    ]
+}
+
+fn apply_drift(k: &mut FakeKernel, d: &Drift) {
+    let n = "wireguard.cali";
+    let Some(dev) = k.devices.get_mut(n) else {
+        return;
+    };
+    match d {
+        Drift::Port(p) => dev.listen_port = *p,
+        Drift::Mark(m) => dev.firewall_mark = *m,
+        Drift::Key(i) => dev.public_key = Some(key(*i).public_key()),
+        Drift::ForeignPeer(i) => {
+            dev.peers
+                .insert(key(*i).public_key(), ActualPeer::default());
+        }
+        Drift::ExtraIp(i) => {
+            if let Some(p) = dev.peers.values_mut().next() {
+                p.allowed_ips
+                    .insert(format!("10.200.{i}.0/24").parse().unwrap());
+            }
+        }
+        Drift::MissingIp => {
+            if let Some(p) = dev.peers.values_mut().last() {
+                let f = p.allowed_ips.iter().next().copied();
+                if let Some(f) = f {
+                    p.allowed_ips.remove(&f);
+                }
+            }
+        }
+        Drift::Mtu(m) => k.links.get_mut(n).unwrap().mtu = *m,
+        Drift::Down => k.links.get_mut(n).unwrap().up = false,
+        Drift::StaleRoute(i) => k.routes.push(route(
+            Family::V4,
+            1,
+            format!("10.201.{i}.0/24").parse().unwrap(),
+            ActualRouteKind::Throw,
+            None,
+        )),
+        Drift::MissingRoute(i) => {
+            if *i < k.routes.len() {
+                k.routes.remove(*i);
+            }
+        }
+        Drift::RuleGone => k.rules.clear(),
+        Drift::RuleDup => {
+            if let Some(r) = k.rules.first().cloned() {
+                k.rules.push(r);
+            }
+        }
+        Drift::RuleMask(m) => {
+            if let Some(r) = k.rules.first_mut() {
+                r.firewall_mask = Some(*m);
+            }
+        }
+        Drift::NftGone => k.nft.clear(),
+        Drift::NftDormant => {
+            if let Some(t) = k.nft.get_mut(&(1, "wgmesh".into())) {
+                t.flags = 1;
+            }
+        }
+        Drift::LinkGone | Drift::WrongType => {
+            let i = k.links.remove(n).unwrap().index;
+            k.devices.remove(n);
+            k.routes.retain(|r| r.oif != Some(i));
+            if matches!(d, Drift::WrongType) {
+                k.add_link(n, Some("dummy"), 1500, false);
+            }
+        }
+        Drift::Sysctl => {
+            k.sysctls
+                .insert("net.ipv4.conf.all.src_valid_mark".into(), "0".into());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn converges_from_random_drift(drifts in proptest::collection::vec(drift_strategy(), 1..6), he in any::<bool>()) {
+        let (plan, mut r) = setup(he);
+        r.reconcile(&plan).unwrap();
+        for d in &drifts {
+            apply_drift(r.dataplane_mut(), d);
+        }
+        converge(&mut r, &plan);
+    }
+
+    #[test]
+    fn deltas_reach_the_same_state_as_full_reconciles(
+        events in proptest::collection::vec((0usize..3, 0u8..40, any::<bool>()), 1..25)
+    ) {
+        let c = cluster(false);
+        let mut planner = IncrementalPlanner::new(&c, "a");
+        let mut r = Reconciler::new(FakeKernel::new(), Ownership::from_mesh(c.mesh()), ring());
+        r.reconcile(&planner.plan()).unwrap();
+        let names = ["a", "b", "c"];
+        for (node, ip, add) in events {
+            let ip: std::net::IpAddr = format!("10.80.0.{ip}").parse().unwrap();
+            let ev = if add {
+                Event::WorkloadIpAdded { node: names[node].into(), ip }
+            } else {
+                Event::WorkloadIpRemoved { node: names[node].into(), ip }
+            };
+            let d = planner.apply(ev).unwrap();
+            r.apply_delta(&d).unwrap();
+            let own = r.ownership().clone();
+            assert_matches_plan(r.dataplane(), &planner.plan(), &own);
+            prop_assert!(r.resync().unwrap().is_noop());
+        }
+    }
+}

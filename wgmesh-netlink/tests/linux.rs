@@ -1,0 +1,657 @@
+//! The reconciler against a real Linux host: kernel WireGuard (inside the qemu VM) or
+//! wireguard-go (in a network namespace on the host), cross-checked with `wg`, `ip` and `nft`
+//! as oracles.
+//!
+//! Every test here is `#[ignore]`d: it needs root, a throwaway network namespace or VM, and
+//! `WGMESH_TEST_BACKEND=kernel|userspace`. `scripts/test-netlink.sh` runs them with
+//! `--ignored --test-threads=1`; there, a missing environment fails the test.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Mutex;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use wgmesh_core::{
+    Cluster, Event, Family, IncrementalPlanner, MeshConfig, Node, NodePlan, NodeWireGuard,
+    PrivateKey, RouteSource, RouteType, plan_node, spec::parse_cluster,
+};
+use wgmesh_netlink::testing::FailingDataplane;
+use wgmesh_netlink::{
+    Backend, Dataplane, KeyRing, Linux, LinuxConfig, Operation, Ownership, Reconciler,
+};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// A test key, clamped as WireGuard stores private keys (so `wg showconf` shows it as is).
+fn key(i: u8) -> PrivateKey {
+    let mut b = [i; 32];
+    b[0] &= 248;
+    b[31] = (b[31] & 127) | 64;
+    PrivateKey::from_bytes(b).unwrap()
+}
+
+fn backend() -> Backend {
+    assert_eq!(
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+        b"0\n",
+        "these tests need root (run scripts/test-netlink.sh)"
+    );
+    match std::env::var("WGMESH_TEST_BACKEND").as_deref() {
+        Ok("kernel") => Backend::Kernel,
+        Ok("userspace") => Backend::Userspace,
+        other => panic!(
+            "WGMESH_TEST_BACKEND must be kernel or userspace (got {other:?}); run scripts/test-netlink.sh"
+        ),
+    }
+}
+
+fn open() -> Linux {
+    let b = backend();
+    let l = Linux::open(LinuxConfig::with_backend(b)).expect("open the Linux dataplane");
+    assert_eq!(
+        l.is_kernel(),
+        b == Backend::Kernel,
+        "{}",
+        l.backend_description()
+    );
+    l
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sh_ok(cmd: &str) {
+    let _ = Command::new("bash").arg("-c").arg(cmd).output();
+}
+
+fn cluster(host_encryption: bool) -> Cluster {
+    let pk = |i: u8| key(i).public_key().to_string();
+    parse_cluster(&format!(
+        r#"{{"mesh": {{"host_encryption": {host_encryption}, "persistent_keepalive": 25,
+                "control_plane_endpoints": ["10.0.0.9:6443"]}},
+        "nodes": [
+          {{"name": "a", "addresses": ["10.0.0.1", "fd00::1"], "pod_cidrs": ["10.65.0.0/26", "fd10::/120"],
+            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
+          {{"name": "b", "addresses": ["10.0.0.2", "fd00::2"], "pod_cidrs": ["10.65.0.64/26", "fd10::100/120"],
+            "workload_ips": ["10.65.0.5"],
+            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
+          {{"name": "c", "addresses": ["10.0.0.3"], "pod_cidrs": ["10.65.0.128/26"],
+            "wireguard": {{"public_key": "{}"}}}},
+          {{"name": "plain", "addresses": ["10.0.0.4"], "pod_cidrs": ["10.65.0.192/26"]}}
+        ]}}"#,
+        pk(1),
+        pk(11),
+        pk(2),
+        pk(12),
+        pk(3)
+    ))
+    .unwrap()
+}
+
+fn ring() -> KeyRing {
+    KeyRing::per_family(Some(key(1)), Some(key(11)))
+}
+
+fn own() -> Ownership {
+    Ownership::from_mesh(&MeshConfig::default())
+}
+
+/// Removes whatever an earlier test left.
+fn reset() {
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&NodePlan::empty("a")).expect("tear down");
+    for l in ["wg-foreign", "dummy-foreign"] {
+        sh_ok(&format!("ip link del {l}"));
+    }
+    sh_ok("while ip rule del pref 99 table 2 2>/dev/null; do :; done");
+    sh_ok("nft delete table inet other; nft delete table ip wgmesh; ip route flush table 2");
+}
+
+/// Cross-checks the host against the plan with `wg`, `ip` and `nft`.
+fn check_with_tools(plan: &NodePlan) {
+    for name in ["wireguard.cali", "wg-v6.cali"] {
+        let Some(i) = plan.interfaces.iter().find(|i| i.name == name) else {
+            let links = sh("ip -o link show");
+            assert!(
+                !links.contains(&format!(" {name}:")),
+                "{name} should not exist: {links}"
+            );
+            continue;
+        };
+        let conf = sh(&format!("wg showconf {name}"));
+        let mut peers: Vec<(String, BTreeSet<String>, String, String)> = Vec::new();
+        let (mut port, mut mark, mut private) = (String::new(), String::new(), String::new());
+        for line in conf.lines() {
+            let Some((k, v)) = line.split_once(" = ") else {
+                if line == "[Peer]" {
+                    peers.push(Default::default());
+                }
+                continue;
+            };
+            match (k, peers.last_mut()) {
+                ("ListenPort", None) => port = v.into(),
+                ("FwMark", None) => mark = v.into(),
+                ("PrivateKey", None) => private = v.into(),
+                ("PublicKey", Some(p)) => p.0 = v.into(),
+                ("AllowedIPs", Some(p)) => p.1 = v.split(", ").map(str::to_owned).collect(),
+                ("Endpoint", Some(p)) => p.2 = v.into(),
+                ("PersistentKeepalive", Some(p)) => p.3 = v.into(),
+                _ => {}
+            }
+        }
+        assert_eq!(port, i.listen_port.to_string(), "{name} port");
+        assert_eq!(mark, format!("{:#x}", i.firewall_mark), "{name} fwmark");
+        let want_key = ring().private_key(i.family).unwrap().to_base64();
+        assert!(private == want_key.as_str(), "{name}: wrong private key");
+        assert_eq!(peers.len(), i.peers.len(), "{name} peers: {conf}");
+        for p in &i.peers {
+            let got = peers
+                .iter()
+                .find(|g| g.0 == p.public_key.to_string())
+                .unwrap_or_else(|| panic!("{name}: peer {} missing", p.public_key));
+            let want: BTreeSet<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
+            assert_eq!(got.1, want, "{name} allowed ips");
+            assert_eq!(got.2, p.endpoint.to_string());
+            assert_eq!(
+                got.3,
+                p.persistent_keepalive
+                    .map(|k| k.to_string())
+                    .unwrap_or_else(|| "off".into())
+                    .replace("off", "")
+            );
+        }
+        let link = sh(&format!("ip -o link show {name}"));
+        assert!(link.contains(&format!("mtu {} ", i.mtu)), "{link}");
+        assert!(link.contains(",UP"), "{link}");
+    }
+    for (flag, family, host) in [("-4", Family::V4, 32), ("-6", Family::V6, 128)] {
+        let table = sh(&format!("ip {flag} route show table 1"));
+        let mut got: BTreeSet<(String, String)> = BTreeSet::new();
+        for line in table.lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let (kind, dst, rest) = if w[0] == "throw" {
+                ("throw", w[1], &w[2..])
+            } else {
+                ("unicast", w[0], &w[1..])
+            };
+            let dst = if dst.contains('/') {
+                dst.to_owned()
+            } else {
+                format!("{dst}/{host}")
+            };
+            let dev = rest
+                .iter()
+                .position(|x| *x == "dev")
+                .map(|i| rest[i + 1])
+                .unwrap_or("");
+            got.insert((
+                dst,
+                if kind == "throw" {
+                    "throw".into()
+                } else {
+                    dev.to_owned()
+                },
+            ));
+        }
+        let want: BTreeSet<(String, String)> = plan
+            .routes
+            .iter()
+            .filter(|r| r.family == family)
+            .map(|r| {
+                (
+                    r.destination.to_string(),
+                    match r.kind {
+                        RouteType::Throw => "throw".to_owned(),
+                        RouteType::Unicast => r.device.clone().unwrap_or_default(),
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "ip {flag} route show table 1");
+        let rules: Vec<String> = sh(&format!("ip {flag} rule show"))
+            .lines()
+            .filter(|l| l.contains("lookup 1 ") || l.ends_with("lookup 1"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        let want: Vec<String> = plan
+            .rules
+            .iter()
+            .filter(|r| r.family == family)
+            .map(|r| {
+                format!(
+                    "{}: not from all fwmark {:#x}/{:#x} lookup {}",
+                    r.priority, r.firewall_mark, r.firewall_mask, r.table
+                )
+            })
+            .collect();
+        assert_eq!(rules, want, "ip {flag} rule");
+    }
+    let ruleset = sh("nft list ruleset");
+    match &plan.marking {
+        None => assert!(
+            !ruleset.contains("table inet wgmesh") && !ruleset.contains("table arp wgmesh"),
+            "{ruleset}"
+        ),
+        Some(m) => {
+            let listed: BTreeSet<String> = ruleset.lines().map(|l| l.trim().to_owned()).collect();
+            for line in m.nft_script().lines() {
+                let line = line.trim().replace(
+                    &format!("| {:#x}", m.firewall_mark),
+                    &format!("| {:#010x}", m.firewall_mark),
+                );
+                assert!(listed.contains(&line), "nft lacks {line:?}:\n{ruleset}");
+            }
+        }
+    }
+    for s in &plan.sysctls {
+        let v = std::fs::read_to_string(format!("/proc/sys/{}", s.key.replace('.', "/"))).unwrap();
+        assert_eq!(v.trim(), s.value);
+    }
+}
+
+fn converge(r: &mut Reconciler<Linux>, plan: &NodePlan) {
+    r.reconcile(plan).expect("reconcile");
+    check_with_tools(plan);
+    let again = r.reconcile(plan).expect("second reconcile");
+    assert!(again.is_noop(), "second run did {:#?}", again.operations);
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn create_configure_read_back_and_tear_down() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    for he in [false, true] {
+        let plan = plan_node(&cluster(he), "a").unwrap();
+        let mut r = Reconciler::new(open(), own(), ring());
+        let report = r.reconcile(&plan).unwrap();
+        let created = report
+            .operations
+            .iter()
+            .filter(|o| matches!(o, Operation::CreateLink { .. }))
+            .count();
+        // The first plan creates both links; the second one changes them in place.
+        assert_eq!(created, if he { 0 } else { 2 }, "{:#?}", report.operations);
+        check_with_tools(&plan);
+        assert!(r.reconcile(&plan).unwrap().is_noop());
+    }
+    let mut r = Reconciler::new(open(), own(), ring());
+    let off = NodePlan::empty("a");
+    r.reconcile(&off).unwrap();
+    check_with_tools(&off);
+    assert!(r.reconcile(&off).unwrap().is_noop());
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn foreign_objects_are_untouched() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    if backend() == Backend::Kernel {
+        sh(
+            "ip link add wg-foreign type wireguard && wg set wg-foreign listen-port 4000 private-key <(echo aLHd3L4af3PpZIWlPJgme7dpppYIulN7pMB7E0JCTHw=) peer /r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw= allowed-ips 10.65.0.64/26",
+        );
+    }
+    sh(
+        "ip link add dummy-foreign type veth peer name dummy-foreign2 && ip link set dummy-foreign up",
+    );
+    sh(
+        "ip route add 10.203.0.0/16 dev dummy-foreign && ip route add throw 10.65.0.0/26 table 2 && ip route add 10.202.0.0/16 dev dummy-foreign table 2",
+    );
+    sh("ip rule add pref 99 fwmark 0x100000/0x100000 lookup 2");
+    sh(
+        "nft add table inet other && nft add chain inet other c '{ type filter hook input priority 0; }' && nft add table ip wgmesh",
+    );
+    let snapshot = || {
+        sh(
+            "ip -d link show dummy-foreign | head -1; ip route show table main; ip route show table 2; ip rule show; ip -6 rule show; nft list table inet other; nft list table ip wgmesh; wg showconf wg-foreign 2>/dev/null || true",
+        )
+    };
+    let before = snapshot();
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&plan).unwrap();
+    check_with_tools(&plan);
+    let during = snapshot();
+    // The only differences: our rule and links appear; nothing foreign changed.
+    for line in before.lines() {
+        assert!(during.contains(line), "changed while applying: {line}");
+    }
+    r.reconcile(&NodePlan::empty("a")).unwrap();
+    assert_eq!(snapshot(), before);
+    reset();
+}
+
+#[derive(Debug, Clone)]
+enum Drift {
+    Port(u16),
+    Mark(u32),
+    Mtu(u32),
+    Down,
+    Key,
+    ForeignPeer,
+    ExtraIp(u8),
+    MissingIp,
+    StaleRoute(u8),
+    Blackhole,
+    MissingRoute,
+    RuleGone,
+    RuleDup,
+    RuleChanged,
+    NftGone,
+    NftAltered,
+    LinkGone,
+    WrongType,
+    Sysctl,
+}
+
+fn drift() -> impl Strategy<Value = Drift> {
+    prop_oneof![
+        (1024u16..60000).prop_map(Drift::Port),
+        (1u32..0xffff).prop_map(Drift::Mark),
+        (1280u32..1400).prop_map(Drift::Mtu),
+        Just(Drift::Down),
+        Just(Drift::Key),
+        Just(Drift::ForeignPeer),
+        any::<u8>().prop_map(Drift::ExtraIp),
+        Just(Drift::MissingIp),
+        any::<u8>().prop_map(Drift::StaleRoute),
+        Just(Drift::Blackhole),
+        Just(Drift::MissingRoute),
+        Just(Drift::RuleGone),
+        Just(Drift::RuleDup),
+        Just(Drift::RuleChanged),
+        Just(Drift::NftGone),
+        Just(Drift::NftAltered),
+        Just(Drift::LinkGone),
+        Just(Drift::WrongType),
+        Just(Drift::Sysctl),
+    ]
+}
+
+fn apply_drift(d: &Drift) {
+    let i = "wireguard.cali";
+    let b = key(2).public_key();
+    let cmd = match d {
+        Drift::Port(p) => format!("wg set {i} listen-port {p}"),
+        Drift::Mark(m) => format!("wg set {i} fwmark {m:#x}"),
+        Drift::Mtu(m) => format!("ip link set {i} mtu {m}"),
+        Drift::Down => format!("ip link set {i} down"),
+        Drift::Key => format!(
+            "wg set {i} private-key <(echo {})",
+            key(77).to_base64().as_str()
+        ),
+        Drift::ForeignPeer => format!(
+            "wg set {i} peer {} allowed-ips 10.99.0.0/24",
+            key(78).public_key()
+        ),
+        Drift::ExtraIp(n) => format!(
+            "wg set {i} peer {b} allowed-ips 10.65.0.64/26,10.65.0.5/32,10.0.0.2/32,10.210.{n}.0/24"
+        ),
+        Drift::MissingIp => format!("wg set {i} peer {b} allowed-ips 10.65.0.64/26"),
+        Drift::StaleRoute(n) => format!("ip route add throw 10.211.{n}.0/24 table 1"),
+        Drift::Blackhole => "ip route replace blackhole 10.65.0.64/26 table 1".into(),
+        Drift::MissingRoute => "ip route del 10.65.0.64/26 table 1".into(),
+        Drift::RuleGone => "ip rule del pref 99 table 1".into(),
+        Drift::RuleDup => "ip rule add pref 99 not fwmark 0x100000/0x100000 lookup 1".into(),
+        Drift::RuleChanged => {
+            "ip rule del pref 99 table 1 && ip rule add pref 99 fwmark 0x100000 lookup 1".into()
+        }
+        Drift::NftGone => "nft delete table inet wgmesh".into(),
+        Drift::NftAltered => "nft add rule inet wgmesh prerouting counter".into(),
+        Drift::LinkGone => format!("ip link del {i}"),
+        Drift::WrongType => format!("ip link del {i} && ip link add {i} type dummy"),
+        Drift::Sysctl => "echo 0 > /proc/sys/net/ipv4/conf/all/src_valid_mark".into(),
+    };
+    // A drift may not apply after an earlier one (the link is gone): that is fine.
+    sh_ok(&cmd);
+}
+
+fn drift_cases() -> u32 {
+    std::env::var("WGMESH_DRIFT_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: drift_cases(), max_shrink_iters: 8, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    #[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+    fn converges_from_random_drift(drifts in proptest::collection::vec(drift(), 1..5), he in any::<bool>()) {
+        let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = plan_node(&cluster(he), "a").unwrap();
+        let mut r = Reconciler::new(open(), own(), ring());
+        r.reconcile(&plan).unwrap();
+        for d in &drifts {
+            apply_drift(d);
+        }
+        converge(&mut r, &plan);
+    }
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_fault_at_every_operation_is_repaired_by_the_next_reconcile() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let off = NodePlan::empty("a");
+    let count = || {
+        sh("echo 0 > /proc/sys/net/ipv4/conf/all/src_valid_mark");
+        let mut l = open();
+        let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
+        let actual = l.read(&own(), &sysctls).unwrap();
+        let opts = wgmesh_netlink::DiffOptions::new(l.link_kind(), ring().public_keys());
+        wgmesh_netlink::diff(&plan, &actual, &own(), &opts).len()
+    };
+    let n = count();
+    assert!(n >= 15, "{n}");
+    for k in 0..n {
+        assert_eq!(count(), n, "every round starts from the same state");
+        eprintln!("fault at operation {k} of {n}");
+        let mut r = Reconciler::new(FailingDataplane::new(open(), k), own(), ring());
+        let e = r.reconcile(&plan).unwrap_err();
+        assert!(
+            matches!(e, wgmesh_netlink::Error::Operation { index, .. } if index == k),
+            "k={k}: {e}"
+        );
+        r.reconcile(&plan).unwrap();
+        check_with_tools(&plan);
+        assert!(r.reconcile(&plan).unwrap().is_noop(), "k={k}");
+        // Tearing down, with a fault at the same position.
+        let mut r = Reconciler::new(FailingDataplane::new(open(), k), own(), ring());
+        let _ = r.reconcile(&off);
+        r.reconcile(&off).unwrap();
+        check_with_tools(&off);
+    }
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn one_workload_ip_is_one_peer_update_and_one_route_and_removal_keeps_the_rest() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let c = cluster(false);
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&planner.plan()).unwrap();
+    let d = planner
+        .apply(Event::WorkloadIpAdded {
+            node: "b".into(),
+            ip: "10.77.0.9".parse().unwrap(),
+        })
+        .unwrap();
+    let report = r.apply_delta(&d).unwrap();
+    assert_eq!(report.operations.len(), 2, "{:#?}", report.operations);
+    assert_eq!(report.messages, 2, "one peer update and one route");
+    check_with_tools(&planner.plan());
+    assert!(r.resync().unwrap().is_noop());
+    // Removal: only that IP goes; the peer and its other IPs stay.
+    let d = planner
+        .apply(Event::WorkloadIpRemoved {
+            node: "b".into(),
+            ip: "10.77.0.9".parse().unwrap(),
+        })
+        .unwrap();
+    let report = r.apply_delta(&d).unwrap();
+    assert!(
+        report
+            .operations
+            .iter()
+            .any(|o| matches!(o, Operation::RemoveAllowedIps { .. }))
+    );
+    assert!(
+        !report
+            .operations
+            .iter()
+            .any(|o| matches!(o, Operation::RemovePeer { .. }))
+    );
+    check_with_tools(&planner.plan());
+    assert!(r.resync().unwrap().is_noop());
+    let state = r.dataplane_mut().read(&own(), &[]).unwrap();
+    eprintln!(
+        "per-IP allowed-IP removal supported: {:?}",
+        state.remove_allowed_ip_supported
+    );
+    // An IP that moves between peers is only added to its new peer.
+    let d = planner
+        .apply(Event::WorkloadIpAdded {
+            node: "c".into(),
+            ip: "10.65.0.5".parse().unwrap(),
+        })
+        .unwrap();
+    let _ = d;
+    reset();
+}
+
+fn big_cluster(peers: usize, ips_of_first: usize) -> (Cluster, NodePlan) {
+    let mut mesh = MeshConfig::default();
+    mesh.route_source = RouteSource::WorkloadIps;
+    let mut nodes = vec![
+        Node::new("a")
+            .with_addresses(["10.0.0.1".parse().unwrap()])
+            .with_wireguard(NodeWireGuard::new(Some(key(1).public_key()), None)),
+    ];
+    for i in 0..peers {
+        let mut b = [0u8; 32];
+        b[1..9].copy_from_slice(&(i as u64 + 100).to_le_bytes());
+        b[31] = 0x40;
+        let k = PrivateKey::from_bytes(b).unwrap().public_key();
+        let n = i as u32 + 2;
+        let addr = std::net::Ipv4Addr::from(0x0a00_0000 + n);
+        let ips: Vec<std::net::IpAddr> = if i == 0 {
+            (0..ips_of_first as u32)
+                .map(|j| std::net::IpAddr::from(std::net::Ipv4Addr::from(0x6400_0000 + j)))
+                .collect()
+        } else {
+            vec![std::net::IpAddr::from(std::net::Ipv4Addr::from(
+                0x6500_0000 + n,
+            ))]
+        };
+        nodes.push(
+            Node::new(format!("n{i}"))
+                .with_addresses([addr.into()])
+                .with_wireguard(NodeWireGuard::new(Some(k), None))
+                .with_workload_ips(ips),
+        );
+    }
+    let c = Cluster::new(mesh, nodes).unwrap();
+    let plan = plan_node(&c, "a").unwrap();
+    (c, plan)
+}
+
+fn check_large(plan: &NodePlan) {
+    let mut l = open();
+    let s = l.read(&own(), &[]).unwrap();
+    let dev = &s.devices["wireguard.cali"];
+    let i = &plan.interfaces[0];
+    assert_eq!(dev.peers.len(), i.peers.len());
+    for p in &i.peers {
+        let want: BTreeSet<IpNet> = p.allowed_ips.iter().copied().collect();
+        assert_eq!(dev.peers[&p.public_key].allowed_ips, want);
+    }
+    let n_ips: usize = i.peers.iter().map(|p| p.allowed_ips.len()).sum();
+    let wg_lines = sh(
+        "wg show wireguard.cali allowed-ips | tr '\\t ' '\\n\\n' | grep -cE '^[0-9a-f:.]+/[0-9]+$'",
+    );
+    assert_eq!(wg_lines.trim(), n_ips.to_string(), "wg show allowed-ips");
+    let routes = sh("ip route show table 1 | wc -l");
+    assert_eq!(routes.trim(), plan.routes.len().to_string());
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn five_thousand_peers_apply_and_read_back() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let (_, plan) = big_cluster(5_000, 1);
+    let mut r = Reconciler::new(open(), own(), ring());
+    let t = std::time::Instant::now();
+    let report = r.reconcile(&plan).unwrap();
+    eprintln!(
+        "5000 peers: {} operations, {} messages, {:?}",
+        report.operations.len(),
+        report.messages,
+        t.elapsed()
+    );
+    check_large(&plan);
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    reset();
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn one_peer_with_100k_allowed_ips_applies_and_reads_back() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let (_, plan) = big_cluster(2, 100_000);
+    let mut r = Reconciler::new(open(), own(), ring());
+    let t = std::time::Instant::now();
+    let report = r.reconcile(&plan).unwrap();
+    eprintln!(
+        "100k allowed IPs: {} operations, {} messages, {:?}",
+        report.operations.len(),
+        report.messages,
+        t.elapsed()
+    );
+    check_large(&plan);
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    reset();
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn auto_backend_says_what_it_picked() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let b = backend();
+    let l = Linux::open(LinuxConfig::with_backend(Backend::Auto)).unwrap();
+    let d = l.backend_description().to_owned();
+    eprintln!("auto: {d}");
+    let kernel_has_wg = std::env::var("WGMESH_TEST_KERNEL_HAS_WIREGUARD").ok();
+    match kernel_has_wg.as_deref() {
+        Some("1") => assert!(l.is_kernel() && d.contains("auto"), "{d}"),
+        Some("0") => assert!(
+            !l.is_kernel() && d.contains("auto found no kernel WireGuard"),
+            "{d}"
+        ),
+        _ => panic!("WGMESH_TEST_KERNEL_HAS_WIREGUARD must be 0 or 1 (backend {b:?})"),
+    }
+}
