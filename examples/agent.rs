@@ -16,8 +16,10 @@ use wgmesh::core::{PrivateKey, PublicKey};
 use wgmesh::k8s::config::AgentConfig;
 use wgmesh::k8s::dataplane::LoggingDataplane;
 use wgmesh::k8s::metrics::Metrics;
+use wgmesh::k8s::netlink::NetlinkDataplane;
+use wgmesh::k8s::wgmesh_netlink::keys::{KeyOrigin, load, load_or_generate};
+use wgmesh::k8s::wgmesh_netlink::{KeyRing, Linux, LinuxConfig};
 use wgmesh::k8s::{http, kube, logging, run, tokio, tracing};
-use zeroize::Zeroizing;
 
 const USAGE: &str =
     "usage: agent [--config FILE] [--node-name NAME] [--private-key-file PATH] [--dry-run]
@@ -57,41 +59,47 @@ fn main() -> ExitCode {
     }
 }
 
-/// The key this node uses in a dry run: an existing key file is read (it must not be
-/// readable by group or others); a missing one is replaced by a key that is not saved.
+/// The key this node uses in a dry run: an existing key file is read (it must be mode
+/// 0600); a missing one is replaced by a key that is not saved.
 fn dry_run_key(config: &AgentConfig) -> Result<PublicKey, String> {
-    use std::os::unix::fs::PermissionsExt as _;
     let path = &config.private_key_file;
-    let shown = path.display();
-    match std::fs::metadata(path) {
-        Ok(meta) => {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(format!(
-                    "{shown}: mode {mode:o} lets others read the private key; chmod 600 it"
-                ));
-            }
-            let text =
-                Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?);
-            let key = PrivateKey::from_base64(text.trim()).map_err(|e| format!("{shown}: {e}"))?;
-            Ok(key.public_key())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            tracing::warn!(path = %shown, "no key file; dry run with a key that is not saved");
-            Ok(PrivateKey::generate().public_key())
-        }
-        Err(e) => Err(format!("{shown}: {e}")),
+    if path.exists() {
+        return load(path)
+            .map(|k| k.public_key())
+            .map_err(|e| e.to_string());
     }
+    tracing::warn!(path = %path.display(), "no key file; dry run with a key that is not saved");
+    Ok(PrivateKey::generate().public_key())
+}
+
+/// What programs the node: the kernel over netlink, or (dry run) nothing but the log.
+enum Plane {
+    Netlink(Box<NetlinkDataplane<Linux>>),
+    DryRun(LoggingDataplane),
+}
+
+fn dataplane(config: &AgentConfig) -> Result<Plane, String> {
+    if config.dry_run {
+        let key = dry_run_key(config)?;
+        return Ok(Plane::DryRun(LoggingDataplane::new(Some(key), Some(key))));
+    }
+    // The key survives reboots in its file (mode 0600), so peers keep knowing it.
+    let (key, origin) = load_or_generate(&config.private_key_file).map_err(|e| e.to_string())?;
+    if origin == KeyOrigin::Generated {
+        tracing::info!(path = %config.private_key_file.display(), public_key = %key.public_key(), "generated a new private key");
+    }
+    let linux =
+        Linux::open(LinuxConfig::with_backend(config.backend)).map_err(|e| e.to_string())?;
+    tracing::info!(backend = linux.backend_description(), "dataplane");
+    Ok(Plane::Netlink(Box::new(NetlinkDataplane::new(
+        linux,
+        &config.settings.mesh,
+        KeyRing::single(key),
+    ))))
 }
 
 async fn agent(config: AgentConfig) -> Result<(), String> {
-    if !config.dry_run {
-        return Err(
-            "programming the node needs wgmesh-netlink, which this build does not include yet; run with --dry-run"
-                .to_owned(),
-        );
-    }
-    let key = dry_run_key(&config)?;
+    let plane = dataplane(&config)?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot configure the API client: {e}"))?;
@@ -109,14 +117,10 @@ async fn agent(config: AgentConfig) -> Result<(), String> {
         });
         tracing::info!(%address, "health and metrics endpoint");
     }
-    let dataplane = LoggingDataplane::new(Some(key), Some(key));
-    run::run(
-        client,
-        config.settings,
-        dataplane,
-        metrics,
-        run::shutdown_signal(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+    let stop = run::shutdown_signal();
+    let result = match plane {
+        Plane::Netlink(d) => run::run(client, config.settings, *d, metrics, stop).await,
+        Plane::DryRun(d) => run::run(client, config.settings, d, metrics, stop).await,
+    };
+    result.map_err(|e| e.to_string())
 }

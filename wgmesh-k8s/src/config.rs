@@ -22,6 +22,7 @@
 //! metrics_address: 127.0.0.1:9469  # "" disables the endpoint
 //! log_format: json                 # json | text
 //! dry_run: false                   # log plans, program nothing
+//! backend: auto                    # WireGuard: auto | kernel | userspace (wireguard-go)
 //! ```
 //!
 //! Flags override the file: `--config FILE`, `--node-name NAME`, `--private-key-file PATH`,
@@ -162,6 +163,7 @@ pub struct ConfigSpec {
     pub metrics_address: Option<String>,
     pub log_format: Option<LogFormat>,
     pub dry_run: Option<bool>,
+    pub backend: Option<String>,
 }
 
 /// The validated configuration.
@@ -178,6 +180,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Log plans, program nothing.
     pub dry_run: bool,
+    /// Which WireGuard implementation to drive.
+    pub backend: wgmesh_netlink::Backend,
 }
 
 fn invalid(field: &str, value: impl ToString, problem: &str) -> ConfigError {
@@ -278,6 +282,7 @@ impl ConfigSpec {
                     })
                 }
                 "--dry-run" => self.dry_run = Some(true),
+                "--backend" => self.backend = Some(value()?),
                 "--resync-seconds" => {
                     let v = value()?;
                     self.resync_seconds = Some(
@@ -425,7 +430,14 @@ impl ConfigSpec {
         if private_key_file.as_os_str().is_empty() {
             return Err(invalid("private_key_file", "", "must not be empty"));
         }
+        let backend = match self.backend.as_deref() {
+            None => wgmesh_netlink::Backend::Auto,
+            Some(text) => text
+                .parse()
+                .map_err(|e: String| invalid("backend", text, &e))?,
+        };
         Ok(AgentConfig {
+            backend,
             settings,
             private_key_file,
             metrics_address,

@@ -24,6 +24,7 @@
 //! | [`agent`] | the agent's logic as a clock-free state machine ([`agent::Agent`]) |
 //! | [`bootstrap`] | how a node always regains the API server under host encryption |
 //! | [`dataplane`] | the [`dataplane::Dataplane`] boundary, a recording and a logging implementation |
+//! | [`netlink`] | the real dataplane: `wgmesh-netlink`'s reconciler behind that boundary |
 //! | [`publish`] | the key publication requests (server-side apply, merge patch) |
 //! | [`run`] | the thin async shell: watchers, timers, publications |
 //! | [`config`] | the configuration file and flags |
@@ -98,6 +99,7 @@ pub mod dataplane;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod netlink;
 pub mod publish;
 pub mod run;
 pub mod view;
@@ -109,3 +111,4 @@ pub use tokio;
 /// The logging facade the agent logs through.
 pub use tracing;
 pub use wgmesh_core;
+pub use wgmesh_netlink;
