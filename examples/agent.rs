@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! cargo run --features k8s --example agent -- --node-name "$(hostname)" --dry-run --log-format text
-//! cargo run --features k8s --example agent -- --config /etc/wgmesh/agent.yaml
+//! cargo run --features k8s --example agent -- --config /etc/wgmesh/agent.yaml   # as root
 //! ```
+//!
+//! It programs the node through `wgmesh-netlink` (kernel WireGuard, or wireguard-go with
+//! `--backend userspace` or when `auto` finds no kernel module); `--dry-run` only logs.
 //!
 //! Configuration: `wgmesh_k8s::config` (file and flags). Bad configuration exits with code 2
 //! and one line naming the field.
@@ -14,7 +17,7 @@ use std::process::ExitCode;
 
 use wgmesh::core::{PrivateKey, PublicKey};
 use wgmesh::k8s::config::AgentConfig;
-use wgmesh::k8s::dataplane::LoggingDataplane;
+use wgmesh::k8s::dataplane::{Dataplane, LoggingDataplane};
 use wgmesh::k8s::metrics::Metrics;
 use wgmesh::k8s::netlink::NetlinkDataplane;
 use wgmesh::k8s::wgmesh_netlink::keys::{KeyOrigin, load, load_or_generate};
@@ -73,15 +76,10 @@ fn dry_run_key(config: &AgentConfig) -> Result<PublicKey, String> {
 }
 
 /// What programs the node: the kernel over netlink, or (dry run) nothing but the log.
-enum Plane {
-    Netlink(Box<NetlinkDataplane<Linux>>),
-    DryRun(LoggingDataplane),
-}
-
-fn dataplane(config: &AgentConfig) -> Result<Plane, String> {
+fn dataplane(config: &AgentConfig) -> Result<Box<dyn Dataplane + Send>, String> {
     if config.dry_run {
         let key = dry_run_key(config)?;
-        return Ok(Plane::DryRun(LoggingDataplane::new(Some(key), Some(key))));
+        return Ok(Box::new(LoggingDataplane::new(Some(key), Some(key))));
     }
     // The key survives reboots in its file (mode 0600), so peers keep knowing it.
     let (key, origin) = load_or_generate(&config.private_key_file).map_err(|e| e.to_string())?;
@@ -91,15 +89,15 @@ fn dataplane(config: &AgentConfig) -> Result<Plane, String> {
     let linux =
         Linux::open(LinuxConfig::with_backend(config.backend)).map_err(|e| e.to_string())?;
     tracing::info!(backend = linux.backend_description(), "dataplane");
-    Ok(Plane::Netlink(Box::new(NetlinkDataplane::new(
+    Ok(Box::new(NetlinkDataplane::new(
         linux,
         &config.settings.mesh,
         KeyRing::single(key),
-    ))))
+    )))
 }
 
 async fn agent(config: AgentConfig) -> Result<(), String> {
-    let plane = dataplane(&config)?;
+    let dataplane = dataplane(&config)?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot configure the API client: {e}"))?;
@@ -117,10 +115,13 @@ async fn agent(config: AgentConfig) -> Result<(), String> {
         });
         tracing::info!(%address, "health and metrics endpoint");
     }
-    let stop = run::shutdown_signal();
-    let result = match plane {
-        Plane::Netlink(d) => run::run(client, config.settings, *d, metrics, stop).await,
-        Plane::DryRun(d) => run::run(client, config.settings, d, metrics, stop).await,
-    };
-    result.map_err(|e| e.to_string())
+    run::run(
+        client,
+        config.settings,
+        dataplane,
+        metrics,
+        run::shutdown_signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }

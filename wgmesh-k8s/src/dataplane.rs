@@ -1,6 +1,7 @@
 //! The boundary between the agent and whatever programs the node: the [`Dataplane`] trait, a
 //! plan-level operation list ([`Op`]), and two implementations that program nothing — the
-//! [`RecordingDataplane`] for tests and the [`LoggingDataplane`] for dry runs.
+//! [`RecordingDataplane`] for tests and the [`LoggingDataplane`] for dry runs. The real one,
+//! over `wgmesh-netlink`, is [`crate::netlink::NetlinkDataplane`].
 //!
 //! The agent drives a dataplane with full plans ([`Dataplane::reconcile`]: make the node match,
 //! whatever it has) and with deltas against the plan last applied ([`Dataplane::apply_delta`]:

@@ -78,7 +78,9 @@
 //!   `410 Gone`, field selectors), applies patches, records every request and injects
 //!   failures; and the `agent` example runs as a process against a loopback HTTP server
 //!   through a kubeconfig;
-//! - the state machine runs through scenario and property tests on a simulated clock.
+//! - the state machine runs through scenario and property tests on a simulated clock, over a
+//!   recording dataplane and over `wgmesh-netlink`'s reconciler with its in-memory fake
+//!   kernel (asserting the netlink operations).
 //!
 //! What only a real cluster would show: the API server's exact server-side-apply field
 //! ownership and conflict behaviour, watch bookmarks and streaming lists, RBAC enforcement,
