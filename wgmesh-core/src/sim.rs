@@ -86,6 +86,12 @@ pub enum Drop {
         /// The endpoint.
         endpoint: SocketAddr,
     },
+    /// The sender encrypted to a key the receiver's interface does not have (the receiver's
+    /// key changed and the sender has not learned it yet), so the handshake fails.
+    StaleReceiverKey {
+        /// The receiving node.
+        node: String,
+    },
     /// The receiver has no peer with the sender's key, so the handshake fails.
     UnknownSender {
         /// The receiving node.
@@ -508,7 +514,14 @@ impl Walk<'_> {
                 peer.endpoint
             ),
         );
-        self.receive_wireguard(to, outer_src, peer.endpoint, sender_key, src, dst)
+        self.receive_wireguard(
+            to,
+            outer_src,
+            peer.endpoint,
+            (sender_key, peer.public_key),
+            src,
+            dst,
+        )
     }
 
     fn receive_wireguard(
@@ -516,7 +529,7 @@ impl Walk<'_> {
         node: usize,
         outer_src: IpAddr,
         endpoint: SocketAddr,
-        sender_key: Option<crate::PublicKey>,
+        (sender_key, receiver_key): (Option<crate::PublicKey>, crate::PublicKey),
         src: IpAddr,
         dst: IpAddr,
     ) -> Outcome {
@@ -533,6 +546,11 @@ impl Walk<'_> {
         else {
             return Outcome::Dropped(Drop::NoListener { endpoint });
         };
+        // The handshake is encrypted to the key the sender has for the receiver: it must be
+        // the receiver interface's own key.
+        if iface.public_key != Some(receiver_key) {
+            return Outcome::Dropped(Drop::StaleReceiverKey { node: name });
+        }
         let Some(peer): Option<&PeerPlan> =
             sender_key.and_then(|k| iface.peers.iter().find(|p| p.public_key == k))
         else {

@@ -191,3 +191,32 @@ fn a_broken_plan_is_caught() {
         "{outcome:?}"
     );
 }
+
+#[test]
+fn a_stale_receiver_key_is_caught() {
+    // A node that came back with a new key: its plan (what its device has) carries the new
+    // key, the others still encrypt to the old one, and the handshake cannot succeed.
+    let shape = ClusterShape::uniform(3, &[1], false, true);
+    let cluster = build(&shape);
+    let mut plans = plan_all(&cluster);
+    let a_host = cluster.nodes()[0].addresses[0];
+    let from_b = |plans: Vec<wgmesh_core::NodePlan>| {
+        Simulator::new(&cluster, plans)
+            .trace(Source::Host("node-1".into(), Family::V4), a_host)
+            .outcome
+    };
+    assert_eq!(from_b(plans.clone()), Outcome::Encrypted);
+    plans[0].interfaces[0].public_key = Some(
+        "bbcKpAY+Q9VpmIRLT+yPaaOALxqnonxBuk5LRlvKClA="
+            .parse()
+            .unwrap(),
+    );
+    let outcome = from_b(plans);
+    assert!(
+        matches!(
+            &outcome,
+            Outcome::Dropped(wgmesh_core::sim::Drop::StaleReceiverKey { node }) if node == "node-0"
+        ),
+        "{outcome:?}"
+    );
+}

@@ -1,0 +1,465 @@
+//! The `agent` example as a process: its exit codes, and a dry run against an API server
+//! mock on loopback (plain HTTP/1.1, chunked watch streams) reached through a kubeconfig —
+//! it lists and watches Nodes, publishes the key of its key file with server-side apply,
+//! turns ready, logs JSON lines that never contain the private key, and stops on SIGTERM.
+#![cfg(feature = "k8s")]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wgmesh::core::PrivateKey;
+use wgmesh::k8s::tokio;
+use wgmesh::k8s::tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wgmesh::k8s::tokio::net::{TcpListener, TcpStream};
+use wgmesh::k8s::tokio::sync::broadcast;
+
+fn example() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join("examples").join("agent");
+    assert!(
+        path.exists(),
+        "{} missing: run through cargo test --features k8s",
+        path.display()
+    );
+    path
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wgmesh-agent-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_key(dir: &Path, mode: u32) -> (PathBuf, PrivateKey) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let key = PrivateKey::from_bytes([0x42; 32]).unwrap();
+    let path = dir.join("private-key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&path)
+        .unwrap();
+    writeln!(f, "{}", key.to_base64().as_str()).unwrap();
+    (path, key)
+}
+
+fn agent(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(example());
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn help_and_configuration_errors() {
+    let out = agent(&["--help"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("usage: agent"));
+
+    let out = agent(&[], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("NODE_NAME"), "{err}");
+
+    let out = agent(&["--node-name", "a", "--route-source", "bgp"], &[])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("route_source = \"bgp\""));
+
+    // A key file others can read is refused, naming the fix.
+    let dir = scratch("mode");
+    let (key, _) = write_key(&dir, 0o644);
+    let out = agent(
+        &[
+            "--node-name",
+            "a",
+            "--dry-run",
+            "--private-key-file",
+            key.to_str().unwrap(),
+            "--log-format",
+            "text",
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+
+    // Not in a cluster and no kubeconfig: a clear failure.
+    let out = agent(
+        &[
+            "--node-name",
+            "a",
+            "--dry-run",
+            "--metrics-address",
+            "",
+            "--log-format",
+            "text",
+        ],
+        &[("KUBECONFIG", "/nonexistent/kubeconfig")],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot configure the API client"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal API server on loopback.
+
+#[derive(Default)]
+struct Api {
+    nodes: Vec<Value>,
+    rv: u64,
+    patches: Vec<(String, String, String, Value)>,
+    /// Watch events by resource version, replayed to watches that start behind.
+    log: Vec<(u64, Value)>,
+}
+
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, String, Vec<(String, String)>, Vec<u8>)> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let mut lines = head.lines();
+            let mut first = lines.next()?.split(' ');
+            let method = first.next()?.to_owned();
+            let target = first.next()?.to_owned();
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            let len: usize = headers
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            return Some((method, target, headers, body));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let body = serde_json::to_vec(body).unwrap();
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await
+}
+
+async fn chunk(stream: &mut TcpStream, line: &Value) -> std::io::Result<()> {
+    let mut data = serde_json::to_vec(line).unwrap();
+    data.push(b'\n');
+    stream
+        .write_all(format!("{:x}\r\n", data.len()).as_bytes())
+        .await?;
+    stream.write_all(&data).await?;
+    stream.write_all(b"\r\n").await
+}
+
+async fn serve(
+    listener: TcpListener,
+    api: Arc<Mutex<Api>>,
+    events: broadcast::Sender<(u64, Value)>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let api = api.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Some((method, target, headers, body)) =
+                read_request(&mut stream, &mut buf).await
+            {
+                let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                let watch = query.split('&').any(|p| p == "watch=true");
+                if method == "GET" && path == "/api/v1/nodes" && watch {
+                    let since: u64 = query
+                        .split('&')
+                        .find_map(|p| p.strip_prefix("resourceVersion="))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    // Subscribe first, then replay what the watcher missed since its list.
+                    let mut rx = events.subscribe();
+                    let missed: Vec<(u64, Value)> = api
+                        .lock()
+                        .unwrap()
+                        .log
+                        .iter()
+                        .filter(|(rv, _)| *rv > since)
+                        .cloned()
+                        .collect();
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut last = since;
+                    for (rv, ev) in missed {
+                        last = rv;
+                        if chunk(&mut stream, &ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    while let Ok((rv, ev)) = rx.recv().await {
+                        if rv > last && chunk(&mut stream, &ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                let reply = if method == "GET" && path == "/api/v1/nodes" {
+                    let a = api.lock().unwrap();
+                    (
+                        200,
+                        json!({"kind": "NodeList", "apiVersion": "v1",
+                                 "metadata": {"resourceVersion": a.rv.to_string()}, "items": a.nodes}),
+                    )
+                } else if method == "PATCH" && path.starts_with("/api/v1/nodes/") {
+                    let name = path.trim_start_matches("/api/v1/nodes/").to_owned();
+                    let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let ct = headers
+                        .iter()
+                        .find(|(k, _)| k == "content-type")
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                    let mut a = api.lock().unwrap();
+                    a.patches
+                        .push((name.clone(), query.to_owned(), ct, patch.clone()));
+                    a.rv += 1;
+                    let rv = a.rv.to_string();
+                    match a
+                        .nodes
+                        .iter_mut()
+                        .find(|n| n["metadata"]["name"] == name.as_str())
+                    {
+                        Some(node) => {
+                            if let Some(ann) = patch["metadata"]["annotations"].as_object() {
+                                for (k, v) in ann {
+                                    node["metadata"]["annotations"][k] = v.clone();
+                                }
+                            }
+                            node["metadata"]["resourceVersion"] = json!(rv);
+                            let node = node.clone();
+                            let ev = json!({"type": "MODIFIED", "object": node});
+                            let at = a.rv;
+                            a.log.push((at, ev.clone()));
+                            let _ = events.send((at, ev));
+                            (200, node)
+                        }
+                        None => (
+                            404,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"}),
+                        ),
+                    }
+                } else {
+                    (
+                        404,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"}),
+                    )
+                };
+                if respond(&mut stream, reply.0, &reply.1).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split(' ').nth(1)?.parse().ok()?;
+    Some((
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_dry_run_against_a_loopback_api_server() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = Arc::new(Mutex::new(Api {
+        rv: 10,
+        nodes: vec![
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": "node-a", "resourceVersion": "5", "annotations": {}},
+                   "spec": {"podCIDRs": ["10.65.0.0/26"]},
+                   "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}),
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": "node-b", "resourceVersion": "6",
+                                "annotations": {"wgmesh.io/public-key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}},
+                   "spec": {"podCIDRs": ["10.65.0.64/26"]},
+                   "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}}),
+        ],
+        ..Api::default()
+    }));
+    let (events, _) = broadcast::channel(64);
+    let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    runtime.spawn(serve(listener, api.clone(), events));
+
+    let dir = scratch("run");
+    let (key_path, key) = write_key(&dir, 0o600);
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: mock, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: mock, user: u}}}}]\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut child = agent(
+        &[
+            "--node-name",
+            "node-a",
+            "--dry-run",
+            "--private-key-file",
+            key_path.to_str().unwrap(),
+            "--metrics-address",
+            &metrics,
+        ],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("RUST_LOG", "debug"),
+        ],
+    )
+    .spawn()
+    .unwrap();
+
+    let t0 = Instant::now();
+    // Ready, the key's echo seen, and the peer programmed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ready = false;
+    let mut body = String::new();
+    while Instant::now() < deadline {
+        body = http_get(&metrics, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        ready = http_get(&metrics, "/readyz").is_some_and(|(c, _)| c == 200)
+            && body.contains("wgmesh_key_published 1\n")
+            && body.contains("wgmesh_peers{interface=\"wireguard.cali\"} 1\n");
+        if ready {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t0.elapsed();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(ready, "not ready in 30 s; log:\n{stderr}");
+    // Well before the 10 s after which an unanswered publication is retried.
+    assert!(
+        took < Duration::from_secs(8),
+        "took {took:?}; log:\n{stderr}"
+    );
+    assert_eq!(api.lock().unwrap().patches.len(), 1, "published once");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "SIGTERM stops it cleanly; log:\n{stderr}"
+    );
+
+    let patches = api.lock().unwrap().patches.clone();
+    let (name, query, content_type, body_json) = &patches[0];
+    assert_eq!(name, "node-a");
+    assert!(
+        query.contains("fieldManager=wgmesh") && query.contains("force=true"),
+        "{query}"
+    );
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        body_json["metadata"]["annotations"]["wgmesh.io/public-key"],
+        json!(key.public_key().to_base64())
+    );
+    assert!(body.contains("wgmesh_ready 1\n"), "{body}");
+    assert!(body.contains("wgmesh_key_published 1\n"), "{body}");
+
+    // Structured logs: every line is a JSON object; the private key is in none of them.
+    let private = key.to_base64();
+    assert!(!stderr.contains(private.as_str()), "private key logged");
+    assert!(
+        !stderr.contains(&key.to_hex().as_str()[..16]),
+        "private key logged (hex)"
+    );
+    assert!(stderr.contains("would reconcile"), "{stderr}");
+    for line in stderr.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,743 @@
+//! The node agent's logic as a state machine: watch events and timer ticks in, dataplane
+//! calls and key publications out. No IO of its own, no clock of its own (every input
+//! carries `now`), so every behaviour is tested by feeding it events.
+//!
+//! ```text
+//!  watcher::Event<Node> ─► reflector store ─► ClusterView ─► core Events ─► IncrementalPlanner
+//!  watcher::Event<Pod>  ─┘   (relists, resync)  (adapter)                         │ PlanDelta
+//!                                                                                 ▼
+//!   poll(now): debounce ─► guard (bootstrap) ─► Dataplane::apply_delta / reconcile
+//!              resync timer ─► rebuild from the stores ─► full reconcile
+//!              publication ─► Publication (the async shell patches the Node) ─► on_published
+//! ```
+//!
+//! [`crate::run`] is the thin async shell that connects it to the API server.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
+use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use tracing::{debug, error, info, warn};
+use wgmesh_core::{Family, IncrementalPlanner, MeshConfig, NodePlan, PlanDelta, PublicKey};
+
+use crate::adapter::{AdapterOptions, UNDERLAY_MTU_ANNOTATION, key_annotation};
+use crate::bootstrap::{KeyCheck, guard_delta, guard_plan, key_check};
+use crate::dataplane::Dataplane;
+use crate::metrics::{AgentState, ApplyKind, Metrics, PeerRow};
+use crate::view::{Changes, ClusterView, ControlPlaneEndpoints};
+
+/// Exponential backoff: no wait before the first attempt, then `initial`, doubling up to `max`.
+///
+/// ```
+/// use std::time::Duration;
+/// use wgmesh_k8s::agent::Backoff;
+/// let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+/// assert_eq!(b.delay(0), Duration::ZERO);
+/// assert_eq!(b.delay(1), Duration::from_secs(1));
+/// assert_eq!(b.delay(3), Duration::from_secs(4));
+/// assert_eq!(b.delay(30), Duration::from_secs(60));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// A backoff from `initial` to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max }
+    }
+
+    /// The wait after `failures` consecutive failures.
+    pub fn delay(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(failures - 1).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Everything the agent needs to know, with the core's and Calico's defaults.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct AgentSettings {
+    /// The name of this node's Node object.
+    pub node_name: String,
+    /// The mesh settings (the cluster-wide intent).
+    pub mesh: MeshConfig,
+    /// How Nodes and Pods are read.
+    pub adapter: AdapterOptions,
+    /// Whether Pods are watched (their addresses are workload addresses). Needed with
+    /// `route_source: workload_ips`; with `cidr_blocks` it adds borrowed addresses.
+    pub watch_pods: bool,
+    /// API server endpoints kept outside the tunnel, besides `mesh.control_plane_endpoints`.
+    pub control_plane: ControlPlaneEndpoints,
+    /// Quiet time after the last change before a batch of changes is applied.
+    pub debounce: Duration,
+    /// Longest a change waits while changes keep coming.
+    pub max_delay: Duration,
+    /// Interval of full resyncs (rebuild from the watch caches, full reconcile).
+    pub resync_interval: Duration,
+    /// Backoff of key publications that fail or keep being undone.
+    pub publish_backoff: Backoff,
+    /// How long a successful publication may take to come back through the watch before it
+    /// is retried.
+    pub echo_timeout: Duration,
+    /// Backoff of failed dataplane calls.
+    pub apply_backoff: Backoff,
+    /// Interval of reading peer counters for metrics.
+    pub stats_interval: Duration,
+    /// More pending deltas than this are replaced by one full reconcile.
+    pub max_pending_deltas: usize,
+    /// The underlay MTU to publish for this node (`None`: publish none; peers assume 1500).
+    pub underlay_mtu: Option<u32>,
+}
+
+impl AgentSettings {
+    /// Settings for node `node_name` with mesh `mesh` and every default: debounce 100 ms (at
+    /// most 1 s), resync every 90 s, publication backoff 1 s to 60 s, dataplane backoff 1 s
+    /// to 30 s, pods watched iff the route source is `workload_ips`.
+    pub fn new(node_name: impl Into<String>, mesh: MeshConfig) -> Self {
+        let watch_pods = mesh.route_source == wgmesh_core::RouteSource::WorkloadIps;
+        Self {
+            node_name: node_name.into(),
+            mesh,
+            adapter: AdapterOptions::default(),
+            watch_pods,
+            control_plane: ControlPlaneEndpoints::default(),
+            debounce: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(90),
+            publish_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            echo_timeout: Duration::from_secs(10),
+            apply_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+            stats_interval: Duration::from_secs(15),
+            max_pending_deltas: 256,
+            underlay_mtu: None,
+        }
+    }
+}
+
+/// Which watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Resource {
+    /// Nodes.
+    Nodes,
+    /// Pods.
+    Pods,
+}
+
+/// A change of the node's own annotations for the shell to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Publication {
+    /// The node.
+    pub node: String,
+    /// Annotations wgmesh wants, applied with server-side apply (field manager `wgmesh`,
+    /// forced). Empty: no apply.
+    pub apply: BTreeMap<String, String>,
+    /// Key annotations to remove whoever set them (a JSON merge patch with `null`s).
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PublishState {
+    Idle,
+    InFlight,
+    AwaitingEcho { until: Instant },
+}
+
+/// The agent's state machine over a dataplane `D`.
+#[derive(Debug)]
+pub struct Agent<D> {
+    settings: AgentSettings,
+    view: ClusterView,
+    nodes: Writer<K8sNode>,
+    pods: Writer<Pod>,
+    nodes_synced: bool,
+    pods_synced: bool,
+    planner: Option<IncrementalPlanner>,
+    rebuild: bool,
+    pending: Vec<PlanDelta>,
+    full: bool,
+    dirty_since: Option<Instant>,
+    last_change: Option<Instant>,
+    retry_at: Option<Instant>,
+    failures: u32,
+    applied_guard: Option<bool>,
+    applied_once: bool,
+    last_error: Option<String>,
+    next_resync: Option<Instant>,
+    next_stats: Option<Instant>,
+    publish: PublishState,
+    publish_attempts: u32,
+    next_publish: Option<Instant>,
+    confirmed_since: Option<Instant>,
+    dataplane: D,
+    metrics: Metrics,
+}
+
+impl<D: Dataplane> Agent<D> {
+    /// An agent that has seen nothing yet.
+    pub fn new(settings: AgentSettings, dataplane: D, metrics: Metrics) -> Self {
+        let view = ClusterView::new(
+            settings.mesh.clone(),
+            settings.adapter.clone(),
+            settings.control_plane.clone(),
+            settings.watch_pods,
+        );
+        let agent = Self {
+            view,
+            nodes: Writer::default(),
+            pods: Writer::default(),
+            nodes_synced: false,
+            pods_synced: !settings.watch_pods,
+            planner: None,
+            rebuild: false,
+            pending: Vec::new(),
+            full: true,
+            dirty_since: None,
+            last_change: None,
+            retry_at: None,
+            failures: 0,
+            applied_guard: None,
+            applied_once: false,
+            last_error: None,
+            next_resync: None,
+            next_stats: None,
+            publish: PublishState::Idle,
+            publish_attempts: 0,
+            next_publish: None,
+            confirmed_since: None,
+            dataplane,
+            metrics,
+            settings,
+        };
+        agent.update_state();
+        agent
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &AgentSettings {
+        &self.settings
+    }
+
+    /// The dataplane.
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
+    }
+
+    /// The dataplane, mutably (tests inject faults and drift).
+    pub fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dataplane
+    }
+
+    /// The cluster as known.
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+
+    /// The Node cache (a kube-runtime reflector store).
+    pub fn nodes_store(&self) -> Store<K8sNode> {
+        self.nodes.as_reader()
+    }
+
+    /// The Pod cache.
+    pub fn pods_store(&self) -> Store<Pod> {
+        self.pods.as_reader()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The node's plan as the planner has it now (before the bootstrap guard), once synced.
+    pub fn plan(&self) -> Option<NodePlan> {
+        self.planner.as_ref().map(IncrementalPlanner::plan)
+    }
+
+    /// Whether Nodes (and Pods, if watched) have been listed.
+    pub fn synced(&self) -> bool {
+        self.nodes_synced && self.pods_synced
+    }
+
+    fn our_keys(&self) -> [Option<PublicKey>; 2] {
+        Family::ALL.map(|f| self.dataplane.public_key(f))
+    }
+
+    /// How the node's published keys compare with its own (`None` before the node is seen).
+    pub fn key_check(&self) -> Option<KeyCheck> {
+        self.view
+            .node(&self.settings.node_name)
+            .map(|n| key_check(n, self.our_keys()))
+    }
+
+    /// Whether the bootstrap guard is on: host traffic stays outside the tunnel.
+    pub fn guarded(&self) -> bool {
+        self.view.mesh().enabled && !self.key_check().is_some_and(|k| k.confirmed())
+    }
+
+    fn update_state(&self) {
+        self.metrics
+            .set_cluster(self.view.node_count(), self.view.pod_count());
+        self.metrics.set_state(AgentState {
+            synced: self.synced(),
+            applied: self.applied_once && self.failures == 0,
+            key_published: self.key_check().is_some_and(|k| k.confirmed()),
+            guarded: self.planner.is_some() && self.guarded(),
+            last_error: self.last_error.clone(),
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Inputs.
+
+    /// A Node watch event.
+    pub fn on_nodes(&mut self, event: watcher::Event<K8sNode>, now: Instant) {
+        self.nodes.apply_watcher_event(&event);
+        let changes = match event {
+            watcher::Event::Apply(node) => self.view.apply_node(&node),
+            watcher::Event::Delete(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                self.view.delete_node(&name)
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => Changes::default(),
+            watcher::Event::InitDone => {
+                let list = self.nodes.as_reader().state();
+                let changes = self.view.replace_nodes(list.iter().map(AsRef::as_ref));
+                if !self.nodes_synced {
+                    info!(nodes = self.view.node_count(), "nodes listed");
+                }
+                self.nodes_synced = true;
+                changes
+            }
+        };
+        self.feed(changes, now);
+    }
+
+    /// A Pod watch event.
+    pub fn on_pods(&mut self, event: watcher::Event<Pod>, now: Instant) {
+        if !self.settings.watch_pods {
+            return;
+        }
+        self.pods.apply_watcher_event(&event);
+        let changes = match event {
+            watcher::Event::Apply(pod) => self.view.apply_pod(&pod),
+            watcher::Event::Delete(pod) => self.view.delete_pod(&pod),
+            watcher::Event::Init | watcher::Event::InitApply(_) => Changes::default(),
+            watcher::Event::InitDone => {
+                let list = self.pods.as_reader().state();
+                let changes = self.view.replace_pods(list.iter().map(AsRef::as_ref));
+                if !self.pods_synced {
+                    info!(pods = self.view.pod_count(), "pods listed");
+                }
+                self.pods_synced = true;
+                changes
+            }
+        };
+        self.feed(changes, now);
+    }
+
+    /// A watch failed (it retries by itself, with backoff).
+    pub fn on_watch_error(&mut self, resource: Resource, error: &str, _now: Instant) {
+        let source = match resource {
+            Resource::Nodes => "watch_nodes",
+            Resource::Pods => "watch_pods",
+        };
+        warn!(watch = source, error, "watch failed; retrying");
+        self.metrics.error(source);
+    }
+
+    /// The outcome of the last [`Publication`].
+    pub fn on_published(&mut self, result: Result<(), String>, now: Instant) {
+        self.publish_attempts = self.publish_attempts.saturating_add(1);
+        self.next_publish = Some(now + self.settings.publish_backoff.delay(self.publish_attempts));
+        match result {
+            Ok(()) => {
+                info!(node = %self.settings.node_name, "published the node's WireGuard keys");
+                self.metrics.published(true);
+                self.publish = PublishState::AwaitingEcho {
+                    until: now + self.settings.echo_timeout,
+                };
+            }
+            Err(e) => {
+                warn!(node = %self.settings.node_name, error = %e, retry_in = ?self.settings.publish_backoff.delay(self.publish_attempts), "publishing the node's keys failed");
+                self.metrics.published(false);
+                self.metrics.error("publish");
+                self.publish = PublishState::Idle;
+            }
+        }
+    }
+
+    fn feed(&mut self, changes: Changes, now: Instant) {
+        if !changes.warnings.is_empty() {
+            self.metrics.warned(changes.warnings.len());
+        }
+        for w in &changes.warnings {
+            warn!(node = w.node().unwrap_or(""), "{w}");
+        }
+        if let Some(planner) = &mut self.planner {
+            for event in changes.events {
+                match planner.apply(event) {
+                    Ok(delta) if delta.is_empty() => {}
+                    Ok(delta) => {
+                        debug!(summary = %delta.summary(), "plan changed");
+                        self.pending.push(delta);
+                        self.dirty_since.get_or_insert(now);
+                        self.last_change = Some(now);
+                    }
+                    Err(e) => {
+                        error!(error = %e, "the planner refused an event; rebuilding it");
+                        self.metrics.error("planner");
+                        self.rebuild = true;
+                    }
+                }
+            }
+            if self.pending.len() > self.settings.max_pending_deltas {
+                self.pending.clear();
+                self.full = true;
+            }
+        }
+        self.update_state();
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Timers.
+
+    /// When [`Self::poll`] next has something to do, as seen at `now` (`None`: only an input
+    /// can change that).
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        if self.planner.is_none() && self.synced() {
+            return Some(now);
+        }
+        if let Some(flush) = self.flush_at(now) {
+            at(Some(flush));
+        }
+        at(self.next_resync);
+        at(self.next_stats);
+        if self.publication().is_some() {
+            match self.publish {
+                PublishState::InFlight => {}
+                PublishState::AwaitingEcho { until } => at(Some(until)),
+                PublishState::Idle => at(Some(self.next_publish.unwrap_or(now))),
+            }
+        } else if let Some(since) = self.confirmed_since
+            && self.publish_attempts > 0
+        {
+            at(Some(since + self.settings.publish_backoff.max));
+        }
+        next
+    }
+
+    fn dirty(&self) -> bool {
+        self.planner.is_some()
+            && (self.rebuild
+                || self.full
+                || !self.pending.is_empty()
+                || self.applied_guard != Some(self.guarded()))
+    }
+
+    fn flush_at(&self, now: Instant) -> Option<Instant> {
+        if !self.dirty() {
+            return None;
+        }
+        // The guard changes at once (and first, before any publication): turning it on
+        // protects the node's way to the API server.
+        if self.applied_guard.is_some() && self.applied_guard != Some(self.guarded()) {
+            return Some(self.retry_at.map_or(now, |r| r.max(now)));
+        }
+        let at = match (self.dirty_since, self.last_change) {
+            (Some(first), Some(last)) => {
+                (last + self.settings.debounce).min(first + self.settings.max_delay)
+            }
+            _ => now,
+        };
+        Some(self.retry_at.map_or(at, |r| r.max(at)))
+    }
+
+    /// Does what is due at `now`; returns a publication for the shell to make, if one is due.
+    pub fn poll(&mut self, now: Instant) -> Option<Publication> {
+        self.metrics.heartbeat(now);
+        if self.planner.is_none() && self.synced() {
+            self.rebuild_planner(now);
+        }
+        if self.planner.is_some() && self.next_resync.is_some_and(|t| now >= t) {
+            self.resync(now);
+        }
+        if self.rebuild {
+            self.rebuild_planner(now);
+        }
+        if self.flush_at(now).is_some_and(|t| now >= t) {
+            self.flush(now);
+        }
+        if self.next_stats.is_some_and(|t| now >= t) {
+            self.refresh_stats();
+            self.next_stats = Some(now + self.settings.stats_interval);
+        }
+        let publication = self.due_publication(now);
+        self.update_state();
+        publication
+    }
+
+    fn rebuild_planner(&mut self, now: Instant) {
+        self.rebuild = false;
+        match self.view.cluster() {
+            Ok(cluster) => {
+                self.planner = Some(IncrementalPlanner::new(&cluster, &self.settings.node_name));
+                self.pending.clear();
+                self.full = true;
+                self.dirty_since = None;
+                self.last_change = None;
+                if self.next_resync.is_none() {
+                    self.next_resync = Some(now + self.settings.resync_interval);
+                    self.next_stats = Some(now + self.settings.stats_interval);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "the cluster is not valid; keeping the current plan");
+                self.metrics.error("planner");
+            }
+        }
+    }
+
+    /// A full resync: the view is rebuilt from the reflector stores (the watch caches), the
+    /// planner from the view, and the whole plan is reconciled, which repairs drift on the node.
+    fn resync(&mut self, now: Instant) {
+        self.next_resync = Some(now + self.settings.resync_interval);
+        let nodes = self.nodes.as_reader().state();
+        let mut changes = self.view.replace_nodes(nodes.iter().map(AsRef::as_ref));
+        if self.settings.watch_pods {
+            let pods = self.pods.as_reader().state();
+            let more = self.view.replace_pods(pods.iter().map(AsRef::as_ref));
+            changes.events.extend(more.events);
+            changes.warnings.extend(more.warnings);
+        }
+        if !changes.events.is_empty() {
+            warn!(
+                events = changes.events.len(),
+                "the cluster view had drifted from the watch cache; rebuilt"
+            );
+        }
+        debug!("full resync");
+        self.rebuild_planner(now);
+        self.retry_at = None;
+    }
+
+    fn flush(&mut self, now: Instant) {
+        let Some(planner) = &self.planner else {
+            return;
+        };
+        let guarded = self.guarded();
+        let full = self.full || self.applied_guard != Some(guarded);
+        self.dirty_since = None;
+        self.last_change = None;
+        if full {
+            let mut plan = planner.plan();
+            if guarded {
+                guard_plan(&mut plan);
+            }
+            let started = Instant::now();
+            let result = self.dataplane.reconcile(&plan);
+            let seconds = started.elapsed().as_secs_f64();
+            self.pending.clear();
+            match result {
+                Ok(report) => {
+                    self.metrics.reconciled(ApplyKind::Full, true, seconds);
+                    info!(
+                        operations = report.operations,
+                        peers = plan.interfaces.iter().map(|i| i.peers.len()).sum::<usize>(),
+                        routes = plan.routes.len(),
+                        guarded,
+                        "reconciled the full plan"
+                    );
+                    for w in &report.warnings {
+                        warn!("{w}");
+                    }
+                    self.metrics.set_peers(
+                        plan.interfaces
+                            .iter()
+                            .map(|i| (i.name.clone(), i.peers.len())),
+                    );
+                    self.succeeded(guarded);
+                }
+                Err(e) => self.failed(ApplyKind::Full, seconds, &e.to_string(), now),
+            }
+        } else {
+            let deltas = std::mem::take(&mut self.pending);
+            for mut delta in deltas {
+                if guarded {
+                    guard_delta(&mut delta);
+                }
+                let started = Instant::now();
+                let result = self.dataplane.apply_delta(&delta);
+                let seconds = started.elapsed().as_secs_f64();
+                match result {
+                    Ok(report) => {
+                        self.metrics.reconciled(ApplyKind::Delta, true, seconds);
+                        debug!(
+                            operations = report.operations,
+                            summary = %delta.summary(),
+                            "applied a delta"
+                        );
+                        self.succeeded(guarded);
+                    }
+                    Err(e) => {
+                        self.failed(ApplyKind::Delta, seconds, &e.to_string(), now);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn succeeded(&mut self, guarded: bool) {
+        self.full = false;
+        self.failures = 0;
+        self.retry_at = None;
+        self.applied_guard = Some(guarded);
+        self.applied_once = true;
+        self.last_error = None;
+    }
+
+    fn failed(&mut self, kind: ApplyKind, seconds: f64, error: &str, now: Instant) {
+        self.metrics.reconciled(kind, false, seconds);
+        self.metrics.error("dataplane");
+        self.failures = self.failures.saturating_add(1);
+        let wait = self.settings.apply_backoff.delay(self.failures);
+        warn!(error, retry_in = ?wait, "dataplane update failed; a full reconcile follows");
+        self.full = true;
+        self.pending.clear();
+        self.retry_at = Some(now + wait);
+        self.last_error = Some(error.to_owned());
+        self.dirty_since.get_or_insert(now);
+    }
+
+    fn refresh_stats(&mut self) {
+        let Some(planner) = &self.planner else {
+            return;
+        };
+        let plan = planner.plan();
+        self.metrics.set_peers(
+            plan.interfaces
+                .iter()
+                .map(|i| (i.name.clone(), i.peers.len())),
+        );
+        match self.dataplane.peer_stats() {
+            Ok(Some(stats)) => {
+                let node_of = |iface: &str, key: &PublicKey| {
+                    plan.interfaces
+                        .iter()
+                        .filter(|i| i.name == iface)
+                        .flat_map(|i| &i.peers)
+                        .find(|p| p.public_key == *key)
+                        .map(|p| p.node.clone())
+                        .unwrap_or_default()
+                };
+                let rows = stats
+                    .iter()
+                    .map(|s| PeerRow {
+                        interface: s.interface.clone(),
+                        node: node_of(&s.interface, &s.public_key),
+                        public_key: s.public_key.to_base64(),
+                        last_handshake: s.last_handshake,
+                        rx_bytes: s.rx_bytes,
+                        tx_bytes: s.tx_bytes,
+                    })
+                    .collect();
+                self.metrics.set_peer_rows(rows);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "reading peer counters failed");
+                self.metrics.error("dataplane");
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Publication of the node's keys.
+
+    /// What the node's annotations should be changed to, if anything (ignoring backoff).
+    pub fn publication(&self) -> Option<Publication> {
+        if !self.nodes_synced {
+            return None;
+        }
+        // Never publish to a Node that is not there: server-side apply would create it.
+        let info = self.view.node(&self.settings.node_name)?;
+        let mut apply = BTreeMap::new();
+        if self.settings.mesh.enabled {
+            for family in Family::ALL {
+                if info.node.address(family).is_some()
+                    && let Some(key) = self.dataplane.public_key(family)
+                {
+                    apply.insert(key_annotation(family).to_owned(), key.to_base64());
+                }
+            }
+            if let Some(mtu) = self.settings.underlay_mtu {
+                apply.insert(UNDERLAY_MTU_ANNOTATION.to_owned(), mtu.to_string());
+            }
+        }
+        let remove: Vec<String> = Family::ALL
+            .into_iter()
+            .map(key_annotation)
+            .filter(|a| !apply.contains_key(*a))
+            .filter(|a| info.published.annotation(a).is_some())
+            .map(str::to_owned)
+            .collect();
+        let applied = apply
+            .iter()
+            .all(|(k, v)| info.published.annotation(k) == Some(v.as_str()));
+        if applied && remove.is_empty() {
+            return None;
+        }
+        Some(Publication {
+            node: self.settings.node_name.clone(),
+            apply,
+            remove,
+        })
+    }
+
+    fn due_publication(&mut self, now: Instant) -> Option<Publication> {
+        let Some(publication) = self.publication() else {
+            if self.publish != PublishState::InFlight {
+                self.publish = PublishState::Idle;
+            }
+            let since = *self.confirmed_since.get_or_insert(now);
+            if now >= since + self.settings.publish_backoff.max {
+                self.publish_attempts = 0;
+            }
+            return None;
+        };
+        self.confirmed_since = None;
+        match self.publish {
+            PublishState::InFlight => return None,
+            PublishState::AwaitingEcho { until } if now < until => return None,
+            _ => {}
+        }
+        if self.next_publish.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.publish = PublishState::InFlight;
+        Some(publication)
+    }
+
+    /// A summary for health checks.
+    pub fn state(&self) -> AgentState {
+        self.metrics.state()
+    }
+}

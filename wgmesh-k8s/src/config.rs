@@ -1,0 +1,487 @@
+//! The agent's configuration: a file (YAML or JSON) and command-line flags, with the core's
+//! defaults for the mesh (its `mesh` section is the core's [`MeshSpec`]).
+//!
+//! ```yaml
+//! node_name: null                  # default: the NODE_NAME environment variable
+//! mesh:                            # wgmesh-core's mesh settings; every field optional
+//!   route_source: workload_ips
+//!   host_encryption: true
+//!   control_plane_endpoints: ["10.0.0.100:6443"]
+//! private_key_file: /var/lib/wgmesh/private-key
+//! calico_annotations: false        # also read projectcalico.org/WireguardPublicKey(V6)
+//! watch_pods: auto                 # auto (iff route_source is workload_ips) | true | false
+//! control_plane:
+//!   service: true                  # keep KUBERNETES_SERVICE_HOST:PORT outside the tunnel
+//!   node_label: node-role.kubernetes.io/control-plane   # null: derive nothing from nodes
+//!   port: 6443                     # the API server's port on control-plane nodes
+//! underlay_mtu: null               # publish this node's underlay MTU
+//! debounce_ms: 100
+//! max_delay_ms: 1000
+//! resync_seconds: 90
+//! publish_backoff_max_seconds: 60
+//! metrics_address: 127.0.0.1:9469  # "" disables the endpoint
+//! log_format: json                 # json | text
+//! dry_run: false                   # log plans, program nothing
+//! backend: auto                    # WireGuard: auto | kernel | userspace (wireguard-go)
+//! ```
+//!
+//! Flags override the file: `--config FILE`, `--node-name NAME`, `--private-key-file PATH`,
+//! `--metrics-address ADDR`, `--log-format json|text`, `--dry-run`, `--resync-seconds N`,
+//! `--route-source cidr_blocks|workload_ips`, `--host-encryption true|false`,
+//! `--enabled true|false`, `--calico-annotations true|false`, `--watch-pods auto|true|false`,
+//! `--control-plane-endpoint ADDR:PORT` (repeatable).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use wgmesh_core::RouteSource;
+use wgmesh_core::spec::MeshSpec;
+
+use crate::adapter::{AdapterOptions, CONTROL_PLANE_LABEL};
+use crate::agent::{AgentSettings, Backoff};
+use crate::http::DEFAULT_ADDRESS;
+use crate::view::ControlPlaneEndpoints;
+
+/// Where the private key lives by default (a hostPath volume in the DaemonSet).
+pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/wgmesh/private-key";
+
+/// A configuration problem, naming the field (or flag) and the value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The text is not valid YAML/JSON of the right shape.
+    #[error("config: {path}: {message}")]
+    Syntax {
+        /// The path of the bad value (`mesh.listen_port`).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("config: {field} = {value:?}: {problem}")]
+    Invalid {
+        /// The field or flag.
+        field: String,
+        /// The value.
+        value: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The mesh settings are not valid.
+    #[error("config: {0}")]
+    Mesh(#[from] wgmesh_core::Error),
+    /// A flag is unknown or lacks its value.
+    #[error("{0}")]
+    Flag(String),
+}
+
+/// `watch_pods`: automatic, or forced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WatchPods {
+    /// Watch pods iff the route source is `workload_ips`.
+    #[default]
+    Auto,
+    /// Always (adds borrowed addresses with `cidr_blocks`).
+    #[serde(rename = "true")]
+    Always,
+    /// Never.
+    #[serde(rename = "false")]
+    Never,
+}
+
+/// The log format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// The `control_plane` section as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)] // documented on `ConfigSpec`
+pub struct ControlPlaneSpec {
+    pub service: Option<bool>,
+    /// `Some(None)` (written `null`) turns the derivation off.
+    #[serde(default, with = "double_option")]
+    pub node_label: Option<Option<String>>,
+    pub port: Option<i64>,
+}
+
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<Option<String>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
+        Option::<String>::deserialize(d).map(Some)
+    }
+}
+
+/// The configuration file as written; every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)] // the module documentation describes every field
+pub struct ConfigSpec {
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub mesh: MeshSpec,
+    pub private_key_file: Option<String>,
+    pub calico_annotations: Option<bool>,
+    pub watch_pods: Option<WatchPods>,
+    #[serde(default)]
+    pub control_plane: ControlPlaneSpec,
+    pub underlay_mtu: Option<i64>,
+    pub debounce_ms: Option<i64>,
+    pub max_delay_ms: Option<i64>,
+    pub resync_seconds: Option<i64>,
+    pub publish_backoff_max_seconds: Option<i64>,
+    pub metrics_address: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub dry_run: Option<bool>,
+    pub backend: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct AgentConfig {
+    /// What the agent's state machine needs.
+    pub settings: AgentSettings,
+    /// The private key file (mode 0600; generated when absent).
+    pub private_key_file: PathBuf,
+    /// The health and metrics endpoint (`None`: off).
+    pub metrics_address: Option<SocketAddr>,
+    /// The log format.
+    pub log_format: LogFormat,
+    /// Log plans, program nothing.
+    pub dry_run: bool,
+    /// Which WireGuard implementation to drive.
+    pub backend: wgmesh_netlink::Backend,
+}
+
+fn invalid(field: &str, value: impl ToString, problem: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        value: value.to_string(),
+        problem: problem.to_owned(),
+    }
+}
+
+fn ranged(
+    field: &str,
+    v: Option<i64>,
+    default: u64,
+    min: i64,
+    max: i64,
+) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) if (min..=max).contains(&v) => Ok(v as u64),
+        Some(v) => Err(invalid(
+            field,
+            v,
+            &format!("must be between {min} and {max}"),
+        )),
+    }
+}
+
+impl ConfigSpec {
+    /// Parses YAML or JSON (JSON is YAML), naming the path of a bad value.
+    ///
+    /// ```
+    /// use wgmesh_k8s::config::ConfigSpec;
+    /// let spec = ConfigSpec::parse("mesh: {route_source: workload_ips}\nresync_seconds: 30\n")?;
+    /// assert_eq!(spec.resync_seconds, Some(30));
+    /// let err = ConfigSpec::parse("mesh: {listen_port: many}").unwrap_err();
+    /// assert!(err.to_string().starts_with("config: mesh.listen_port: invalid type"), "{err}");
+    /// # Ok::<(), wgmesh_k8s::config::ConfigError>(())
+    /// ```
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.inner().to_string();
+            // The YAML library sometimes names the path itself.
+            let message = message
+                .strip_prefix(&format!("{path}: "))
+                .map(str::to_owned)
+                .unwrap_or(message);
+            ConfigError::Syntax { path, message }
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn read(path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Applies command-line flags (without the program name) on top of the file's values.
+    /// `--config` is handled by [`AgentConfig::from_args`].
+    pub fn apply_flags(&mut self, args: &[String]) -> Result<(), ConfigError> {
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+                _ => (arg.as_str(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| it.next().cloned())
+                    .ok_or_else(|| ConfigError::Flag(format!("{flag} needs a value")))
+            };
+            let boolean = |v: String| match v.as_str() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(invalid(flag, &v, "must be true or false")),
+            };
+            match flag {
+                "--config" | "-c" => {
+                    value()?;
+                }
+                "--node-name" => self.node_name = Some(value()?),
+                "--private-key-file" => self.private_key_file = Some(value()?),
+                "--metrics-address" => self.metrics_address = Some(value()?),
+                "--log-format" => {
+                    self.log_format = Some(match value()?.as_str() {
+                        "json" => LogFormat::Json,
+                        "text" => LogFormat::Text,
+                        other => return Err(invalid(flag, other, "must be json or text")),
+                    })
+                }
+                "--dry-run" => self.dry_run = Some(true),
+                "--backend" => self.backend = Some(value()?),
+                "--resync-seconds" => {
+                    let v = value()?;
+                    self.resync_seconds = Some(
+                        v.parse()
+                            .map_err(|_| invalid(flag, &v, "must be a number of seconds"))?,
+                    );
+                }
+                "--route-source" => self.mesh.route_source = Some(value()?),
+                "--host-encryption" => self.mesh.host_encryption = Some(boolean(value()?)?),
+                "--enabled" => self.mesh.enabled = Some(boolean(value()?)?),
+                "--calico-annotations" => self.calico_annotations = Some(boolean(value()?)?),
+                "--watch-pods" => {
+                    self.watch_pods = Some(match value()?.as_str() {
+                        "auto" => WatchPods::Auto,
+                        "true" => WatchPods::Always,
+                        "false" => WatchPods::Never,
+                        other => return Err(invalid(flag, other, "must be auto, true or false")),
+                    })
+                }
+                "--control-plane-endpoint" => self.mesh.control_plane_endpoints.push(value()?),
+                other => {
+                    return Err(ConfigError::Flag(format!(
+                        "unknown argument {other:?} (see the agent's documentation for flags)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates everything. `env` reads environment variables (`NODE_NAME`,
+    /// `KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`).
+    pub fn validate(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let mesh = self.mesh.validate()?;
+        let node_name = match self.node_name.clone().or_else(|| env("NODE_NAME")) {
+            Some(n) if !n.trim().is_empty() => n.trim().to_owned(),
+            _ => {
+                return Err(invalid(
+                    "node_name",
+                    "",
+                    "set node_name, --node-name or NODE_NAME (the downward API's spec.nodeName)",
+                ));
+            }
+        };
+        let mut settings = AgentSettings::new(node_name, mesh);
+        settings.watch_pods = match self.watch_pods.unwrap_or_default() {
+            WatchPods::Auto => settings.mesh.route_source == RouteSource::WorkloadIps,
+            WatchPods::Always => true,
+            WatchPods::Never => {
+                if settings.mesh.route_source == RouteSource::WorkloadIps {
+                    return Err(invalid(
+                        "watch_pods",
+                        "false",
+                        "route_source workload_ips takes its destinations from pods",
+                    ));
+                }
+                false
+            }
+        };
+        let label = match &self.control_plane.node_label {
+            None => Some(CONTROL_PLANE_LABEL.to_owned()),
+            Some(l) => l.clone().filter(|l| !l.is_empty()),
+        };
+        settings.adapter = AdapterOptions::default()
+            .with_calico_annotations(self.calico_annotations.unwrap_or(false))
+            .with_control_plane_label(label.clone());
+        let port = ranged(
+            "control_plane.port",
+            self.control_plane.port,
+            6443,
+            1,
+            65535,
+        )? as u16;
+        let mut fixed = Vec::new();
+        if self.control_plane.service.unwrap_or(true)
+            && let (Some(host), Some(p)) = (
+                env("KUBERNETES_SERVICE_HOST"),
+                env("KUBERNETES_SERVICE_PORT"),
+            )
+        {
+            let ip: IpAddr = host
+                .trim()
+                .parse()
+                .map_err(|_| invalid("KUBERNETES_SERVICE_HOST", &host, "not an IP address"))?;
+            let p: u16 = p
+                .trim()
+                .parse()
+                .map_err(|_| invalid("KUBERNETES_SERVICE_PORT", &p, "not a port"))?;
+            fixed.push(SocketAddr::new(ip, p));
+        }
+        settings.control_plane = ControlPlaneEndpoints::new(fixed, label.map(|_| port));
+        settings.debounce =
+            Duration::from_millis(ranged("debounce_ms", self.debounce_ms, 100, 0, 60_000)?);
+        settings.max_delay =
+            Duration::from_millis(ranged("max_delay_ms", self.max_delay_ms, 1000, 0, 600_000)?);
+        if settings.max_delay < settings.debounce {
+            return Err(invalid(
+                "max_delay_ms",
+                settings.max_delay.as_millis(),
+                "must not be less than debounce_ms",
+            ));
+        }
+        settings.resync_interval = Duration::from_secs(ranged(
+            "resync_seconds",
+            self.resync_seconds,
+            90,
+            5,
+            86_400,
+        )?);
+        let max = ranged(
+            "publish_backoff_max_seconds",
+            self.publish_backoff_max_seconds,
+            60,
+            1,
+            3600,
+        )?;
+        settings.publish_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(max));
+        settings.underlay_mtu = match self.underlay_mtu {
+            None => None,
+            Some(v) => {
+                let min = i64::from(wgmesh_core::Family::V4.min_mtu() + 60);
+                Some(ranged("underlay_mtu", Some(v), 0, min, 65535)? as u32)
+            }
+        };
+        let metrics_address = match self.metrics_address.as_deref().map(str::trim) {
+            None => Some(
+                DEFAULT_ADDRESS
+                    .parse()
+                    .map_err(|_| invalid("metrics_address", DEFAULT_ADDRESS, "bad default"))?,
+            ),
+            Some("") => None,
+            Some(text) => Some(
+                text.parse()
+                    .map_err(|_| invalid("metrics_address", text, "not an address:port"))?,
+            ),
+        };
+        let private_key_file = PathBuf::from(
+            self.private_key_file
+                .clone()
+                .unwrap_or_else(|| DEFAULT_PRIVATE_KEY_FILE.to_owned()),
+        );
+        if private_key_file.as_os_str().is_empty() {
+            return Err(invalid("private_key_file", "", "must not be empty"));
+        }
+        let backend = match self.backend.as_deref() {
+            None => wgmesh_netlink::Backend::Auto,
+            Some(text) => text
+                .parse()
+                .map_err(|e: String| invalid("backend", text, &e))?,
+        };
+        Ok(AgentConfig {
+            backend,
+            settings,
+            private_key_file,
+            metrics_address,
+            log_format: self.log_format.unwrap_or_default(),
+            dry_run: self.dry_run.unwrap_or(false),
+        })
+    }
+}
+
+impl AgentConfig {
+    /// The configuration from command-line arguments (without the program name): the file of
+    /// `--config` (if any), then the flags, then the environment.
+    ///
+    /// ```
+    /// use wgmesh_k8s::config::AgentConfig;
+    /// let args: Vec<String> = ["--node-name", "node-a", "--route-source", "workload_ips", "--dry-run"]
+    ///     .iter().map(|s| s.to_string()).collect();
+    /// let env = |k: &str| (k == "KUBERNETES_SERVICE_HOST").then(|| "10.0.0.1".to_owned())
+    ///     .or_else(|| (k == "KUBERNETES_SERVICE_PORT").then(|| "443".to_owned()));
+    /// let config = AgentConfig::from_args(&args, env)?;
+    /// assert_eq!(config.settings.node_name, "node-a");
+    /// assert!(config.settings.watch_pods && config.dry_run);
+    /// assert_eq!(config.settings.control_plane.fixed, ["10.0.0.1:443".parse().unwrap()]);
+    /// assert_eq!(config.metrics_address, Some("127.0.0.1:9469".parse().unwrap()));
+    /// # Ok::<(), wgmesh_k8s::config::ConfigError>(())
+    /// ```
+    pub fn from_args(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut path = None;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == "--config" || a == "-c" {
+                path = it.next().cloned();
+            } else if let Some(p) = a.strip_prefix("--config=") {
+                path = Some(p.to_owned());
+            }
+        }
+        let mut spec = match path {
+            Some(p) => ConfigSpec::read(&p)?,
+            None => ConfigSpec::default(),
+        };
+        spec.apply_flags(args)?;
+        spec.validate(env)
+    }
+}

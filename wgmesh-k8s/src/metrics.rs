@@ -1,0 +1,444 @@
+//! Prometheus metrics and health of the agent, rendered in the text exposition format.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `wgmesh_peers` | gauge | `interface` |
+//! | `wgmesh_peer_latest_handshake_age_seconds` | gauge (`+Inf`: never) | `interface`, `node`, `public_key` |
+//! | `wgmesh_peer_receive_bytes_total`, `wgmesh_peer_transmit_bytes_total` | counter | `interface`, `node`, `public_key` |
+//! | `wgmesh_reconciles_total` | counter | `kind` (`full`, `delta`), `result` (`ok`, `error`) |
+//! | `wgmesh_reconcile_duration_seconds` | histogram | `kind` |
+//! | `wgmesh_errors_total` | counter | `source` (`dataplane`, `publish`, `watch_nodes`, `watch_pods`, `planner`) |
+//! | `wgmesh_publishes_total` | counter | `result` |
+//! | `wgmesh_warnings_total` | counter | — |
+//! | `wgmesh_nodes`, `wgmesh_workload_pods` | gauge | — |
+//! | `wgmesh_key_published` | gauge: 1 when the node's published keys are the ones it uses | — |
+//! | `wgmesh_bootstrap_guard` | gauge: 1 while host traffic is kept outside the tunnel | — |
+//! | `wgmesh_ready` | gauge | — |
+//!
+//! Peer counters appear only when the dataplane can read them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Upper bounds of the reconcile duration histogram, in seconds.
+pub const DURATION_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// How a plan reached the dataplane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum ApplyKind {
+    /// A full reconcile.
+    Full,
+    /// A delta.
+    Delta,
+}
+
+impl ApplyKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Delta => "delta",
+        }
+    }
+}
+
+/// One peer's counters, with the node it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerRow {
+    /// The interface.
+    pub interface: String,
+    /// The node behind the peer (empty if unknown).
+    pub node: String,
+    /// The peer's public key (base64).
+    pub public_key: String,
+    /// The latest handshake.
+    pub last_handshake: Option<SystemTime>,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+}
+
+impl PeerRow {
+    /// One peer's counters.
+    pub fn new(
+        interface: impl Into<String>,
+        node: impl Into<String>,
+        public_key: impl Into<String>,
+        last_handshake: Option<SystemTime>,
+        rx_bytes: u64,
+        tx_bytes: u64,
+    ) -> Self {
+        Self {
+            interface: interface.into(),
+            node: node.into(),
+            public_key: public_key.into(),
+            last_handshake,
+            rx_bytes,
+            tx_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    buckets: [u64; DURATION_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+/// A summary of the agent's state, for `/readyz` and the gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AgentState {
+    /// Nodes (and pods, when tracked) have been listed.
+    pub synced: bool,
+    /// The last dataplane call succeeded, and there was one.
+    pub applied: bool,
+    /// The node's published keys are the ones its dataplane uses.
+    pub key_published: bool,
+    /// Host traffic is kept outside the tunnel until the keys are confirmed.
+    pub guarded: bool,
+    /// The last error, if the agent is not healthy.
+    pub last_error: Option<String>,
+}
+
+impl AgentState {
+    /// Ready: synced and the dataplane matches the plan.
+    pub fn ready(&self) -> bool {
+        self.synced && self.applied
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    peers: BTreeMap<String, usize>,
+    peer_rows: Vec<PeerRow>,
+    reconciles: BTreeMap<(ApplyKind, bool), u64>,
+    durations: BTreeMap<ApplyKind, Histogram>,
+    errors: BTreeMap<&'static str, u64>,
+    publishes: BTreeMap<bool, u64>,
+    warnings: u64,
+    nodes: usize,
+    pods: usize,
+    state: AgentState,
+    heartbeat: Option<Instant>,
+}
+
+/// The agent's metrics; cheap to clone (shared).
+///
+/// ```
+/// use std::time::SystemTime;
+/// use wgmesh_k8s::metrics::{ApplyKind, Metrics};
+/// let metrics = Metrics::new();
+/// metrics.reconciled(ApplyKind::Delta, true, 0.002);
+/// let text = metrics.render(SystemTime::now());
+/// assert!(text.contains("wgmesh_reconciles_total{kind=\"delta\",result=\"ok\"} 1\n"));
+/// assert!(text.contains("wgmesh_reconcile_duration_seconds_bucket{kind=\"delta\",le=\"0.005\"} 1\n"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn float(v: f64) -> String {
+    if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+    } else {
+        format!("{v}")
+    }
+}
+
+impl Metrics {
+    /// Empty metrics.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves plain data behind; keep serving it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a dataplane call and its duration.
+    pub fn reconciled(&self, kind: ApplyKind, ok: bool, seconds: f64) {
+        let mut m = self.lock();
+        *m.reconciles.entry((kind, ok)).or_default() += 1;
+        let h = m.durations.entry(kind).or_default();
+        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                h.buckets[i] += 1;
+            }
+        }
+        h.sum += seconds;
+        h.count += 1;
+    }
+
+    /// Counts an error.
+    pub fn error(&self, source: &'static str) {
+        *self.lock().errors.entry(source).or_default() += 1;
+    }
+
+    /// Counts a publish of the node's annotations.
+    pub fn published(&self, ok: bool) {
+        *self.lock().publishes.entry(ok).or_default() += 1;
+    }
+
+    /// Counts warnings about the cluster's objects.
+    pub fn warned(&self, n: usize) {
+        self.lock().warnings += n as u64;
+    }
+
+    /// Sets the size of the known cluster.
+    pub fn set_cluster(&self, nodes: usize, pods: usize) {
+        let mut m = self.lock();
+        m.nodes = nodes;
+        m.pods = pods;
+    }
+
+    /// Sets the number of peers per interface.
+    pub fn set_peers(&self, peers: impl IntoIterator<Item = (String, usize)>) {
+        self.lock().peers = peers.into_iter().collect();
+    }
+
+    /// Sets the per-peer counters.
+    pub fn set_peer_rows(&self, rows: Vec<PeerRow>) {
+        self.lock().peer_rows = rows;
+    }
+
+    /// Sets the agent's state.
+    pub fn set_state(&self, state: AgentState) {
+        self.lock().state = state;
+    }
+
+    /// The agent's state.
+    pub fn state(&self) -> AgentState {
+        self.lock().state.clone()
+    }
+
+    /// Records that the agent's loop ran at `at`.
+    pub fn heartbeat(&self, at: Instant) {
+        self.lock().heartbeat = Some(at);
+    }
+
+    /// Whether the agent's loop ran within `max_silence` of `now` (liveness).
+    pub fn alive(&self, now: Instant, max_silence: Duration) -> bool {
+        self.lock()
+            .heartbeat
+            .is_some_and(|h| now.saturating_duration_since(h) <= max_silence)
+    }
+
+    /// The text exposition format; handshake ages are computed against `now`.
+    pub fn render(&self, now: SystemTime) -> String {
+        let m = self.lock();
+        let mut out = String::new();
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+        };
+
+        head(
+            &mut out,
+            "wgmesh_peers",
+            "gauge",
+            "WireGuard peers per interface in the applied plan.",
+        );
+        for (iface, n) in &m.peers {
+            let _ = writeln!(out, "wgmesh_peers{{interface=\"{}\"}} {n}", escape(iface));
+        }
+
+        if !m.peer_rows.is_empty() {
+            let labels = |r: &PeerRow| {
+                format!(
+                    "interface=\"{}\",node=\"{}\",public_key=\"{}\"",
+                    escape(&r.interface),
+                    escape(&r.node),
+                    escape(&r.public_key)
+                )
+            };
+            head(
+                &mut out,
+                "wgmesh_peer_latest_handshake_age_seconds",
+                "gauge",
+                "Seconds since the latest handshake with the peer (+Inf: none yet).",
+            );
+            for r in &m.peer_rows {
+                let age = match r.last_handshake {
+                    Some(t) => now
+                        .duration_since(t)
+                        .map_or(0.0, |d| d.as_secs_f64().floor()),
+                    None => f64::INFINITY,
+                };
+                let _ = writeln!(
+                    out,
+                    "wgmesh_peer_latest_handshake_age_seconds{{{}}} {}",
+                    labels(r),
+                    float(age)
+                );
+            }
+            head(
+                &mut out,
+                "wgmesh_peer_receive_bytes_total",
+                "counter",
+                "Bytes received from the peer.",
+            );
+            for r in &m.peer_rows {
+                let _ = writeln!(
+                    out,
+                    "wgmesh_peer_receive_bytes_total{{{}}} {}",
+                    labels(r),
+                    r.rx_bytes
+                );
+            }
+            head(
+                &mut out,
+                "wgmesh_peer_transmit_bytes_total",
+                "counter",
+                "Bytes sent to the peer.",
+            );
+            for r in &m.peer_rows {
+                let _ = writeln!(
+                    out,
+                    "wgmesh_peer_transmit_bytes_total{{{}}} {}",
+                    labels(r),
+                    r.tx_bytes
+                );
+            }
+        }
+
+        head(
+            &mut out,
+            "wgmesh_reconciles_total",
+            "counter",
+            "Dataplane updates, by kind and result.",
+        );
+        for kind in [ApplyKind::Full, ApplyKind::Delta] {
+            for ok in [true, false] {
+                let n = m.reconciles.get(&(kind, ok)).copied().unwrap_or(0);
+                let result = if ok { "ok" } else { "error" };
+                let _ = writeln!(
+                    out,
+                    "wgmesh_reconciles_total{{kind=\"{}\",result=\"{result}\"}} {n}",
+                    kind.as_str()
+                );
+            }
+        }
+
+        head(
+            &mut out,
+            "wgmesh_reconcile_duration_seconds",
+            "histogram",
+            "Time spent in dataplane updates.",
+        );
+        for (kind, h) in &m.durations {
+            let k = kind.as_str();
+            for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "wgmesh_reconcile_duration_seconds_bucket{{kind=\"{k}\",le=\"{}\"}} {}",
+                    float(*bound),
+                    h.buckets[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "wgmesh_reconcile_duration_seconds_bucket{{kind=\"{k}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "wgmesh_reconcile_duration_seconds_sum{{kind=\"{k}\"}} {}",
+                float(h.sum)
+            );
+            let _ = writeln!(
+                out,
+                "wgmesh_reconcile_duration_seconds_count{{kind=\"{k}\"}} {}",
+                h.count
+            );
+        }
+
+        head(
+            &mut out,
+            "wgmesh_errors_total",
+            "counter",
+            "Errors, by where they happened.",
+        );
+        for source in [
+            "dataplane",
+            "publish",
+            "watch_nodes",
+            "watch_pods",
+            "planner",
+        ] {
+            let n = m.errors.get(source).copied().unwrap_or(0);
+            let _ = writeln!(out, "wgmesh_errors_total{{source=\"{source}\"}} {n}");
+        }
+
+        head(
+            &mut out,
+            "wgmesh_publishes_total",
+            "counter",
+            "Updates of the node's key annotations, by result.",
+        );
+        for ok in [true, false] {
+            let n = m.publishes.get(&ok).copied().unwrap_or(0);
+            let result = if ok { "ok" } else { "error" };
+            let _ = writeln!(out, "wgmesh_publishes_total{{result=\"{result}\"}} {n}");
+        }
+
+        let gauges: [(&str, &str, &str, u64); 7] = [
+            (
+                "wgmesh_warnings_total",
+                "counter",
+                "Unusable values found in Nodes and Pods (malformed keys, addresses, CIDRs).",
+                m.warnings,
+            ),
+            ("wgmesh_nodes", "gauge", "Nodes known.", m.nodes as u64),
+            (
+                "wgmesh_workload_pods",
+                "gauge",
+                "Pods holding workload addresses.",
+                m.pods as u64,
+            ),
+            (
+                "wgmesh_key_published",
+                "gauge",
+                "1 when the node's published keys are the keys it uses.",
+                u64::from(m.state.key_published),
+            ),
+            (
+                "wgmesh_bootstrap_guard",
+                "gauge",
+                "1 while the node's own traffic is kept outside the tunnel until its keys are confirmed.",
+                u64::from(m.state.guarded),
+            ),
+            (
+                "wgmesh_synced",
+                "gauge",
+                "1 once Nodes (and Pods) have been listed.",
+                u64::from(m.state.synced),
+            ),
+            (
+                "wgmesh_ready",
+                "gauge",
+                "1 when synced and the dataplane matches the plan.",
+                u64::from(m.state.ready()),
+            ),
+        ];
+        for (name, kind, help, value) in gauges {
+            head(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        out
+    }
+}

@@ -1,0 +1,451 @@
+//! The cluster as the agent knows it, kept from watch events, and the core [`Event`]s each
+//! change means.
+//!
+//! [`ClusterView`] holds every converted node and every pod's workload addresses. Each change
+//! (a Node or Pod applied or deleted, or a whole relist after a watch restart) returns the
+//! smallest list of core events that brings an [`IncrementalPlanner`](wgmesh_core::IncrementalPlanner)
+//! fed with them to the same state: a key rotation is one `PublicKeyChanged`, a pod is one
+//! `WorkloadIpAdded` per address, and a node status heartbeat is nothing at all.
+//!
+//! It also derives the API server endpoints that must stay outside the tunnel (the mesh's
+//! `control_plane_endpoints`) from the control-plane nodes' addresses, and reports a
+//! `MeshChanged` when they change.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
+use wgmesh_core::{Cluster, Event, Family, MeshConfig, Node};
+
+use crate::adapter::{
+    AdapterOptions, AdapterWarning, NodeInfo, PodWorkload, fit_to_mesh, node_info, pod_key,
+    pod_workload,
+};
+
+/// Where the API server endpoints that stay outside the tunnel come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ControlPlaneEndpoints {
+    /// Endpoints always included: configured ones and the address the agent's client uses.
+    pub fixed: Vec<SocketAddr>,
+    /// With a port, every `InternalIP` of every control-plane node with that port is included
+    /// (kubeadm's API servers listen on the control-plane nodes, port 6443).
+    pub node_port: Option<u16>,
+}
+
+impl ControlPlaneEndpoints {
+    /// Fixed endpoints and, optionally, the control-plane nodes' addresses on `node_port`.
+    pub fn new(fixed: Vec<SocketAddr>, node_port: Option<u16>) -> Self {
+        Self { fixed, node_port }
+    }
+}
+
+/// What one change brought: core events for the planner and warnings for the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Changes {
+    /// Events, in the order to apply them.
+    pub events: Vec<Event>,
+    /// New warnings (a warning repeated by a later update of the same object is not repeated).
+    pub warnings: Vec<AdapterWarning>,
+}
+
+impl Changes {
+    fn extend(&mut self, other: Changes) {
+        self.events.extend(other.events);
+        self.warnings.extend(other.warnings);
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.warnings.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PodEntry {
+    node: String,
+    ips: Vec<IpAddr>,
+}
+
+/// The cluster as known from the API server.
+///
+/// ```
+/// use k8s_openapi::api::core::v1::{Node, Pod};
+/// use wgmesh_core::{Event, MeshConfig};
+/// use wgmesh_k8s::adapter::AdapterOptions;
+/// use wgmesh_k8s::view::{ClusterView, ControlPlaneEndpoints};
+/// let mut view = ClusterView::new(MeshConfig::default(), AdapterOptions::default(),
+///                                 ControlPlaneEndpoints::default(), true);
+/// let node: Node = serde_json::from_value(serde_json::json!({
+///     "metadata": {"name": "a"},
+///     "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}))?;
+/// assert!(matches!(view.apply_node(&node).events[..], [Event::NodeUpserted(_)]));
+/// assert!(view.apply_node(&node).events.is_empty()); // nothing changed
+/// let pod: Pod = serde_json::from_value(serde_json::json!({
+///     "metadata": {"name": "p", "namespace": "default"},
+///     "spec": {"nodeName": "a", "containers": []},
+///     "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.7"}]}}))?;
+/// assert_eq!(view.apply_pod(&pod).events,
+///            [Event::WorkloadIpAdded { node: "a".into(), ip: "10.0.0.7".parse()? }]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    base_mesh: MeshConfig,
+    mesh: MeshConfig,
+    options: AdapterOptions,
+    control_plane: ControlPlaneEndpoints,
+    track_pods: bool,
+    nodes: HashMap<String, NodeInfo>,
+    node_warnings: HashMap<String, Vec<AdapterWarning>>,
+    pods: HashMap<String, PodEntry>,
+    pod_warnings: HashMap<String, Vec<AdapterWarning>>,
+    /// Workload addresses per node, with the number of pods holding each (an address can be
+    /// held by a terminating pod and its successor for a moment).
+    workload: HashMap<String, HashMap<IpAddr, u32>>,
+}
+
+impl ClusterView {
+    /// An empty view. `mesh` are the configured settings (its `control_plane_endpoints` are
+    /// kept and extended with the derived ones); with `track_pods`, pods' addresses are kept
+    /// as workload addresses.
+    pub fn new(
+        mesh: MeshConfig,
+        options: AdapterOptions,
+        control_plane: ControlPlaneEndpoints,
+        track_pods: bool,
+    ) -> Self {
+        let mut view = Self {
+            mesh: mesh.clone(),
+            base_mesh: mesh,
+            options,
+            control_plane,
+            track_pods,
+            nodes: HashMap::new(),
+            node_warnings: HashMap::new(),
+            pods: HashMap::new(),
+            pod_warnings: HashMap::new(),
+            workload: HashMap::new(),
+        };
+        view.mesh = view.derive_mesh();
+        view
+    }
+
+    /// The mesh settings in effect: the configured ones with the derived API server endpoints.
+    pub fn mesh(&self) -> &MeshConfig {
+        &self.mesh
+    }
+
+    /// Whether pods are tracked.
+    pub fn tracks_pods(&self) -> bool {
+        self.track_pods
+    }
+
+    /// A node as converted.
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
+    }
+
+    /// Number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Number of pods holding workload addresses.
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// The workload addresses of a node, sorted.
+    pub fn workload_ips(&self, node: &str) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .workload
+            .get(node)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        ips.sort_unstable();
+        ips
+    }
+
+    fn full_node(&self, info: &NodeInfo) -> Node {
+        let mut node = info.node.clone();
+        node.workload_ips = self.workload_ips(&node.name);
+        node
+    }
+
+    /// The whole cluster (nodes sorted by name), for a fresh planner.
+    pub fn cluster(&self) -> Result<Cluster, wgmesh_core::Error> {
+        let mut names: Vec<&String> = self.nodes.keys().collect();
+        names.sort_unstable();
+        let nodes = names
+            .into_iter()
+            .map(|n| self.full_node(&self.nodes[n]))
+            .collect();
+        Cluster::new(self.mesh.clone(), nodes)
+    }
+
+    fn derive_mesh(&self) -> MeshConfig {
+        let mut endpoints: BTreeSet<SocketAddr> = self
+            .base_mesh
+            .control_plane_endpoints
+            .iter()
+            .chain(&self.control_plane.fixed)
+            .copied()
+            .collect();
+        if let Some(port) = self.control_plane.node_port {
+            for info in self.nodes.values().filter(|i| i.control_plane) {
+                endpoints.extend(
+                    info.node
+                        .addresses
+                        .iter()
+                        .map(|a| SocketAddr::new(*a, port)),
+                );
+            }
+        }
+        let mut mesh = self.base_mesh.clone();
+        mesh.control_plane_endpoints = endpoints.into_iter().collect();
+        mesh
+    }
+
+    fn refresh_mesh(&mut self, changes: &mut Changes) {
+        let mesh = self.derive_mesh();
+        if mesh != self.mesh {
+            self.mesh = mesh.clone();
+            changes.events.push(Event::MeshChanged(mesh));
+        }
+    }
+
+    /// A Node was added or modified.
+    pub fn apply_node(&mut self, k8s: &K8sNode) -> Changes {
+        let mut changes = Changes::default();
+        let mut warnings = Vec::new();
+        let Some(mut info) = node_info(k8s, &self.options, &mut warnings) else {
+            changes.warnings = warnings;
+            return changes;
+        };
+        fit_to_mesh(&self.mesh, &mut info.node, &mut warnings);
+        let name = info.node.name.clone();
+        if self.node_warnings.get(&name) != Some(&warnings) {
+            if !warnings.is_empty() {
+                changes.warnings = warnings.clone();
+            }
+            self.node_warnings.insert(name.clone(), warnings);
+        }
+        let old = self.nodes.get(&name);
+        let cp_changed = match old {
+            None => info.control_plane,
+            Some(o) => {
+                o.control_plane != info.control_plane
+                    || (info.control_plane && o.node.addresses != info.node.addresses)
+            }
+        };
+        match old {
+            None => changes
+                .events
+                .push(Event::NodeUpserted(self.full_node(&info))),
+            Some(old) if old.node == info.node => {}
+            Some(old) => {
+                let (o, n) = (&old.node, &info.node);
+                if o.addresses != n.addresses
+                    || o.underlay_mtu != n.underlay_mtu
+                    || o.wireguard.as_ref().map(|w| w.enabled)
+                        != n.wireguard.as_ref().map(|w| w.enabled)
+                {
+                    changes
+                        .events
+                        .push(Event::NodeUpserted(self.full_node(&info)));
+                } else {
+                    for family in Family::ALL {
+                        if o.key(family) != n.key(family) {
+                            changes.events.push(Event::PublicKeyChanged {
+                                node: name.clone(),
+                                family,
+                                public_key: n.key(family),
+                            });
+                        }
+                    }
+                    for cidr in o.pod_cidrs.iter().filter(|c| !n.pod_cidrs.contains(c)) {
+                        changes.events.push(Event::BlockRemoved {
+                            node: name.clone(),
+                            cidr: *cidr,
+                        });
+                    }
+                    for cidr in n.pod_cidrs.iter().filter(|c| !o.pod_cidrs.contains(c)) {
+                        changes.events.push(Event::BlockAdded {
+                            node: name.clone(),
+                            cidr: *cidr,
+                        });
+                    }
+                }
+            }
+        }
+        self.nodes.insert(name, info);
+        if cp_changed {
+            self.refresh_mesh(&mut changes);
+        }
+        changes
+    }
+
+    /// A Node was deleted. Its pods' addresses are kept until the pods go (they come back
+    /// with the node, if it returns first).
+    pub fn delete_node(&mut self, name: &str) -> Changes {
+        let mut changes = Changes::default();
+        self.node_warnings.remove(name);
+        if let Some(old) = self.nodes.remove(name) {
+            changes.events.push(Event::NodeRemoved {
+                node: name.to_owned(),
+            });
+            if old.control_plane {
+                self.refresh_mesh(&mut changes);
+            }
+        }
+        changes
+    }
+
+    /// Replaces every node (a relist after a watch restart): nodes not listed are deleted.
+    pub fn replace_nodes<'a>(&mut self, list: impl IntoIterator<Item = &'a K8sNode>) -> Changes {
+        let mut changes = Changes::default();
+        let list: Vec<&K8sNode> = list.into_iter().collect();
+        let listed: BTreeSet<&str> = list
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !listed.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            changes.extend(self.delete_node(&name));
+        }
+        for node in list {
+            changes.extend(self.apply_node(node));
+        }
+        changes
+    }
+
+    fn add_ip(&mut self, node: &str, ip: IpAddr, changes: &mut Changes) {
+        let count = self
+            .workload
+            .entry(node.to_owned())
+            .or_default()
+            .entry(ip)
+            .or_default();
+        *count += 1;
+        if *count == 1 && self.nodes.contains_key(node) {
+            changes.events.push(Event::WorkloadIpAdded {
+                node: node.to_owned(),
+                ip,
+            });
+        }
+    }
+
+    fn remove_ip(&mut self, node: &str, ip: IpAddr, changes: &mut Changes) {
+        let Some(ips) = self.workload.get_mut(node) else {
+            return;
+        };
+        let Some(count) = ips.get_mut(&ip) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            ips.remove(&ip);
+            if ips.is_empty() {
+                self.workload.remove(node);
+            }
+            if self.nodes.contains_key(node) {
+                changes.events.push(Event::WorkloadIpRemoved {
+                    node: node.to_owned(),
+                    ip,
+                });
+            }
+        }
+    }
+
+    fn set_pod(&mut self, key: String, entry: Option<PodEntry>) -> Changes {
+        let mut changes = Changes::default();
+        let old = self.pods.remove(&key);
+        if let (Some(o), Some(n)) = (&old, &entry)
+            && o.node == n.node
+            && o.ips == n.ips
+        {
+            self.pods.insert(key, n.clone());
+            return changes;
+        }
+        // Add before removing: an address that stays (a pod that gains its IPv6 address)
+        // never drops to zero.
+        if let Some(n) = &entry {
+            for ip in &n.ips {
+                self.add_ip(&n.node, *ip, &mut changes);
+            }
+        }
+        if let Some(o) = &old {
+            for ip in &o.ips {
+                self.remove_ip(&o.node, *ip, &mut changes);
+            }
+        }
+        if let Some(n) = entry {
+            self.pods.insert(key, n);
+        }
+        changes
+    }
+
+    /// A Pod was added or modified.
+    pub fn apply_pod(&mut self, pod: &Pod) -> Changes {
+        if !self.track_pods {
+            return Changes::default();
+        }
+        let key = pod_key(pod);
+        let mut warnings = Vec::new();
+        let entry = match pod_workload(pod, &mut warnings) {
+            PodWorkload::Ips { node, ips } => Some(PodEntry { node, ips }),
+            PodWorkload::Excluded(_) => None,
+        };
+        let mut changes = self.set_pod(key.clone(), entry);
+        if self.pod_warnings.get(&key) != Some(&warnings) {
+            if !warnings.is_empty() {
+                changes.warnings = warnings.clone();
+                self.pod_warnings.insert(key, warnings);
+            } else {
+                self.pod_warnings.remove(&key);
+            }
+        }
+        changes
+    }
+
+    /// A Pod was deleted.
+    pub fn delete_pod(&mut self, pod: &Pod) -> Changes {
+        if !self.track_pods {
+            return Changes::default();
+        }
+        let key = pod_key(pod);
+        self.pod_warnings.remove(&key);
+        self.set_pod(key, None)
+    }
+
+    /// Replaces every pod (a relist after a watch restart): pods not listed are deleted.
+    pub fn replace_pods<'a>(&mut self, list: impl IntoIterator<Item = &'a Pod>) -> Changes {
+        let mut changes = Changes::default();
+        if !self.track_pods {
+            return changes;
+        }
+        let list: Vec<&Pod> = list.into_iter().collect();
+        let listed: BTreeSet<String> = list.iter().map(|p| pod_key(p)).collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.pod_warnings.remove(&key);
+            changes.extend(self.set_pod(key, None));
+        }
+        for pod in list {
+            changes.extend(self.apply_pod(pod));
+        }
+        changes
+    }
+}

@@ -1,0 +1,425 @@
+//! The agent end to end against a mock API server: a real `kube::Client` over a `tower`
+//! service that serves list and watch streams and records every request. Checks the
+//! requests the agent sends (method, path, query, content type, body) and its behaviour when
+//! the API fails and recovers. Timers run on tokio's paused clock.
+
+mod common;
+
+use std::time::Duration;
+
+use common::api::{Kind, MockApi};
+use common::*;
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wgmesh_core::{MeshConfig, RouteSource};
+use wgmesh_k8s::agent::AgentSettings;
+use wgmesh_k8s::dataplane::{Call, RecordingDataplane};
+use wgmesh_k8s::metrics::Metrics;
+use wgmesh_k8s::run::{RunError, run};
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), RunError>>,
+    dataplane: Shared,
+    metrics: Metrics,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+fn start(api: &MockApi, settings: AgentSettings, key: u8) -> Running {
+    let dataplane = Shared::new(RecordingDataplane::new(
+        Some(public(key)),
+        Some(public(key)),
+    ));
+    let metrics = Metrics::new();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(run(
+        api.client(),
+        settings,
+        dataplane.clone(),
+        metrics.clone(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    Running {
+        stop: Some(tx),
+        handle,
+        dataplane,
+        metrics,
+    }
+}
+
+fn peers(r: &Running) -> usize {
+    r.dataplane
+        .lock()
+        .node()
+        .interfaces
+        .first()
+        .map_or(0, |i| i.peers.len())
+}
+
+#[tokio::test(start_paused = true)]
+async fn lists_watches_and_publishes_its_key_with_server_side_apply() {
+    let api = MockApi::new();
+    api.put(
+        Kind::Node,
+        wg_node("a", "10.0.0.1", &["10.65.0.0/26"], None),
+    );
+    api.put(
+        Kind::Node,
+        wg_node("b", "10.0.0.2", &["10.65.0.64/26"], Some(public(2))),
+    );
+    let agent = start(&api, AgentSettings::new("a", MeshConfig::default()), 1);
+
+    eventually("the key is published", || {
+        api.annotation("a", "wgmesh.io/public-key") == Some(public(1).to_base64())
+    })
+    .await;
+    let patches = api.patches();
+    assert_eq!(patches.len(), 1);
+    let p = &patches[0];
+    assert_eq!(p.method, "PATCH");
+    assert_eq!(p.path, "/api/v1/nodes/a");
+    assert_eq!(
+        p.query.get("fieldManager").map(String::as_str),
+        Some("wgmesh")
+    );
+    assert_eq!(p.query.get("force").map(String::as_str), Some("true"));
+    assert_eq!(
+        p.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(
+        p.body.as_ref().unwrap(),
+        &json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "a", "annotations": {"wgmesh.io/public-key": public(1).to_base64()}}})
+    );
+    // The echo comes back through the watch and a joins the mesh with b.
+    eventually("a peers with b", || peers(&agent) == 1).await;
+    // List then watch, from the list's resource version, for Nodes only (cidr_blocks).
+    let reqs = api.requests();
+    let list = reqs
+        .iter()
+        .find(|r| r.method == "GET" && !r.is_watch())
+        .unwrap();
+    assert_eq!(list.path, "/api/v1/nodes");
+    let watch = reqs.iter().find(|r| r.is_watch()).unwrap();
+    assert_eq!(watch.path, "/api/v1/nodes");
+    assert!(watch.query.contains_key("resourceVersion"));
+    assert!(
+        reqs.iter().all(|r| r.path.starts_with("/api/v1/nodes")),
+        "no pod requests"
+    );
+
+    // A node joins, one changes its key, one leaves: through the watch.
+    api.put(
+        Kind::Node,
+        wg_node("c", "10.0.0.3", &["10.65.0.128/26"], Some(public(3))),
+    );
+    eventually("c joins", || peers(&agent) == 2).await;
+    api.put(
+        Kind::Node,
+        wg_node("b", "10.0.0.2", &["10.65.0.64/26"], Some(public(22))),
+    );
+    eventually("b's new key", || {
+        agent.dataplane.lock().node().interfaces[0]
+            .peers
+            .iter()
+            .any(|p| p.public_key == public(22))
+    })
+    .await;
+    api.delete(Kind::Node, "c");
+    eventually("c leaves", || peers(&agent) == 1).await;
+    assert!(agent.metrics.state().ready());
+    assert_eq!(api.patches().len(), 1, "nothing more to publish");
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn republishes_when_the_annotation_is_changed_or_removed() {
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
+    let agent = start(&api, AgentSettings::new("a", MeshConfig::default()), 1);
+    eventually("synced", || agent.metrics.state().ready()).await;
+    assert!(api.patches().is_empty(), "already published");
+
+    // kubectl annotate --overwrite: another value.
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(9))));
+    eventually("restored", || {
+        api.annotation("a", "wgmesh.io/public-key") == Some(public(1).to_base64())
+    })
+    .await;
+    // kubectl annotate wgmesh.io/public-key-: removed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], None));
+    eventually("restored again", || {
+        api.annotation("a", "wgmesh.io/public-key") == Some(public(1).to_base64())
+    })
+    .await;
+    let patches = api.patches();
+    assert_eq!(patches.len(), 2);
+    assert!(
+        patches
+            .iter()
+            .all(|p| p.content_type.as_deref() == Some("application/apply-patch+yaml"))
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn clears_its_key_when_wireguard_is_disabled() {
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
+    let mut mesh = MeshConfig::default();
+    mesh.enabled = false;
+    let agent = start(&api, AgentSettings::new("a", mesh), 1);
+    eventually("cleared", || {
+        api.annotation("a", "wgmesh.io/public-key").is_none()
+    })
+    .await;
+    let patches = api.patches();
+    assert_eq!(patches.len(), 1);
+    let p = &patches[0];
+    assert_eq!(p.path, "/api/v1/nodes/a");
+    assert_eq!(
+        p.content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    assert_eq!(
+        p.query.get("fieldManager").map(String::as_str),
+        Some("wgmesh")
+    );
+    assert_eq!(
+        p.body.as_ref().unwrap(),
+        &json!({"metadata": {"annotations": {"wgmesh.io/public-key": null}}})
+    );
+    eventually("empty plan applied", || agent.metrics.state().ready()).await;
+    assert!(agent.dataplane.lock().node().is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_errors_are_retried_and_the_agent_recovers() {
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], None));
+    api.put(Kind::Node, wg_node("b", "10.0.0.2", &[], Some(public(2))));
+    // The first two lists fail (API server restarting), and the first two patches.
+    api.fail("GET", "/api/v1/nodes", Some(false), 503, 2);
+    api.fail("PATCH", "/api/v1/nodes/a", None, 500, 2);
+    let agent = start(&api, AgentSettings::new("a", MeshConfig::default()), 1);
+    eventually("published despite the failures", || {
+        api.annotation("a", "wgmesh.io/public-key").is_some()
+    })
+    .await;
+    let reqs = api.requests();
+    let lists = reqs
+        .iter()
+        .filter(|r| r.method == "GET" && !r.is_watch())
+        .count();
+    assert_eq!(lists, 3, "two failed lists, then one that worked");
+    assert_eq!(
+        api.patches().len(),
+        3,
+        "two failed patches, then one that worked"
+    );
+    eventually("ready", || {
+        agent.metrics.state().ready() && peers(&agent) == 1
+    })
+    .await;
+    let text = agent.metrics.render(std::time::SystemTime::now());
+    assert!(
+        text.contains("wgmesh_errors_total{source=\"watch_nodes\"} 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wgmesh_publishes_total{result=\"error\"} 2\n"),
+        "{text}"
+    );
+
+    // The watch expires (410 Gone): the agent relists and catches up with what changed.
+    api.expire_watches();
+    api.put(Kind::Node, wg_node("c", "10.0.0.3", &[], Some(public(3))));
+    eventually("c after the relist", || peers(&agent) == 2).await;
+    let lists = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && !r.is_watch())
+        .count();
+    assert!(lists >= 4, "relisted");
+
+    // The connection drops: the watcher reconnects from its resource version.
+    api.drop_watches();
+    api.put(Kind::Node, wg_node("d", "10.0.0.4", &[], Some(public(4))));
+    eventually("d after the reconnect", || peers(&agent) == 3).await;
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pods_are_watched_with_a_phase_selector_for_workload_addresses() {
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.240.0.4", &[], Some(public(1))));
+    api.put(
+        Kind::Node,
+        wg_node("b", "10.240.0.64", &[], Some(public(2))),
+    );
+    api.put(
+        Kind::Pod,
+        pod("default", "web-1", "b", &["10.240.0.65"], "Running"),
+    );
+    api.put(
+        Kind::Pod,
+        pod("default", "job-1", "b", &["10.240.0.70"], "Succeeded"),
+    );
+    api.put(
+        Kind::Pod,
+        host_pod("kube-system", "kube-proxy-b", "b", "10.240.0.64"),
+    );
+    let mut mesh = MeshConfig::default();
+    mesh.route_source = RouteSource::WorkloadIps;
+    let agent = start(&api, AgentSettings::new("a", mesh), 1);
+    let allowed = |agent: &Running| -> Vec<String> {
+        agent
+            .dataplane
+            .lock()
+            .node()
+            .interfaces
+            .first()
+            .and_then(|i| i.peers.first())
+            .map(|p| p.allowed_ips.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    };
+    eventually("web-1's address", || allowed(&agent) == ["10.240.0.65/32"]).await;
+    let reqs = api.requests();
+    let pod_list = reqs
+        .iter()
+        .find(|r| r.path == "/api/v1/pods" && !r.is_watch())
+        .unwrap();
+    assert_eq!(
+        pod_list.query.get("fieldSelector").map(String::as_str),
+        Some("status.phase!=Succeeded,status.phase!=Failed")
+    );
+    // Pod churn through the watch.
+    api.put(
+        Kind::Pod,
+        pod("default", "web-2", "b", &["10.240.0.66"], "Running"),
+    );
+    eventually("web-2", || allowed(&agent).len() == 2).await;
+    // web-1 finishes: the selector turns it into a deletion.
+    api.put(
+        Kind::Pod,
+        pod("default", "web-1", "b", &["10.240.0.65"], "Failed"),
+    );
+    eventually("web-1 gone", || allowed(&agent) == ["10.240.0.66/32"]).await;
+    api.delete(Kind::Pod, "default/web-2");
+    eventually("web-2 gone", || allowed(&agent).is_empty()).await;
+    // Deltas, not full reconciles, carried the churn.
+    let calls = agent.dataplane.lock().calls().to_vec();
+    assert!(calls.iter().filter(|c| matches!(c, Call::Delta(_))).count() >= 3);
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_published_for_a_node_that_does_not_exist() {
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("b", "10.0.0.2", &[], Some(public(2))));
+    let agent = start(&api, AgentSettings::new("a", MeshConfig::default()), 1);
+    eventually("synced", || agent.metrics.state().synced).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(api.patches().is_empty());
+    // The node registers: now it publishes.
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], None));
+    eventually("published", || {
+        api.annotation("a", "wgmesh.io/public-key").is_some()
+    })
+    .await;
+    agent.stop().await;
+}
+
+/// The verbs the agent uses, from what the mock recorded, are exactly the verbs
+/// `deploy/rbac.yaml` grants: nothing missing (the agent would fail), nothing extra.
+#[tokio::test(start_paused = true)]
+async fn the_agent_uses_exactly_the_verbs_rbac_grants() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let used = |reqs: &[common::api::Recorded], out: &mut BTreeMap<String, BTreeSet<String>>| {
+        for r in reqs {
+            let mut parts = r.path.trim_start_matches("/api/v1/").split('/');
+            let resource = parts.next().unwrap().to_owned();
+            let named = parts.next().is_some();
+            let verb = match (r.method.as_str(), named, r.is_watch()) {
+                ("GET", false, true) => "watch",
+                ("GET", false, false) => "list",
+                ("GET", true, _) => "get",
+                ("PATCH", true, _) => "patch",
+                ("POST", false, _) => "create",
+                ("PUT", true, _) => "update",
+                ("DELETE", _, _) => "delete",
+                other => panic!("unexpected request {other:?} {}", r.path),
+            };
+            out.entry(resource).or_default().insert(verb.to_owned());
+        }
+    };
+    let mut verbs = BTreeMap::new();
+    // Publishing with pods watched, an API failure, a relist.
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], None));
+    api.put(
+        Kind::Pod,
+        pod("default", "p", "a", &["10.0.0.9"], "Running"),
+    );
+    let mut mesh = MeshConfig::default();
+    mesh.route_source = RouteSource::WorkloadIps;
+    let agent = start(&api, AgentSettings::new("a", mesh), 1);
+    eventually("published", || {
+        api.annotation("a", "wgmesh.io/public-key").is_some()
+    })
+    .await;
+    api.expire_watches();
+    api.put(Kind::Node, wg_node("b", "10.0.0.2", &[], Some(public(2))));
+    eventually("b", || peers(&agent) == 1).await;
+    agent.stop().await;
+    used(&api.requests(), &mut verbs);
+    // Clearing when disabled.
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
+    let mut mesh = MeshConfig::default();
+    mesh.enabled = false;
+    let agent = start(&api, AgentSettings::new("a", mesh), 1);
+    eventually("cleared", || {
+        api.annotation("a", "wgmesh.io/public-key").is_none()
+    })
+    .await;
+    agent.stop().await;
+    used(&api.requests(), &mut verbs);
+
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
+        .unwrap();
+    let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&rbac) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"] != "ClusterRole" {
+            continue;
+        }
+        for rule in v["rules"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                granted
+                    .entry(r.as_str().unwrap().to_owned())
+                    .or_default()
+                    .extend(
+                        rule["verbs"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.as_str().unwrap().to_owned()),
+                    );
+            }
+        }
+    }
+    assert_eq!(verbs, granted);
+}

@@ -1,0 +1,258 @@
+//! The agent's configuration file and flags.
+
+use std::time::Duration;
+
+use wgmesh_core::RouteSource;
+use wgmesh_k8s::config::{AgentConfig, ConfigSpec, LogFormat};
+
+fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+    move |k| {
+        pairs
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+const IN_CLUSTER: &[(&str, &str)] = &[
+    ("NODE_NAME", "aks-nodepool1-19852467-vmss000000"),
+    ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+    ("KUBERNETES_SERVICE_PORT", "443"),
+];
+
+#[test]
+fn defaults_in_a_pod() {
+    let c = ConfigSpec::default().validate(env(IN_CLUSTER)).unwrap();
+    let s = &c.settings;
+    assert_eq!(s.node_name, "aks-nodepool1-19852467-vmss000000");
+    assert_eq!(s.mesh, wgmesh_core::MeshConfig::default());
+    assert!(!s.watch_pods, "cidr_blocks: no pods");
+    assert_eq!(s.resync_interval, Duration::from_secs(90));
+    assert_eq!(s.debounce, Duration::from_millis(100));
+    assert_eq!(s.max_delay, Duration::from_secs(1));
+    assert_eq!(s.publish_backoff.max, Duration::from_secs(60));
+    assert_eq!(s.control_plane.fixed, ["10.0.0.1:443".parse().unwrap()]);
+    assert_eq!(s.control_plane.node_port, Some(6443));
+    assert_eq!(
+        s.adapter.control_plane_label.as_deref(),
+        Some("node-role.kubernetes.io/control-plane")
+    );
+    assert!(!s.adapter.calico_annotations);
+    assert_eq!(s.underlay_mtu, None);
+    assert_eq!(c.metrics_address, Some("127.0.0.1:9469".parse().unwrap()));
+    assert_eq!(
+        c.private_key_file.to_str(),
+        Some("/var/lib/wgmesh/private-key")
+    );
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert!(!c.dry_run);
+}
+
+#[test]
+fn a_full_file() {
+    let text = r#"
+node_name: node-a
+mesh:
+  route_source: workload_ips
+  host_encryption: true
+  persistent_keepalive: 25
+  control_plane_endpoints: ["10.0.0.100:6443"]
+private_key_file: /etc/wgmesh/key
+calico_annotations: true
+control_plane:
+  service: false
+  node_label: null
+underlay_mtu: 9000
+debounce_ms: 50
+max_delay_ms: 500
+resync_seconds: 30
+publish_backoff_max_seconds: 10
+metrics_address: "0.0.0.0:9100"
+log_format: text
+dry_run: true
+"#;
+    let c = ConfigSpec::parse(text)
+        .unwrap()
+        .validate(env(IN_CLUSTER))
+        .unwrap();
+    let s = &c.settings;
+    assert_eq!(s.node_name, "node-a", "the file wins over NODE_NAME");
+    assert_eq!(s.mesh.route_source, RouteSource::WorkloadIps);
+    assert!(s.mesh.host_encryption);
+    assert_eq!(s.mesh.persistent_keepalive, Some(25));
+    assert_eq!(
+        s.mesh.control_plane_endpoints,
+        ["10.0.0.100:6443".parse().unwrap()]
+    );
+    assert!(s.watch_pods, "auto with workload_ips");
+    assert!(s.adapter.calico_annotations);
+    assert_eq!(s.adapter.control_plane_label, None);
+    assert!(s.control_plane.fixed.is_empty());
+    assert_eq!(s.control_plane.node_port, None);
+    assert_eq!(s.underlay_mtu, Some(9000));
+    assert_eq!(s.debounce, Duration::from_millis(50));
+    assert_eq!(s.max_delay, Duration::from_millis(500));
+    assert_eq!(s.resync_interval, Duration::from_secs(30));
+    assert_eq!(s.publish_backoff.max, Duration::from_secs(10));
+    assert_eq!(c.metrics_address, Some("0.0.0.0:9100".parse().unwrap()));
+    assert_eq!(c.private_key_file.to_str(), Some("/etc/wgmesh/key"));
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert!(c.dry_run);
+}
+
+#[test]
+fn json_works_too_and_an_empty_metrics_address_turns_it_off() {
+    let c = ConfigSpec::parse(r#"{"node_name": "n", "metrics_address": ""}"#)
+        .unwrap()
+        .validate(env(&[]))
+        .unwrap();
+    assert_eq!(c.metrics_address, None);
+    assert!(c.settings.control_plane.fixed.is_empty(), "not in a pod");
+}
+
+#[test]
+fn flags_override_the_file() {
+    let dir = std::env::temp_dir().join(format!("wgmesh-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("agent.yaml");
+    std::fs::write(
+        &path,
+        "node_name: from-file\nresync_seconds: 30\nmesh: {host_encryption: false}\n",
+    )
+    .unwrap();
+    let c = AgentConfig::from_args(
+        &args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--node-name=from-flag",
+            "--host-encryption",
+            "true",
+            "--control-plane-endpoint",
+            "[fd00::10]:6443",
+            "--calico-annotations=true",
+            "--watch-pods",
+            "true",
+            "--log-format",
+            "text",
+            "--metrics-address",
+            "127.0.0.1:9999",
+            "--private-key-file",
+            "/tmp/k",
+            "--dry-run",
+        ]),
+        env(&[]),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let s = &c.settings;
+    assert_eq!(s.node_name, "from-flag");
+    assert_eq!(
+        s.resync_interval,
+        Duration::from_secs(30),
+        "kept from the file"
+    );
+    assert!(s.mesh.host_encryption);
+    assert_eq!(
+        s.mesh.control_plane_endpoints,
+        ["[fd00::10]:6443".parse().unwrap()]
+    );
+    assert!(s.adapter.calico_annotations);
+    assert!(s.watch_pods);
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert_eq!(c.metrics_address, Some("127.0.0.1:9999".parse().unwrap()));
+    assert_eq!(c.private_key_file.to_str(), Some("/tmp/k"));
+    assert!(c.dry_run);
+}
+
+#[test]
+fn every_error_names_its_field() {
+    let err = |text: &str| {
+        ConfigSpec::parse(text)
+            .and_then(|s| s.validate(env(IN_CLUSTER)))
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err("mesh: {route_source: bgp}"),
+        "config: mesh: route_source = \"bgp\": unknown route source; expected \"cidr_blocks\" or \"workload_ips\""
+    );
+    assert!(err("mesh: {listen_port: 0}").starts_with("config: mesh: listen_port = \"0\""));
+    assert!(err("resync: 5").starts_with("config: resync: unknown field `resync`"));
+    assert_eq!(
+        err("resync_seconds: 1"),
+        "config: resync_seconds = \"1\": must be between 5 and 86400"
+    );
+    assert_eq!(
+        err("debounce_ms: 500\nmax_delay_ms: 100"),
+        "config: max_delay_ms = \"100\": must not be less than debounce_ms"
+    );
+    assert_eq!(
+        err("metrics_address: localhost"),
+        "config: metrics_address = \"localhost\": not an address:port"
+    );
+    assert_eq!(
+        err("mesh: {route_source: workload_ips}\nwatch_pods: false"),
+        "config: watch_pods = \"false\": route_source workload_ips takes its destinations from pods"
+    );
+    assert!(err("underlay_mtu: 100").starts_with("config: underlay_mtu = \"100\""));
+    assert!(err("control_plane: {port: 0}").starts_with("config: control_plane.port = \"0\""));
+    let e = err("log_format: xml");
+    assert!(
+        e.starts_with("config: log_format: unknown variant `xml`"),
+        "{e}"
+    );
+    assert!(err("[1, 2]").starts_with("config: "));
+    assert!(
+        err("mesh: {control_plane_endpoints: [apiserver]}").contains("control_plane_endpoints[0]")
+    );
+    let flag = |a: &[&str]| {
+        AgentConfig::from_args(&args(a), env(IN_CLUSTER))
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(flag(&["--node-name"]), "--node-name needs a value");
+    assert!(flag(&["--bogus"]).starts_with("unknown argument \"--bogus\""));
+    assert_eq!(
+        flag(&["--host-encryption", "yes"]),
+        "config: --host-encryption = \"yes\": must be true or false"
+    );
+    assert!(
+        flag(&["--config", "/nonexistent/agent.yaml"]).starts_with("/nonexistent/agent.yaml: ")
+    );
+    let no_name = ConfigSpec::default()
+        .validate(env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(no_name.contains("NODE_NAME"));
+    let bad_env = ConfigSpec::default()
+        .validate(env(&[
+            ("NODE_NAME", "n"),
+            ("KUBERNETES_SERVICE_HOST", "kubernetes"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+        ]))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        bad_env,
+        "config: KUBERNETES_SERVICE_HOST = \"kubernetes\": not an IP address"
+    );
+}
+
+#[test]
+fn ipv6_service_address() {
+    let c = ConfigSpec::default()
+        .validate(env(&[
+            ("NODE_NAME", "n"),
+            ("KUBERNETES_SERVICE_HOST", "fd00:10:96::1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+        ]))
+        .unwrap();
+    assert_eq!(
+        c.settings.control_plane.fixed,
+        ["[fd00:10:96::1]:443".parse().unwrap()]
+    );
+}
