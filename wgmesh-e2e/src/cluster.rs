@@ -535,14 +535,14 @@ impl Cluster {
                 .get_mut(&name)
                 .ok_or_else(|| Error::new("node vanished"))?;
             let mut script = String::new();
-            for dest in rt.fabric.keys() {
-                if !want.contains_key(dest) {
-                    script.push_str(&format!("route del {dest}\n"));
+            for (dest, via) in &rt.fabric {
+                if want.get(dest) != Some(via) {
+                    script.push_str(&format!("route del {dest} via {via} dev eth0\n"));
                 }
             }
             for (dest, via) in &want {
                 if rt.fabric.get(dest) != Some(via) {
-                    script.push_str(&format!("route replace {dest} via {via} dev eth0\n"));
+                    script.push_str(&format!("route add {dest} via {via} dev eth0\n"));
                 }
             }
             if !script.is_empty() {
@@ -605,6 +605,14 @@ impl Cluster {
                 a.applier.reconcile(&plan)
             })?
             .map_err(|e| e.context(format!("reconcile of {name}")))
+    }
+
+    /// Reconciles a node to an arbitrary plan, behind its planner's back (tests use it to
+    /// break a node on purpose and check that the harness notices).
+    pub fn force_plan(&self, name: &str, plan: NodePlan) -> Result<Applied> {
+        self.agent(name)?
+            .call(move |a| a.applier.reconcile(&plan))?
+            .map_err(|e| e.context(format!("forced plan on {name}")))
     }
 
     /// Full reconcile of every node; returns the operations performed per node.
@@ -827,6 +835,8 @@ impl Cluster {
             let _ = node.ns.ip(&["link", "del", &old.host_if]);
         }
         drop(old);
+        // The fabric forgets the address before the new pod's route claims it on its node.
+        self.sync_fabric()?;
         self.add_pod_ns(PodSpec {
             name: name.to_owned(),
             node: to.to_owned(),
