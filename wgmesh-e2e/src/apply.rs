@@ -1,0 +1,82 @@
+//! The seam between the harness and what programs a node: "apply this node's plan".
+//!
+//! The harness runs one worker thread per node inside the node's namespace; there it asks an
+//! [`ApplierFactory`] for a [`NodeApplier`] and feeds it the node's plans and plan deltas. The
+//! tests fill it with wgmesh-netlink's `Reconciler` over its `Linux` dataplane (kernel or
+//! userspace WireGuard); anything else that can apply a `NodePlan` plugs in the same way.
+
+use std::path::PathBuf;
+
+use wgmesh_core::{MeshConfig, NodePlan, PlanDelta};
+
+use crate::Result;
+
+/// Which WireGuard implementation the nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgImpl {
+    /// The kernel's (`ip link add … type wireguard`).
+    Kernel,
+    /// A userspace daemon (wireguard-go) behind a TUN device.
+    Userspace,
+}
+
+impl WgImpl {
+    /// `kernel` or `userspace`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+impl std::str::FromStr for WgImpl {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "kernel" => Ok(Self::Kernel),
+            "userspace" => Ok(Self::Userspace),
+            other => Err(format!(
+                "unknown backend {other:?}; expected kernel or userspace"
+            )),
+        }
+    }
+}
+
+/// What one node's applier is given.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    /// The node's name.
+    pub node: String,
+    /// The mesh settings as this node's agent sees them (its own interface names).
+    pub mesh: MeshConfig,
+    /// The node's private key files (IPv4 interface, IPv6 interface), mode 0600.
+    pub key_files: [PathBuf; 2],
+}
+
+/// What applying did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Operations performed (0: the node already matched).
+    pub operations: usize,
+    /// Messages sent to the kernel or the userspace daemon.
+    pub messages: usize,
+}
+
+/// Programs one node. Created and used on the node's worker thread, inside its namespace.
+pub trait NodeApplier {
+    /// Makes the node match `plan` (read, diff, apply).
+    fn reconcile(&mut self, plan: &NodePlan) -> Result<Applied>;
+    /// Applies a delta made against the plan last applied.
+    fn apply_delta(&mut self, delta: &PlanDelta) -> Result<Applied>;
+    /// Which implementation it drives, and why.
+    fn describe(&self) -> String;
+}
+
+/// Makes a [`NodeApplier`] per node.
+pub trait ApplierFactory: Send + Sync {
+    /// The WireGuard implementation its appliers drive.
+    fn wg(&self) -> WgImpl;
+    /// Opens an applier for a node; called on the node's worker thread, inside its namespace.
+    fn open(&self, ctx: &NodeContext) -> Result<Box<dyn NodeApplier>>;
+}
