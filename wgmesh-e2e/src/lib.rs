@@ -9,6 +9,7 @@
 //! | [`cluster`] | the underlay bridge, nodes, pods (both route sources, dual stack), one agent per node |
 //! | [`apply`] | the seam "apply this node's plan": [`apply::ApplierFactory`], [`apply::NodeApplier`] |
 //! | [`traffic`] | ICMP echo over raw sockets, don't-fragment probes, continuous pings with loss |
+//! | [`netlink`] | the seam filled by wgmesh-netlink's `Reconciler` (kernel or userspace WireGuard) |
 //! | [`count`] | nftables counters on each underlay: plaintext of the flow vs WireGuard data |
 //! | [`flows`] | the design's flows: expected (design), simulated (wgmesh-core), observed (packets) |
 //! | [`changes`] | cluster changes under continuous ping, with loss per change |
@@ -22,6 +23,7 @@ pub mod changes;
 pub mod cluster;
 pub mod count;
 pub mod flows;
+pub mod netlink;
 pub mod ns;
 pub mod traffic;
 

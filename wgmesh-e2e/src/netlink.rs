@@ -1,0 +1,109 @@
+//! The seam filled by wgmesh-netlink: each node's applier is a `Reconciler` over the `Linux`
+//! dataplane opened inside the node's namespace, with the node's private keys loaded from its
+//! key files (`keys::load`, which refuses files that others can read).
+//!
+//! Kernel WireGuard is driven over generic netlink; userspace WireGuard through wireguard-go's
+//! configuration socket, the daemon being started by the dataplane itself (from the node's
+//! worker thread, so it runs in the node's namespace).
+
+use wgmesh_core::{NodePlan, PlanDelta};
+use wgmesh_netlink::{Backend, KeyRing, Linux, LinuxConfig, Ownership, Reconciler, Report, keys};
+
+use crate::apply::{Applied, ApplierFactory, NodeApplier, NodeContext, WgImpl};
+use crate::{Error, Result};
+
+/// Opens a wgmesh-netlink reconciler per node.
+#[derive(Debug, Clone, Copy)]
+pub struct NetlinkFactory {
+    wg: WgImpl,
+}
+
+impl NetlinkFactory {
+    /// Appliers that drive this WireGuard implementation.
+    pub fn new(wg: WgImpl) -> Self {
+        Self { wg }
+    }
+
+    /// What wgmesh-netlink's `auto` picks on this host: the kernel when it has WireGuard, else
+    /// userspace; with its reason.
+    pub fn auto() -> Result<(Self, String)> {
+        let linux = Linux::open(LinuxConfig::with_backend(Backend::Auto))
+            .map_err(|e| Error::new(format!("opening the dataplane: {e}")))?;
+        let wg = if linux.is_kernel() {
+            WgImpl::Kernel
+        } else {
+            WgImpl::Userspace
+        };
+        Ok((Self::new(wg), linux.backend_description().to_owned()))
+    }
+
+    /// The implementation to test: `WGMESH_E2E_BACKEND` (`kernel` or `userspace`) when set;
+    /// else `kernel` inside the VM harness (`WGMESH_IN_VM=1`) and `userspace` elsewhere.
+    pub fn from_env() -> Result<Self> {
+        let wg = match std::env::var("WGMESH_E2E_BACKEND") {
+            Ok(s) => s.parse::<WgImpl>().map_err(Error::new)?,
+            Err(_) if std::env::var_os("WGMESH_IN_VM").is_some() => WgImpl::Kernel,
+            Err(_) => WgImpl::Userspace,
+        };
+        Ok(Self::new(wg))
+    }
+}
+
+struct NetlinkApplier {
+    reconciler: Reconciler<Linux>,
+}
+
+fn applied(report: &Report) -> Applied {
+    Applied {
+        operations: report.operations.len(),
+        messages: report.messages,
+    }
+}
+
+impl NodeApplier for NetlinkApplier {
+    fn reconcile(&mut self, plan: &NodePlan) -> Result<Applied> {
+        self.reconciler
+            .reconcile(plan)
+            .map(|r| applied(&r))
+            .map_err(|e| Error::new(e.to_string()))
+    }
+
+    fn apply_delta(&mut self, delta: &PlanDelta) -> Result<Applied> {
+        self.reconciler
+            .apply_delta(delta)
+            .map(|r| applied(&r))
+            .map_err(|e| Error::new(e.to_string()))
+    }
+
+    fn describe(&self) -> String {
+        self.reconciler.dataplane().backend_description().to_owned()
+    }
+}
+
+impl ApplierFactory for NetlinkFactory {
+    fn wg(&self) -> WgImpl {
+        self.wg
+    }
+
+    fn open(&self, ctx: &NodeContext) -> Result<Box<dyn NodeApplier>> {
+        let backend = match self.wg {
+            WgImpl::Kernel => Backend::Kernel,
+            WgImpl::Userspace => Backend::Userspace,
+        };
+        let linux = Linux::open(LinuxConfig::with_backend(backend))
+            .map_err(|e| Error::new(format!("node {}: opening the dataplane: {e}", ctx.node)))?;
+        let load = |i: usize| -> Result<Option<wgmesh_core::PrivateKey>> {
+            let path = &ctx.key_files[i];
+            if !path.exists() {
+                return Ok(None); // a node without WireGuard has no keys
+            }
+            keys::load(path)
+                .map(Some)
+                .map_err(|e| Error::new(format!("node {}: {e}", ctx.node)))
+        };
+        let ring = KeyRing::per_family(load(0)?, load(1)?);
+        Ok(Box::new(NetlinkApplier {
+            reconciler: Reconciler::new(linux, Ownership::from_mesh(&ctx.mesh), ring),
+        }))
+    }
+}

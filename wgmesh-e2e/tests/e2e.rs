@@ -1,0 +1,217 @@
+//! End to end: a real cluster in network namespaces, meshed through wgmesh-netlink, every flow
+//! of the design proven by counting packets on the underlay.
+//!
+//! Needs root and network namespaces, so every test is ignored by a plain `cargo test`;
+//! `scripts/test-e2e.sh` runs them with userspace WireGuard (wireguard-go) on the host and with
+//! kernel WireGuard inside the qemu harness (`WGMESH_E2E_BACKEND`, default: kernel in the VM,
+//! userspace elsewhere).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wgmesh_core::{Event, Family, NodePlan, RouteSource};
+use wgmesh_e2e::apply::ApplierFactory;
+use wgmesh_e2e::changes;
+use wgmesh_e2e::cluster::{Cluster, Options};
+use wgmesh_e2e::flows;
+use wgmesh_e2e::netlink::NetlinkFactory;
+use wgmesh_e2e::ns;
+
+const WHY: &str = "needs root and network namespaces; run by scripts/test-e2e.sh";
+
+fn factory() -> Arc<dyn ApplierFactory> {
+    Arc::new(NetlinkFactory::from_env().expect("WGMESH_E2E_BACKEND"))
+}
+
+fn handshake_timeout() -> Duration {
+    Duration::from_secs(if std::env::var_os("WGMESH_IN_VM").is_some() {
+        120
+    } else {
+        30
+    })
+}
+
+fn families(cluster: &Cluster) -> Vec<Family> {
+    let mut f = vec![Family::V4];
+    if cluster.options().ipv6 {
+        f.push(Family::V6);
+    }
+    f
+}
+
+fn check_flows(cluster: &Cluster, title: &str) {
+    let waited = cluster.wait_mesh(handshake_timeout()).expect("handshakes");
+    let mut list = Vec::new();
+    for f in families(cluster) {
+        list.extend(flows::standard(f, cluster.mesh().host_encryption));
+    }
+    let rows = flows::run_all(cluster, &list).expect("running the flows");
+    println!(
+        "\n### {title} — {} WireGuard (mesh up after {:.1} s)\n\n{}",
+        cluster.wg().as_str(),
+        waited.as_secs_f64(),
+        flows::table(&rows)
+    );
+    if let Err(e) = flows::check(&rows) {
+        panic!("{title}: {e}");
+    }
+}
+
+fn flows_for(route_source: RouteSource) {
+    let name = route_source.as_str();
+    let t = std::time::Instant::now();
+    let mut cluster =
+        Cluster::start(Options::new(route_source, false), factory()).expect("cluster");
+    println!(
+        "cluster up and meshed in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // The first reconcile programmed every node; a second one finds nothing to do.
+    let again = cluster.reconcile_all().expect("second reconcile");
+    assert!(
+        again.values().all(|ops| *ops == 0),
+        "second reconcile not idempotent: {again:?}"
+    );
+    check_flows(&cluster, &format!("{name}, host encryption off"));
+
+    let mut mesh = cluster.mesh().clone();
+    mesh.host_encryption = true;
+    cluster
+        .change(&[Event::MeshChanged(mesh)])
+        .expect("host encryption on");
+    let again = cluster.reconcile_all().expect("reconcile after the change");
+    assert!(
+        again.values().all(|ops| *ops == 0),
+        "incremental path left drift: {again:?}"
+    );
+    check_flows(&cluster, &format!("{name}, host encryption on"));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run by scripts/test-e2e.sh"]
+fn flows_workload_ips() {
+    let _ = WHY;
+    flows_for(RouteSource::WorkloadIps);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run by scripts/test-e2e.sh"]
+fn flows_cidr_blocks() {
+    flows_for(RouteSource::CidrBlocks);
+}
+
+fn changes_for(route_source: RouteSource, host_encryption: bool) {
+    let mut cluster =
+        Cluster::start(Options::new(route_source, host_encryption), factory()).expect("cluster");
+    cluster.wait_mesh(handshake_timeout()).expect("handshakes");
+    let reports = changes::standard_sequence(&mut cluster).expect("changes");
+    println!(
+        "\n### Changes under continuous ping — {}, host encryption {}, {} WireGuard\n\n{}",
+        route_source.as_str(),
+        if host_encryption { "on" } else { "off" },
+        cluster.wg().as_str(),
+        changes::table(&reports)
+    );
+    let mut failures = Vec::new();
+    for r in &reports {
+        if let Err(e) = flows::check(&r.flows) {
+            println!("{}", flows::table(&r.flows));
+            failures.push(format!("after {:?}: {e}", r.change));
+        }
+        let zero_loss = r.change.starts_with("pod") || r.change.starts_with("IP moved");
+        if zero_loss && r.lost() > 0 {
+            failures.push(format!("{:?} lost packets: {}", r.change, r.lossy()));
+        }
+    }
+    // After all that, the incremental path left nothing for a full reconcile to fix.
+    let drift = cluster.reconcile_all().expect("final reconcile");
+    if drift.values().any(|ops| *ops != 0) {
+        failures.push(format!(
+            "a full reconcile after the changes still had work: {drift:?}"
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run by scripts/test-e2e.sh"]
+fn changes_cidr_blocks_host_encryption() {
+    changes_for(RouteSource::CidrBlocks, true);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run by scripts/test-e2e.sh"]
+fn changes_workload_ips() {
+    changes_for(RouteSource::WorkloadIps, false);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run by scripts/test-e2e.sh"]
+fn teardown_leaves_nothing_even_on_panic() {
+    let mut names = Vec::new();
+    let mut daemons = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let cluster = Cluster::start(Options::new(RouteSource::WorkloadIps, true), factory())
+            .expect("cluster");
+        names = cluster.namespaces();
+        daemons = cluster.daemon_pids();
+        assert!(names.iter().all(|n| ns::existing().contains(n)));
+        panic!("deliberate panic with the cluster up");
+    }));
+    assert!(result.is_err());
+    let left: Vec<String> = ns::existing()
+        .into_iter()
+        .filter(|n| names.contains(n))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    // A process that is gone may linger as a zombie until its parent reaps it; only a
+    // process that still runs counts as left behind.
+    let running = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(") ").next().map(|r| !r.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    let alive: Vec<String> = daemons
+        .into_iter()
+        .filter(|p| running(*p))
+        .map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            format!("{p}: {}", stat.trim())
+        })
+        .collect();
+    assert!(alive.is_empty(), "processes left behind: {alive:?}");
+}
+
+/// The harness itself can fail: with n1's mesh torn down behind its planner's back, the
+/// counters see the plaintext and the flow is not reported encrypted.
+#[test]
+#[ignore = "needs root and network namespaces; run by scripts/test-e2e.sh"]
+fn harness_notices_plaintext() {
+    let cluster =
+        Cluster::start(Options::new(RouteSource::WorkloadIps, false), factory()).expect("cluster");
+    cluster.wait_mesh(handshake_timeout()).expect("handshakes");
+    let flow = flows::Flow {
+        src: flows::End::Pod("p1a".into()),
+        dst: flows::End::Pod("p2".into()),
+        family: Family::V4,
+        probe: flows::Probe::Echo,
+    };
+    let healthy = flows::run(&cluster, &flow).expect("flow");
+    assert!(
+        healthy.pass,
+        "{}",
+        flows::table(std::slice::from_ref(&healthy))
+    );
+    cluster
+        .force_plan("n1", NodePlan::empty("n1"))
+        .expect("tear n1's mesh down");
+    let broken = flows::run(&cluster, &flow).expect("flow");
+    println!("{}", flows::table(&[healthy, broken.clone()]));
+    assert!(!broken.pass, "a node without its mesh still passed");
+    assert_ne!(broken.observed, flows::Verdict::Encrypted);
+    assert!(
+        broken.wire.0 > 0,
+        "the plaintext on the wire was not counted"
+    );
+}
