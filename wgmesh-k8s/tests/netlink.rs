@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use wgmesh_core::{MeshConfig, NodePlan, PrivateKey, RouteSource, plan_node};
+use wgmesh_core::{MeshConfig, NodePlan, RouteSource, plan_node};
 use wgmesh_k8s::agent::{Agent, AgentSettings};
 use wgmesh_k8s::bootstrap::guard_plan;
 use wgmesh_k8s::metrics::Metrics;
@@ -17,15 +16,6 @@ use wgmesh_netlink::testing::{FailingDataplane, FakeKernel};
 use wgmesh_netlink::{KeyRing, nft};
 
 const MS: Duration = Duration::from_millis(1);
-
-type Fake = NetlinkDataplane<FakeKernel>;
-
-fn agent(mesh: MeshConfig, key: PrivateKey) -> Driver<Fake> {
-    let dataplane = NetlinkDataplane::new(FakeKernel::new(), &mesh, KeyRing::single(key));
-    let mut settings = AgentSettings::new("a", mesh);
-    settings.watch_pods = true;
-    Driver::new(Agent::new(settings, dataplane, Metrics::new()))
-}
 
 fn ops(d: &mut Driver<Fake>) -> Vec<String> {
     let k = d.agent.dataplane_mut().reconciler_mut().dataplane_mut();
@@ -60,26 +50,10 @@ fn assert_kernel_matches<D: wgmesh_netlink::Dataplane>(
     );
 }
 
-fn start(d: &mut Driver<Fake>) {
-    d.start_with(
-        &[
-            wg_node(
-                "a",
-                "10.0.0.1",
-                &["10.65.0.0/26"],
-                Some(private(1).public_key()),
-            ),
-            wg_node("b", "10.0.0.2", &["10.65.0.64/26"], Some(public(2))),
-        ],
-        &[],
-    );
-    d.run_for(10 * MS);
-}
-
 #[test]
 fn initial_sync_programs_the_kernel() {
-    let mut d = agent(MeshConfig::default(), private(1));
-    start(&mut d);
+    let mut d = netlink_agent(MeshConfig::default(), private(1));
+    start_two_nodes(&mut d);
     let ops = ops(&mut d);
     let b = public(2).to_base64();
     assert_eq!(
@@ -104,8 +78,8 @@ fn initial_sync_programs_the_kernel() {
 fn nodes_join_rotate_and_leave_pods_churn() {
     let mut mesh = MeshConfig::default();
     mesh.route_source = RouteSource::WorkloadIps;
-    let mut d = agent(mesh, private(1));
-    start(&mut d);
+    let mut d = netlink_agent(mesh, private(1));
+    start_two_nodes(&mut d);
     ops(&mut d);
     let (b, c, c2) = (
         public(2).to_base64(),
@@ -183,10 +157,10 @@ fn nodes_join_rotate_and_leave_pods_churn() {
 fn a_new_key_after_a_reboot_is_guarded_then_published_then_applied() {
     let mut mesh = MeshConfig::default();
     mesh.host_encryption = true;
-    let mut d = agent(mesh, private(21));
+    let mut d = netlink_agent(mesh, private(21));
     d.echo = false;
     // The Node still publishes the old key (1); the key file now holds 21.
-    start(&mut d);
+    start_two_nodes(&mut d);
     assert!(d.agent.guarded());
     let guarded = d
         .agent
@@ -237,8 +211,8 @@ fn a_new_key_after_a_reboot_is_guarded_then_published_then_applied() {
 #[test]
 fn a_fault_at_every_step_of_the_first_reconcile_is_repaired() {
     let plan_len = {
-        let mut d = agent(MeshConfig::default(), private(1));
-        start(&mut d);
+        let mut d = netlink_agent(MeshConfig::default(), private(1));
+        start_two_nodes(&mut d);
         ops(&mut d).len()
     };
     for k in 0..plan_len {
@@ -277,50 +251,4 @@ fn a_fault_at_every_step_of_the_first_reconcile_is_repaired() {
         let plan = plan_node(&cluster, "a").unwrap();
         assert_kernel_matches(&mut d, &plan);
     }
-}
-
-/// Runs a scenario with every log line captured at the most verbose level, and looks for the
-/// private key in them.
-#[test]
-fn the_private_key_is_never_logged() {
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let key = private(21);
-    let secret_b64 = key.to_base64();
-    let secret_hex = key.to_hex();
-    tracing::subscriber::with_default(subscriber, || {
-        let mut mesh = MeshConfig::default();
-        mesh.host_encryption = true;
-        let mut d = agent(mesh, key.clone());
-        start(&mut d);
-        d.node(wg_node("c", "10.0.0.3", &[], Some(public(3))));
-        d.pod(pod("default", "p", "c", &["10.0.0.30"], "Running"));
-        d.run_for(Duration::from_secs(100));
-    });
-    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    assert!(log.contains("netlink"), "operations are logged at debug");
-    assert!(log.contains("private-key (ipv4 key, hidden)"));
-    assert!(
-        log.contains(&key.public_key().to_base64()),
-        "public keys may be"
-    );
-    assert!(!log.contains(secret_b64.as_str()));
-    assert!(!log.contains(secret_hex.as_str()));
-    assert!(!log.contains(&secret_b64[..12]));
 }

@@ -296,3 +296,39 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// The agent over wgmesh-netlink's reconciler on its in-memory fake kernel.
+pub type Fake = wgmesh_k8s::netlink::NetlinkDataplane<wgmesh_netlink::testing::FakeKernel>;
+
+/// Agent "a" over the fake kernel, watching pods.
+pub fn netlink_agent(mesh: wgmesh_core::MeshConfig, key: PrivateKey) -> Driver<Fake> {
+    let dataplane = wgmesh_k8s::netlink::NetlinkDataplane::new(
+        wgmesh_netlink::testing::FakeKernel::new(),
+        &mesh,
+        wgmesh_netlink::KeyRing::single(key),
+    );
+    let mut settings = wgmesh_k8s::agent::AgentSettings::new("a", mesh);
+    settings.watch_pods = true;
+    Driver::new(Agent::new(
+        settings,
+        dataplane,
+        wgmesh_k8s::metrics::Metrics::new(),
+    ))
+}
+
+/// Two nodes, "a" (the agent's, published with `private(1)`) and "b", and 10 ms to settle.
+pub fn start_two_nodes(d: &mut Driver<Fake>) {
+    d.start_with(
+        &[
+            wg_node(
+                "a",
+                "10.0.0.1",
+                &["10.65.0.0/26"],
+                Some(private(1).public_key()),
+            ),
+            wg_node("b", "10.0.0.2", &["10.65.0.64/26"], Some(public(2))),
+        ],
+        &[],
+    );
+    d.run_for(Duration::from_millis(10));
+}
