@@ -29,29 +29,23 @@ struct Args {
     json: bool,
 }
 
+#[path = "support/flags.rs"]
+mod flags;
+use flags::Flags;
+
 fn parse_args() -> Result<Args, String> {
     let (mut cluster, mut node, mut key) = (None, None, None);
     let (mut backend, mut dry_run, mut json) = (Backend::Auto, false, false);
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
-        };
+    let mut flags = Flags::from_env(USAGE);
+    while let Some((flag, inline)) = flags.next_flag() {
         match flag.as_str() {
-            "--cluster" | "-c" => cluster = Some(value("--cluster")?),
-            "--node" | "-n" => node = Some(value("--node")?),
-            "--private-key" => key = Some(PathBuf::from(value("--private-key")?)),
-            "--backend" => backend = value("--backend")?.parse()?,
+            "--cluster" | "-c" => cluster = Some(flags.value(&flag, inline)?),
+            "--node" | "-n" => node = Some(flags.value(&flag, inline)?),
+            "--private-key" => key = Some(PathBuf::from(flags.value(&flag, inline)?)),
+            "--backend" => backend = flags.value(&flag, inline)?.parse()?,
             "--dry-run" => dry_run = true,
             "--format" | "-f" => {
-                json = match value("--format")?.as_str() {
+                json = match flags.value(&flag, inline)?.as_str() {
                     "text" => false,
                     "json" => true,
                     other => {
@@ -59,8 +53,7 @@ fn parse_args() -> Result<Args, String> {
                     }
                 }
             }
-            "--help" | "-h" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other:?}; {USAGE}")),
+            other => return Err(flags.unknown(other)),
         }
     }
     Ok(Args {

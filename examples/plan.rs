@@ -15,6 +15,10 @@ use std::process::ExitCode;
 use wgmesh::core::diagnostics::diagnose;
 use wgmesh::core::{Cluster, NodePlan, PrivateKey, plan_node, render, spec::parse_cluster};
 
+#[path = "support/flags.rs"]
+mod flags;
+use flags::Flags;
+
 const SAMPLE: &str = include_str!("clusters/aks-azure-cni.json");
 
 const USAGE: &str =
@@ -41,24 +45,14 @@ fn parse_args() -> Result<Args, String> {
         format: Format::Text,
         private_key: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
-        };
+    let mut flags = Flags::from_env(USAGE);
+    while let Some((flag, inline)) = flags.next_flag() {
         match flag.as_str() {
-            "--cluster" | "-c" => args.cluster = Some(value("--cluster")?),
-            "--node" | "-n" => args.node = Some(value("--node")?),
-            "--private-key" => args.private_key = Some(value("--private-key")?),
+            "--cluster" | "-c" => args.cluster = Some(flags.value(&flag, inline)?),
+            "--node" | "-n" => args.node = Some(flags.value(&flag, inline)?),
+            "--private-key" => args.private_key = Some(flags.value(&flag, inline)?),
             "--format" | "-f" => {
-                args.format = match value("--format")?.as_str() {
+                args.format = match flags.value(&flag, inline)?.as_str() {
                     "text" => Format::Text,
                     "json" => Format::Json,
                     "wg" => Format::Wg,
@@ -69,8 +63,7 @@ fn parse_args() -> Result<Args, String> {
                     }
                 }
             }
-            "--help" | "-h" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other:?}; {USAGE}")),
+            other => return Err(flags.unknown(other)),
         }
     }
     Ok(args)
