@@ -2,7 +2,7 @@
 //! or the userspace socket (wireguard-go, boringtun) for devices, nf_tables for the marking,
 //! `/proc/sys` for sysctls.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,7 +18,7 @@ use crate::nft;
 use crate::op::Operation;
 use crate::reconcile::Dataplane;
 use crate::socket::{NlSocket, Request};
-use crate::state::{ActualDevice, ActualState, LinkKind, Ownership};
+use crate::state::{ActualDevice, ActualState, LinkKind, Ownership, PeerStats};
 use crate::uapi;
 use crate::wire::{self, DeviceUpdate, PeerUpdate};
 
@@ -309,7 +309,29 @@ impl Linux {
     }
 
     fn kernel_device(&mut self, family: u16, ifname: &str) -> Result<Option<ActualDevice>> {
-        let doing = format!("read WireGuard device {ifname}");
+        let mut dev = ActualDevice::default();
+        let found = self.kernel_dump(family, ifname, "", |p| wire::merge_wg_device(p, &mut dev))?;
+        Ok(found.then_some(dev))
+    }
+
+    fn kernel_stats(&mut self, family: u16, ifname: &str) -> Result<Vec<PeerStats>> {
+        let mut stats = BTreeMap::new();
+        self.kernel_dump(family, ifname, " counters", |p| {
+            wire::merge_wg_stats(p, ifname, &mut stats)
+        })?;
+        Ok(stats.into_values().collect())
+    }
+
+    /// Dumps a WireGuard device and hands each part to `merge` (then wipes it: it holds the
+    /// private key). `Ok(false)` when there is no such device.
+    fn kernel_dump(
+        &mut self,
+        family: u16,
+        ifname: &str,
+        what: &str,
+        mut merge: impl FnMut(&[u8]) -> std::result::Result<(), String>,
+    ) -> Result<bool> {
+        let doing = format!("read WireGuard device {ifname}{what}");
         let genl = self
             .genl
             .as_mut()
@@ -326,19 +348,21 @@ impl Linux {
             .map_err(|e| Error::io(&doing, e))?;
         match out.into_iter().next() {
             Some(Ok(parts)) => {
-                let mut dev = ActualDevice::default();
+                let mut result = Ok(());
                 for mut p in parts {
-                    let r = wire::merge_wg_device(&p, &mut dev);
+                    if result.is_ok() {
+                        result = merge(&p);
+                    }
                     zeroize::Zeroize::zeroize(&mut p);
-                    r.map_err(|d| Error::decode(&doing, d))?;
                 }
-                Ok(Some(dev))
+                result.map_err(|d| Error::decode(&doing, d))?;
+                Ok(true)
             }
             Some(Err(errno)) if errno == crate::error::ENODEV || errno == crate::error::ENOENT => {
-                Ok(None)
+                Ok(false)
             }
             Some(Err(errno)) => Err(kernel_err(doing, errno)),
-            None => Ok(None),
+            None => Ok(false),
         }
     }
 
@@ -981,5 +1005,23 @@ impl Dataplane for Linux {
             Wg::Kernel { .. } => LinkKind::Wireguard,
             Wg::Userspace => LinkKind::Tun,
         }
+    }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        let mut out = Vec::new();
+        for name in &own.interfaces {
+            match self.wg {
+                Wg::Kernel { family } => match self.kernel_stats(family, name) {
+                    Ok(s) => out.extend(s),
+                    // A link of that name that is not a WireGuard device has no peers.
+                    Err(e) if e.errno() == Some(EOPNOTSUPP) => {}
+                    Err(e) => return Err(e),
+                },
+                Wg::Userspace => {
+                    out.extend(uapi::get_stats(&self.config.socket_dir, name)?.unwrap_or_default())
+                }
+            }
+        }
+        Ok(out)
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -116,6 +117,62 @@ pub struct ActualPeer {
     pub persistent_keepalive: u16,
     /// Allowed IPs.
     pub allowed_ips: BTreeSet<IpNet>,
+}
+
+/// Traffic counters of one peer, as the WireGuard implementation reports them.
+///
+/// Observations, not configuration: they are read on their own by
+/// [`Dataplane::peer_stats`](crate::Dataplane::peer_stats) (a device dump, nothing else) and
+/// never enter [`ActualState`] or the diff, so a reconcile neither pays for them nor reacts to
+/// them. A peer that is removed and added again (a key change) starts from zero.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// The interface.
+    pub interface: String,
+    /// The peer's key.
+    pub public_key: PublicKey,
+    /// When the latest handshake completed (`None`: never).
+    pub last_handshake: Option<SystemTime>,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+}
+
+impl PeerStats {
+    /// Counters of one peer.
+    pub fn new(
+        interface: impl Into<String>,
+        public_key: PublicKey,
+        last_handshake: Option<SystemTime>,
+        rx_bytes: u64,
+        tx_bytes: u64,
+    ) -> Self {
+        Self {
+            interface: interface.into(),
+            public_key,
+            last_handshake,
+            rx_bytes,
+            tx_bytes,
+        }
+    }
+
+    /// A peer with no handshake and no traffic yet.
+    pub fn zero(interface: impl Into<String>, public_key: PublicKey) -> Self {
+        Self::new(interface, public_key, None, 0, 0)
+    }
+}
+
+/// The time WireGuard reports as a latest handshake (seconds and nanoseconds since the Unix
+/// epoch; both 0 means never, as do out-of-range values).
+pub(crate) fn handshake_time(seconds: i64, nanos: i64) -> Option<SystemTime> {
+    let seconds = u64::try_from(seconds).ok()?;
+    let nanos = u32::try_from(nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    if seconds == 0 && nanos == 0 {
+        return None;
+    }
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
 }
 
 /// The kind of a route found in the mesh table.

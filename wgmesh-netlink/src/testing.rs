@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use wgmesh_core::RouteType;
+use wgmesh_core::{PublicKey, RouteType};
 
 use crate::diff::{actual_route, route_metric};
 use crate::error::{EEXIST, ENODEV, ENOENT, ESRCH, Error, Result};
@@ -35,7 +35,7 @@ use crate::op::Operation;
 use crate::reconcile::Dataplane;
 use crate::state::{
     ActualDevice, ActualLink, ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind,
-    Ownership,
+    Ownership, PeerStats,
 };
 
 /// An in-memory kernel with the semantics that matter to wgmesh: links with indexes, WireGuard
@@ -59,6 +59,9 @@ pub struct FakeKernel {
     pub nft: BTreeMap<(u8, String), NftTable>,
     /// The link kind [`Operation::CreateLink`] makes.
     pub kind: LinkKind,
+    /// Traffic counters of peers, by (interface, key), as set by [`FakeKernel::set_peer_stats`];
+    /// a peer without an entry reports none. Removing a peer or its link drops its counters.
+    counters: BTreeMap<(String, PublicKey), PeerStats>,
     next_index: u32,
     recorded: Vec<Operation>,
     messages: usize,
@@ -81,6 +84,7 @@ impl FakeKernel {
             sysctls: BTreeMap::new(),
             nft: BTreeMap::new(),
             kind: LinkKind::Wireguard,
+            counters: BTreeMap::new(),
             next_index: 1,
             recorded: Vec::new(),
             messages: 0,
@@ -107,6 +111,14 @@ impl FakeKernel {
                 .insert(name.to_owned(), ActualDevice::default());
         }
         index
+    }
+
+    /// Sets the counters a peer reports (its latest handshake, bytes received and sent), as
+    /// traffic through a tunnel would. They are reported while the peer exists on that
+    /// interface; a peer that is removed and added again starts from zero, as in Linux.
+    pub fn set_peer_stats(&mut self, stats: PeerStats) {
+        self.counters
+            .insert((stats.interface.clone(), stats.public_key), stats);
     }
 
     /// Every operation executed so far, in order.
@@ -162,6 +174,7 @@ impl FakeKernel {
                     .remove(interface)
                     .ok_or_else(|| Error::kernel(&doing, ENODEV))?;
                 self.devices.remove(interface);
+                self.counters.retain(|(i, _), _| i != interface);
                 self.routes.retain(|r| r.oif != Some(link.index));
             }
             Operation::SetMtu { interface, mtu } => {
@@ -199,6 +212,7 @@ impl FakeKernel {
                 public_key,
             } => {
                 self.device(interface, &doing)?.peers.remove(public_key);
+                self.counters.remove(&(interface.clone(), *public_key));
             }
             Operation::SetPeer {
                 interface,
@@ -359,6 +373,26 @@ impl Dataplane for FakeKernel {
     fn link_kind(&self) -> LinkKind {
         self.kind
     }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        let mut out = Vec::new();
+        for name in &own.interfaces {
+            for key in self
+                .devices
+                .get(name)
+                .into_iter()
+                .flat_map(|d| d.peers.keys())
+            {
+                out.push(
+                    self.counters
+                        .get(&(name.clone(), *key))
+                        .cloned()
+                        .unwrap_or_else(|| PeerStats::zero(name.as_str(), *key)),
+                );
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Wraps a dataplane and fails its k-th operation (counted from 0 over the wrapper's
@@ -434,6 +468,10 @@ impl<D: Dataplane> Dataplane for FailingDataplane<D> {
 
     fn link_kind(&self) -> LinkKind {
         self.inner.link_kind()
+    }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        self.inner.peer_stats(own)
     }
 }
 

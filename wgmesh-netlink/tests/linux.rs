@@ -542,6 +542,151 @@ fn one_workload_ip_is_one_peer_update_and_one_route_and_removal_keeps_the_rest()
     reset();
 }
 
+/// Node b's side of a tunnel: a second network namespace joined to this one by a veth pair
+/// (10.0.0.1 here, 10.0.0.2 there), with a WireGuard device made by `ip` and `wg` (kernel) or
+/// wireguard-go (userspace) holding b's key and a as its peer. Removed on drop, also when the
+/// test panics.
+struct PeerNamespace {
+    name: String,
+}
+
+const PEER_DEVICE: &str = "wgm-peer";
+
+impl PeerNamespace {
+    fn start(backend: Backend) -> Self {
+        let ns = Self {
+            name: format!("wgmesh-peer-{}", std::process::id()),
+        };
+        let n = &ns.name;
+        sh(&format!(
+            "ip netns add {n} && ip -n {n} link set lo up && \
+             ip link add wgm-ul type veth peer name wgm-ul netns {n} && \
+             ip addr add 10.0.0.1/24 dev wgm-ul && ip link set wgm-ul up && \
+             ip -n {n} addr add 10.0.0.2/24 dev wgm-ul && ip -n {n} link set wgm-ul up"
+        ));
+        match backend {
+            Backend::Kernel => sh(&format!("ip -n {n} link add {PEER_DEVICE} type wireguard")),
+            _ => sh(&format!("ip netns exec {n} wireguard-go {PEER_DEVICE}")),
+        };
+        sh(&format!(
+            "ip netns exec {n} wg set {PEER_DEVICE} listen-port 51820 private-key <(echo {}) \
+               peer {} endpoint 10.0.0.1:51820 allowed-ips 10.65.0.0/26 && \
+             ip -n {n} addr add 10.65.0.65/32 dev {PEER_DEVICE} && ip -n {n} link set {PEER_DEVICE} up && \
+             ip -n {n} route add 10.65.0.0/26 dev {PEER_DEVICE}",
+            key(2).to_base64().as_str(),
+            key(1).public_key()
+        ));
+        ns
+    }
+}
+
+impl Drop for PeerNamespace {
+    fn drop(&mut self) {
+        let n = &self.name;
+        sh_ok(&format!(
+            "for p in $(ip netns pids {n}); do kill $p; done; sleep 0.3; ip netns del {n}; \
+             ip link del wgm-ul; ip addr del 10.65.0.1/32 dev lo; rm -f /var/run/wireguard/{PEER_DEVICE}.sock"
+        ));
+    }
+}
+
+fn handshake_seconds(wg_show_latest: &str, peer: &wgmesh_core::PublicKey) -> Option<u64> {
+    wg_show_latest.lines().find_map(|l| {
+        let (k, t) = l.split_once('\t')?;
+        (k == peer.to_string()).then(|| t.trim().parse().ok())?
+    })
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn peer_counters_show_the_handshake_and_traffic_of_the_right_peer() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let b_key = key(2).public_key();
+    let peer = PeerNamespace::start(backend());
+    // Host encryption on: this host's own traffic to b's pods is tunnelled (not marked).
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&plan).unwrap();
+    // Before any traffic: every planned peer is there, none has had a handshake or received
+    // a byte.
+    let planned: BTreeSet<(String, wgmesh_core::PublicKey)> = plan
+        .interfaces
+        .iter()
+        .flat_map(|i| i.peers.iter().map(|p| (i.name.clone(), p.public_key)))
+        .collect();
+    let before = r.peer_stats().unwrap();
+    let listed: BTreeSet<(String, wgmesh_core::PublicKey)> = before
+        .iter()
+        .map(|s| (s.interface.clone(), s.public_key))
+        .collect();
+    assert_eq!(listed, planned, "{before:#?}");
+    let start = std::time::SystemTime::now();
+    sh("ip addr add 10.65.0.1/32 dev lo");
+    // Handshakes under emulation can take seconds: wait for the first answer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while Command::new("ping")
+        .args(["-c", "1", "-W", "2", "-I", "10.65.0.1", "10.65.0.65"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer through the tunnel to b; {}",
+            sh("wg show all; ip route show table 1; ip rule")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    sh("ping -c 3 -W 2 -I 10.65.0.1 10.65.0.65");
+    let stats = r.peer_stats().unwrap();
+    let now = std::time::SystemTime::now();
+    eprintln!("{stats:#?}");
+    let of = |iface: &str, k: &wgmesh_core::PublicKey| {
+        stats
+            .iter()
+            .find(|s| s.interface == iface && s.public_key == *k)
+            .unwrap_or_else(|| panic!("no counters for {k} on {iface}: {stats:#?}"))
+    };
+    let b = of("wireguard.cali", &b_key);
+    let at = b.last_handshake.expect("b had a handshake");
+    assert!(
+        at >= start - std::time::Duration::from_secs(1) && at <= now,
+        "handshake at {at:?}, test ran {start:?}..{now:?}"
+    );
+    // Four echo requests and replies at least, each in a WireGuard data message.
+    assert!(b.rx_bytes >= 4 * 84 && b.tx_bytes >= 4 * 84, "{b:?}");
+    // The others never reached anyone: no handshake, nothing received.
+    for s in stats
+        .iter()
+        .filter(|s| !(s.interface == "wireguard.cali" && s.public_key == b_key))
+    {
+        assert_eq!((s.last_handshake, s.rx_bytes), (None, 0), "{s:?}");
+    }
+    // The same as wg(8) reads them (read after ours: bytes can only have grown).
+    let latest = sh("wg show wireguard.cali latest-handshakes");
+    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert_eq!(handshake_seconds(&latest, &b_key), Some(secs), "{latest}");
+    let transfer = sh("wg show wireguard.cali transfer");
+    let line = transfer
+        .lines()
+        .find(|l| l.starts_with(&b_key.to_string()))
+        .unwrap_or_else(|| panic!("{transfer}"));
+    let n: Vec<u64> = line
+        .split('\t')
+        .skip(1)
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    assert!(
+        n[0] >= b.rx_bytes && n[1] >= b.tx_bytes,
+        "wg: {line}; ours: {b:?}"
+    );
+    // Counters are observations: the diff ignores them.
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    drop(peer);
+    reset();
+}
+
 fn big_cluster(peers: usize, ips_of_first: usize) -> (Cluster, NodePlan) {
     let mut mesh = MeshConfig::default();
     mesh.route_source = RouteSource::WorkloadIps;
