@@ -87,14 +87,19 @@ fn nodes_join_rotate_and_leave_pods_churn() {
         public(33).to_base64(),
     );
 
-    // A node joins.
+    // A node joins: its peer is added to the running device and its handshake started.
     d.node(wg_node("c", "10.0.0.3", &[], Some(public(3))));
     d.run_for(200 * MS);
     assert_eq!(
         ops(&mut d),
-        [format!(
-            "set peer {c} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0"
-        )]
+        [
+            format!(
+                "set peer {c} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0"
+            ),
+            format!(
+                "start handshake with peer {c} on wireguard.cali (persistent-keepalive 25, then off)"
+            ),
+        ]
     );
 
     // A pod starts on b: one peer update and one route — two messages.
@@ -125,7 +130,7 @@ fn nodes_join_rotate_and_leave_pods_churn() {
         "{o:?}"
     );
 
-    // c rotates its key: the old peer goes, the new one comes.
+    // c rotates its key: the old peer goes, the new one comes and handshakes at once.
     d.node(wg_node("c", "10.0.0.3", &[], Some(public(33))));
     d.run_for(200 * MS);
     assert_eq!(
@@ -135,7 +140,19 @@ fn nodes_join_rotate_and_leave_pods_churn() {
             format!(
                 "set peer {c2} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0"
             ),
+            format!(
+                "start handshake with peer {c2} on wireguard.cali (persistent-keepalive 25, then off)"
+            ),
         ]
+    );
+    let k = d.agent.dataplane_mut().reconciler_mut().dataplane_mut();
+    assert_eq!(
+        k.handshakes_initiated(),
+        [
+            ("wireguard.cali".to_owned(), public(3)),
+            ("wireguard.cali".to_owned(), public(33))
+        ],
+        "only the peers added to the running device, the initial sync's none"
     );
 
     // c leaves.

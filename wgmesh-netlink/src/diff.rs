@@ -404,6 +404,14 @@ pub(crate) fn actual_route(r: &Route) -> ActualRoute {
 /// believed to match), without reading the dataplane. For one workload IP that appears, this
 /// is one [`Operation::SetPeer`] and one [`Operation::AddRoute`].
 ///
+/// A peer added to an interface that already exists (a node joined, or a node's key changed:
+/// remove-old then add-new) is followed by [`Operation::StartHandshake`] when its planned
+/// keepalive is off, so its first handshake starts now rather than with the first packet
+/// (and a handshake the peer rejected a moment ago, because it did not know this node's key
+/// yet, is not left to WireGuard's 5-second retry). Peers of an interface the delta creates
+/// get none, and neither does a full [`diff`](crate::diff()): a whole device's initial peers
+/// would all handshake at once. The keepalive ends as planned.
+///
 /// ```
 /// use wgmesh_netlink::{delta_operations, DiffOptions, Operation};
 /// use wgmesh_core::{Event, IncrementalPlanner, spec::parse_cluster};
@@ -496,6 +504,9 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
         });
     }
     let mut gained: HashSet<(&str, IpNet)> = HashSet::new();
+    // Devices this delta creates: their peers are the whole device's initial configuration,
+    // so no handshake is started for them (thousands at once on a big cluster).
+    let created: HashSet<&str> = d.interfaces_added.iter().map(|i| i.name.as_str()).collect();
     for p in &d.peers_added {
         gained.extend(
             p.peer
@@ -503,13 +514,22 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
                 .iter()
                 .map(|ip| (p.interface.as_str(), *ip)),
         );
+        let keepalive = p.peer.persistent_keepalive.unwrap_or(0);
         ops.push(Operation::SetPeer {
             interface: p.interface.clone(),
             public_key: p.peer.public_key,
             endpoint: Some(p.peer.endpoint),
-            persistent_keepalive: Some(p.peer.persistent_keepalive.unwrap_or(0)),
+            persistent_keepalive: Some(keepalive),
             allowed_ips: p.peer.allowed_ips.clone(),
         });
+        // A peer added to a running device (a node joined, a key changed) handshakes at
+        // once. With a planned keepalive, setting it above already does that.
+        if keepalive == 0 && !created.contains(p.interface.as_str()) {
+            ops.push(Operation::StartHandshake {
+                interface: p.interface.clone(),
+                public_key: p.peer.public_key,
+            });
+        }
     }
     for u in &d.peers_updated {
         gained.extend(

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use crate::error::{EOPNOTSUPP, Error, Result};
 use crate::keys::KeyRing;
 use crate::nft;
-use crate::op::Operation;
+use crate::op::{KICK_KEEPALIVE, Operation};
 use crate::reconcile::Dataplane;
 use crate::socket::{NlSocket, Request};
 use crate::state::{ActualDevice, ActualState, LinkKind, Ownership, PeerStats};
@@ -614,6 +614,25 @@ impl Linux {
                 d.peers.push(p);
                 vec![d]
             }
+            Operation::StartHandshake {
+                interface,
+                public_key,
+            } => {
+                // Two updates of the peer: the keepalive goes 0 → on (the kernel and
+                // wireguard-go send a keepalive, hence a handshake initiation, when it is
+                // switched on while the device is up), then back off. Over UAPI they are two
+                // peer sections of one request; wireguard-go acts on each section's end.
+                [KICK_KEEPALIVE, 0]
+                    .into_iter()
+                    .map(|k| {
+                        let mut p = PeerUpdate::new(*public_key);
+                        p.persistent_keepalive = Some(k);
+                        let mut d = dev(interface);
+                        d.peers.push(p);
+                        d
+                    })
+                    .collect()
+            }
             Operation::RemoveAllowedIps {
                 interface,
                 public_key,
@@ -869,6 +888,7 @@ fn channel(op: &Operation, wg: &Wg) -> Channel {
         Operation::ConfigureDevice { .. }
         | Operation::RemovePeer { .. }
         | Operation::SetPeer { .. }
+        | Operation::StartHandshake { .. }
         | Operation::RemoveAllowedIps { .. } => dev,
         Operation::SetSysctl { .. } => Channel::Sysctl,
         _ => Channel::Nft,

@@ -62,6 +62,7 @@ pub struct FakeKernel {
     /// Traffic counters of peers, by (interface, key), as set by [`FakeKernel::set_peer_stats`];
     /// a peer without an entry reports none. Removing a peer or its link drops its counters.
     counters: BTreeMap<(String, PublicKey), PeerStats>,
+    initiations: Vec<(String, PublicKey)>,
     next_index: u32,
     recorded: Vec<Operation>,
     messages: usize,
@@ -85,6 +86,7 @@ impl FakeKernel {
             nft: BTreeMap::new(),
             kind: LinkKind::Wireguard,
             counters: BTreeMap::new(),
+            initiations: Vec::new(),
             next_index: 1,
             recorded: Vec::new(),
             messages: 0,
@@ -119,6 +121,36 @@ impl FakeKernel {
     pub fn set_peer_stats(&mut self, stats: PeerStats) {
         self.counters
             .insert((stats.interface.clone(), stats.public_key), stats);
+    }
+
+    /// The handshake initiations Linux would have sent at once because a peer's persistent
+    /// keepalive was switched on (from 0) while its link was up, by (interface, key), in
+    /// order: what [`Operation::SetPeer`] with a keepalive and [`Operation::StartHandshake`]
+    /// cause. (Initiations caused by traffic are not modelled.)
+    pub fn handshakes_initiated(&self) -> &[(String, PublicKey)] {
+        &self.initiations
+    }
+
+    /// Forgets the recorded handshake initiations.
+    pub fn clear_handshakes_initiated(&mut self) {
+        self.initiations.clear();
+    }
+
+    /// Sets a peer's persistent keepalive as Linux does: switching it on while the link is up
+    /// sends a keepalive at once, which starts a handshake.
+    fn set_keepalive(&mut self, interface: &str, key: PublicKey, keepalive: u16) {
+        let up = self.links.get(interface).is_some_and(|l| l.up);
+        let Some(p) = self
+            .devices
+            .get_mut(interface)
+            .and_then(|d| d.peers.get_mut(&key))
+        else {
+            return;
+        };
+        if p.persistent_keepalive == 0 && keepalive != 0 && up {
+            self.initiations.push((interface.to_owned(), key));
+        }
+        p.persistent_keepalive = keepalive;
     }
 
     /// Every operation executed so far, in order.
@@ -233,10 +265,23 @@ impl FakeKernel {
                 if let Some(e) = endpoint {
                     p.endpoint = Some(*e);
                 }
-                if let Some(k) = persistent_keepalive {
-                    p.persistent_keepalive = *k;
-                }
                 p.allowed_ips.extend(allowed_ips.iter().copied());
+                if let Some(k) = persistent_keepalive {
+                    self.set_keepalive(interface, *public_key, *k);
+                }
+            }
+            Operation::StartHandshake {
+                interface,
+                public_key,
+            } => {
+                // Two peer updates, as the real dataplanes send them (which create the peer
+                // if it is missing, as an update without UPDATE_ONLY does).
+                self.device(interface, &doing)?
+                    .peers
+                    .entry(*public_key)
+                    .or_default();
+                self.set_keepalive(interface, *public_key, crate::op::KICK_KEEPALIVE);
+                self.set_keepalive(interface, *public_key, 0);
             }
             Operation::RemoveAllowedIps {
                 interface,

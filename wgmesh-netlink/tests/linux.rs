@@ -687,6 +687,73 @@ fn peer_counters_show_the_handshake_and_traffic_of_the_right_peer() {
     reset();
 }
 
+/// The latest handshake with `peer` on `interface`, as the dataplane reports it.
+fn handshake_of(
+    r: &mut Reconciler<Linux>,
+    interface: &str,
+    peer: &wgmesh_core::PublicKey,
+) -> Option<std::time::SystemTime> {
+    r.peer_stats()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.interface == interface && s.public_key == *peer)
+        .and_then(|s| s.last_handshake)
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_peer_added_to_a_running_device_handshakes_without_traffic() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let b_key = key(2).public_key();
+    let wg = "wireguard.cali";
+    let peer = PeerNamespace::start(backend());
+    // Persistent keepalive off, host encryption off: nothing but a kick makes a handshake.
+    let mut c = cluster(false);
+    let mut mesh = c.mesh().clone();
+    mesh.persistent_keepalive = None;
+    c = Cluster::new(mesh, c.nodes().to_vec()).unwrap();
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&planner.plan()).unwrap();
+    // The initial configuration of the whole device starts no handshake.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(handshake_of(&mut r, wg, &b_key), None);
+    // b leaves and comes back (as on a key change, its peer is removed and added).
+    let b_node = c.node("b").unwrap().clone();
+    let d = planner
+        .apply(Event::NodeRemoved { node: "b".into() })
+        .unwrap();
+    r.apply_delta(&d).unwrap();
+    let start = std::time::SystemTime::now();
+    let d = planner.apply(Event::NodeUpserted(b_node)).unwrap();
+    let report = r.apply_delta(&d).unwrap();
+    assert!(
+        report.operations.iter().any(|o| matches!(o, Operation::StartHandshake { interface, public_key } if interface == wg && *public_key == b_key)),
+        "{:#?}",
+        report.operations
+    );
+    // No packet is sent to b, yet the handshake completes (under emulation: allow time).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let at = loop {
+        if let Some(at) = handshake_of(&mut r, wg, &b_key) {
+            break at;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handshake with b: {}",
+            sh("wg show all")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(at >= start - std::time::Duration::from_secs(1), "{at:?}");
+    // And the keepalive is the plan's: off (wg showconf shows none).
+    check_with_tools(&planner.plan());
+    assert!(r.resync().unwrap().is_noop());
+    drop(peer);
+    reset();
+}
+
 fn big_cluster(peers: usize, ips_of_first: usize) -> (Cluster, NodePlan) {
     let mut mesh = MeshConfig::default();
     mesh.route_source = RouteSource::WorkloadIps;
