@@ -53,6 +53,6 @@ pub use op::Operation;
 pub use reconcile::{Dataplane, Reconciler, Report};
 pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,
-    LinkKind, Ownership, PeerStats,
+    LinkKind, Ownership, PeerStats, RawRule,
 };
 pub use wgmesh_core;

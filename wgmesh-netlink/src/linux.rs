@@ -703,6 +703,7 @@ impl Linux {
                         }
                         Operation::DeleteRoute { route } => wire::route_delete(route, seq),
                         Operation::AddRule { rule } => wire::rule_add(rule, seq),
+                        Operation::DuplicateRule { rule } => wire::rule_add_duplicate(rule, seq),
                         Operation::DeleteRule { rule } => wire::rule_delete(rule, seq),
                         _ => {
                             return Err((
@@ -884,6 +885,7 @@ fn channel(op: &Operation, wg: &Wg) -> Channel {
         | Operation::AddRoute { .. }
         | Operation::DeleteRoute { .. }
         | Operation::AddRule { .. }
+        | Operation::DuplicateRule { .. }
         | Operation::DeleteRule { .. } => Channel::Rt,
         Operation::ConfigureDevice { .. }
         | Operation::RemovePeer { .. }

@@ -121,6 +121,15 @@ pub enum Operation {
         /// The rule.
         rule: Rule,
     },
+    /// Add the policy rule again although an identical one exists (no `NLM_F_EXCL`): Linux
+    /// lists the copy after every rule of the same priority. The diff does this before
+    /// deleting the original together with an unwanted rule listed after it whose delete
+    /// request would otherwise take the original (see [`crate::diff()`]), so the table never
+    /// lacks its rule.
+    DuplicateRule {
+        /// The rule.
+        rule: Rule,
+    },
     /// Delete a rule that points at the mesh table, exactly as found.
     DeleteRule {
         /// The rule.
@@ -259,6 +268,7 @@ impl fmt::Display for Operation {
                 write!(f, " table {} metric {}", route.table, route.metric)
             }
             Self::AddRule { rule } => write!(f, "add rule {rule}"),
+            Self::DuplicateRule { rule } => write!(f, "add rule {rule} (a second copy)"),
             Self::DeleteRule { rule } => {
                 write!(f, "delete rule {} pref {}", rule.family, rule.priority)?;
                 if rule.invert {
@@ -270,7 +280,11 @@ impl fmt::Display for Operation {
                         write!(f, "/{k:#x}")?;
                     }
                 }
-                write!(f, " lookup {}", rule.table)
+                write!(f, " lookup {}", rule.table)?;
+                if rule.other_selectors {
+                    write!(f, " (and other selectors)")?;
+                }
+                Ok(())
             }
             Self::SetSysctl { key, value } => write!(f, "sysctl {key}={value}"),
             Self::SetMarking { tables } => {

@@ -243,6 +243,58 @@ pub struct ActualRule {
     /// Whether the rule matches on anything else (source, destination, interfaces, …):
     /// wgmesh's rules never do.
     pub other_selectors: bool,
+    /// The rule exactly as the kernel dumped it, which deleting it sends back (see
+    /// [`RawRule`]). Not serialized; ignored by comparisons.
+    #[serde(skip)]
+    pub raw: RawRule,
+}
+
+/// A policy rule's `RTM_NEWRULE` payload as dumped: its `fib_rule_hdr` and every attribute.
+///
+/// The kernel deletes the first rule, in list order, that matches every selector a delete
+/// request carries, and treats the selectors a request leaves out as wildcards. A request
+/// built from [`ActualRule`]'s fields alone would name a hand-made `from 10.0.0.0/8 lookup 1
+/// pref 99` only by priority and table, and could delete wgmesh's own rule of the same
+/// priority instead. Sending the dump back (as `ip rule flush` does) names every selector the
+/// rule has. It is how the rule was read, not what it is: it is not serialized, and two
+/// `RawRule`s always compare equal (so [`ActualRule`]s compare by their fields). Empty for a
+/// rule that was not read from a kernel.
+#[derive(Clone, Default)]
+pub struct RawRule(Vec<u8>);
+
+impl RawRule {
+    /// A dumped payload.
+    pub fn new(payload: Vec<u8>) -> Self {
+        Self(payload)
+    }
+
+    /// The payload (empty when the rule was not dumped).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Whether there is no payload.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl PartialEq for RawRule {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for RawRule {}
+
+impl std::hash::Hash for RawRule {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+impl std::fmt::Debug for RawRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawRule({} bytes)", self.0.len())
+    }
 }
 
 /// What a host has of the objects wgmesh owns.

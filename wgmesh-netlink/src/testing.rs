@@ -40,8 +40,9 @@ use crate::state::{
 
 /// An in-memory kernel with the semantics that matter to wgmesh: links with indexes, WireGuard
 /// devices whose allowed IPs move between peers, routes of every table (replace semantics, and
-/// removed with their link), rules of every table (duplicates allowed, as in Linux), sysctls
-/// and nftables tables. It records every operation executed.
+/// removed with their link), rules of every table (duplicates allowed, kept in priority order,
+/// and a delete takes the first rule the request matches, as in Linux), sysctls and nftables
+/// tables. It records every operation executed.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct FakeKernel {
@@ -330,12 +331,23 @@ impl FakeKernel {
                     .ok_or_else(|| Error::kernel(&doing, ESRCH))?;
                 self.routes.remove(pos);
             }
-            Operation::AddRule { rule } => self.rules.push(crate::diff::actual_rule(rule)),
-            Operation::DeleteRule { rule } => {
+            Operation::AddRule { rule } | Operation::DuplicateRule { rule } => {
+                // After the last rule of the family with the same or a lower priority.
+                let a = crate::diff::actual_rule(rule);
                 let pos = self
                     .rules
                     .iter()
-                    .position(|r| r == rule)
+                    .rposition(|r| r.family == a.family && r.priority <= a.priority)
+                    .map_or(0, |p| p + 1);
+                self.rules.insert(pos, a);
+            }
+            Operation::DeleteRule { rule } => {
+                // The first rule the request matches, as Linux picks it (see
+                // `delete_would_take`): not necessarily the one the caller meant.
+                let pos = self
+                    .rules
+                    .iter()
+                    .position(|r| crate::diff::delete_would_take(rule, r))
                     .ok_or_else(|| Error::kernel(&doing, ENOENT))?;
                 self.rules.remove(pos);
             }

@@ -21,7 +21,8 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::diff::route_metric;
 use crate::nla::{NlaWriter, attrs, cstr, frame};
 use crate::state::{
-    ActualDevice, ActualLink, ActualRoute, ActualRouteKind, ActualRule, PeerStats, handshake_time,
+    ActualDevice, ActualLink, ActualRoute, ActualRouteKind, ActualRule, PeerStats, RawRule,
+    handshake_time,
 };
 
 /// `NLM_F_REQUEST`.
@@ -380,6 +381,16 @@ pub fn rule_dump(family: Family, seq: u32) -> Vec<u8> {
 /// `RTM_NEWRULE` (with `NLM_F_EXCL`: the kernel ignores `NLM_F_REPLACE` for rules), action
 /// "to table" set explicitly.
 pub fn rule_add(rule: &Rule, seq: u32) -> Vec<u8> {
+    rule_new(rule, NLM_F_EXCL, seq)
+}
+
+/// `RTM_NEWRULE` without `NLM_F_EXCL`: Linux adds the rule even when an identical one exists,
+/// after every rule of the same priority.
+pub fn rule_add_duplicate(rule: &Rule, seq: u32) -> Vec<u8> {
+    rule_new(rule, 0, seq)
+}
+
+fn rule_new(rule: &Rule, exclusive: u16, seq: u32) -> Vec<u8> {
     let flags = if rule.invert { FIB_RULE_INVERT } else { 0 };
     let mut p = fib_rule_hdr(rule.family, rule.table, FR_ACT_TO_TBL, flags);
     let mut w = NlaWriter::new();
@@ -390,14 +401,23 @@ pub fn rule_add(rule: &Rule, seq: u32) -> Vec<u8> {
     p.extend_from_slice(&w.buf);
     frame(
         RTM_NEWRULE,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | exclusive,
         seq,
         &p,
     )
 }
 
-/// `RTM_DELRULE` of a rule as found.
+/// `RTM_DELRULE` of a rule as found: its dump sent back when there is one ([`RawRule`]: so
+/// every selector it has is named), else its modelled fields.
 pub fn rule_delete(rule: &ActualRule, seq: u32) -> Vec<u8> {
+    if !rule.raw.is_empty() {
+        return frame(
+            RTM_DELRULE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            rule.raw.as_bytes(),
+        );
+    }
     let flags = if rule.invert { FIB_RULE_INVERT } else { 0 };
     let mut p = fib_rule_hdr(rule.family, rule.table, rule.action, flags);
     let mut w = NlaWriter::new();
@@ -430,6 +450,7 @@ pub fn parse_rule(p: &[u8], table: u32) -> Result<Option<ActualRule>, String> {
         invert: u32::from_ne_bytes([p[8], p[9], p[10], p[11]]) & FIB_RULE_INVERT != 0,
         action: p[7],
         other_selectors: p[1] != 0 || p[2] != 0 || p[3] != 0,
+        raw: RawRule::default(),
     };
     for a in attrs(&p[12..]) {
         let (k, v) = a?;
@@ -446,7 +467,11 @@ pub fn parse_rule(p: &[u8], table: u32) -> Result<Option<ActualRule>, String> {
             _ => {}
         }
     }
-    Ok((r.table == table).then_some(r))
+    if r.table != table {
+        return Ok(None);
+    }
+    r.raw = RawRule::new(p.to_vec());
+    Ok(Some(r))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -957,6 +982,67 @@ mod tests {
         assert!(parse_rule(&m[16..], 2).unwrap().is_none());
         let d = rule_delete(&a, 4);
         assert_eq!(&d[16..], &m[16..]);
+        // The copy differs only in the flags: no NLM_F_EXCL.
+        let c = rule_add_duplicate(&r, 3);
+        assert_eq!(hdr(&c), (60, RTM_NEWRULE, 0x405, 3));
+        assert_eq!(&c[8..], &m[8..]);
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Rules pointing at table 1 as Linux 6.1 dumps them (recorded in the VM after `ip rule
+    /// add not fwmark 0x100000/0x100000 table 1 priority 99` and `ip rule add from
+    /// 10.0.0.0/8 table 1 priority 99`, and the same for IPv6 with `from fd00::/8`): the
+    /// delete of the hand-made one echoes its dump, `FRA_SRC` included, so the kernel cannot
+    /// take wgmesh's rule of the same priority for it.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn rule_delete_echoes_the_dumped_rule() {
+        let recorded = [
+            (
+                "02000000010000010200000008000f000100000008000e00ffffffff0500150000000000080006006300000008000a00000010000800100000001000",
+                "02000800010000010000000008000f000100000008000e00ffffffff05001500000000000800060063000000080002000a000000",
+            ),
+            (
+                "0a000000010000010200000008000f000100000008000e00ffffffff0500150000000000080006006300000008000a00000010000800100000001000",
+                "0a000800010000010000000008000f000100000008000e00ffffffff0500150000000000080006006300000014000200fd000000000000000000000000000000",
+            ),
+        ];
+        for (ours, stray) in recorded {
+            let (ours, stray) = (unhex(ours), unhex(stray));
+            let k = parse_rule(&ours, 1).unwrap().unwrap();
+            let u = parse_rule(&stray, 1).unwrap().unwrap();
+            let family = k.family;
+            let planned = Rule {
+                family,
+                priority: 99,
+                table: 1,
+                firewall_mark: 0x100000,
+                firewall_mask: 0x100000,
+                invert: true,
+            };
+            assert_eq!(k, crate::diff::actual_rule(&planned));
+            assert!(u.other_selectors && !u.invert && u.firewall_mark.is_none());
+            assert_eq!((u.priority, u.table, u.action), (99, 1, 1));
+            // The delete request is the dump itself.
+            let d = rule_delete(&u, 7);
+            assert_eq!(hdr(&d), (16 + stray.len() as u32, RTM_DELRULE, 5, 7));
+            assert_eq!(&d[16..], &stray[..]);
+            assert!(!crate::diff::delete_would_take(&u, &k), "{family}");
+            assert!(crate::diff::delete_would_take(&u, &u));
+            // Built from the modelled fields alone, it names no source: the kernel would
+            // take wgmesh's rule, listed first.
+            let mut bare = u.clone();
+            bare.raw = RawRule::default();
+            let d = rule_delete(&bare, 7);
+            assert!(!parse_rule(&d[16..], 1).unwrap().unwrap().other_selectors);
+            assert!(crate::diff::delete_would_take(&bare, &k), "{family}");
+        }
     }
 
     #[test]

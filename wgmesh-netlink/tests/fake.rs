@@ -187,6 +187,7 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
         invert: true,
         action: 1,
         other_selectors: false,
+        raw: Default::default(),
     };
     k.rules.push(other_rule.clone());
     k.nft.insert(
@@ -413,6 +414,125 @@ fn key_change_is_remove_old_then_add_new() {
     let rm = ops.iter().position(|o| matches!(o, Operation::RemovePeer { public_key, .. } if *public_key == key(2).public_key()));
     let add = ops.iter().position(|o| matches!(o, Operation::SetPeer { public_key, .. } if *public_key == key(42).public_key()));
     assert!(rm.unwrap() < add.unwrap(), "{ops:?}");
+}
+
+/// An IPv4 rule as Linux dumps it (`fib_rule_hdr`, then `FRA_TABLE`, `FRA_PRIORITY`, the
+/// mark and mask if any, `FRA_SRC` if any), parsed as `Linux::read` parses it.
+fn dumped_rule(
+    src: Option<([u8; 4], u8)>,
+    mark: Option<(u32, u32)>,
+    invert: bool,
+    priority: u32,
+    table: u32,
+) -> ActualRule {
+    let attr = |kind: u16, v: &[u8]| {
+        let mut a = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(v);
+        a
+    };
+    let flags: u32 = if invert { 2 } else { 0 };
+    let mut p = vec![2, 0, src.map_or(0, |s| s.1), 0, table as u8, 0, 0, 1];
+    p.extend_from_slice(&flags.to_ne_bytes());
+    p.extend(attr(15, &table.to_ne_bytes()));
+    p.extend(attr(6, &priority.to_ne_bytes()));
+    if let Some((m, k)) = mark {
+        p.extend(attr(10, &m.to_ne_bytes()));
+        p.extend(attr(16, &k.to_ne_bytes()));
+    }
+    if let Some((a, _)) = src {
+        p.extend(attr(2, &a));
+    }
+    wgmesh_netlink::wire::parse_rule(&p, table)
+        .unwrap()
+        .unwrap()
+}
+
+fn planned_rule_present(k: &FakeKernel, plan: &NodePlan) -> bool {
+    let r = &plan.rules[0];
+    k.rules.iter().any(|a| {
+        (
+            a.family,
+            a.priority,
+            a.table,
+            a.firewall_mark,
+            a.firewall_mask,
+            a.invert,
+        ) == (
+            r.family,
+            r.priority,
+            r.table,
+            Some(r.firewall_mark),
+            Some(r.firewall_mask),
+            true,
+        )
+    })
+}
+
+#[test]
+fn a_hand_made_rule_with_selectors_is_deleted_and_not_wgmeshs() {
+    let (plan, mut r) = setup(false);
+    converge(&mut r, &plan);
+    // `ip rule add from 10.0.0.0/8 table 1 priority 99`, listed after wgmesh's rule.
+    let stray = dumped_rule(Some(([10, 0, 0, 0], 8)), None, false, 99, 1);
+    assert!(stray.other_selectors && !stray.raw.is_empty());
+
+    // What the kernel does with a request that names only priority and table: it takes the
+    // first rule it matches, wgmesh's own (the model reproduces it; the request used to be
+    // built this way).
+    let mut k = r.dataplane().clone();
+    k.rules.push(stray.clone());
+    let mut bare = stray.clone();
+    bare.raw = Default::default();
+    k.execute(&[Operation::DeleteRule { rule: bare }], &ring())
+        .unwrap();
+    assert!(!planned_rule_present(&k, &plan));
+    assert!(k.rules.iter().any(|a| a.other_selectors));
+
+    // Echoing the dump takes the stray rule: one reconcile converges, the second does nothing.
+    r.dataplane_mut().rules.push(stray.clone());
+    let ops = r.reconcile(&plan).unwrap().operations;
+    assert_eq!(ops, [Operation::DeleteRule { rule: stray }]);
+    let own = r.ownership().clone();
+    assert_matches_plan(r.dataplane(), &plan, &own);
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+}
+
+#[test]
+fn a_stray_rule_whose_delete_would_take_wgmeshs_is_removed_in_one_reconcile() {
+    let (plan, mut r) = setup(false);
+    converge(&mut r, &plan);
+    let own = r.ownership().clone();
+    let m = plan.rules[0].firewall_mark;
+    // Without selectors, their delete requests match wgmesh's rule too: `ip rule add table 1
+    // pref 99` (no mark: a wildcard) and the same rule as wgmesh's without `not` (never
+    // compared).
+    for stray in [
+        dumped_rule(None, None, false, 99, 1),
+        dumped_rule(None, Some((m, m)), false, 99, 1),
+    ] {
+        r.dataplane_mut().rules.push(stray.clone());
+        let ops = r.plan_operations(&plan).unwrap();
+        // A copy of wgmesh's rule is added (after the stray one), then the original and the
+        // stray one are deleted; at no step is the table without wgmesh's rule.
+        assert!(
+            matches!(ops[0], Operation::DuplicateRule { .. }),
+            "{ops:#?}"
+        );
+        assert_eq!(ops.len(), 3, "{ops:#?}");
+        let mut k = r.dataplane().clone();
+        for op in &ops {
+            k.execute(std::slice::from_ref(op), &ring()).unwrap();
+            assert!(
+                planned_rule_present(&k, &plan),
+                "after {op}: {:#?}",
+                k.rules
+            );
+        }
+        r.reconcile(&plan).unwrap();
+        assert_matches_plan(r.dataplane(), &plan, &own);
+        assert!(r.reconcile(&plan).unwrap().is_noop());
+    }
 }
 
 #[test]

@@ -338,6 +338,47 @@ fn foreign_objects_are_untouched() {
     reset();
 }
 
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_hand_made_rule_beside_wgmeshs_goes_in_one_reconcile_and_wgmeshs_stays() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    converge(&mut r, &plan);
+    // Each is listed after wgmesh's rule of the same priority. The first three have selectors
+    // (a delete naming only priority and table would take wgmesh's rule); the last has none
+    // and no mark, so even its exact delete request matches wgmesh's rule, listed first.
+    // (One that differs from wgmesh's only by `not` cannot be made with `ip rule add`, which
+    // asks for NLM_F_EXCL: Linux finds it identical. The fake kernel's test covers it.)
+    for stray in [
+        "ip rule add from 10.0.0.0/8 table 1 priority 99",
+        "ip -6 rule add from fd00::/8 table 1 priority 99",
+        "ip rule add iif lo table 1 priority 99",
+        "ip rule add table 1 priority 99",
+    ] {
+        sh(stray);
+        let report = r.reconcile(&plan).unwrap();
+        // Exactly the plan's rules remain (check_with_tools compares `ip rule` line by line).
+        check_with_tools(&plan);
+        let again = r.reconcile(&plan).unwrap();
+        assert!(
+            again.is_noop(),
+            "{stray}: second run did {:#?}",
+            again.operations
+        );
+        eprintln!(
+            "{stray}: {:?}",
+            report
+                .operations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        );
+    }
+    reset();
+}
+
 #[derive(Debug, Clone)]
 enum Drift {
     Port(u16),
