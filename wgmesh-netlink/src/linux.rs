@@ -121,6 +121,9 @@ impl fmt::Debug for Linux {
     }
 }
 
+/// `ECHILD`: no child to wait for.
+const ECHILD: i32 = 10;
+
 fn kernel_err(doing: impl Into<String>, errno: i32) -> Error {
     Error::kernel(doing, errno)
 }
@@ -515,13 +518,19 @@ impl Linux {
         let sock = uapi::socket_path(&self.config.socket_dir, ifname);
         // The daemon forks into the background; its banner and errors are kept for the
         // error message only.
-        let out = Command::new(&self.config.userspace_program)
+        let out = match Command::new(&self.config.userspace_program)
             .arg(ifname)
             .env_remove("WG_PROCESS_FOREGROUND")
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|e| Error::io(&doing, e))?;
-        if !out.status.success() {
+        {
+            Ok(out) => Some(out),
+            // An init process (an agent that is its container's PID 1) may have reaped the
+            // launcher before its status was read; the socket below tells whether it worked.
+            Err(e) if e.raw_os_error() == Some(ECHILD) => None,
+            Err(e) => return Err(Error::io(&doing, e)),
+        };
+        if let Some(out) = out.filter(|o| !o.status.success()) {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let last = stderr
                 .lines()
