@@ -97,6 +97,9 @@ fn dataplane(config: &AgentConfig) -> Result<Box<dyn Dataplane + Send>, String> 
 }
 
 async fn agent(config: AgentConfig) -> Result<(), String> {
+    // As its container's PID 1 the agent inherits the wireguard-go daemons it starts (they
+    // fork into the background) and reaps them when they end; elsewhere this returns at once.
+    tokio::spawn(run::reap_orphans_if_init(std::time::Duration::from_secs(5)));
     let dataplane = dataplane(&config)?;
     let client = kube::Client::try_default()
         .await

@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::time::SystemTime;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -59,40 +58,8 @@ impl ApplyReport {
     }
 }
 
-/// Traffic counters of one peer, for metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PeerStats {
-    /// The interface.
-    pub interface: String,
-    /// The peer's key.
-    pub public_key: PublicKey,
-    /// When the latest handshake completed (`None`: never).
-    pub last_handshake: Option<SystemTime>,
-    /// Bytes received from the peer.
-    pub rx_bytes: u64,
-    /// Bytes sent to the peer.
-    pub tx_bytes: u64,
-}
-
-impl PeerStats {
-    /// Counters of one peer.
-    pub fn new(
-        interface: impl Into<String>,
-        public_key: PublicKey,
-        last_handshake: Option<SystemTime>,
-        rx_bytes: u64,
-        tx_bytes: u64,
-    ) -> Self {
-        Self {
-            interface: interface.into(),
-            public_key,
-            last_handshake,
-            rx_bytes,
-            tx_bytes,
-        }
-    }
-}
+/// Traffic counters of one peer, for metrics: `wgmesh-netlink`'s, as its devices report them.
+pub use wgmesh_netlink::PeerStats;
 
 /// What programs the node.
 ///

@@ -21,7 +21,7 @@
 use wgmesh_core::{Family, MeshConfig, NodePlan, PlanDelta, PublicKey};
 use wgmesh_netlink::{KeyRing, Ownership, Reconciler, Report};
 
-use crate::dataplane::{ApplyReport, Dataplane, DataplaneError};
+use crate::dataplane::{ApplyReport, Dataplane, DataplaneError, PeerStats};
 
 /// A netlink dataplane (the real kernel, or `wgmesh_netlink::testing::FakeKernel` in tests).
 #[derive(Debug)]
@@ -77,5 +77,14 @@ impl<D: wgmesh_netlink::Dataplane> Dataplane for NetlinkDataplane<D> {
             .apply_delta(delta)
             .map(report)
             .map_err(|e| DataplaneError::new("netlink delta", e))
+    }
+
+    /// Read from the WireGuard devices alone (a device dump per interface: no routes, rules
+    /// or nftables).
+    fn peer_stats(&mut self) -> Result<Option<Vec<PeerStats>>, DataplaneError> {
+        self.reconciler
+            .peer_stats()
+            .map(Some)
+            .map_err(|e| DataplaneError::new("netlink peer counters", e))
     }
 }

@@ -226,3 +226,41 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// Reaps every child process that has exited, without blocking; returns their pids.
+///
+/// Only for a process that owns all its children's exits (PID 1): a child whose exit status
+/// someone else waits for (a `std::process::Command`) may be reaped here first.
+pub fn reap_exited_children() -> Vec<i32> {
+    let mut reaped = Vec::new();
+    // `Ok(None)`: children remain, none has exited; `Err`: no children (ECHILD).
+    while let Ok(Some((pid, _))) =
+        rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG)
+    {
+        reaped.push(pid.as_raw_nonzero().get());
+    }
+    reaped
+}
+
+/// When the agent is its container's PID 1, reaps exited children every `interval`, forever;
+/// otherwise returns at once.
+///
+/// PID 1 inherits every orphan of its PID namespace, and userspace WireGuard daemons are
+/// orphans by design: `wireguard-go IFNAME` forks the daemon into the background and exits.
+/// A daemon that ends (its interface deleted) then stays a zombie until PID 1 waits for it.
+/// `wgmesh-netlink` tolerates its own launcher being reaped here first (it waits for the
+/// daemon's socket, not for the launcher's status).
+pub async fn reap_orphans_if_init(interval: Duration) {
+    if !rustix::process::getpid().is_init() {
+        return;
+    }
+    info!(?interval, "running as PID 1: reaping orphaned children");
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for pid in reap_exited_children() {
+            tracing::debug!(pid, "reaped an exited child");
+        }
+    }
+}

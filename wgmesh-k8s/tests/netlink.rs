@@ -87,14 +87,19 @@ fn nodes_join_rotate_and_leave_pods_churn() {
         public(33).to_base64(),
     );
 
-    // A node joins.
+    // A node joins: its peer is added to the running device and its handshake started.
     d.node(wg_node("c", "10.0.0.3", &[], Some(public(3))));
     d.run_for(200 * MS);
     assert_eq!(
         ops(&mut d),
-        [format!(
-            "set peer {c} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0"
-        )]
+        [
+            format!(
+                "set peer {c} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0"
+            ),
+            format!(
+                "start handshake with peer {c} on wireguard.cali (persistent-keepalive 25, then off)"
+            ),
+        ]
     );
 
     // A pod starts on b: one peer update and one route — two messages.
@@ -125,7 +130,7 @@ fn nodes_join_rotate_and_leave_pods_churn() {
         "{o:?}"
     );
 
-    // c rotates its key: the old peer goes, the new one comes.
+    // c rotates its key: the old peer goes, the new one comes and handshakes at once.
     d.node(wg_node("c", "10.0.0.3", &[], Some(public(33))));
     d.run_for(200 * MS);
     assert_eq!(
@@ -135,7 +140,19 @@ fn nodes_join_rotate_and_leave_pods_churn() {
             format!(
                 "set peer {c2} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0"
             ),
+            format!(
+                "start handshake with peer {c2} on wireguard.cali (persistent-keepalive 25, then off)"
+            ),
         ]
+    );
+    let k = d.agent.dataplane_mut().reconciler_mut().dataplane_mut();
+    assert_eq!(
+        k.handshakes_initiated(),
+        [
+            ("wireguard.cali".to_owned(), public(3)),
+            ("wireguard.cali".to_owned(), public(33))
+        ],
+        "only the peers added to the running device, the initial sync's none"
     );
 
     // c leaves.
@@ -251,4 +268,69 @@ fn a_fault_at_every_step_of_the_first_reconcile_is_repaired() {
         let plan = plan_node(&cluster, "a").unwrap();
         assert_kernel_matches(&mut d, &plan);
     }
+}
+
+#[test]
+fn peer_counters_come_from_the_devices_into_the_metrics() {
+    use std::time::SystemTime;
+    use wgmesh_netlink::PeerStats;
+    let mut d = netlink_agent(MeshConfig::default(), private(1));
+    start_two_nodes(&mut d);
+    d.node(wg_node(
+        "c",
+        "10.0.0.3",
+        &["10.65.0.128/26"],
+        Some(public(3)),
+    ));
+    d.run_for(200 * MS);
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let k = d.agent.dataplane_mut().reconciler_mut().dataplane_mut();
+    // b has had a handshake and traffic; c none yet; a peer that is not in the kernel (a
+    // stale entry) reports nothing.
+    k.set_peer_stats(PeerStats::new(
+        "wireguard.cali",
+        public(2),
+        Some(at),
+        4_096,
+        1_024,
+    ));
+    k.set_peer_stats(PeerStats::new("wireguard.cali", public(9), Some(at), 1, 1));
+    // The counters are read on the metrics interval, not with every reconcile.
+    d.run_for(Duration::from_secs(16));
+    let text = d.agent.metrics().render(at + Duration::from_secs(42));
+    let label = |node: &str, key: u8| {
+        format!(
+            "interface=\"wireguard.cali\",node=\"{node}\",public_key=\"{}\"",
+            public(key).to_base64()
+        )
+    };
+    let (b, c) = (label("b", 2), label("c", 3));
+    for line in [
+        format!("wgmesh_peer_latest_handshake_age_seconds{{{b}}} 42\n"),
+        format!("wgmesh_peer_receive_bytes_total{{{b}}} 4096\n"),
+        format!("wgmesh_peer_transmit_bytes_total{{{b}}} 1024\n"),
+        format!("wgmesh_peer_latest_handshake_age_seconds{{{c}}} +Inf\n"),
+        format!("wgmesh_peer_receive_bytes_total{{{c}}} 0\n"),
+        format!("wgmesh_peer_transmit_bytes_total{{{c}}} 0\n"),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
+    }
+    assert!(!text.contains(&public(9).to_base64()), "{text}");
+    // c rotates its key: the new peer starts from zero, the old one's series go.
+    d.node(wg_node(
+        "c",
+        "10.0.0.3",
+        &["10.65.0.128/26"],
+        Some(public(33)),
+    ));
+    d.run_for(Duration::from_secs(16));
+    let text = d.agent.metrics().render(at + Duration::from_secs(42));
+    assert!(!text.contains(&public(3).to_base64()), "{text}");
+    assert!(
+        text.contains(&format!(
+            "wgmesh_peer_latest_handshake_age_seconds{{{}}} +Inf\n",
+            label("c", 33)
+        )),
+        "{text}"
+    );
 }

@@ -23,7 +23,9 @@ use wgmesh_core::{
 
 use crate::nft;
 use crate::op::Operation;
-use crate::state::{ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind, Ownership};
+use crate::state::{
+    ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind, Ownership, RawRule,
+};
 
 /// What the diff needs besides the plan and the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +75,26 @@ fn rule_matches(a: &ActualRule, r: &Rule) -> bool {
         && a.invert == r.invert
         && a.action == 1
         && !a.other_selectors
+}
+
+/// Whether the kernel may take `rule` for the one a delete request for `request` names. It
+/// deletes the first rule, in list order, that matches every field the request carries: a
+/// request echoes `request`'s dump when it has one (so it carries its selectors), else its
+/// modelled fields; unset priority, mark, mask, action or table are wildcards, and flags
+/// (`not`) are not compared. Selectors are compared by the whole dump (a close
+/// approximation: two rules with the same selectors and different dumps are taken for
+/// different). Used by the diff and by [`crate::testing::FakeKernel`].
+pub(crate) fn delete_would_take(request: &ActualRule, rule: &ActualRule) -> bool {
+    let set = |v: Option<u32>| v.filter(|v| *v != 0);
+    request.family == rule.family
+        && (request.action == 0 || request.action == rule.action)
+        && (request.table == 0 || request.table == rule.table)
+        && (request.priority == 0 || request.priority == rule.priority)
+        && set(request.firewall_mark).is_none_or(|m| rule.firewall_mark == Some(m))
+        && set(request.firewall_mask).is_none_or(|m| rule.firewall_mask == Some(m))
+        && (request.raw.is_empty()
+            || !request.other_selectors
+            || (rule.other_selectors && rule.raw.as_bytes() == request.raw.as_bytes()))
 }
 
 fn route_matches(a: &ActualRoute, r: &Route) -> bool {
@@ -150,21 +172,54 @@ pub fn diff(
         .filter_map(|n| actual.links.get(*n).map(|l| l.index))
         .collect();
 
-    // Rules.
-    let mut rule_deletes = Vec::new();
-    let mut rule_adds = Vec::new();
+    // Rules. The kernel deletes the first rule of its list (the dump's order) that a delete
+    // request matches, and a request echoes the dumped rule, so it names every selector the
+    // rule has; but what a rule lacks is a wildcard in its request, and `not` is never
+    // compared. An unwanted rule whose request would take a kept rule listed before it (a
+    // stray `lookup 1 pref 99` without selectors, or one that differs only by `not`) is
+    // handled by adding a copy of the kept rule first — the kernel lists it after the
+    // unwanted one — and deleting the original with it: each request then takes the rule it
+    // names, and the table never lacks its rule.
+    let mut kept_as: Vec<Option<usize>> = Vec::with_capacity(actual.rules.len());
     let mut matched = vec![false; plan.rules.len()];
     for a in &actual.rules {
-        match plan
+        let i = plan
             .rules
             .iter()
             .enumerate()
-            .position(|(i, r)| !matched[i] && rule_matches(a, r))
-        {
-            Some(i) => matched[i] = true,
-            None => rule_deletes.push(Operation::DeleteRule { rule: a.clone() }),
+            .position(|(i, r)| !matched[i] && rule_matches(a, r));
+        if let Some(i) = i {
+            matched[i] = true;
+        }
+        kept_as.push(i);
+    }
+    let mut refresh = vec![false; actual.rules.len()];
+    for (i, a) in actual.rules.iter().enumerate() {
+        // A duplicate of a planned rule may take either copy: the same rule stays.
+        if kept_as[i].is_some() || plan.rules.iter().any(|r| rule_matches(a, r)) {
+            continue;
+        }
+        for (j, k) in actual.rules[..i].iter().enumerate() {
+            if kept_as[j].is_some() && delete_would_take(a, k) {
+                refresh[j] = true;
+            }
         }
     }
+    let mut rule_deletes = Vec::new();
+    for (i, a) in actual.rules.iter().enumerate() {
+        match kept_as[i] {
+            Some(r) if refresh[i] => rule_deletes.insert(
+                0,
+                Operation::DuplicateRule {
+                    rule: plan.rules[r].clone(),
+                },
+            ),
+            Some(_) => continue,
+            None => {}
+        }
+        rule_deletes.push(Operation::DeleteRule { rule: a.clone() });
+    }
+    let mut rule_adds = Vec::new();
     for (r, m) in plan.rules.iter().zip(&matched) {
         if !m {
             rule_adds.push(Operation::AddRule { rule: r.clone() });
@@ -382,6 +437,7 @@ pub(crate) fn actual_rule(r: &Rule) -> ActualRule {
         invert: r.invert,
         action: 1,
         other_selectors: false,
+        raw: RawRule::default(),
     }
 }
 
@@ -403,6 +459,14 @@ pub(crate) fn actual_route(r: &Route) -> ActualRoute {
 /// The operations that carry out `delta`, made against `old` (the plan the dataplane is
 /// believed to match), without reading the dataplane. For one workload IP that appears, this
 /// is one [`Operation::SetPeer`] and one [`Operation::AddRoute`].
+///
+/// A peer added to an interface that already exists (a node joined, or a node's key changed:
+/// remove-old then add-new) is followed by [`Operation::StartHandshake`] when its planned
+/// keepalive is off, so its first handshake starts now rather than with the first packet
+/// (and a handshake the peer rejected a moment ago, because it did not know this node's key
+/// yet, is not left to WireGuard's 5-second retry). Peers of an interface the delta creates
+/// get none, and neither does a full [`diff`](crate::diff()): a whole device's initial peers
+/// would all handshake at once. The keepalive ends as planned.
 ///
 /// ```
 /// use wgmesh_netlink::{delta_operations, DiffOptions, Operation};
@@ -496,6 +560,9 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
         });
     }
     let mut gained: HashSet<(&str, IpNet)> = HashSet::new();
+    // Devices this delta creates: their peers are the whole device's initial configuration,
+    // so no handshake is started for them (thousands at once on a big cluster).
+    let created: HashSet<&str> = d.interfaces_added.iter().map(|i| i.name.as_str()).collect();
     for p in &d.peers_added {
         gained.extend(
             p.peer
@@ -503,13 +570,22 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
                 .iter()
                 .map(|ip| (p.interface.as_str(), *ip)),
         );
+        let keepalive = p.peer.persistent_keepalive.unwrap_or(0);
         ops.push(Operation::SetPeer {
             interface: p.interface.clone(),
             public_key: p.peer.public_key,
             endpoint: Some(p.peer.endpoint),
-            persistent_keepalive: Some(p.peer.persistent_keepalive.unwrap_or(0)),
+            persistent_keepalive: Some(keepalive),
             allowed_ips: p.peer.allowed_ips.clone(),
         });
+        // A peer added to a running device (a node joined, a key changed) handshakes at
+        // once. With a planned keepalive, setting it above already does that.
+        if keepalive == 0 && !created.contains(p.interface.as_str()) {
+            ops.push(Operation::StartHandshake {
+                interface: p.interface.clone(),
+                public_key: p.peer.public_key,
+            });
+        }
     }
     for u in &d.peers_updated {
         gained.extend(

@@ -14,7 +14,7 @@
 //!
 //! | item | role |
 //! |---|---|
-//! | [`Reconciler`] | `reconcile(&plan)`, `apply_delta(&delta)`, `resync()`, `dry_run(&plan)` |
+//! | [`Reconciler`] | `reconcile(&plan)`, `apply_delta(&delta)`, `resync()`, `dry_run(&plan)`, `peer_stats()` |
 //! | [`Ownership`] | what wgmesh may touch, from the [`MeshConfig`](wgmesh_core::MeshConfig) |
 //! | [`diff()`], [`delta_operations`] | pure: state + plan (or delta) → operations |
 //! | [`Operation`] | serializable, secret-free operations |
@@ -53,6 +53,6 @@ pub use op::Operation;
 pub use reconcile::{Dataplane, Reconciler, Report};
 pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,
-    LinkKind, Ownership,
+    LinkKind, Ownership, PeerStats, RawRule,
 };
 pub use wgmesh_core;

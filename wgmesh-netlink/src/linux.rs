@@ -2,7 +2,7 @@
 //! or the userspace socket (wireguard-go, boringtun) for devices, nf_tables for the marking,
 //! `/proc/sys` for sysctls.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,10 +15,10 @@ use zeroize::Zeroizing;
 use crate::error::{EOPNOTSUPP, Error, Result};
 use crate::keys::KeyRing;
 use crate::nft;
-use crate::op::Operation;
+use crate::op::{KICK_KEEPALIVE, Operation};
 use crate::reconcile::Dataplane;
 use crate::socket::{NlSocket, Request};
-use crate::state::{ActualDevice, ActualState, LinkKind, Ownership};
+use crate::state::{ActualDevice, ActualState, LinkKind, Ownership, PeerStats};
 use crate::uapi;
 use crate::wire::{self, DeviceUpdate, PeerUpdate};
 
@@ -120,6 +120,9 @@ impl fmt::Debug for Linux {
             .finish()
     }
 }
+
+/// `ECHILD`: no child to wait for.
+const ECHILD: i32 = 10;
 
 fn kernel_err(doing: impl Into<String>, errno: i32) -> Error {
     Error::kernel(doing, errno)
@@ -309,7 +312,29 @@ impl Linux {
     }
 
     fn kernel_device(&mut self, family: u16, ifname: &str) -> Result<Option<ActualDevice>> {
-        let doing = format!("read WireGuard device {ifname}");
+        let mut dev = ActualDevice::default();
+        let found = self.kernel_dump(family, ifname, "", |p| wire::merge_wg_device(p, &mut dev))?;
+        Ok(found.then_some(dev))
+    }
+
+    fn kernel_stats(&mut self, family: u16, ifname: &str) -> Result<Vec<PeerStats>> {
+        let mut stats = BTreeMap::new();
+        self.kernel_dump(family, ifname, " counters", |p| {
+            wire::merge_wg_stats(p, ifname, &mut stats)
+        })?;
+        Ok(stats.into_values().collect())
+    }
+
+    /// Dumps a WireGuard device and hands each part to `merge` (then wipes it: it holds the
+    /// private key). `Ok(false)` when there is no such device.
+    fn kernel_dump(
+        &mut self,
+        family: u16,
+        ifname: &str,
+        what: &str,
+        mut merge: impl FnMut(&[u8]) -> std::result::Result<(), String>,
+    ) -> Result<bool> {
+        let doing = format!("read WireGuard device {ifname}{what}");
         let genl = self
             .genl
             .as_mut()
@@ -326,19 +351,21 @@ impl Linux {
             .map_err(|e| Error::io(&doing, e))?;
         match out.into_iter().next() {
             Some(Ok(parts)) => {
-                let mut dev = ActualDevice::default();
+                let mut result = Ok(());
                 for mut p in parts {
-                    let r = wire::merge_wg_device(&p, &mut dev);
+                    if result.is_ok() {
+                        result = merge(&p);
+                    }
                     zeroize::Zeroize::zeroize(&mut p);
-                    r.map_err(|d| Error::decode(&doing, d))?;
                 }
-                Ok(Some(dev))
+                result.map_err(|d| Error::decode(&doing, d))?;
+                Ok(true)
             }
             Some(Err(errno)) if errno == crate::error::ENODEV || errno == crate::error::ENOENT => {
-                Ok(None)
+                Ok(false)
             }
             Some(Err(errno)) => Err(kernel_err(doing, errno)),
-            None => Ok(None),
+            None => Ok(false),
         }
     }
 
@@ -491,13 +518,19 @@ impl Linux {
         let sock = uapi::socket_path(&self.config.socket_dir, ifname);
         // The daemon forks into the background; its banner and errors are kept for the
         // error message only.
-        let out = Command::new(&self.config.userspace_program)
+        let out = match Command::new(&self.config.userspace_program)
             .arg(ifname)
             .env_remove("WG_PROCESS_FOREGROUND")
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|e| Error::io(&doing, e))?;
-        if !out.status.success() {
+        {
+            Ok(out) => Some(out),
+            // An init process (an agent that is its container's PID 1) may have reaped the
+            // launcher before its status was read; the socket below tells whether it worked.
+            Err(e) if e.raw_os_error() == Some(ECHILD) => None,
+            Err(e) => return Err(Error::io(&doing, e)),
+        };
+        if let Some(out) = out.filter(|o| !o.status.success()) {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let last = stderr
                 .lines()
@@ -590,6 +623,25 @@ impl Linux {
                 d.peers.push(p);
                 vec![d]
             }
+            Operation::StartHandshake {
+                interface,
+                public_key,
+            } => {
+                // Two updates of the peer: the keepalive goes 0 → on (the kernel and
+                // wireguard-go send a keepalive, hence a handshake initiation, when it is
+                // switched on while the device is up), then back off. Over UAPI they are two
+                // peer sections of one request; wireguard-go acts on each section's end.
+                [KICK_KEEPALIVE, 0]
+                    .into_iter()
+                    .map(|k| {
+                        let mut p = PeerUpdate::new(*public_key);
+                        p.persistent_keepalive = Some(k);
+                        let mut d = dev(interface);
+                        d.peers.push(p);
+                        d
+                    })
+                    .collect()
+            }
             Operation::RemoveAllowedIps {
                 interface,
                 public_key,
@@ -660,6 +712,7 @@ impl Linux {
                         }
                         Operation::DeleteRoute { route } => wire::route_delete(route, seq),
                         Operation::AddRule { rule } => wire::rule_add(rule, seq),
+                        Operation::DuplicateRule { rule } => wire::rule_add_duplicate(rule, seq),
                         Operation::DeleteRule { rule } => wire::rule_delete(rule, seq),
                         _ => {
                             return Err((
@@ -841,10 +894,12 @@ fn channel(op: &Operation, wg: &Wg) -> Channel {
         | Operation::AddRoute { .. }
         | Operation::DeleteRoute { .. }
         | Operation::AddRule { .. }
+        | Operation::DuplicateRule { .. }
         | Operation::DeleteRule { .. } => Channel::Rt,
         Operation::ConfigureDevice { .. }
         | Operation::RemovePeer { .. }
         | Operation::SetPeer { .. }
+        | Operation::StartHandshake { .. }
         | Operation::RemoveAllowedIps { .. } => dev,
         Operation::SetSysctl { .. } => Channel::Sysctl,
         _ => Channel::Nft,
@@ -981,5 +1036,23 @@ impl Dataplane for Linux {
             Wg::Kernel { .. } => LinkKind::Wireguard,
             Wg::Userspace => LinkKind::Tun,
         }
+    }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        let mut out = Vec::new();
+        for name in &own.interfaces {
+            match self.wg {
+                Wg::Kernel { family } => match self.kernel_stats(family, name) {
+                    Ok(s) => out.extend(s),
+                    // A link of that name that is not a WireGuard device has no peers.
+                    Err(e) if e.errno() == Some(EOPNOTSUPP) => {}
+                    Err(e) => return Err(e),
+                },
+                Wg::Userspace => {
+                    out.extend(uapi::get_stats(&self.config.socket_dir, name)?.unwrap_or_default())
+                }
+            }
+        }
+        Ok(out)
     }
 }

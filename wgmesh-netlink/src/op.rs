@@ -12,6 +12,11 @@ use wgmesh_core::{Family, PublicKey, Route, Rule};
 use crate::nft::NftTable;
 use crate::state::{ActualRoute, ActualRule, LinkKind};
 
+/// The persistent keepalive (seconds) that [`Operation::StartHandshake`] switches on for an
+/// instant. Any non-zero value starts the handshake; should the switch back fail, a peer left
+/// with this one is corrected by the next full reconcile.
+pub const KICK_KEEPALIVE: u16 = 25;
+
 /// One change to the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -78,6 +83,20 @@ pub enum Operation {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         allowed_ips: Vec<IpNet>,
     },
+    /// Make WireGuard send a handshake initiation to a peer now, leaving its persistent
+    /// keepalive off: switch the keepalive on ([`KICK_KEEPALIVE`] seconds), which makes both
+    /// the kernel and wireguard-go send a keepalive — so, without a session, a handshake
+    /// initiation — at once, then off again in the same execution. Emitted by
+    /// [`delta_operations`](crate::delta_operations) after a peer whose planned keepalive is
+    /// off is added to a device that already runs (a node joining, a key change), so the
+    /// first handshake does not wait for traffic, and a rejected one is not stuck behind
+    /// WireGuard's 5-second retry. Never on a device created by the same run.
+    StartHandshake {
+        /// Interface name.
+        interface: String,
+        /// The peer's key.
+        public_key: PublicKey,
+    },
     /// Remove some allowed IPs from a peer, leaving the others in place.
     RemoveAllowedIps {
         /// Interface name.
@@ -99,6 +118,15 @@ pub enum Operation {
     },
     /// Add the policy rule.
     AddRule {
+        /// The rule.
+        rule: Rule,
+    },
+    /// Add the policy rule again although an identical one exists (no `NLM_F_EXCL`): Linux
+    /// lists the copy after every rule of the same priority. The diff does this before
+    /// deleting the original together with an unwanted rule listed after it whose delete
+    /// request would otherwise take the original (see [`crate::diff()`]), so the table never
+    /// lacks its rule.
+    DuplicateRule {
         /// The rule.
         rule: Rule,
     },
@@ -137,6 +165,7 @@ impl Operation {
             | Self::ConfigureDevice { interface, .. }
             | Self::RemovePeer { interface, .. }
             | Self::SetPeer { interface, .. }
+            | Self::StartHandshake { interface, .. }
             | Self::RemoveAllowedIps { interface, .. } => Some(interface),
             _ => None,
         }
@@ -208,6 +237,13 @@ impl fmt::Display for Operation {
                 }
                 Ok(())
             }
+            Self::StartHandshake {
+                interface,
+                public_key,
+            } => write!(
+                f,
+                "start handshake with peer {public_key} on {interface} (persistent-keepalive {KICK_KEEPALIVE}, then off)"
+            ),
             Self::RemoveAllowedIps {
                 interface,
                 public_key,
@@ -232,6 +268,7 @@ impl fmt::Display for Operation {
                 write!(f, " table {} metric {}", route.table, route.metric)
             }
             Self::AddRule { rule } => write!(f, "add rule {rule}"),
+            Self::DuplicateRule { rule } => write!(f, "add rule {rule} (a second copy)"),
             Self::DeleteRule { rule } => {
                 write!(f, "delete rule {} pref {}", rule.family, rule.priority)?;
                 if rule.invert {
@@ -243,7 +280,11 @@ impl fmt::Display for Operation {
                         write!(f, "/{k:#x}")?;
                     }
                 }
-                write!(f, " lookup {}", rule.table)
+                write!(f, " lookup {}", rule.table)?;
+                if rule.other_selectors {
+                    write!(f, " (and other selectors)")?;
+                }
+                Ok(())
             }
             Self::SetSysctl { key, value } => write!(f, "sysctl {key}={value}"),
             Self::SetMarking { tables } => {

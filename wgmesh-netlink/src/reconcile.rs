@@ -9,7 +9,7 @@ use crate::diff::{DiffOptions, delta_operations, diff};
 use crate::error::{Error, Result};
 use crate::keys::KeyRing;
 use crate::op::Operation;
-use crate::state::{ActualState, LinkKind, Ownership};
+use crate::state::{ActualState, LinkKind, Ownership, PeerStats};
 
 /// Where operations are carried out: the real kernel ([`crate::Linux`]), an in-memory fake
 /// ([`crate::testing::FakeKernel`]), or a wrapper that injects faults
@@ -25,6 +25,11 @@ pub trait Dataplane {
 
     /// The kind of link this dataplane's WireGuard devices are.
     fn link_kind(&self) -> LinkKind;
+
+    /// The traffic counters of every peer of the WireGuard devices with the interface names
+    /// `own` names (devices that do not exist have none). Reads only the devices: no routes,
+    /// rules or nftables, so it is cheap enough for a metrics scrape.
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>>;
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -37,6 +42,9 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     fn link_kind(&self) -> LinkKind {
         (**self).link_kind()
     }
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        (**self).peer_stats(own)
+    }
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for &mut D {
@@ -48,6 +56,9 @@ impl<D: Dataplane + ?Sized> Dataplane for &mut D {
     }
     fn link_kind(&self) -> LinkKind {
         (**self).link_kind()
+    }
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        (**self).peer_stats(own)
     }
 }
 
@@ -246,6 +257,12 @@ impl<D: Dataplane> Reconciler<D> {
             Some(plan) => self.reconcile(&plan),
             None => Ok(Report::default()),
         }
+    }
+
+    /// The traffic counters of every peer of wgmesh's WireGuard devices (latest handshake,
+    /// bytes received and sent), read from the devices alone: no reconcile, no diff.
+    pub fn peer_stats(&mut self) -> Result<Vec<PeerStats>> {
+        self.dataplane.peer_stats(&self.ownership)
     }
 
     /// Gives the dataplane back.

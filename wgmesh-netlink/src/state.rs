@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -118,6 +119,62 @@ pub struct ActualPeer {
     pub allowed_ips: BTreeSet<IpNet>,
 }
 
+/// Traffic counters of one peer, as the WireGuard implementation reports them.
+///
+/// Observations, not configuration: they are read on their own by
+/// [`Dataplane::peer_stats`](crate::Dataplane::peer_stats) (a device dump, nothing else) and
+/// never enter [`ActualState`] or the diff, so a reconcile neither pays for them nor reacts to
+/// them. A peer that is removed and added again (a key change) starts from zero.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// The interface.
+    pub interface: String,
+    /// The peer's key.
+    pub public_key: PublicKey,
+    /// When the latest handshake completed (`None`: never).
+    pub last_handshake: Option<SystemTime>,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+}
+
+impl PeerStats {
+    /// Counters of one peer.
+    pub fn new(
+        interface: impl Into<String>,
+        public_key: PublicKey,
+        last_handshake: Option<SystemTime>,
+        rx_bytes: u64,
+        tx_bytes: u64,
+    ) -> Self {
+        Self {
+            interface: interface.into(),
+            public_key,
+            last_handshake,
+            rx_bytes,
+            tx_bytes,
+        }
+    }
+
+    /// A peer with no handshake and no traffic yet.
+    pub fn zero(interface: impl Into<String>, public_key: PublicKey) -> Self {
+        Self::new(interface, public_key, None, 0, 0)
+    }
+}
+
+/// The time WireGuard reports as a latest handshake (seconds and nanoseconds since the Unix
+/// epoch; both 0 means never, as do out-of-range values).
+pub(crate) fn handshake_time(seconds: i64, nanos: i64) -> Option<SystemTime> {
+    let seconds = u64::try_from(seconds).ok()?;
+    let nanos = u32::try_from(nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    if seconds == 0 && nanos == 0 {
+        return None;
+    }
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
+}
+
 /// The kind of a route found in the mesh table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -186,6 +243,58 @@ pub struct ActualRule {
     /// Whether the rule matches on anything else (source, destination, interfaces, …):
     /// wgmesh's rules never do.
     pub other_selectors: bool,
+    /// The rule exactly as the kernel dumped it, which deleting it sends back (see
+    /// [`RawRule`]). Not serialized; ignored by comparisons.
+    #[serde(skip)]
+    pub raw: RawRule,
+}
+
+/// A policy rule's `RTM_NEWRULE` payload as dumped: its `fib_rule_hdr` and every attribute.
+///
+/// The kernel deletes the first rule, in list order, that matches every selector a delete
+/// request carries, and treats the selectors a request leaves out as wildcards. A request
+/// built from [`ActualRule`]'s fields alone would name a hand-made `from 10.0.0.0/8 lookup 1
+/// pref 99` only by priority and table, and could delete wgmesh's own rule of the same
+/// priority instead. Sending the dump back (as `ip rule flush` does) names every selector the
+/// rule has. It is how the rule was read, not what it is: it is not serialized, and two
+/// `RawRule`s always compare equal (so [`ActualRule`]s compare by their fields). Empty for a
+/// rule that was not read from a kernel.
+#[derive(Clone, Default)]
+pub struct RawRule(Vec<u8>);
+
+impl RawRule {
+    /// A dumped payload.
+    pub fn new(payload: Vec<u8>) -> Self {
+        Self(payload)
+    }
+
+    /// The payload (empty when the rule was not dumped).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Whether there is no payload.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl PartialEq for RawRule {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for RawRule {}
+
+impl std::hash::Hash for RawRule {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+impl std::fmt::Debug for RawRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawRule({} bytes)", self.0.len())
+    }
 }
 
 /// What a host has of the objects wgmesh owns.

@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use wgmesh_core::RouteType;
+use wgmesh_core::{PublicKey, RouteType};
 
 use crate::diff::{actual_route, route_metric};
 use crate::error::{EEXIST, ENODEV, ENOENT, ESRCH, Error, Result};
@@ -35,13 +35,14 @@ use crate::op::Operation;
 use crate::reconcile::Dataplane;
 use crate::state::{
     ActualDevice, ActualLink, ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind,
-    Ownership,
+    Ownership, PeerStats,
 };
 
 /// An in-memory kernel with the semantics that matter to wgmesh: links with indexes, WireGuard
 /// devices whose allowed IPs move between peers, routes of every table (replace semantics, and
-/// removed with their link), rules of every table (duplicates allowed, as in Linux), sysctls
-/// and nftables tables. It records every operation executed.
+/// removed with their link), rules of every table (duplicates allowed, kept in priority order,
+/// and a delete takes the first rule the request matches, as in Linux), sysctls and nftables
+/// tables. It records every operation executed.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct FakeKernel {
@@ -59,6 +60,10 @@ pub struct FakeKernel {
     pub nft: BTreeMap<(u8, String), NftTable>,
     /// The link kind [`Operation::CreateLink`] makes.
     pub kind: LinkKind,
+    /// Traffic counters of peers, by (interface, key), as set by [`FakeKernel::set_peer_stats`];
+    /// a peer without an entry reports none. Removing a peer or its link drops its counters.
+    counters: BTreeMap<(String, PublicKey), PeerStats>,
+    initiations: Vec<(String, PublicKey)>,
     next_index: u32,
     recorded: Vec<Operation>,
     messages: usize,
@@ -81,6 +86,8 @@ impl FakeKernel {
             sysctls: BTreeMap::new(),
             nft: BTreeMap::new(),
             kind: LinkKind::Wireguard,
+            counters: BTreeMap::new(),
+            initiations: Vec::new(),
             next_index: 1,
             recorded: Vec::new(),
             messages: 0,
@@ -107,6 +114,44 @@ impl FakeKernel {
                 .insert(name.to_owned(), ActualDevice::default());
         }
         index
+    }
+
+    /// Sets the counters a peer reports (its latest handshake, bytes received and sent), as
+    /// traffic through a tunnel would. They are reported while the peer exists on that
+    /// interface; a peer that is removed and added again starts from zero, as in Linux.
+    pub fn set_peer_stats(&mut self, stats: PeerStats) {
+        self.counters
+            .insert((stats.interface.clone(), stats.public_key), stats);
+    }
+
+    /// The handshake initiations Linux would have sent at once because a peer's persistent
+    /// keepalive was switched on (from 0) while its link was up, by (interface, key), in
+    /// order: what [`Operation::SetPeer`] with a keepalive and [`Operation::StartHandshake`]
+    /// cause. (Initiations caused by traffic are not modelled.)
+    pub fn handshakes_initiated(&self) -> &[(String, PublicKey)] {
+        &self.initiations
+    }
+
+    /// Forgets the recorded handshake initiations.
+    pub fn clear_handshakes_initiated(&mut self) {
+        self.initiations.clear();
+    }
+
+    /// Sets a peer's persistent keepalive as Linux does: switching it on while the link is up
+    /// sends a keepalive at once, which starts a handshake.
+    fn set_keepalive(&mut self, interface: &str, key: PublicKey, keepalive: u16) {
+        let up = self.links.get(interface).is_some_and(|l| l.up);
+        let Some(p) = self
+            .devices
+            .get_mut(interface)
+            .and_then(|d| d.peers.get_mut(&key))
+        else {
+            return;
+        };
+        if p.persistent_keepalive == 0 && keepalive != 0 && up {
+            self.initiations.push((interface.to_owned(), key));
+        }
+        p.persistent_keepalive = keepalive;
     }
 
     /// Every operation executed so far, in order.
@@ -162,6 +207,7 @@ impl FakeKernel {
                     .remove(interface)
                     .ok_or_else(|| Error::kernel(&doing, ENODEV))?;
                 self.devices.remove(interface);
+                self.counters.retain(|(i, _), _| i != interface);
                 self.routes.retain(|r| r.oif != Some(link.index));
             }
             Operation::SetMtu { interface, mtu } => {
@@ -199,6 +245,7 @@ impl FakeKernel {
                 public_key,
             } => {
                 self.device(interface, &doing)?.peers.remove(public_key);
+                self.counters.remove(&(interface.clone(), *public_key));
             }
             Operation::SetPeer {
                 interface,
@@ -219,10 +266,23 @@ impl FakeKernel {
                 if let Some(e) = endpoint {
                     p.endpoint = Some(*e);
                 }
-                if let Some(k) = persistent_keepalive {
-                    p.persistent_keepalive = *k;
-                }
                 p.allowed_ips.extend(allowed_ips.iter().copied());
+                if let Some(k) = persistent_keepalive {
+                    self.set_keepalive(interface, *public_key, *k);
+                }
+            }
+            Operation::StartHandshake {
+                interface,
+                public_key,
+            } => {
+                // Two peer updates, as the real dataplanes send them (which create the peer
+                // if it is missing, as an update without UPDATE_ONLY does).
+                self.device(interface, &doing)?
+                    .peers
+                    .entry(*public_key)
+                    .or_default();
+                self.set_keepalive(interface, *public_key, crate::op::KICK_KEEPALIVE);
+                self.set_keepalive(interface, *public_key, 0);
             }
             Operation::RemoveAllowedIps {
                 interface,
@@ -271,12 +331,23 @@ impl FakeKernel {
                     .ok_or_else(|| Error::kernel(&doing, ESRCH))?;
                 self.routes.remove(pos);
             }
-            Operation::AddRule { rule } => self.rules.push(crate::diff::actual_rule(rule)),
-            Operation::DeleteRule { rule } => {
+            Operation::AddRule { rule } | Operation::DuplicateRule { rule } => {
+                // After the last rule of the family with the same or a lower priority.
+                let a = crate::diff::actual_rule(rule);
                 let pos = self
                     .rules
                     .iter()
-                    .position(|r| r == rule)
+                    .rposition(|r| r.family == a.family && r.priority <= a.priority)
+                    .map_or(0, |p| p + 1);
+                self.rules.insert(pos, a);
+            }
+            Operation::DeleteRule { rule } => {
+                // The first rule the request matches, as Linux picks it (see
+                // `delete_would_take`): not necessarily the one the caller meant.
+                let pos = self
+                    .rules
+                    .iter()
+                    .position(|r| crate::diff::delete_would_take(rule, r))
                     .ok_or_else(|| Error::kernel(&doing, ENOENT))?;
                 self.rules.remove(pos);
             }
@@ -359,6 +430,26 @@ impl Dataplane for FakeKernel {
     fn link_kind(&self) -> LinkKind {
         self.kind
     }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        let mut out = Vec::new();
+        for name in &own.interfaces {
+            for key in self
+                .devices
+                .get(name)
+                .into_iter()
+                .flat_map(|d| d.peers.keys())
+            {
+                out.push(
+                    self.counters
+                        .get(&(name.clone(), *key))
+                        .cloned()
+                        .unwrap_or_else(|| PeerStats::zero(name.as_str(), *key)),
+                );
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Wraps a dataplane and fails its k-th operation (counted from 0 over the wrapper's
@@ -434,6 +525,10 @@ impl<D: Dataplane> Dataplane for FailingDataplane<D> {
 
     fn link_kind(&self) -> LinkKind {
         self.inner.link_kind()
+    }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        self.inner.peer_stats(own)
     }
 }
 

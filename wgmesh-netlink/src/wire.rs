@@ -3,6 +3,7 @@
 //! `netlink-packet-wireguard`), including the splitting of big device updates the way wg(8)
 //! does it. No IO here; every builder is covered by golden-byte tests.
 
+use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 
@@ -19,7 +20,10 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::diff::route_metric;
 use crate::nla::{NlaWriter, attrs, cstr, frame};
-use crate::state::{ActualDevice, ActualLink, ActualRoute, ActualRouteKind, ActualRule};
+use crate::state::{
+    ActualDevice, ActualLink, ActualRoute, ActualRouteKind, ActualRule, PeerStats, RawRule,
+    handshake_time,
+};
 
 /// `NLM_F_REQUEST`.
 pub const NLM_F_REQUEST: u16 = 1;
@@ -377,6 +381,16 @@ pub fn rule_dump(family: Family, seq: u32) -> Vec<u8> {
 /// `RTM_NEWRULE` (with `NLM_F_EXCL`: the kernel ignores `NLM_F_REPLACE` for rules), action
 /// "to table" set explicitly.
 pub fn rule_add(rule: &Rule, seq: u32) -> Vec<u8> {
+    rule_new(rule, NLM_F_EXCL, seq)
+}
+
+/// `RTM_NEWRULE` without `NLM_F_EXCL`: Linux adds the rule even when an identical one exists,
+/// after every rule of the same priority.
+pub fn rule_add_duplicate(rule: &Rule, seq: u32) -> Vec<u8> {
+    rule_new(rule, 0, seq)
+}
+
+fn rule_new(rule: &Rule, exclusive: u16, seq: u32) -> Vec<u8> {
     let flags = if rule.invert { FIB_RULE_INVERT } else { 0 };
     let mut p = fib_rule_hdr(rule.family, rule.table, FR_ACT_TO_TBL, flags);
     let mut w = NlaWriter::new();
@@ -387,14 +401,23 @@ pub fn rule_add(rule: &Rule, seq: u32) -> Vec<u8> {
     p.extend_from_slice(&w.buf);
     frame(
         RTM_NEWRULE,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | exclusive,
         seq,
         &p,
     )
 }
 
-/// `RTM_DELRULE` of a rule as found.
+/// `RTM_DELRULE` of a rule as found: its dump sent back when there is one ([`RawRule`]: so
+/// every selector it has is named), else its modelled fields.
 pub fn rule_delete(rule: &ActualRule, seq: u32) -> Vec<u8> {
+    if !rule.raw.is_empty() {
+        return frame(
+            RTM_DELRULE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            rule.raw.as_bytes(),
+        );
+    }
     let flags = if rule.invert { FIB_RULE_INVERT } else { 0 };
     let mut p = fib_rule_hdr(rule.family, rule.table, rule.action, flags);
     let mut w = NlaWriter::new();
@@ -427,6 +450,7 @@ pub fn parse_rule(p: &[u8], table: u32) -> Result<Option<ActualRule>, String> {
         invert: u32::from_ne_bytes([p[8], p[9], p[10], p[11]]) & FIB_RULE_INVERT != 0,
         action: p[7],
         other_selectors: p[1] != 0 || p[2] != 0 || p[3] != 0,
+        raw: RawRule::default(),
     };
     for a in attrs(&p[12..]) {
         let (k, v) = a?;
@@ -443,7 +467,11 @@ pub fn parse_rule(p: &[u8], table: u32) -> Result<Option<ActualRule>, String> {
             _ => {}
         }
     }
-    Ok((r.table == table).then_some(r))
+    if r.table != table {
+        return Ok(None);
+    }
+    r.raw = RawRule::new(p.to_vec());
+    Ok(Some(r))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -499,8 +527,30 @@ pub fn wg_get(family_id: u16, ifname: &str, seq: u32) -> Vec<u8> {
 
 /// Parses one message of a `WG_CMD_GET_DEVICE` dump into `dev`, merging peers by key (one
 /// peer may span several messages). Private keys are read only to derive their public key
-/// and are wiped at once.
+/// and are wiped at once. The peers' counters are skipped (see [`merge_wg_stats`]).
 pub fn merge_wg_device(p: &[u8], dev: &mut ActualDevice) -> Result<(), String> {
+    merge_wg(p, Some(dev), None)
+}
+
+/// Parses the peers' counters (latest handshake, bytes received and sent) of one message of
+/// a `WG_CMD_GET_DEVICE` dump of `interface` into `stats`, merging peers by key: the kernel
+/// puts them in a peer's first part only, and a later part (more allowed IPs) leaves them
+/// as they are. Private keys are wiped unread.
+pub fn merge_wg_stats(
+    p: &[u8],
+    interface: &str,
+    stats: &mut BTreeMap<PublicKey, PeerStats>,
+) -> Result<(), String> {
+    merge_wg(p, None, Some((interface, stats)))
+}
+
+type StatsSink<'a> = (&'a str, &'a mut BTreeMap<PublicKey, PeerStats>);
+
+fn merge_wg(
+    p: &[u8],
+    mut dev: Option<&mut ActualDevice>,
+    mut stats: Option<StatsSink<'_>>,
+) -> Result<(), String> {
     if p.len() < 4 {
         return Err("short genlmsghdr".into());
     }
@@ -514,17 +564,34 @@ pub fn merge_wg_device(p: &[u8], dev: &mut ActualDevice) -> Result<(), String> {
             WireguardAttribute::PrivateKey(k) => {
                 let key = Zeroizing::new(*k);
                 k.zeroize();
-                if *key != [0; 32] {
-                    dev.public_key = wgmesh_core::PrivateKey::from_bytes(*key)
-                        .ok()
-                        .map(|k| k.public_key());
+                match dev.as_deref_mut() {
+                    Some(dev) if *key != [0; 32] => {
+                        dev.public_key = wgmesh_core::PrivateKey::from_bytes(*key)
+                            .ok()
+                            .map(|k| k.public_key());
+                    }
+                    _ => {}
                 }
             }
-            WireguardAttribute::ListenPort(v) => dev.listen_port = *v,
-            WireguardAttribute::Fwmark(v) => dev.firewall_mark = *v,
+            WireguardAttribute::ListenPort(v) => {
+                if let Some(dev) = dev.as_deref_mut() {
+                    dev.listen_port = *v;
+                }
+            }
+            WireguardAttribute::Fwmark(v) => {
+                if let Some(dev) = dev.as_deref_mut() {
+                    dev.firewall_mark = *v;
+                }
+            }
             WireguardAttribute::Peers(peers) => {
                 for peer in peers.iter() {
-                    merge_peer(peer, dev)?;
+                    let key = peer_key(peer)?;
+                    if let Some(dev) = dev.as_deref_mut() {
+                        merge_peer(peer, key, dev)?;
+                    }
+                    if let Some((interface, stats)) = stats.as_mut() {
+                        merge_peer_stats(peer, key, interface, stats);
+                    }
                 }
             }
             _ => {}
@@ -533,7 +600,7 @@ pub fn merge_wg_device(p: &[u8], dev: &mut ActualDevice) -> Result<(), String> {
     Ok(())
 }
 
-fn merge_peer(peer: &WireguardPeer, dev: &mut ActualDevice) -> Result<(), String> {
+fn peer_key(peer: &WireguardPeer) -> Result<PublicKey, String> {
     let key = peer
         .0
         .iter()
@@ -542,7 +609,10 @@ fn merge_peer(peer: &WireguardPeer, dev: &mut ActualDevice) -> Result<(), String
             _ => None,
         })
         .ok_or("peer without a public key")?;
-    let key = PublicKey::from_bytes(key).map_err(|e| e.to_string())?;
+    PublicKey::from_bytes(key).map_err(|e| e.to_string())
+}
+
+fn merge_peer(peer: &WireguardPeer, key: PublicKey, dev: &mut ActualDevice) -> Result<(), String> {
     let entry = match dev.peers.entry(key) {
         Entry::Occupied(o) => o.into_mut(),
         Entry::Vacant(v) => v.insert(Default::default()),
@@ -574,6 +644,27 @@ fn merge_peer(peer: &WireguardPeer, dev: &mut ActualDevice) -> Result<(), String
         }
     }
     Ok(())
+}
+
+fn merge_peer_stats(
+    peer: &WireguardPeer,
+    key: PublicKey,
+    interface: &str,
+    stats: &mut BTreeMap<PublicKey, PeerStats>,
+) {
+    let entry = stats
+        .entry(key)
+        .or_insert_with(|| PeerStats::zero(interface, key));
+    for a in &peer.0 {
+        match a {
+            WireguardPeerAttribute::LastHandshake(t) => {
+                entry.last_handshake = handshake_time(t.seconds, t.nano_seconds)
+            }
+            WireguardPeerAttribute::RxBytes(n) => entry.rx_bytes = *n,
+            WireguardPeerAttribute::TxBytes(n) => entry.tx_bytes = *n,
+            _ => {}
+        }
+    }
 }
 
 /// One peer's part of a device update.
@@ -891,6 +982,67 @@ mod tests {
         assert!(parse_rule(&m[16..], 2).unwrap().is_none());
         let d = rule_delete(&a, 4);
         assert_eq!(&d[16..], &m[16..]);
+        // The copy differs only in the flags: no NLM_F_EXCL.
+        let c = rule_add_duplicate(&r, 3);
+        assert_eq!(hdr(&c), (60, RTM_NEWRULE, 0x405, 3));
+        assert_eq!(&c[8..], &m[8..]);
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Rules pointing at table 1 as Linux 6.1 dumps them (recorded in the VM after `ip rule
+    /// add not fwmark 0x100000/0x100000 table 1 priority 99` and `ip rule add from
+    /// 10.0.0.0/8 table 1 priority 99`, and the same for IPv6 with `from fd00::/8`): the
+    /// delete of the hand-made one echoes its dump, `FRA_SRC` included, so the kernel cannot
+    /// take wgmesh's rule of the same priority for it.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn rule_delete_echoes_the_dumped_rule() {
+        let recorded = [
+            (
+                "02000000010000010200000008000f000100000008000e00ffffffff0500150000000000080006006300000008000a00000010000800100000001000",
+                "02000800010000010000000008000f000100000008000e00ffffffff05001500000000000800060063000000080002000a000000",
+            ),
+            (
+                "0a000000010000010200000008000f000100000008000e00ffffffff0500150000000000080006006300000008000a00000010000800100000001000",
+                "0a000800010000010000000008000f000100000008000e00ffffffff0500150000000000080006006300000014000200fd000000000000000000000000000000",
+            ),
+        ];
+        for (ours, stray) in recorded {
+            let (ours, stray) = (unhex(ours), unhex(stray));
+            let k = parse_rule(&ours, 1).unwrap().unwrap();
+            let u = parse_rule(&stray, 1).unwrap().unwrap();
+            let family = k.family;
+            let planned = Rule {
+                family,
+                priority: 99,
+                table: 1,
+                firewall_mark: 0x100000,
+                firewall_mask: 0x100000,
+                invert: true,
+            };
+            assert_eq!(k, crate::diff::actual_rule(&planned));
+            assert!(u.other_selectors && !u.invert && u.firewall_mark.is_none());
+            assert_eq!((u.priority, u.table, u.action), (99, 1, 1));
+            // The delete request is the dump itself.
+            let d = rule_delete(&u, 7);
+            assert_eq!(hdr(&d), (16 + stray.len() as u32, RTM_DELRULE, 5, 7));
+            assert_eq!(&d[16..], &stray[..]);
+            assert!(!crate::diff::delete_would_take(&u, &k), "{family}");
+            assert!(crate::diff::delete_would_take(&u, &u));
+            // Built from the modelled fields alone, it names no source: the kernel would
+            // take wgmesh's rule, listed first.
+            let mut bare = u.clone();
+            bare.raw = RawRule::default();
+            let d = rule_delete(&bare, 7);
+            assert!(!parse_rule(&d[16..], 1).unwrap().unwrap().other_selectors);
+            assert!(crate::diff::delete_would_take(&bare, &k), "{family}");
+        }
     }
 
     #[test]
@@ -959,6 +1111,85 @@ mod tests {
         assert_eq!(peer.persistent_keepalive, 25);
         assert_eq!(peer.endpoint, Some("10.0.0.2:51820".parse().unwrap()));
         assert_eq!(peer.allowed_ips.len(), 1);
+    }
+
+    /// The parts of a dump recorded from Linux 6.1 (see the file's header).
+    fn recorded_dump() -> Vec<Vec<u8>> {
+        include_str!("../testdata/kernel-wg-get-device.hex")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                (0..l.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn clamped(v: u8) -> wgmesh_core::PrivateKey {
+        let mut b = [v; 32];
+        b[0] &= 248;
+        b[31] = (b[31] & 127) | 64;
+        wgmesh_core::PrivateKey::from_bytes(b).unwrap()
+    }
+
+    /// The read-only peer attributes of a real kernel dump, byte for byte, and what they
+    /// parse to: peer B's counters (in its first part only) survive the second part, which
+    /// carries only its key and more allowed IPs; peer C never had a handshake.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn recorded_kernel_dump_parses_into_device_and_counters() {
+        let parts = recorded_dump();
+        assert_eq!(parts.len(), 2, "the dump spans two messages");
+        let (b, c) = (clamped(0x10).public_key(), clamped(0x18).public_key());
+        // Peer B's first part, at offset 116: key, preshared key, then the read-only
+        // attributes as Linux emits them.
+        let p = &parts[0];
+        assert_eq!(&p[116..120], &[36, 0, 1, 0]);
+        assert_eq!(&p[120..152], b.as_bytes());
+        let golden: Vec<u8> = [
+            &[20, 0, 6, 0][..], // WGPEER_A_LAST_HANDSHAKE_TIME, __kernel_timespec
+            &[0xe2, 0x6c, 0x07, 0x6b, 0, 0, 0, 0], // tv_sec 1795648738
+            &[0xf1, 0x77, 0xc4, 0x21, 0, 0, 0, 0], // tv_nsec 566523889
+            &[6, 0, 5, 0, 0, 0, 0, 0], // WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL 0
+            &[12, 0, 8, 0, 0x14, 0x02, 0, 0, 0, 0, 0, 0], // WGPEER_A_TX_BYTES 532
+            &[12, 0, 7, 0, 0xdc, 0x01, 0, 0, 0, 0, 0, 0], // WGPEER_A_RX_BYTES 476
+        ]
+        .concat();
+        assert_eq!(&p[188..188 + golden.len()], &golden[..]);
+
+        let mut dev = ActualDevice::default();
+        let mut stats = BTreeMap::new();
+        for p in &parts {
+            merge_wg_device(p, &mut dev).unwrap();
+            merge_wg_stats(p, "wg0", &mut stats).unwrap();
+        }
+        assert_eq!(dev.public_key, Some(clamped(0x08).public_key()));
+        assert_eq!((dev.listen_port, dev.firewall_mark), (51820, 0x100000));
+        assert_eq!(dev.peers.len(), 2);
+        assert_eq!(dev.peers[&b].allowed_ips.len(), 151);
+        assert_eq!(dev.peers[&c].allowed_ips.len(), 1);
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_795_648_738, 566_523_889);
+        assert_eq!(stats.values().cloned().collect::<Vec<_>>(), {
+            let mut want = vec![
+                PeerStats::new("wg0", b, Some(at), 476, 532),
+                PeerStats::zero("wg0", c),
+            ];
+            want.sort_by_key(|s| s.public_key);
+            want
+        });
+        // The second part alone knows B only by key: no counters, so merging it after the
+        // first leaves them (checked above), and on its own it reports zero.
+        let mut second = BTreeMap::new();
+        merge_wg_stats(&parts[1], "wg0", &mut second).unwrap();
+        assert_eq!(second[&b], PeerStats::zero("wg0", b));
+        // Counters never enter the configuration the diff compares.
+        let mut only_config = ActualDevice::default();
+        for p in &parts {
+            merge_wg_device(p, &mut only_config).unwrap();
+        }
+        assert_eq!(only_config, dev);
     }
 
     fn big(n_peers: usize, ips_per_peer: usize) -> DeviceUpdate {

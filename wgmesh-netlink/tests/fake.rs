@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use proptest::prelude::*;
 use wgmesh_core::{
-    Cluster, Event, Family, IncrementalPlanner, NodePlan, PrivateKey, PublicKey, plan_node,
-    spec::parse_cluster,
+    Cluster, Event, Family, IncrementalPlanner, Node, NodePlan, NodeWireGuard, PrivateKey,
+    PublicKey, plan_node, spec::parse_cluster,
 };
 use wgmesh_netlink::testing::{FailingDataplane, FakeKernel, route};
 use wgmesh_netlink::{
@@ -19,9 +19,14 @@ fn key(i: u8) -> PrivateKey {
 }
 
 fn cluster(host_encryption: bool) -> Cluster {
+    cluster_with(host_encryption, Some(25))
+}
+
+fn cluster_with(host_encryption: bool, keepalive: Option<u16>) -> Cluster {
     let pk = |i: u8| key(i).public_key().to_string();
+    let keepalive = keepalive.map_or("null".to_owned(), |k| k.to_string());
     parse_cluster(&format!(
-        r#"{{"mesh": {{"host_encryption": {host_encryption}, "persistent_keepalive": 25}},
+        r#"{{"mesh": {{"host_encryption": {host_encryption}, "persistent_keepalive": {keepalive}}},
         "nodes": [
           {{"name": "a", "addresses": ["10.0.0.1", "fd00::1"], "pod_cidrs": ["10.65.0.0/26", "fd10::/120"],
             "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
@@ -182,6 +187,7 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
         invert: true,
         action: 1,
         other_selectors: false,
+        raw: Default::default(),
     };
     k.rules.push(other_rule.clone());
     k.nft.insert(
@@ -410,6 +416,125 @@ fn key_change_is_remove_old_then_add_new() {
     assert!(rm.unwrap() < add.unwrap(), "{ops:?}");
 }
 
+/// An IPv4 rule as Linux dumps it (`fib_rule_hdr`, then `FRA_TABLE`, `FRA_PRIORITY`, the
+/// mark and mask if any, `FRA_SRC` if any), parsed as `Linux::read` parses it.
+fn dumped_rule(
+    src: Option<([u8; 4], u8)>,
+    mark: Option<(u32, u32)>,
+    invert: bool,
+    priority: u32,
+    table: u32,
+) -> ActualRule {
+    let attr = |kind: u16, v: &[u8]| {
+        let mut a = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(v);
+        a
+    };
+    let flags: u32 = if invert { 2 } else { 0 };
+    let mut p = vec![2, 0, src.map_or(0, |s| s.1), 0, table as u8, 0, 0, 1];
+    p.extend_from_slice(&flags.to_ne_bytes());
+    p.extend(attr(15, &table.to_ne_bytes()));
+    p.extend(attr(6, &priority.to_ne_bytes()));
+    if let Some((m, k)) = mark {
+        p.extend(attr(10, &m.to_ne_bytes()));
+        p.extend(attr(16, &k.to_ne_bytes()));
+    }
+    if let Some((a, _)) = src {
+        p.extend(attr(2, &a));
+    }
+    wgmesh_netlink::wire::parse_rule(&p, table)
+        .unwrap()
+        .unwrap()
+}
+
+fn planned_rule_present(k: &FakeKernel, plan: &NodePlan) -> bool {
+    let r = &plan.rules[0];
+    k.rules.iter().any(|a| {
+        (
+            a.family,
+            a.priority,
+            a.table,
+            a.firewall_mark,
+            a.firewall_mask,
+            a.invert,
+        ) == (
+            r.family,
+            r.priority,
+            r.table,
+            Some(r.firewall_mark),
+            Some(r.firewall_mask),
+            true,
+        )
+    })
+}
+
+#[test]
+fn a_hand_made_rule_with_selectors_is_deleted_and_not_wgmeshs() {
+    let (plan, mut r) = setup(false);
+    converge(&mut r, &plan);
+    // `ip rule add from 10.0.0.0/8 table 1 priority 99`, listed after wgmesh's rule.
+    let stray = dumped_rule(Some(([10, 0, 0, 0], 8)), None, false, 99, 1);
+    assert!(stray.other_selectors && !stray.raw.is_empty());
+
+    // What the kernel does with a request that names only priority and table: it takes the
+    // first rule it matches, wgmesh's own (the model reproduces it; the request used to be
+    // built this way).
+    let mut k = r.dataplane().clone();
+    k.rules.push(stray.clone());
+    let mut bare = stray.clone();
+    bare.raw = Default::default();
+    k.execute(&[Operation::DeleteRule { rule: bare }], &ring())
+        .unwrap();
+    assert!(!planned_rule_present(&k, &plan));
+    assert!(k.rules.iter().any(|a| a.other_selectors));
+
+    // Echoing the dump takes the stray rule: one reconcile converges, the second does nothing.
+    r.dataplane_mut().rules.push(stray.clone());
+    let ops = r.reconcile(&plan).unwrap().operations;
+    assert_eq!(ops, [Operation::DeleteRule { rule: stray }]);
+    let own = r.ownership().clone();
+    assert_matches_plan(r.dataplane(), &plan, &own);
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+}
+
+#[test]
+fn a_stray_rule_whose_delete_would_take_wgmeshs_is_removed_in_one_reconcile() {
+    let (plan, mut r) = setup(false);
+    converge(&mut r, &plan);
+    let own = r.ownership().clone();
+    let m = plan.rules[0].firewall_mark;
+    // Without selectors, their delete requests match wgmesh's rule too: `ip rule add table 1
+    // pref 99` (no mark: a wildcard) and the same rule as wgmesh's without `not` (never
+    // compared).
+    for stray in [
+        dumped_rule(None, None, false, 99, 1),
+        dumped_rule(None, Some((m, m)), false, 99, 1),
+    ] {
+        r.dataplane_mut().rules.push(stray.clone());
+        let ops = r.plan_operations(&plan).unwrap();
+        // A copy of wgmesh's rule is added (after the stray one), then the original and the
+        // stray one are deleted; at no step is the table without wgmesh's rule.
+        assert!(
+            matches!(ops[0], Operation::DuplicateRule { .. }),
+            "{ops:#?}"
+        );
+        assert_eq!(ops.len(), 3, "{ops:#?}");
+        let mut k = r.dataplane().clone();
+        for op in &ops {
+            k.execute(std::slice::from_ref(op), &ring()).unwrap();
+            assert!(
+                planned_rule_present(&k, &plan),
+                "after {op}: {:#?}",
+                k.rules
+            );
+        }
+        r.reconcile(&plan).unwrap();
+        assert_matches_plan(r.dataplane(), &plan, &own);
+        assert!(r.reconcile(&plan).unwrap().is_noop());
+    }
+}
+
 #[test]
 fn fault_at_every_k_is_repaired_by_the_next_reconcile() {
     let (plan, _) = setup(true);
@@ -476,6 +601,158 @@ fn one_workload_ip_is_one_peer_update_and_one_route() {
     assert!(matches!(&report.operations[1], Operation::AddRoute { .. }));
     // Folding back: a resync finds nothing to do.
     assert!(r.resync().unwrap().is_noop());
+}
+
+fn joiner(name: &str, address: &str, cidr: &str, key: PublicKey) -> Node {
+    Node::new(name)
+        .with_addresses([address.parse().unwrap()])
+        .with_pod_cidrs([cidr.parse().unwrap()])
+        .with_wireguard(NodeWireGuard::new(Some(key), None))
+}
+
+/// Operations of a kind, as (interface, key) pairs, in order.
+fn kicks(ops: &[Operation]) -> Vec<(String, PublicKey)> {
+    ops.iter()
+        .filter_map(|o| match o {
+            Operation::StartHandshake {
+                interface,
+                public_key,
+            } => Some((interface.clone(), *public_key)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_peer_added_to_a_running_device_starts_its_handshake_at_once() {
+    let c = cluster_with(false, None);
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let own = Ownership::from_mesh(c.mesh());
+    let mut r = Reconciler::new(FakeKernel::new(), own.clone(), ring());
+    let report = r.reconcile(&planner.plan()).unwrap();
+    // A whole device's initial configuration starts no handshake.
+    assert!(kicks(&report.operations).is_empty());
+    assert!(r.dataplane().handshakes_initiated().is_empty());
+
+    // A node joins: its peer is added to the running device, then kicked.
+    let d = key(4).public_key();
+    let delta = planner
+        .apply(Event::NodeUpserted(joiner(
+            "d",
+            "10.0.0.5",
+            "10.65.1.0/26",
+            d,
+        )))
+        .unwrap();
+    let ops = r.apply_delta(&delta).unwrap().operations;
+    let wg = "wireguard.cali".to_owned();
+    let set = ops
+        .iter()
+        .position(|o| matches!(o, Operation::SetPeer { public_key, persistent_keepalive: Some(0), .. } if *public_key == d))
+        .expect("d is added");
+    assert!(
+        matches!(&ops[set + 1], Operation::StartHandshake { interface, public_key } if *interface == wg && *public_key == d),
+        "{ops:#?}"
+    );
+    assert_eq!(kicks(&ops), [(wg.clone(), d)]);
+    assert_eq!(r.dataplane().handshakes_initiated(), [(wg.clone(), d)]);
+    // Its keepalive is the plan's (off), and a full reconcile finds nothing to do.
+    assert_matches_plan(r.dataplane(), &planner.plan(), &own);
+    assert!(r.resync().unwrap().is_noop());
+    // The operation is serializable and secret-free like the others.
+    let json = serde_json::to_value(&ops[set + 1]).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"op": "start_handshake", "interface": wg, "public_key": d.to_string()})
+    );
+    assert_eq!(
+        serde_json::from_value::<Operation>(json).unwrap(),
+        ops[set + 1]
+    );
+    assert!(
+        ops[set + 1]
+            .to_string()
+            .starts_with(&format!("start handshake with peer {d} on {wg}"))
+    );
+
+    // b's IPv4 key changes: remove-old, add-new, kick the new one.
+    r.dataplane_mut().clear_handshakes_initiated();
+    let b2 = key(42).public_key();
+    let delta = planner
+        .apply(Event::PublicKeyChanged {
+            node: "b".into(),
+            family: Family::V4,
+            public_key: Some(b2),
+        })
+        .unwrap();
+    let ops = r.apply_delta(&delta).unwrap().operations;
+    let rm = ops
+        .iter()
+        .position(|o| matches!(o, Operation::RemovePeer { public_key, .. } if *public_key == key(2).public_key()));
+    let kick = ops.iter().position(
+        |o| matches!(o, Operation::StartHandshake { public_key, .. } if *public_key == b2),
+    );
+    assert!(rm.unwrap() < kick.unwrap(), "{ops:#?}");
+    assert_eq!(kicks(&ops), [(wg.clone(), b2)]);
+    assert_eq!(r.dataplane().handshakes_initiated(), [(wg.clone(), b2)]);
+    assert_matches_plan(r.dataplane(), &planner.plan(), &own);
+    assert!(r.resync().unwrap().is_noop());
+}
+
+#[test]
+fn peers_of_a_device_the_delta_creates_are_not_kicked() {
+    // a has no IPv6 address yet: no IPv6 device. When it gets one, the delta creates the
+    // device with its peers, and none is kicked.
+    let c = cluster_with(false, None);
+    let full_a = c.nodes()[0].clone();
+    let mut nodes = c.nodes().to_vec();
+    nodes[0].addresses.retain(|a| a.is_ipv4());
+    let c = Cluster::new(c.mesh().clone(), nodes).unwrap();
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let own = Ownership::from_mesh(c.mesh());
+    let mut r = Reconciler::new(FakeKernel::new(), own.clone(), ring());
+    r.reconcile(&planner.plan()).unwrap();
+    assert!(!r.dataplane().links.contains_key("wg-v6.cali"));
+    let delta = planner.apply(Event::NodeUpserted(full_a)).unwrap();
+    let ops = r.apply_delta(&delta).unwrap().operations;
+    assert!(ops.iter().any(
+        |o| matches!(o, Operation::CreateLink { interface, .. } if interface == "wg-v6.cali")
+    ));
+    assert!(
+        ops.iter().any(
+            |o| matches!(o, Operation::SetPeer { interface, .. } if interface == "wg-v6.cali")
+        )
+    );
+    assert!(kicks(&ops).is_empty(), "{ops:#?}");
+    assert!(r.dataplane().handshakes_initiated().is_empty());
+    assert_matches_plan(r.dataplane(), &planner.plan(), &own);
+    assert!(r.resync().unwrap().is_noop());
+}
+
+#[test]
+fn with_a_planned_keepalive_setting_it_starts_the_handshake() {
+    let c = cluster_with(false, Some(25));
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let own = Ownership::from_mesh(c.mesh());
+    let mut r = Reconciler::new(FakeKernel::new(), own.clone(), ring());
+    r.reconcile(&planner.plan()).unwrap();
+    r.dataplane_mut().clear_handshakes_initiated();
+    let d = key(4).public_key();
+    let delta = planner
+        .apply(Event::NodeUpserted(joiner(
+            "d",
+            "10.0.0.5",
+            "10.65.1.0/26",
+            d,
+        )))
+        .unwrap();
+    let ops = r.apply_delta(&delta).unwrap().operations;
+    assert!(kicks(&ops).is_empty(), "{ops:#?}");
+    assert_eq!(
+        r.dataplane().handshakes_initiated(),
+        [("wireguard.cali".to_owned(), d)]
+    );
+    assert_matches_plan(r.dataplane(), &planner.plan(), &own);
 }
 
 #[test]

@@ -338,6 +338,47 @@ fn foreign_objects_are_untouched() {
     reset();
 }
 
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_hand_made_rule_beside_wgmeshs_goes_in_one_reconcile_and_wgmeshs_stays() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    converge(&mut r, &plan);
+    // Each is listed after wgmesh's rule of the same priority. The first three have selectors
+    // (a delete naming only priority and table would take wgmesh's rule); the last has none
+    // and no mark, so even its exact delete request matches wgmesh's rule, listed first.
+    // (One that differs from wgmesh's only by `not` cannot be made with `ip rule add`, which
+    // asks for NLM_F_EXCL: Linux finds it identical. The fake kernel's test covers it.)
+    for stray in [
+        "ip rule add from 10.0.0.0/8 table 1 priority 99",
+        "ip -6 rule add from fd00::/8 table 1 priority 99",
+        "ip rule add iif lo table 1 priority 99",
+        "ip rule add table 1 priority 99",
+    ] {
+        sh(stray);
+        let report = r.reconcile(&plan).unwrap();
+        // Exactly the plan's rules remain (check_with_tools compares `ip rule` line by line).
+        check_with_tools(&plan);
+        let again = r.reconcile(&plan).unwrap();
+        assert!(
+            again.is_noop(),
+            "{stray}: second run did {:#?}",
+            again.operations
+        );
+        eprintln!(
+            "{stray}: {:?}",
+            report
+                .operations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        );
+    }
+    reset();
+}
+
 #[derive(Debug, Clone)]
 enum Drift {
     Port(u16),
@@ -539,6 +580,218 @@ fn one_workload_ip_is_one_peer_update_and_one_route_and_removal_keeps_the_rest()
         })
         .unwrap();
     let _ = d;
+    reset();
+}
+
+/// Node b's side of a tunnel: a second network namespace joined to this one by a veth pair
+/// (10.0.0.1 here, 10.0.0.2 there), with a WireGuard device made by `ip` and `wg` (kernel) or
+/// wireguard-go (userspace) holding b's key and a as its peer. Removed on drop, also when the
+/// test panics.
+struct PeerNamespace {
+    name: String,
+}
+
+const PEER_DEVICE: &str = "wgm-peer";
+
+impl PeerNamespace {
+    fn start(backend: Backend) -> Self {
+        let ns = Self {
+            name: format!("wgmesh-peer-{}", std::process::id()),
+        };
+        let n = &ns.name;
+        sh(&format!(
+            "ip netns add {n} && ip -n {n} link set lo up && \
+             ip link add wgm-ul type veth peer name wgm-ul netns {n} && \
+             ip addr add 10.0.0.1/24 dev wgm-ul && ip link set wgm-ul up && \
+             ip -n {n} addr add 10.0.0.2/24 dev wgm-ul && ip -n {n} link set wgm-ul up"
+        ));
+        match backend {
+            Backend::Kernel => sh(&format!("ip -n {n} link add {PEER_DEVICE} type wireguard")),
+            _ => sh(&format!("ip netns exec {n} wireguard-go {PEER_DEVICE}")),
+        };
+        sh(&format!(
+            "ip netns exec {n} wg set {PEER_DEVICE} listen-port 51820 private-key <(echo {}) \
+               peer {} endpoint 10.0.0.1:51820 allowed-ips 10.65.0.0/26 && \
+             ip -n {n} addr add 10.65.0.65/32 dev {PEER_DEVICE} && ip -n {n} link set {PEER_DEVICE} up && \
+             ip -n {n} route add 10.65.0.0/26 dev {PEER_DEVICE}",
+            key(2).to_base64().as_str(),
+            key(1).public_key()
+        ));
+        ns
+    }
+}
+
+impl Drop for PeerNamespace {
+    fn drop(&mut self) {
+        let n = &self.name;
+        sh_ok(&format!(
+            "for p in $(ip netns pids {n}); do kill $p; done; sleep 0.3; ip netns del {n}; \
+             ip link del wgm-ul; ip addr del 10.65.0.1/32 dev lo; rm -f /var/run/wireguard/{PEER_DEVICE}.sock"
+        ));
+    }
+}
+
+fn handshake_seconds(wg_show_latest: &str, peer: &wgmesh_core::PublicKey) -> Option<u64> {
+    wg_show_latest.lines().find_map(|l| {
+        let (k, t) = l.split_once('\t')?;
+        (k == peer.to_string()).then(|| t.trim().parse().ok())?
+    })
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn peer_counters_show_the_handshake_and_traffic_of_the_right_peer() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let b_key = key(2).public_key();
+    let peer = PeerNamespace::start(backend());
+    // Host encryption on: this host's own traffic to b's pods is tunnelled (not marked).
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&plan).unwrap();
+    // Before any traffic: every planned peer is there, none has had a handshake or received
+    // a byte.
+    let planned: BTreeSet<(String, wgmesh_core::PublicKey)> = plan
+        .interfaces
+        .iter()
+        .flat_map(|i| i.peers.iter().map(|p| (i.name.clone(), p.public_key)))
+        .collect();
+    let before = r.peer_stats().unwrap();
+    let listed: BTreeSet<(String, wgmesh_core::PublicKey)> = before
+        .iter()
+        .map(|s| (s.interface.clone(), s.public_key))
+        .collect();
+    assert_eq!(listed, planned, "{before:#?}");
+    let start = std::time::SystemTime::now();
+    sh("ip addr add 10.65.0.1/32 dev lo");
+    // Handshakes under emulation can take seconds: wait for the first answer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while Command::new("ping")
+        .args(["-c", "1", "-W", "2", "-I", "10.65.0.1", "10.65.0.65"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer through the tunnel to b; {}",
+            sh("wg show all; ip route show table 1; ip rule")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    sh("ping -c 3 -W 2 -I 10.65.0.1 10.65.0.65");
+    let stats = r.peer_stats().unwrap();
+    let now = std::time::SystemTime::now();
+    eprintln!("{stats:#?}");
+    let of = |iface: &str, k: &wgmesh_core::PublicKey| {
+        stats
+            .iter()
+            .find(|s| s.interface == iface && s.public_key == *k)
+            .unwrap_or_else(|| panic!("no counters for {k} on {iface}: {stats:#?}"))
+    };
+    let b = of("wireguard.cali", &b_key);
+    let at = b.last_handshake.expect("b had a handshake");
+    assert!(
+        at >= start - std::time::Duration::from_secs(1) && at <= now,
+        "handshake at {at:?}, test ran {start:?}..{now:?}"
+    );
+    // Four echo requests and replies at least, each in a WireGuard data message.
+    assert!(b.rx_bytes >= 4 * 84 && b.tx_bytes >= 4 * 84, "{b:?}");
+    // The others never reached anyone: no handshake, nothing received.
+    for s in stats
+        .iter()
+        .filter(|s| !(s.interface == "wireguard.cali" && s.public_key == b_key))
+    {
+        assert_eq!((s.last_handshake, s.rx_bytes), (None, 0), "{s:?}");
+    }
+    // The same as wg(8) reads them (read after ours: bytes can only have grown).
+    let latest = sh("wg show wireguard.cali latest-handshakes");
+    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert_eq!(handshake_seconds(&latest, &b_key), Some(secs), "{latest}");
+    let transfer = sh("wg show wireguard.cali transfer");
+    let line = transfer
+        .lines()
+        .find(|l| l.starts_with(&b_key.to_string()))
+        .unwrap_or_else(|| panic!("{transfer}"));
+    let n: Vec<u64> = line
+        .split('\t')
+        .skip(1)
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    assert!(
+        n[0] >= b.rx_bytes && n[1] >= b.tx_bytes,
+        "wg: {line}; ours: {b:?}"
+    );
+    // Counters are observations: the diff ignores them.
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    drop(peer);
+    reset();
+}
+
+/// The latest handshake with `peer` on `interface`, as the dataplane reports it.
+fn handshake_of(
+    r: &mut Reconciler<Linux>,
+    interface: &str,
+    peer: &wgmesh_core::PublicKey,
+) -> Option<std::time::SystemTime> {
+    r.peer_stats()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.interface == interface && s.public_key == *peer)
+        .and_then(|s| s.last_handshake)
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_peer_added_to_a_running_device_handshakes_without_traffic() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let b_key = key(2).public_key();
+    let wg = "wireguard.cali";
+    let peer = PeerNamespace::start(backend());
+    // Persistent keepalive off, host encryption off: nothing but a kick makes a handshake.
+    let mut c = cluster(false);
+    let mut mesh = c.mesh().clone();
+    mesh.persistent_keepalive = None;
+    c = Cluster::new(mesh, c.nodes().to_vec()).unwrap();
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&planner.plan()).unwrap();
+    // The initial configuration of the whole device starts no handshake.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(handshake_of(&mut r, wg, &b_key), None);
+    // b leaves and comes back (as on a key change, its peer is removed and added).
+    let b_node = c.node("b").unwrap().clone();
+    let d = planner
+        .apply(Event::NodeRemoved { node: "b".into() })
+        .unwrap();
+    r.apply_delta(&d).unwrap();
+    let start = std::time::SystemTime::now();
+    let d = planner.apply(Event::NodeUpserted(b_node)).unwrap();
+    let report = r.apply_delta(&d).unwrap();
+    assert!(
+        report.operations.iter().any(|o| matches!(o, Operation::StartHandshake { interface, public_key } if interface == wg && *public_key == b_key)),
+        "{:#?}",
+        report.operations
+    );
+    // No packet is sent to b, yet the handshake completes (under emulation: allow time).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let at = loop {
+        if let Some(at) = handshake_of(&mut r, wg, &b_key) {
+            break at;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handshake with b: {}",
+            sh("wg show all")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(at >= start - std::time::Duration::from_secs(1), "{at:?}");
+    // And the keepalive is the plan's: off (wg showconf shows none).
+    check_with_tools(&planner.plan());
+    assert!(r.resync().unwrap().is_noop());
+    drop(peer);
     reset();
 }
 
