@@ -650,14 +650,7 @@ impl<D: Dataplane> Agent<D> {
                 };
                 let rows = stats
                     .iter()
-                    .map(|s| PeerRow {
-                        interface: s.interface.clone(),
-                        node: node_of(&s.interface, &s.public_key),
-                        public_key: s.public_key.to_base64(),
-                        last_handshake: s.last_handshake,
-                        rx_bytes: s.rx_bytes,
-                        tx_bytes: s.tx_bytes,
-                    })
+                    .map(|s| PeerRow::new(node_of(&s.interface, &s.public_key), s.clone()))
                     .collect();
                 self.metrics.set_peer_rows(rows);
             }

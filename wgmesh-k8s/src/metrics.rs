@@ -22,6 +22,8 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use wgmesh_netlink::PeerStats;
+
 /// Upper bounds of the reconcile duration histogram, in seconds.
 pub const DURATION_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
@@ -48,37 +50,18 @@ impl ApplyKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PeerRow {
-    /// The interface.
-    pub interface: String,
     /// The node behind the peer (empty if unknown).
     pub node: String,
-    /// The peer's public key (base64).
-    pub public_key: String,
-    /// The latest handshake.
-    pub last_handshake: Option<SystemTime>,
-    /// Bytes received.
-    pub rx_bytes: u64,
-    /// Bytes sent.
-    pub tx_bytes: u64,
+    /// The counters the dataplane read.
+    pub stats: PeerStats,
 }
 
 impl PeerRow {
-    /// One peer's counters.
-    pub fn new(
-        interface: impl Into<String>,
-        node: impl Into<String>,
-        public_key: impl Into<String>,
-        last_handshake: Option<SystemTime>,
-        rx_bytes: u64,
-        tx_bytes: u64,
-    ) -> Self {
+    /// One peer's counters, labelled with its node.
+    pub fn new(node: impl Into<String>, stats: PeerStats) -> Self {
         Self {
-            interface: interface.into(),
             node: node.into(),
-            public_key: public_key.into(),
-            last_handshake,
-            rx_bytes,
-            tx_bytes,
+            stats,
         }
     }
 }
@@ -261,9 +244,9 @@ impl Metrics {
             let labels = |r: &PeerRow| {
                 format!(
                     "interface=\"{}\",node=\"{}\",public_key=\"{}\"",
-                    escape(&r.interface),
+                    escape(&r.stats.interface),
                     escape(&r.node),
-                    escape(&r.public_key)
+                    escape(&r.stats.public_key.to_base64())
                 )
             };
             head(
@@ -273,7 +256,7 @@ impl Metrics {
                 "Seconds since the latest handshake with the peer (+Inf: none yet).",
             );
             for r in &m.peer_rows {
-                let age = match r.last_handshake {
+                let age = match r.stats.last_handshake {
                     Some(t) => now
                         .duration_since(t)
                         .map_or(0.0, |d| d.as_secs_f64().floor()),
@@ -297,7 +280,7 @@ impl Metrics {
                     out,
                     "wgmesh_peer_receive_bytes_total{{{}}} {}",
                     labels(r),
-                    r.rx_bytes
+                    r.stats.rx_bytes
                 );
             }
             head(
@@ -311,7 +294,7 @@ impl Metrics {
                     out,
                     "wgmesh_peer_transmit_bytes_total{{{}}} {}",
                     labels(r),
-                    r.tx_bytes
+                    r.stats.tx_bytes
                 );
             }
         }

@@ -78,19 +78,23 @@ async fn serves_metrics_health_and_readiness_and_refuses_junk() {
 #[test]
 fn handshake_ages_and_byte_counters_are_rendered_per_peer() {
     use std::time::SystemTime;
+    use wgmesh_core::PublicKey;
     use wgmesh_k8s::metrics::PeerRow;
+    use wgmesh_netlink::PeerStats;
     let metrics = Metrics::new();
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-    let key = "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20=";
+    let key = PublicKey::from_base64("QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20=").unwrap();
     let a = PeerRow::new(
-        "wireguard.cali",
         "node-b",
-        key,
-        Some(now - Duration::from_secs(42)),
-        1234,
-        5678,
+        PeerStats::new(
+            "wireguard.cali",
+            key,
+            Some(now - Duration::from_secs(42)),
+            1234,
+            5678,
+        ),
     );
-    let b = PeerRow::new("wireguard.cali", "node-c", key, None, 0, 0);
+    let b = PeerRow::new("node-c", PeerStats::new("wireguard.cali", key, None, 0, 0));
     metrics.set_peer_rows(vec![a, b]);
     let text = metrics.render(now);
     let labels_b = "interface=\"wireguard.cali\",node=\"node-b\",public_key=\"QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20=\"";
