@@ -6,48 +6,25 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use proptest::prelude::*;
 use wgmesh_core::{
-    Cluster, Event, Family, IncrementalPlanner, Node, NodePlan, NodeWireGuard, PrivateKey,
-    PublicKey, plan_node, spec::parse_cluster,
+    Cluster, Event, Family, IncrementalPlanner, Node, NodePlan, NodeWireGuard, PublicKey, plan_node,
 };
 use wgmesh_netlink::testing::{FailingDataplane, FakeKernel, route};
 use wgmesh_netlink::{
-    ActualPeer, ActualRouteKind, ActualRule, Dataplane, KeyRing, Operation, Ownership, Reconciler,
+    ActualPeer, ActualRouteKind, ActualRule, Dataplane, Operation, Ownership, Reconciler,
 };
 
-fn key(i: u8) -> PrivateKey {
-    PrivateKey::from_bytes([i; 32]).unwrap()
-}
+mod common;
+use common::{four_nodes, key, ring};
 
 fn cluster(host_encryption: bool) -> Cluster {
     cluster_with(host_encryption, Some(25))
 }
 
 fn cluster_with(host_encryption: bool, keepalive: Option<u16>) -> Cluster {
-    let pk = |i: u8| key(i).public_key().to_string();
     let keepalive = keepalive.map_or("null".to_owned(), |k| k.to_string());
-    parse_cluster(&format!(
-        r#"{{"mesh": {{"host_encryption": {host_encryption}, "persistent_keepalive": {keepalive}}},
-        "nodes": [
-          {{"name": "a", "addresses": ["10.0.0.1", "fd00::1"], "pod_cidrs": ["10.65.0.0/26", "fd10::/120"],
-            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
-          {{"name": "b", "addresses": ["10.0.0.2", "fd00::2"], "pod_cidrs": ["10.65.0.64/26", "fd10::100/120"],
-            "workload_ips": ["10.65.0.5"],
-            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
-          {{"name": "c", "addresses": ["10.0.0.3"], "pod_cidrs": ["10.65.0.128/26"],
-            "wireguard": {{"public_key": "{}"}}}},
-          {{"name": "plain", "addresses": ["10.0.0.4"], "pod_cidrs": ["10.65.0.192/26"]}}
-        ]}}"#,
-        pk(1),
-        pk(11),
-        pk(2),
-        pk(12),
-        pk(3)
+    four_nodes(&format!(
+        r#""host_encryption": {host_encryption}, "persistent_keepalive": {keepalive}"#
     ))
-    .unwrap()
-}
-
-fn ring() -> KeyRing {
-    KeyRing::per_family(Some(key(1)), Some(key(11)))
 }
 
 fn setup(host_encryption: bool) -> (NodePlan, Reconciler<FakeKernel>) {

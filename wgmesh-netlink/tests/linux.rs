@@ -14,22 +14,15 @@ use ipnet::IpNet;
 use proptest::prelude::*;
 use wgmesh_core::{
     Cluster, Event, Family, IncrementalPlanner, MeshConfig, Node, NodePlan, NodeWireGuard,
-    PrivateKey, RouteSource, RouteType, plan_node, spec::parse_cluster,
+    PrivateKey, RouteSource, RouteType, plan_node,
 };
 use wgmesh_netlink::testing::FailingDataplane;
-use wgmesh_netlink::{
-    Backend, Dataplane, KeyRing, Linux, LinuxConfig, Operation, Ownership, Reconciler,
-};
+use wgmesh_netlink::{Backend, Dataplane, Linux, LinuxConfig, Operation, Ownership, Reconciler};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
-/// A test key, clamped as WireGuard stores private keys (so `wg showconf` shows it as is).
-fn key(i: u8) -> PrivateKey {
-    let mut b = [i; 32];
-    b[0] &= 248;
-    b[31] = (b[31] & 127) | 64;
-    PrivateKey::from_bytes(b).unwrap()
-}
+mod common;
+use common::{four_nodes, key, ring};
 
 fn backend() -> Backend {
     assert_eq!(
@@ -81,31 +74,10 @@ fn sh_ok(cmd: &str) {
 }
 
 fn cluster(host_encryption: bool) -> Cluster {
-    let pk = |i: u8| key(i).public_key().to_string();
-    parse_cluster(&format!(
-        r#"{{"mesh": {{"host_encryption": {host_encryption}, "persistent_keepalive": 25,
-                "control_plane_endpoints": ["10.0.0.9:6443"]}},
-        "nodes": [
-          {{"name": "a", "addresses": ["10.0.0.1", "fd00::1"], "pod_cidrs": ["10.65.0.0/26", "fd10::/120"],
-            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
-          {{"name": "b", "addresses": ["10.0.0.2", "fd00::2"], "pod_cidrs": ["10.65.0.64/26", "fd10::100/120"],
-            "workload_ips": ["10.65.0.5"],
-            "wireguard": {{"public_key": "{}", "public_key_v6": "{}"}}}},
-          {{"name": "c", "addresses": ["10.0.0.3"], "pod_cidrs": ["10.65.0.128/26"],
-            "wireguard": {{"public_key": "{}"}}}},
-          {{"name": "plain", "addresses": ["10.0.0.4"], "pod_cidrs": ["10.65.0.192/26"]}}
-        ]}}"#,
-        pk(1),
-        pk(11),
-        pk(2),
-        pk(12),
-        pk(3)
+    four_nodes(&format!(
+        r#""host_encryption": {host_encryption}, "persistent_keepalive": 25,
+            "control_plane_endpoints": ["10.0.0.9:6443"]"#
     ))
-    .unwrap()
-}
-
-fn ring() -> KeyRing {
-    KeyRing::per_family(Some(key(1)), Some(key(11)))
 }
 
 fn own() -> Ownership {
