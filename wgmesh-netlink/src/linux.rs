@@ -65,6 +65,10 @@ pub struct LinuxConfig {
     pub proc_sys: PathBuf,
     /// How long to wait for a started userspace daemon's socket.
     pub daemon_timeout: Duration,
+    /// How long one wait for the kernel's next netlink answer may last before the operation
+    /// fails (`None`: forever). A kernel that never answers then costs the agent one failed
+    /// reconcile, not a hung process. Late answers are recognised and dropped.
+    pub netlink_timeout: Option<Duration>,
 }
 
 impl Default for LinuxConfig {
@@ -78,6 +82,7 @@ impl Default for LinuxConfig {
             max_message: wire::DEFAULT_MAX_MESSAGE,
             proc_sys: PathBuf::from("/proc/sys"),
             daemon_timeout: Duration::from_secs(20),
+            netlink_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -157,7 +162,8 @@ impl Linux {
     /// [`Linux::backend_description`] says which and why.
     pub fn open(config: LinuxConfig) -> Result<Self> {
         let open = |p, what: &str| {
-            NlSocket::new(p).map_err(|e| Error::io(format!("open {what} netlink socket"), e))
+            NlSocket::new(p, config.netlink_timeout)
+                .map_err(|e| Error::io(format!("open {what} netlink socket"), e))
         };
         let rt = open(NETLINK_ROUTE, "rtnetlink")?;
         let nft = open(NETLINK_NETFILTER, "nf_tables")?;

@@ -4,6 +4,7 @@
 //! number.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use netlink_sys::{Socket, SocketAddr};
 
@@ -39,10 +40,18 @@ pub(crate) struct NlSocket {
 }
 
 impl NlSocket {
-    pub(crate) fn new(protocol: isize) -> std::io::Result<Self> {
+    /// A socket whose every wait for an answer ends after `timeout` (`None`: never) with an
+    /// error of kind [`std::io::ErrorKind::TimedOut`]. Answers that arrive later are told
+    /// apart by their sequence numbers and dropped, so the socket stays usable.
+    pub(crate) fn new(protocol: isize, timeout: Option<Duration>) -> std::io::Result<Self> {
         let mut sock = Socket::new(protocol)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
+        rustix::net::sockopt::set_socket_timeout(
+            &sock,
+            rustix::net::sockopt::Timeout::Recv,
+            timeout,
+        )?;
         let _ = sock.set_rx_buf_sz(4 * RECV_BUF);
         let _ = sock.set_ext_ack(true);
         // Errors need not echo the whole request back.
@@ -153,7 +162,17 @@ impl NlSocket {
         outstanding: &mut usize,
     ) -> std::io::Result<()> {
         self.buf.clear();
-        self.sock.recv(&mut self.buf, 0)?;
+        if let Err(e) = self.sock.recv(&mut self.buf, 0) {
+            // SO_RCVTIMEO expired: EAGAIN, which says nothing of a timeout.
+            return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer from the kernel within the netlink timeout",
+                )
+            } else {
+                e
+            });
+        }
         let mut off = 0;
         while off + 16 <= self.buf.len() {
             let b = &self.buf[off..];
@@ -209,4 +228,55 @@ impl NlSocket {
 
 fn libc_eproto() -> i32 {
     71
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NLMSG_NOOP: u16 = 1;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+
+    /// A bare `NLMSG_NOOP`: the kernel answers it only when `NLM_F_ACK` asks it to.
+    fn noop(seq: u32, ack: bool) -> Request {
+        let flags = NLM_F_REQUEST | if ack { NLM_F_ACK } else { 0 };
+        let mut bytes = Vec::with_capacity(16);
+        bytes.extend_from_slice(&16u32.to_ne_bytes());
+        bytes.extend_from_slice(&NLMSG_NOOP.to_ne_bytes());
+        bytes.extend_from_slice(&flags.to_ne_bytes());
+        bytes.extend_from_slice(&seq.to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes());
+        Request {
+            bytes,
+            answered: true,
+        }
+    }
+
+    #[test]
+    fn a_kernel_that_never_answers_times_out_and_the_socket_stays_usable() {
+        let timeout = Duration::from_millis(200);
+        // In a thread, so that a socket without the timeout fails the test instead of hanging.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = NlSocket::new(netlink_sys::protocols::NETLINK_ROUTE, Some(timeout))
+                .expect("an rtnetlink socket");
+            // Waiting for an answer the kernel will never send.
+            let seq = s.seqs(1);
+            let started = std::time::Instant::now();
+            let first = s.transact(&[noop(seq, false)], None);
+            let waited = started.elapsed();
+            // The same socket goes on answering requests that do get an answer.
+            let seq = s.seqs(2);
+            let then = s.transact(&[noop(seq, true), noop(seq + 1, true)], None);
+            let _ = tx.send((first, waited, then));
+        });
+        let (first, waited, then) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the wait for an answer that never comes must end");
+        let err = first.expect_err("no answer comes");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(waited >= timeout, "{waited:?}");
+        assert_eq!(then.unwrap(), [Ok(vec![]), Ok(vec![])]);
+    }
 }
