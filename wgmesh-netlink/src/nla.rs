@@ -73,6 +73,12 @@ pub(crate) fn be32(v: &[u8]) -> Result<u32, String> {
         .ok_or_else(|| format!("expected 4 bytes, got {}", v.len()))
 }
 
+/// A 32-bit attribute value in host byte order (rtnetlink's); `None` when it is shorter.
+pub(crate) fn ne32(v: &[u8]) -> Option<u32> {
+    v.get(..4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 pub(crate) fn cstr(v: &[u8]) -> String {
     let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
     String::from_utf8_lossy(&v[..end]).into_owned()

@@ -19,7 +19,7 @@ use wgmesh_core::{Family, PublicKey, Route, RouteType, Rule};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::diff::route_metric;
-use crate::nla::{NlaWriter, attrs, cstr, frame};
+use crate::nla::{NlaWriter, attrs, cstr, frame, ne32};
 use crate::state::{
     ActualDevice, ActualLink, ActualRoute, ActualRouteKind, ActualRule, PeerStats, RawRule,
     handshake_time,
@@ -175,7 +175,7 @@ pub fn parse_link(p: &[u8]) -> Result<(String, ActualLink), String> {
         let (k, v) = a?;
         match k {
             IFLA_IFNAME => name = cstr(v),
-            IFLA_MTU if v.len() >= 4 => mtu = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
+            IFLA_MTU => mtu = ne32(v).unwrap_or(mtu),
             IFLA_LINKINFO => {
                 for a in attrs(v) {
                     let (k, v) = a?;
@@ -308,15 +308,11 @@ pub fn parse_route(p: &[u8], table: u32) -> Result<Option<ActualRoute>, String> 
     let (mut oif, mut gateway, mut metric) = (None, None, 0);
     for a in attrs(&p[12..]) {
         let (k, v) = a?;
-        let u = || {
-            v.get(..4)
-                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        };
         match k {
-            RTA_TABLE => tbl = u().ok_or("bad RTA_TABLE")?,
+            RTA_TABLE => tbl = ne32(v).ok_or("bad RTA_TABLE")?,
             RTA_DST => dst = ip_from(family, v),
-            RTA_OIF => oif = u(),
-            RTA_PRIORITY => metric = u().unwrap_or(0),
+            RTA_OIF => oif = ne32(v),
+            RTA_PRIORITY => metric = ne32(v).unwrap_or(0),
             RTA_GATEWAY => gateway = ip_from(family, v),
             // A multipath or `via` route is never one of wgmesh's: mark it with a gateway.
             RTA_MULTIPATH | RTA_VIA => {
@@ -454,15 +450,11 @@ pub fn parse_rule(p: &[u8], table: u32) -> Result<Option<ActualRule>, String> {
     };
     for a in attrs(&p[12..]) {
         let (k, v) = a?;
-        let u = || {
-            v.get(..4)
-                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        };
         match k {
-            FRA_PRIORITY => r.priority = u().unwrap_or(0),
-            FRA_FWMARK => r.firewall_mark = u(),
-            FRA_FWMASK => r.firewall_mask = u(),
-            FRA_TABLE => r.table = u().unwrap_or(r.table),
+            FRA_PRIORITY => r.priority = ne32(v).unwrap_or(0),
+            FRA_FWMARK => r.firewall_mark = ne32(v),
+            FRA_FWMASK => r.firewall_mask = ne32(v),
+            FRA_TABLE => r.table = ne32(v).unwrap_or(r.table),
             k if FRA_SELECTORS.contains(&k) => r.other_selectors = true,
             _ => {}
         }

@@ -822,17 +822,17 @@ fn check_large(plan: &NodePlan) {
     assert_eq!(routes.trim(), plan.routes.len().to_string());
 }
 
-#[test]
-#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
-fn five_thousand_peers_apply_and_read_back() {
+/// Applies `big_cluster(nodes, ips_per_node)`'s plan from scratch, checks it against wg(8) and
+/// ip(8), and checks that a second reconcile does nothing.
+fn apply_large(label: &str, nodes: usize, ips_per_node: usize) {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     reset();
-    let (_, plan) = big_cluster(5_000, 1);
+    let (_, plan) = big_cluster(nodes, ips_per_node);
     let mut r = Reconciler::new(open(), own(), ring());
     let t = std::time::Instant::now();
     let report = r.reconcile(&plan).unwrap();
     eprintln!(
-        "5000 peers: {} operations, {} messages, {:?}",
+        "{label}: {} operations, {} messages, {:?}",
         report.operations.len(),
         report.messages,
         t.elapsed()
@@ -844,22 +844,14 @@ fn five_thousand_peers_apply_and_read_back() {
 
 #[test]
 #[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn five_thousand_peers_apply_and_read_back() {
+    apply_large("5000 peers", 5_000, 1);
+}
+
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
 fn one_peer_with_100k_allowed_ips_applies_and_reads_back() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    reset();
-    let (_, plan) = big_cluster(2, 100_000);
-    let mut r = Reconciler::new(open(), own(), ring());
-    let t = std::time::Instant::now();
-    let report = r.reconcile(&plan).unwrap();
-    eprintln!(
-        "100k allowed IPs: {} operations, {} messages, {:?}",
-        report.operations.len(),
-        report.messages,
-        t.elapsed()
-    );
-    check_large(&plan);
-    assert!(r.reconcile(&plan).unwrap().is_noop());
-    reset();
+    apply_large("100k allowed IPs", 2, 100_000);
 }
 
 #[test]
