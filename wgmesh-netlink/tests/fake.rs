@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use proptest::prelude::*;
 use wgmesh_core::{
-    Cluster, Event, Family, IncrementalPlanner, Node, NodePlan, NodeWireGuard, PublicKey, plan_node,
+    Cluster, Event, Family, IncrementalPlanner, Node, NodePlan, NodeWireGuard, PlanDelta,
+    PublicKey, plan_node,
 };
 use wgmesh_netlink::testing::{FailingDataplane, FakeKernel, route};
 use wgmesh_netlink::{
@@ -580,11 +581,14 @@ fn one_workload_ip_is_one_peer_update_and_one_route() {
     assert!(r.resync().unwrap().is_noop());
 }
 
-fn joiner(name: &str, address: &str, cidr: &str, key: PublicKey) -> Node {
-    Node::new(name)
-        .with_addresses([address.parse().unwrap()])
-        .with_pod_cidrs([cidr.parse().unwrap()])
-        .with_wireguard(NodeWireGuard::new(Some(key), None))
+/// Node `d` (IPv4 only, block 10.65.1.0/26) joins the mesh: its key and the planner's delta.
+fn node_d_joins(planner: &mut IncrementalPlanner) -> (PublicKey, PlanDelta) {
+    let d = key(4).public_key();
+    let node = Node::new("d")
+        .with_addresses(["10.0.0.5".parse().unwrap()])
+        .with_pod_cidrs(["10.65.1.0/26".parse().unwrap()])
+        .with_wireguard(NodeWireGuard::new(Some(d), None));
+    (d, planner.apply(Event::NodeUpserted(node)).unwrap())
 }
 
 /// Operations of a kind, as (interface, key) pairs, in order.
@@ -612,15 +616,7 @@ fn a_peer_added_to_a_running_device_starts_its_handshake_at_once() {
     assert!(r.dataplane().handshakes_initiated().is_empty());
 
     // A node joins: its peer is added to the running device, then kicked.
-    let d = key(4).public_key();
-    let delta = planner
-        .apply(Event::NodeUpserted(joiner(
-            "d",
-            "10.0.0.5",
-            "10.65.1.0/26",
-            d,
-        )))
-        .unwrap();
+    let (d, delta) = node_d_joins(&mut planner);
     let ops = r.apply_delta(&delta).unwrap().operations;
     let wg = "wireguard.cali".to_owned();
     let set = ops
@@ -714,15 +710,7 @@ fn with_a_planned_keepalive_setting_it_starts_the_handshake() {
     let mut r = Reconciler::new(FakeKernel::new(), own.clone(), ring());
     r.reconcile(&planner.plan()).unwrap();
     r.dataplane_mut().clear_handshakes_initiated();
-    let d = key(4).public_key();
-    let delta = planner
-        .apply(Event::NodeUpserted(joiner(
-            "d",
-            "10.0.0.5",
-            "10.65.1.0/26",
-            d,
-        )))
-        .unwrap();
+    let (d, delta) = node_d_joins(&mut planner);
     let ops = r.apply_delta(&delta).unwrap().operations;
     assert!(kicks(&ops).is_empty(), "{ops:#?}");
     assert_eq!(
