@@ -173,8 +173,8 @@ async fn republishes_when_the_annotation_is_changed_or_removed() {
     agent.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn clears_its_key_when_wireguard_is_disabled() {
+/// Node `a` carries a key; its agent starts with the mesh disabled and clears the annotation.
+async fn disabled_agent_clears_its_key() -> (MockApi, Running) {
     let api = MockApi::new();
     api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
     let mut mesh = MeshConfig::default();
@@ -184,6 +184,12 @@ async fn clears_its_key_when_wireguard_is_disabled() {
         api.annotation("a", "wgmesh.io/public-key").is_none()
     })
     .await;
+    (api, agent)
+}
+
+#[tokio::test(start_paused = true)]
+async fn clears_its_key_when_wireguard_is_disabled() {
+    let (api, agent) = disabled_agent_clears_its_key().await;
     let patches = api.patches();
     assert_eq!(patches.len(), 1);
     let p = &patches[0];
@@ -386,15 +392,7 @@ async fn the_agent_uses_exactly_the_verbs_rbac_grants() {
     agent.stop().await;
     used(&api.requests(), &mut verbs);
     // Clearing when disabled.
-    let api = MockApi::new();
-    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
-    let mut mesh = MeshConfig::default();
-    mesh.enabled = false;
-    let agent = start(&api, AgentSettings::new("a", mesh), 1);
-    eventually("cleared", || {
-        api.annotation("a", "wgmesh.io/public-key").is_none()
-    })
-    .await;
+    let (api, agent) = disabled_agent_clears_its_key().await;
     agent.stop().await;
     used(&api.requests(), &mut verbs);
 
