@@ -438,6 +438,11 @@ impl RecordingDataplane {
         self.failures.extend(std::iter::repeat_n(true, n));
     }
 
+    /// How many of the failures [`Self::fail_next`] asked for are still to come.
+    pub fn failures_to_come(&self) -> usize {
+        self.failures.iter().filter(|f| **f).count()
+    }
+
     /// Replaces the keys (a node that lost its key file and made a new one).
     pub fn set_keys(&mut self, key: Option<PublicKey>, key_v6: Option<PublicKey>) {
         self.keys = [key, key_v6];

@@ -123,10 +123,12 @@ proptest! {
                 Step::Wait(ms) => d.run_for(Duration::from_millis(ms)),
             }
             // Let everything settle: publication echo, debounce, retries after faults (backing
-            // off up to 30 s), republications that keep being undone (up to 60 s).
+            // off up to 30 s each: failures injected by steps that applied nothing pile up),
+            // republications that keep being undone (up to 60 s).
+            let budget = 200 + 30 * d.agent.dataplane().failures_to_come();
             d.run_for(Duration::from_secs(2));
             let mut waited = 0;
-            while waited < 200
+            while waited < budget
                 && (d.agent.key_check().is_some_and(|k| !k.confirmed()) || !d.agent.state().ready())
             {
                 d.run_for(Duration::from_secs(5));
