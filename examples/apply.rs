@@ -1,174 +1,55 @@
-//! Applies one node's plan to this host (as root) and reports the operations performed.
+//! `wgmesh-netlink` as a library: one node's plan, compared with what this host has, as the
+//! operations that would make them equal (a dry run: nothing is changed). `wgmesh apply` is
+//! the operator's command that also applies them.
 //!
 //! ```text
-//! cargo run --example apply --features netlink -- --cluster FILE --node NAME \
-//!     [--private-key FILE] [--backend auto|kernel|userspace] [--dry-run] [--format text|json]
+//! sudo cargo run --features netlink --example apply -- examples/clusters/aks-azure-cni.json \
+//!     aks-nodepool1-19852467-vmss000000
 //! ```
-//!
-//! The private key file (default `/var/lib/wgmesh/private.key`) must be mode 0600; it is
-//! generated when absent (not in a dry run). A second run reports 0 operations; `--dry-run`
-//! reports what would change and changes nothing. Bad input exits with code 2 and one line;
-//! a failure while applying exits with code 1.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use wgmesh::core::{plan_node, spec::parse_cluster};
-use wgmesh::netlink::keys::{KeyOrigin, load, load_or_generate};
-use wgmesh::netlink::{Backend, KeyRing, Linux, LinuxConfig, Ownership, Reconciler, Report};
-
-const USAGE: &str = "usage: apply --cluster FILE --node NAME [--private-key FILE] [--backend auto|kernel|userspace] [--dry-run] [--format text|json]";
-const DEFAULT_KEY: &str = "/var/lib/wgmesh/private.key";
-
-struct Args {
-    cluster: String,
-    node: String,
-    private_key: PathBuf,
-    backend: Backend,
-    dry_run: bool,
-    json: bool,
-}
-
-#[path = "support/flags.rs"]
-mod flags;
-use flags::Flags;
-
-fn parse_args() -> Result<Args, String> {
-    let (mut cluster, mut node, mut key) = (None, None, None);
-    let (mut backend, mut dry_run, mut json) = (Backend::Auto, false, false);
-    let mut flags = Flags::from_env(USAGE);
-    while let Some((flag, inline)) = flags.next_flag() {
-        match flag.as_str() {
-            "--cluster" | "-c" => cluster = Some(flags.value(&flag, inline)?),
-            "--node" | "-n" => node = Some(flags.value(&flag, inline)?),
-            "--private-key" => key = Some(PathBuf::from(flags.value(&flag, inline)?)),
-            "--backend" => backend = flags.value(&flag, inline)?.parse()?,
-            "--dry-run" => dry_run = true,
-            "--format" | "-f" => {
-                json = match flags.value(&flag, inline)?.as_str() {
-                    "text" => false,
-                    "json" => true,
-                    other => {
-                        return Err(format!("unknown format {other:?}; expected text or json"));
-                    }
-                }
-            }
-            other => return Err(flags.unknown(other)),
-        }
-    }
-    Ok(Args {
-        cluster: cluster.ok_or_else(|| format!("--cluster is required; {USAGE}"))?,
-        node: node.ok_or_else(|| format!("--node is required; {USAGE}"))?,
-        private_key: key.unwrap_or_else(|| PathBuf::from(DEFAULT_KEY)),
-        backend,
-        dry_run,
-        json,
-    })
-}
-
-enum Failure {
-    Input(String),
-    Apply(String),
-}
-
-fn print(report: &Report, backend: &str, json: bool) -> Result<(), Failure> {
-    if json {
-        let v = serde_json::json!({
-            "operations": report.operations.len(),
-            "list": report.operations,
-            "descriptions": report.operations.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "messages": report.messages,
-            "dry_run": report.dry_run,
-            "micros": report.micros,
-            "backend": backend,
-            "warnings": report.warnings,
-        });
-        let text = serde_json::to_string_pretty(&v)
-            .map_err(|e| Failure::Apply(format!("cannot write JSON: {e}")))?;
-        println!("{text}");
-    } else {
-        println!("backend: {backend}");
-        for op in &report.operations {
-            println!("{}{op}", if report.dry_run { "would: " } else { "" });
-        }
-        println!(
-            "{} operations{}, {} messages, {:.1} ms",
-            report.operations.len(),
-            if report.dry_run {
-                " (dry run, nothing changed)"
-            } else {
-                ""
-            },
-            report.messages,
-            report.micros as f64 / 1000.0
-        );
-    }
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    Ok(())
-}
-
-fn run() -> Result<(), Failure> {
-    let args = parse_args().map_err(Failure::Input)?;
-    let text = std::fs::read_to_string(&args.cluster).map_err(|e| {
-        Failure::Input(format!(
-            "cannot read the cluster file {}: {e}",
-            args.cluster
-        ))
-    })?;
-    let cluster = parse_cluster(&text).map_err(|e| Failure::Input(e.to_string()))?;
-    let plan = plan_node(&cluster, &args.node).map_err(|e| Failure::Input(e.to_string()))?;
-    let key = if args.dry_run {
-        match load(&args.private_key) {
-            Ok(k) => Some(k),
-            Err(wgmesh::netlink::Error::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                eprintln!(
-                    "note: {} does not exist; a real run would generate it",
-                    args.private_key.display()
-                );
-                None
-            }
-            Err(e) => return Err(Failure::Input(e.to_string())),
-        }
-    } else {
-        let (k, origin) =
-            load_or_generate(&args.private_key).map_err(|e| Failure::Input(e.to_string()))?;
-        if origin == KeyOrigin::Generated {
-            eprintln!(
-                "generated a private key in {} (public key {}); publish it",
-                args.private_key.display(),
-                k.public_key()
-            );
-        }
-        Some(k)
-    };
-    let keys = key.map(KeyRing::single).unwrap_or_default();
-    let linux = Linux::open(LinuxConfig::with_backend(args.backend))
-        .map_err(|e| Failure::Apply(e.to_string()))?;
-    let backend = linux.backend_description().to_owned();
-    let mut r = Reconciler::new(linux, Ownership::from_mesh(cluster.mesh()), keys);
-    let report = if args.dry_run {
-        r.dry_run(&plan)
-    } else {
-        r.reconcile(&plan)
-    }
-    .map_err(|e| Failure::Apply(e.to_string()))?;
-    print(&report, &backend, args.json)
-}
+use wgmesh::core::{PrivateKey, plan_node, spec::parse_cluster};
+use wgmesh::netlink::{KeyRing, Linux, LinuxConfig, Ownership, Reconciler};
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Input(e)) => {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [cluster, node] = &args[..] else {
+        eprintln!("usage: apply CLUSTER_FILE NODE");
+        return ExitCode::from(2);
+    };
+    let planned = std::fs::read_to_string(cluster)
+        .map_err(|e| e.to_string())
+        .and_then(|text| parse_cluster(&text).map_err(|e| e.to_string()))
+        .and_then(|c| {
+            plan_node(&c, node)
+                .map(|p| (c, p))
+                .map_err(|e| e.to_string())
+        });
+    let (cluster, plan) = match planned {
+        Ok(planned) => planned,
+        Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
-        Err(Failure::Apply(e)) => {
+    };
+    // A throwaway key: a dry run only compares; `wgmesh apply` keeps the node's key in a file.
+    let keys = KeyRing::single(PrivateKey::generate());
+    let result = Linux::open(LinuxConfig::default()).and_then(|linux| {
+        let mut reconciler = Reconciler::new(linux, Ownership::from_mesh(cluster.mesh()), keys);
+        reconciler.dry_run(&plan)
+    });
+    match result {
+        Ok(report) => {
+            for op in &report.operations {
+                println!("would: {op}");
+            }
+            println!("{} operations", report.operations.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::FAILURE
         }
     }
 }

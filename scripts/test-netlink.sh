@@ -42,14 +42,13 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("linux", "bench"):
         print(m["target"]["name"], m["executable"])
 ')
-# The example itself (cargo test --test X does not build examples).
-cargo build --release --features netlink --example apply
-example=$(cargo test --release --features netlink --test apply_example --no-run --message-format=json 2>/dev/null |
+# The `wgmesh apply` test (cargo builds the binary it runs).
+example=$(cargo test --release --features cli,netlink --test apply_cli --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "apply_example":
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "apply_cli":
         print(m["executable"])
 ')
 linux="" bench=""
@@ -60,7 +59,7 @@ for b in "${bins[@]}"; do
     esac
 done
 [ -x "$linux" ] && [ -x "$bench" ] && [ -x "$example" ] ||
-    die "could not find the linux, bench and apply_example test binaries (cargo test --no-run failed?)"
+    die "could not find the linux, bench and apply_cli test binaries (cargo test --no-run failed?)"
 
 failed=()
 cases="${WGMESH_DRIFT_CASES:-24}"
@@ -90,7 +89,7 @@ if ! WGMESH_TEST_BACKEND=userspace WGMESH_TEST_KERNEL_HAS_WIREGUARD=$host_wg WGM
     failed+=("userspace suite")
 fi
 if ! WGMESH_TEST_BACKEND=userspace RUST_BACKTRACE=1 ip netns exec "$ns" "$example" --ignored --test-threads=1; then
-    failed+=("apply example")
+    failed+=("wgmesh apply")
 fi
 echo "userspace suite: $(($(date +%s) - t)) s"
 cleanup

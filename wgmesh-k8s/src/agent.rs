@@ -98,6 +98,9 @@ pub struct AgentSettings {
     pub max_pending_deltas: usize,
     /// The underlay MTU to publish for this node (`None`: publish none; peers assume 1500).
     pub underlay_mtu: Option<u32>,
+    /// Whether metrics carry per-peer series (handshake, bytes). Off, a cluster of N nodes
+    /// exports N series per metric instead of N²; the Node condition still counts handshakes.
+    pub per_peer_metrics: bool,
 }
 
 impl AgentSettings {
@@ -121,6 +124,7 @@ impl AgentSettings {
             stats_interval: Duration::from_secs(15),
             max_pending_deltas: 256,
             underlay_mtu: None,
+            per_peer_metrics: true,
         }
     }
 }

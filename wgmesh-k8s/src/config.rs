@@ -1,5 +1,7 @@
-//! The agent's configuration: a file (YAML or JSON) and command-line flags, with the core's
-//! defaults for the mesh (its `mesh` section is the core's [`MeshSpec`]).
+//! The agent's configuration: a file (YAML or JSON) with the core's defaults for the mesh (its
+//! `mesh` section is the core's [`MeshSpec`]). The `wgmesh-agent` binary lays its flags and
+//! `WGMESH_*` environment variables over the file's values (see `wgmesh-agent --help`) and then
+//! calls [`ConfigSpec::validate`].
 //!
 //! ```yaml
 //! node_name: null                  # default: the NODE_NAME environment variable
@@ -19,17 +21,13 @@
 //! max_delay_ms: 1000
 //! resync_seconds: 90
 //! publish_backoff_max_seconds: 60
-//! metrics_address: 127.0.0.1:9469  # "" disables the endpoint
+//! health_address: 127.0.0.1:9469   # /healthz, /readyz and /metrics for the host; "" turns it off
+//! metrics_address: ""              # /metrics only, for Prometheus (the DaemonSet: 0.0.0.0:9470)
+//! metrics_per_peer: true           # per-peer series (they grow with the square of the cluster)
 //! log_format: json                 # json | text
 //! dry_run: false                   # log plans, program nothing
 //! backend: auto                    # WireGuard: auto | kernel | userspace (wireguard-go)
 //! ```
-//!
-//! Flags override the file: `--config FILE`, `--node-name NAME`, `--private-key-file PATH`,
-//! `--metrics-address ADDR`, `--log-format json|text`, `--dry-run`, `--resync-seconds N`,
-//! `--route-source cidr_blocks|workload_ips`, `--host-encryption true|false`,
-//! `--enabled true|false`, `--calico-annotations true|false`, `--watch-pods auto|true|false`,
-//! `--control-plane-endpoint ADDR:PORT` (repeatable).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -41,11 +39,12 @@ use wgmesh_core::spec::MeshSpec;
 
 use crate::adapter::{AdapterOptions, CONTROL_PLANE_LABEL};
 use crate::agent::{AgentSettings, Backoff};
-use crate::http::DEFAULT_ADDRESS;
+use crate::http::DEFAULT_HEALTH_ADDRESS;
 use crate::view::ControlPlaneEndpoints;
 
-/// Where the private key lives by default (a hostPath volume in the DaemonSet).
-pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/wgmesh/private-key";
+/// Where the private key lives by default (a hostPath volume in the DaemonSet): the same path
+/// as the `wgmesh apply` CLI's, so a node has one identity.
+pub use wgmesh_netlink::keys::DEFAULT_PRIVATE_KEY_FILE;
 
 /// A configuration problem, naming the field (or flag) and the value.
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +79,6 @@ pub enum ConfigError {
     /// The mesh settings are not valid.
     #[error("config: {0}")]
     Mesh(#[from] wgmesh_core::Error),
-    /// A flag is unknown or lacks its value.
-    #[error("{0}")]
-    Flag(String),
 }
 
 /// `watch_pods`: automatic, or forced.
@@ -160,7 +156,9 @@ pub struct ConfigSpec {
     pub max_delay_ms: Option<i64>,
     pub resync_seconds: Option<i64>,
     pub publish_backoff_max_seconds: Option<i64>,
+    pub health_address: Option<String>,
     pub metrics_address: Option<String>,
+    pub metrics_per_peer: Option<bool>,
     pub log_format: Option<LogFormat>,
     pub dry_run: Option<bool>,
     pub backend: Option<String>,
@@ -174,7 +172,9 @@ pub struct AgentConfig {
     pub settings: AgentSettings,
     /// The private key file (mode 0600; generated when absent).
     pub private_key_file: PathBuf,
-    /// The health and metrics endpoint (`None`: off).
+    /// The host's endpoint: `/healthz`, `/readyz`, `/metrics` (`None`: off).
+    pub health_address: Option<SocketAddr>,
+    /// The endpoint for Prometheus: `/metrics` only (`None`: off).
     pub metrics_address: Option<SocketAddr>,
     /// The log format.
     pub log_format: LogFormat,
@@ -189,6 +189,21 @@ fn invalid(field: &str, value: impl ToString, problem: &str) -> ConfigError {
         field: field.to_owned(),
         value: value.to_string(),
         problem: problem.to_owned(),
+    }
+}
+
+/// An endpoint's address: absent means `default`, `""` means off.
+fn address(
+    field: &str,
+    value: Option<&str>,
+    default: Option<&str>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match value.map(str::trim).or(default) {
+        None | Some("") => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(field, text, "not an address:port")),
     }
 }
 
@@ -245,72 +260,6 @@ impl ConfigSpec {
             source,
         })?;
         Self::parse(&text)
-    }
-
-    /// Applies command-line flags (without the program name) on top of the file's values.
-    /// `--config` is handled by [`AgentConfig::from_args`].
-    pub fn apply_flags(&mut self, args: &[String]) -> Result<(), ConfigError> {
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| it.next().cloned())
-                    .ok_or_else(|| ConfigError::Flag(format!("{flag} needs a value")))
-            };
-            let boolean = |v: String| match v.as_str() {
-                "true" => Ok(true),
-                "false" => Ok(false),
-                _ => Err(invalid(flag, &v, "must be true or false")),
-            };
-            match flag {
-                "--config" | "-c" => {
-                    value()?;
-                }
-                "--node-name" => self.node_name = Some(value()?),
-                "--private-key-file" => self.private_key_file = Some(value()?),
-                "--metrics-address" => self.metrics_address = Some(value()?),
-                "--log-format" => {
-                    self.log_format = Some(match value()?.as_str() {
-                        "json" => LogFormat::Json,
-                        "text" => LogFormat::Text,
-                        other => return Err(invalid(flag, other, "must be json or text")),
-                    })
-                }
-                "--dry-run" => self.dry_run = Some(true),
-                "--backend" => self.backend = Some(value()?),
-                "--resync-seconds" => {
-                    let v = value()?;
-                    self.resync_seconds = Some(
-                        v.parse()
-                            .map_err(|_| invalid(flag, &v, "must be a number of seconds"))?,
-                    );
-                }
-                "--route-source" => self.mesh.route_source = Some(value()?),
-                "--host-encryption" => self.mesh.host_encryption = Some(boolean(value()?)?),
-                "--enabled" => self.mesh.enabled = Some(boolean(value()?)?),
-                "--calico-annotations" => self.calico_annotations = Some(boolean(value()?)?),
-                "--watch-pods" => {
-                    self.watch_pods = Some(match value()?.as_str() {
-                        "auto" => WatchPods::Auto,
-                        "true" => WatchPods::Always,
-                        "false" => WatchPods::Never,
-                        other => return Err(invalid(flag, other, "must be auto, true or false")),
-                    })
-                }
-                "--control-plane-endpoint" => self.mesh.control_plane_endpoints.push(value()?),
-                other => {
-                    return Err(ConfigError::Flag(format!(
-                        "unknown argument {other:?} (see the agent's documentation for flags)"
-                    )));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Validates everything. `env` reads environment variables (`NODE_NAME`,
@@ -410,18 +359,13 @@ impl ConfigSpec {
                 Some(ranged("underlay_mtu", Some(v), 0, min, 65535)? as u32)
             }
         };
-        let metrics_address = match self.metrics_address.as_deref().map(str::trim) {
-            None => Some(
-                DEFAULT_ADDRESS
-                    .parse()
-                    .map_err(|_| invalid("metrics_address", DEFAULT_ADDRESS, "bad default"))?,
-            ),
-            Some("") => None,
-            Some(text) => Some(
-                text.parse()
-                    .map_err(|_| invalid("metrics_address", text, "not an address:port"))?,
-            ),
-        };
+        let health_address = address(
+            "health_address",
+            self.health_address.as_deref(),
+            Some(DEFAULT_HEALTH_ADDRESS),
+        )?;
+        let metrics_address = address("metrics_address", self.metrics_address.as_deref(), None)?;
+        settings.per_peer_metrics = self.metrics_per_peer.unwrap_or(true);
         let private_key_file = PathBuf::from(
             self.private_key_file
                 .clone()
@@ -440,48 +384,10 @@ impl ConfigSpec {
             backend,
             settings,
             private_key_file,
+            health_address,
             metrics_address,
             log_format: self.log_format.unwrap_or_default(),
             dry_run: self.dry_run.unwrap_or(false),
         })
-    }
-}
-
-impl AgentConfig {
-    /// The configuration from command-line arguments (without the program name): the file of
-    /// `--config` (if any), then the flags, then the environment.
-    ///
-    /// ```
-    /// use wgmesh_k8s::config::AgentConfig;
-    /// let args: Vec<String> = ["--node-name", "node-a", "--route-source", "workload_ips", "--dry-run"]
-    ///     .iter().map(|s| s.to_string()).collect();
-    /// let env = |k: &str| (k == "KUBERNETES_SERVICE_HOST").then(|| "10.0.0.1".to_owned())
-    ///     .or_else(|| (k == "KUBERNETES_SERVICE_PORT").then(|| "443".to_owned()));
-    /// let config = AgentConfig::from_args(&args, env)?;
-    /// assert_eq!(config.settings.node_name, "node-a");
-    /// assert!(config.settings.watch_pods && config.dry_run);
-    /// assert_eq!(config.settings.control_plane.fixed, ["10.0.0.1:443".parse().unwrap()]);
-    /// assert_eq!(config.metrics_address, Some("127.0.0.1:9469".parse().unwrap()));
-    /// # Ok::<(), wgmesh_k8s::config::ConfigError>(())
-    /// ```
-    pub fn from_args(
-        args: &[String],
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
-        let mut path = None;
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            if a == "--config" || a == "-c" {
-                path = it.next().cloned();
-            } else if let Some(p) = a.strip_prefix("--config=") {
-                path = Some(p.to_owned());
-            }
-        }
-        let mut spec = match path {
-            Some(p) => ConfigSpec::read(&p)?,
-            None => ConfigSpec::default(),
-        };
-        spec.apply_flags(args)?;
-        spec.validate(env)
     }
 }

@@ -27,7 +27,8 @@
 //! | [`netlink`] | the real dataplane: `wgmesh-netlink`'s reconciler behind that boundary |
 //! | [`publish`] | the key publication requests (server-side apply, merge patch) |
 //! | [`run`] | the thin async shell: watchers, timers, publications |
-//! | [`config`] | the configuration file and flags |
+//! | [`config`] | the configuration file |
+//! | [`daemon`] | the whole agent process: dataplane from the configuration, endpoints, the loop |
 //! | [`metrics`], [`http`] | Prometheus metrics, `/healthz`, `/readyz` on `127.0.0.1:9469` |
 //! | [`logging`] | structured logs (`tracing`), JSON by default |
 //!
@@ -97,6 +98,7 @@ pub mod adapter;
 pub mod agent;
 pub mod bootstrap;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod http;
 pub mod logging;

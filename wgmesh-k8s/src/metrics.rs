@@ -2,8 +2,9 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
+//! | `wgmesh_build_info` | gauge, always 1 | `version`, `revision` |
 //! | `wgmesh_peers` | gauge | `interface` |
-//! | `wgmesh_peer_latest_handshake_age_seconds` | gauge (`+Inf`: never) | `interface`, `node`, `public_key` |
+//! | `wgmesh_peer_last_handshake_timestamp_seconds` | gauge: Unix time of the latest handshake (0: none yet) | `interface`, `node`, `public_key` |
 //! | `wgmesh_peer_receive_bytes_total`, `wgmesh_peer_transmit_bytes_total` | counter | `interface`, `node`, `public_key` |
 //! | `wgmesh_reconciles_total` | counter | `kind` (`full`, `delta`), `result` (`ok`, `error`) |
 //! | `wgmesh_reconcile_duration_seconds` | histogram | `kind` |
@@ -15,7 +16,9 @@
 //! | `wgmesh_bootstrap_guard` | gauge: 1 while host traffic is kept outside the tunnel | — |
 //! | `wgmesh_ready` | gauge | — |
 //!
-//! Peer counters appear only when the dataplane can read them.
+//! Peer counters appear only when the dataplane can read them, and only while per-peer series
+//! are on ([`Metrics::set_per_peer`]; `metrics_per_peer` in the configuration): each agent
+//! exports one series per peer, so a cluster of N nodes exports N² of them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -66,6 +69,34 @@ impl PeerRow {
     }
 }
 
+/// What the running program is, for `wgmesh_build_info`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BuildInfo {
+    /// The program's version.
+    pub version: String,
+    /// The commit it was built from (empty when unknown).
+    pub revision: String,
+}
+
+impl BuildInfo {
+    /// A program's version and commit.
+    ///
+    /// ```
+    /// use wgmesh_k8s::metrics::{BuildInfo, Metrics};
+    /// let metrics = Metrics::new();
+    /// metrics.set_build_info(BuildInfo::new("0.1.0", "0123456789ab"));
+    /// let text = metrics.render();
+    /// assert!(text.contains("wgmesh_build_info{version=\"0.1.0\",revision=\"0123456789ab\"} 1\n"));
+    /// ```
+    pub fn new(version: impl Into<String>, revision: impl Into<String>) -> Self {
+        Self {
+            version: version.into(),
+            revision: revision.into(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 struct Histogram {
     buckets: [u64; DURATION_BUCKETS.len()],
@@ -98,6 +129,8 @@ impl AgentState {
 
 #[derive(Debug, Default)]
 struct Inner {
+    build: BuildInfo,
+    hide_peers: bool,
     peers: BTreeMap<String, usize>,
     peer_rows: Vec<PeerRow>,
     reconciles: BTreeMap<(ApplyKind, bool), u64>,
@@ -118,7 +151,7 @@ struct Inner {
 /// use wgmesh_k8s::metrics::{ApplyKind, Metrics};
 /// let metrics = Metrics::new();
 /// metrics.reconciled(ApplyKind::Delta, true, 0.002);
-/// let text = metrics.render(SystemTime::now());
+/// let text = metrics.render();
 /// assert!(text.contains("wgmesh_reconciles_total{kind=\"delta\",result=\"ok\"} 1\n"));
 /// assert!(text.contains("wgmesh_reconcile_duration_seconds_bucket{kind=\"delta\",le=\"0.005\"} 1\n"));
 /// ```
@@ -151,6 +184,16 @@ impl Metrics {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere while holding the lock leaves plain data behind; keep serving it.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets what `wgmesh_build_info` reports.
+    pub fn set_build_info(&self, build: BuildInfo) {
+        self.lock().build = build;
+    }
+
+    /// Turns the per-peer series on (the default) or off.
+    pub fn set_per_peer(&self, on: bool) {
+        self.lock().hide_peers = !on;
     }
 
     /// Counts a dataplane call and its duration.
@@ -221,14 +264,27 @@ impl Metrics {
             .is_some_and(|h| now.saturating_duration_since(h) <= max_silence)
     }
 
-    /// The text exposition format; handshake ages are computed against `now`.
-    pub fn render(&self, now: SystemTime) -> String {
+    /// The text exposition format.
+    pub fn render(&self) -> String {
         let m = self.lock();
         let mut out = String::new();
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
         };
+
+        head(
+            &mut out,
+            "wgmesh_build_info",
+            "gauge",
+            "The agent's version and the commit it was built from; always 1.",
+        );
+        let _ = writeln!(
+            out,
+            "wgmesh_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+            escape(&m.build.version),
+            escape(&m.build.revision)
+        );
 
         head(
             &mut out,
@@ -240,7 +296,7 @@ impl Metrics {
             let _ = writeln!(out, "wgmesh_peers{{interface=\"{}\"}} {n}", escape(iface));
         }
 
-        if !m.peer_rows.is_empty() {
+        if !m.peer_rows.is_empty() && !m.hide_peers {
             let labels = |r: &PeerRow| {
                 format!(
                     "interface=\"{}\",node=\"{}\",public_key=\"{}\"",
@@ -251,22 +307,21 @@ impl Metrics {
             };
             head(
                 &mut out,
-                "wgmesh_peer_latest_handshake_age_seconds",
+                "wgmesh_peer_last_handshake_timestamp_seconds",
                 "gauge",
-                "Seconds since the latest handshake with the peer (+Inf: none yet).",
+                "Unix time of the latest handshake with the peer (0: none yet).",
             );
             for r in &m.peer_rows {
-                let age = match r.stats.last_handshake {
-                    Some(t) => now
-                        .duration_since(t)
-                        .map_or(0.0, |d| d.as_secs_f64().floor()),
-                    None => f64::INFINITY,
-                };
+                let at = r
+                    .stats
+                    .last_handshake
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs_f64());
                 let _ = writeln!(
                     out,
-                    "wgmesh_peer_latest_handshake_age_seconds{{{}}} {}",
+                    "wgmesh_peer_last_handshake_timestamp_seconds{{{}}} {}",
                     labels(r),
-                    float(age)
+                    float(at)
                 );
             }
             head(

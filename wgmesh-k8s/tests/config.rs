@@ -1,9 +1,10 @@
-//! The agent's configuration file and flags.
+//! The agent's configuration file. (Its flags belong to the `wgmesh-agent` binary and are
+//! tested there, in the root package's `tests/agent_cli.rs`.)
 
 use std::time::Duration;
 
 use wgmesh_core::RouteSource;
-use wgmesh_k8s::config::{AgentConfig, ConfigSpec, LogFormat};
+use wgmesh_k8s::config::{ConfigSpec, LogFormat};
 
 fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
     move |k| {
@@ -12,10 +13,6 @@ fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Optio
             .find(|(n, _)| *n == k)
             .map(|(_, v)| v.to_string())
     }
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
 }
 
 const IN_CLUSTER: &[(&str, &str)] = &[
@@ -43,7 +40,9 @@ fn defaults_in_a_pod() {
     );
     assert!(!s.adapter.calico_annotations);
     assert_eq!(s.underlay_mtu, None);
-    assert_eq!(c.metrics_address, Some("127.0.0.1:9469".parse().unwrap()));
+    assert_eq!(c.health_address, Some("127.0.0.1:9469".parse().unwrap()));
+    assert_eq!(c.metrics_address, None, "Prometheus's endpoint is opt-in");
+    assert!(s.per_peer_metrics);
     assert_eq!(
         c.private_key_file.to_str(),
         Some("/var/lib/wgmesh/private-key")
@@ -72,6 +71,8 @@ max_delay_ms: 500
 resync_seconds: 30
 publish_backoff_max_seconds: 10
 metrics_address: "0.0.0.0:9100"
+health_address: "127.0.0.1:9000"
+metrics_per_peer: false
 log_format: text
 dry_run: true
 "#;
@@ -99,73 +100,21 @@ dry_run: true
     assert_eq!(s.resync_interval, Duration::from_secs(30));
     assert_eq!(s.publish_backoff.max, Duration::from_secs(10));
     assert_eq!(c.metrics_address, Some("0.0.0.0:9100".parse().unwrap()));
+    assert_eq!(c.health_address, Some("127.0.0.1:9000".parse().unwrap()));
+    assert!(!s.per_peer_metrics);
     assert_eq!(c.private_key_file.to_str(), Some("/etc/wgmesh/key"));
     assert_eq!(c.log_format, LogFormat::Text);
     assert!(c.dry_run);
 }
 
 #[test]
-fn json_works_too_and_an_empty_metrics_address_turns_it_off() {
-    let c = ConfigSpec::parse(r#"{"node_name": "n", "metrics_address": ""}"#)
+fn json_works_too_and_an_empty_health_address_turns_it_off() {
+    let c = ConfigSpec::parse(r#"{"node_name": "n", "health_address": ""}"#)
         .unwrap()
         .validate(env(&[]))
         .unwrap();
-    assert_eq!(c.metrics_address, None);
+    assert_eq!(c.health_address, None);
     assert!(c.settings.control_plane.fixed.is_empty(), "not in a pod");
-}
-
-#[test]
-fn flags_override_the_file() {
-    let dir = std::env::temp_dir().join(format!("wgmesh-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("agent.yaml");
-    std::fs::write(
-        &path,
-        "node_name: from-file\nresync_seconds: 30\nmesh: {host_encryption: false}\n",
-    )
-    .unwrap();
-    let c = AgentConfig::from_args(
-        &args(&[
-            "--config",
-            path.to_str().unwrap(),
-            "--node-name=from-flag",
-            "--host-encryption",
-            "true",
-            "--control-plane-endpoint",
-            "[fd00::10]:6443",
-            "--calico-annotations=true",
-            "--watch-pods",
-            "true",
-            "--log-format",
-            "text",
-            "--metrics-address",
-            "127.0.0.1:9999",
-            "--private-key-file",
-            "/tmp/k",
-            "--dry-run",
-        ]),
-        env(&[]),
-    )
-    .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
-    let s = &c.settings;
-    assert_eq!(s.node_name, "from-flag");
-    assert_eq!(
-        s.resync_interval,
-        Duration::from_secs(30),
-        "kept from the file"
-    );
-    assert!(s.mesh.host_encryption);
-    assert_eq!(
-        s.mesh.control_plane_endpoints,
-        ["[fd00::10]:6443".parse().unwrap()]
-    );
-    assert!(s.adapter.calico_annotations);
-    assert!(s.watch_pods);
-    assert_eq!(c.log_format, LogFormat::Text);
-    assert_eq!(c.metrics_address, Some("127.0.0.1:9999".parse().unwrap()));
-    assert_eq!(c.private_key_file.to_str(), Some("/tmp/k"));
-    assert!(c.dry_run);
 }
 
 #[test]
@@ -195,6 +144,10 @@ fn every_error_names_its_field() {
         "config: metrics_address = \"localhost\": not an address:port"
     );
     assert_eq!(
+        err("health_address: 9469"),
+        "config: health_address = \"9469\": not an address:port"
+    );
+    assert_eq!(
         err("mesh: {route_source: workload_ips}\nwatch_pods: false"),
         "config: watch_pods = \"false\": route_source workload_ips takes its destinations from pods"
     );
@@ -208,20 +161,6 @@ fn every_error_names_its_field() {
     assert!(err("[1, 2]").starts_with("config: "));
     assert!(
         err("mesh: {control_plane_endpoints: [apiserver]}").contains("control_plane_endpoints[0]")
-    );
-    let flag = |a: &[&str]| {
-        AgentConfig::from_args(&args(a), env(IN_CLUSTER))
-            .unwrap_err()
-            .to_string()
-    };
-    assert_eq!(flag(&["--node-name"]), "--node-name needs a value");
-    assert!(flag(&["--bogus"]).starts_with("unknown argument \"--bogus\""));
-    assert_eq!(
-        flag(&["--host-encryption", "yes"]),
-        "config: --host-encryption = \"yes\": must be true or false"
-    );
-    assert!(
-        flag(&["--config", "/nonexistent/agent.yaml"]).starts_with("/nonexistent/agent.yaml: ")
     );
     let no_name = ConfigSpec::default()
         .validate(env(&[]))

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use wgmesh_k8s::http::{bind, serve};
+use wgmesh_k8s::http::{Routes, bind, serve};
 use wgmesh_k8s::metrics::{AgentState, ApplyKind, Metrics};
 
 async fn ask(addr: std::net::SocketAddr, raw: &[u8]) -> (u16, String, String) {
@@ -27,7 +27,12 @@ async fn serves_metrics_health_and_readiness_and_refuses_junk() {
     let addr = listener.local_addr().unwrap();
     assert!(addr.ip().is_loopback());
     let metrics = Metrics::new();
-    let server = tokio::spawn(serve(listener, metrics.clone(), Duration::from_secs(300)));
+    let server = tokio::spawn(serve(
+        listener,
+        metrics.clone(),
+        Duration::from_secs(300),
+        Routes::All,
+    ));
 
     // Not started: not alive, not ready.
     let (code, _, _) = ask(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -76,7 +81,7 @@ async fn serves_metrics_health_and_readiness_and_refuses_junk() {
 }
 
 #[test]
-fn handshake_ages_and_byte_counters_are_rendered_per_peer() {
+fn handshake_timestamps_and_byte_counters_are_rendered_per_peer_unless_turned_off() {
     use std::time::SystemTime;
     use wgmesh_core::PublicKey;
     use wgmesh_k8s::metrics::PeerRow;
@@ -96,11 +101,11 @@ fn handshake_ages_and_byte_counters_are_rendered_per_peer() {
     );
     let b = PeerRow::new("node-c", PeerStats::new("wireguard.cali", key, None, 0, 0));
     metrics.set_peer_rows(vec![a, b]);
-    let text = metrics.render(now);
+    let text = metrics.render();
     let labels_b = "interface=\"wireguard.cali\",node=\"node-b\",public_key=\"QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20=\"";
     assert!(
         text.contains(&format!(
-            "wgmesh_peer_latest_handshake_age_seconds{{{labels_b}}} 42\n"
+            "wgmesh_peer_last_handshake_timestamp_seconds{{{labels_b}}} 999958\n"
         )),
         "{text}"
     );
@@ -111,6 +116,14 @@ fn handshake_ages_and_byte_counters_are_rendered_per_peer() {
         "wgmesh_peer_transmit_bytes_total{{{labels_b}}} 5678\n"
     )));
     assert!(text.contains(
-        "node=\"node-c\",public_key=\"QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20=\"} +Inf\n"
-    ));
+        "_timestamp_seconds{interface=\"wireguard.cali\",node=\"node-c\",public_key=\"QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20=\"} 0\n"
+    ), "never: 0");
+    assert!(!text.contains("age_seconds"));
+    metrics.set_per_peer(false);
+    let text = metrics.render();
+    assert!(
+        !text.contains("node-b") && !text.contains("wgmesh_peer_"),
+        "{text}"
+    );
+    assert!(text.contains("wgmesh_build_info{version=\"\",revision=\"\"} 1\n"));
 }

@@ -231,7 +231,7 @@ fn a_tampered_peer_annotation_makes_it_plain_until_restored() {
         ]),
         "b is plain: its block is thrown to the main table"
     );
-    let metrics = d.agent.metrics().render(std::time::SystemTime::now());
+    let metrics = d.agent.metrics().render();
     assert!(metrics.contains("wgmesh_warnings_total 1\n"), "{metrics}");
     assert_converged(&d);
     // The same bad value again (a status update) is not warned about twice.
@@ -240,7 +240,7 @@ fn a_tampered_peer_annotation_makes_it_plain_until_restored() {
         "wgmesh.io/public-key",
         Some("garbage!"),
     ));
-    let metrics = d.agent.metrics().render(std::time::SystemTime::now());
+    let metrics = d.agent.metrics().render();
     assert!(metrics.contains("wgmesh_warnings_total 1\n"));
 
     d.node(b);
@@ -557,7 +557,7 @@ fn a_relist_after_an_outage_catches_up() {
     );
     assert!(ops.contains(&"route add 10.240.0.50/32 dev wireguard.cali table 1 scope link".into()));
     assert_converged(&d);
-    let metrics = d.agent.metrics().render(std::time::SystemTime::now());
+    let metrics = d.agent.metrics().render();
     assert!(metrics.contains("wgmesh_errors_total{source=\"watch_nodes\"} 1\n"));
     assert!(metrics.contains("wgmesh_errors_total{source=\"watch_pods\"} 1\n"));
 }
@@ -593,7 +593,7 @@ fn a_failed_dataplane_update_is_repaired_by_a_full_reconcile_after_backoff() {
     assert_eq!(d.take_calls().len(), 1);
     assert!(d.agent.state().ready());
     assert_converged(&d);
-    let metrics = d.agent.metrics().render(std::time::SystemTime::now());
+    let metrics = d.agent.metrics().render();
     assert!(metrics.contains("wgmesh_reconciles_total{kind=\"delta\",result=\"error\"} 1\n"));
     assert!(metrics.contains("wgmesh_reconciles_total{kind=\"full\",result=\"error\"} 1\n"));
     assert!(metrics.contains("wgmesh_reconciles_total{kind=\"full\",result=\"ok\"} 2\n"));
@@ -700,7 +700,7 @@ fn failed_publications_back_off_exponentially() {
         .collect();
     assert_eq!(times, [0, 1000, 3000, 7000, 15000]);
     assert!(d.agent.key_check().unwrap().confirmed());
-    let metrics = d.agent.metrics().render(std::time::SystemTime::now());
+    let metrics = d.agent.metrics().render();
     assert!(metrics.contains("wgmesh_publishes_total{result=\"error\"} 4\n"));
     assert!(metrics.contains("wgmesh_publishes_total{result=\"ok\"} 1\n"));
     assert!(metrics.contains("wgmesh_key_published 1\n"));
@@ -1132,7 +1132,7 @@ fn peer_counters_are_read_for_metrics_and_named_by_node() {
         PeerStats::new("wireguard.cali", public(3), None, 0, 0),
     ]));
     d.run_for(10 * MS);
-    let text = d.agent.metrics().render(at + Duration::from_secs(7));
+    let text = d.agent.metrics().render();
     assert!(
         text.contains("wgmesh_peers{interface=\"wireguard.cali\"} 2\n"),
         "{text}"
@@ -1142,14 +1142,14 @@ fn peer_counters_are_read_for_metrics_and_named_by_node() {
         "not read before the interval"
     );
     d.run_for(15 * S);
-    let text = d.agent.metrics().render(at + Duration::from_secs(7));
+    let text = d.agent.metrics().render();
     let b = format!(
         "interface=\"wireguard.cali\",node=\"b\",public_key=\"{}\"",
         public(2).to_base64()
     );
     assert!(
         text.contains(&format!(
-            "wgmesh_peer_latest_handshake_age_seconds{{{b}}} 7\n"
+            "wgmesh_peer_last_handshake_timestamp_seconds{{{b}}} 1700000000\n"
         )),
         "{text}"
     );
@@ -1160,6 +1160,6 @@ fn peer_counters_are_read_for_metrics_and_named_by_node() {
         public(3).to_base64()
     );
     assert!(text.contains(&format!(
-        "wgmesh_peer_latest_handshake_age_seconds{{{c}}} +Inf\n"
+        "wgmesh_peer_last_handshake_timestamp_seconds{{{c}}} 0\n"
     )));
 }

@@ -11,6 +11,11 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
+/// Where a node's private key lives unless told otherwise: the `wgmesh` CLI's `apply`, the
+/// agent and the DaemonSet's hostPath volume all use this one path, so a node keeps one
+/// identity whichever of them programs it.
+pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/wgmesh/private-key";
+
 /// The private keys of the local node, per family. Its `Debug` shows only public keys.
 ///
 /// ```

@@ -1,8 +1,8 @@
-//! The `agent` example as a process: its exit codes, and a dry run against an API server
-//! mock on loopback (plain HTTP/1.1, chunked watch streams) reached through a kubeconfig —
-//! it lists and watches Nodes, publishes the key of its key file with server-side apply,
-//! turns ready, logs JSON lines that never contain the private key, and stops on SIGTERM.
-#![cfg(feature = "k8s")]
+//! The `wgmesh-agent` binary as a process: its flags, environment and exit codes, and a dry
+//! run against an API server mock on loopback (plain HTTP/1.1, chunked watch streams) reached
+//! through a kubeconfig — it lists and watches Nodes, publishes the key of its key file with
+//! server-side apply, turns ready, logs JSON lines that never contain the private key, and
+//! stops on SIGTERM.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,18 +16,6 @@ use wgmesh::k8s::tokio;
 use wgmesh::k8s::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wgmesh::k8s::tokio::net::{TcpListener, TcpStream};
 use wgmesh::k8s::tokio::sync::broadcast;
-
-fn example() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join("examples").join("agent");
-    assert!(
-        path.exists(),
-        "{} missing: run through cargo test --features k8s",
-        path.display()
-    );
-    path
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wgmesh-agent-{}-{name}", std::process::id()));
@@ -52,7 +40,7 @@ fn write_key(dir: &Path, mode: u32) -> (PathBuf, PrivateKey) {
 }
 
 fn agent(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(example());
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wgmesh-agent"));
     c.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -64,10 +52,96 @@ fn agent(args: &[&str], env: &[(&str, &str)]) -> Command {
 }
 
 #[test]
+fn flags_and_environment_override_the_file() {
+    let dir = scratch("config");
+    let path = dir.join("agent.yaml");
+    std::fs::write(
+        &path,
+        "node_name: from-file\nresync_seconds: 30\nmesh: {host_encryption: false, control_plane_endpoints: [\"10.0.0.9:443\"]}\nlog_format: json\n",
+    )
+    .unwrap();
+    let out = agent(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--node-name=from-flag",
+            "--host-encryption",
+            "true",
+            "--control-plane-endpoint",
+            "[fd00::10]:6443",
+            "--calico-annotations=true",
+            "--watch-pods",
+            "true",
+            "--health-address",
+            "127.0.0.1:9999",
+            "--private-key-file",
+            "/tmp/k",
+            "--dry-run",
+            "--check-config",
+        ],
+        &[
+            ("WGMESH_LOG_FORMAT", "text"),
+            ("WGMESH_METRICS_PER_PEER", "false"),
+            ("WGMESH_METRICS_ADDRESS", "0.0.0.0:9470"),
+            ("NODE_NAME", "from-env"),
+        ],
+    )
+    .output()
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["node_name"], "from-flag", "a flag beats the environment");
+    assert_eq!(c["resync_seconds"], 30, "kept from the file");
+    assert_eq!(c["mesh"]["host_encryption"], true);
+    assert_eq!(
+        c["mesh"]["control_plane_endpoints"],
+        json!(["10.0.0.9:443", "[fd00::10]:6443"]),
+        "flags add endpoints"
+    );
+    assert_eq!(c["calico_annotations"], true);
+    assert_eq!(c["watch_pods"], "true");
+    assert_eq!(c["health_address"], "127.0.0.1:9999");
+    assert_eq!(c["metrics_address"], "0.0.0.0:9470", "from the environment");
+    assert_eq!(c["metrics_per_peer"], false);
+    assert_eq!(c["log_format"], "text", "the environment beats the file");
+    assert_eq!(c["private_key_file"], "/tmp/k");
+    assert_eq!(c["dry_run"], true);
+
+    // Without a file: NODE_NAME from the environment.
+    let out = agent(&["--check-config"], &[("NODE_NAME", "from-env")])
+        .output()
+        .unwrap();
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["node_name"], "from-env");
+}
+
+#[test]
 fn help_and_configuration_errors() {
     let out = agent(&["--help"], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("usage: agent"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Usage: wgmesh-agent"), "{help}");
+    for flag in [
+        "--backend",
+        "--node-name",
+        "--config",
+        "--metrics-per-peer",
+        "[env: NODE_NAME=",
+    ] {
+        assert!(help.contains(flag), "--help lists {flag}: {help}");
+    }
+    let out = agent(&["--version"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("wgmesh-agent 0."));
+    let out = agent(&["--bogus"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 
     let out = agent(&[], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -108,7 +182,7 @@ fn help_and_configuration_errors() {
             "--node-name",
             "a",
             "--dry-run",
-            "--metrics-address",
+            "--health-address",
             "",
             "--log-format",
             "text",
@@ -373,7 +447,7 @@ fn a_dry_run_against_a_loopback_api_server() {
             "--dry-run",
             "--private-key-file",
             key_path.to_str().unwrap(),
-            "--metrics-address",
+            "--health-address",
             &metrics,
         ],
         &[

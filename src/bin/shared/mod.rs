@@ -1,0 +1,106 @@
+//! What the two binaries share: the version string, clap's errors as one line, the exit
+//! codes, and output that never panics (a closed pipe ends the program quietly; a full disk
+//! is an error, not a panic).
+
+use std::io::{Read, Write as _};
+use std::path::Path;
+use std::process::ExitCode;
+
+/// `0.1.0 (commit 0123456789ab)`: the package version and, where known, the commit
+/// (`build.rs`).
+pub(crate) const VERSION: &str = env!("WGMESH_VERSION");
+
+/// The largest input file read (a cluster, a key): enough for a 5,000-node cluster with
+/// 110 pods each as pretty JSON, and a bound on what `--cluster /dev/zero` can cost.
+pub(crate) const MAX_INPUT: u64 = 256 << 20;
+
+/// Why a command failed; the exit code follows from it.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Bad input (arguments, files, configuration): exit code 2.
+    Input(String),
+    /// The work itself failed (netlink, the API server): exit code 1.
+    Runtime(String),
+}
+
+impl Failure {
+    /// Prints `error: …` on one line and returns the exit code.
+    pub(crate) fn report(self) -> ExitCode {
+        match self {
+            Failure::Input(e) => {
+                say(&format!("error: {e}"));
+                ExitCode::from(2)
+            }
+            Failure::Runtime(e) => {
+                say(&format!("error: {e}"));
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Parses the command line. `--help` and `--version` print and exit 0; any mistake prints one
+/// line and exits 2.
+pub(crate) fn parse_args<P: clap::Parser>() -> Result<P, ExitCode> {
+    use clap::error::ErrorKind;
+    match P::try_parse() {
+        Ok(p) => Ok(p),
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                let _ = e.print();
+                Err(ExitCode::SUCCESS)
+            }
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                Err(ExitCode::from(2))
+            }
+            _ => {
+                // clap's message is its first paragraph (tips and usage follow); as one line.
+                let rendered = e.render().to_string();
+                let paragraph = rendered.split("\n\n").next().unwrap_or_default();
+                let message = paragraph.split_whitespace().collect::<Vec<_>>().join(" ");
+                let message = message.strip_prefix("error: ").unwrap_or(&message);
+                Err(Failure::Input(format!("{message} (see --help)")).report())
+            }
+        },
+    }
+}
+
+/// One line on standard error; a closed standard error is not worth a panic.
+pub(crate) fn say(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Writes the output. A reader that went away (`| head -c1`) ends the program quietly with
+/// success, as it would for `cat`; any other write error (`> /dev/full`) is a failure.
+pub(crate) fn emit(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure::Runtime(format!("cannot write the output: {e}"))),
+    }
+}
+
+/// Reads a text file (`-`: standard input), at most [`MAX_INPUT`] bytes.
+pub(crate) fn read_input(path: &Path, what: &str) -> Result<String, Failure> {
+    let shown = path.display();
+    let mut bytes = Vec::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(MAX_INPUT + 1)
+            .read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(MAX_INPUT + 1).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| Failure::Input(format!("cannot read the {what} {shown}: {e}")))?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(Failure::Input(format!(
+            "the {what} {shown} is larger than {} MiB",
+            MAX_INPUT >> 20
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| Failure::Input(format!("the {what} {shown} is not UTF-8 text: {e}")))
+}

@@ -1,0 +1,226 @@
+//! `wgmesh-agent`: the node agent, one per node (the DaemonSet in `deploy/`). It watches Nodes
+//! (and Pods, for `workload_ips`), publishes this node's public key on its Node, keeps the
+//! node's WireGuard mesh equal to the plan, and reports on its Node (Events and the
+//! `WireGuardMeshReady` condition).
+//!
+//! Configuration: a file (`--config`), then flags and `WGMESH_*` / `NODE_NAME` environment
+//! variables over it (`wgmesh_k8s::config`). Bad configuration exits with code 2 and one line
+//! naming the field; `--check-config` prints the configuration in effect and exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use wgmesh::k8s::config::{ConfigSpec, LogFormat, WatchPods};
+use wgmesh::k8s::metrics::BuildInfo;
+use wgmesh::k8s::{daemon, logging, tokio, tracing};
+
+mod shared;
+
+use shared::Failure;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    True,
+    False,
+}
+
+impl From<Switch> for bool {
+    fn from(s: Switch) -> bool {
+        s == Switch::True
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pods {
+    Auto,
+    True,
+    False,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Json,
+    Text,
+}
+
+/// The wgmesh node agent: keeps this node's WireGuard mesh equal to the cluster's plan.
+///
+/// Flags and environment variables override the configuration file.
+#[derive(Debug, Parser)]
+#[command(name = "wgmesh-agent", version = shared::VERSION)]
+struct Args {
+    /// The configuration file (YAML or JSON).
+    #[arg(long, short, value_name = "FILE", env = "WGMESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The private key file (mode 0600; generated when absent).
+    #[arg(long, value_name = "PATH", env = "WGMESH_PRIVATE_KEY_FILE")]
+    private_key_file: Option<String>,
+    /// Which WireGuard: the kernel's, wireguard-go, or the kernel's when it has it.
+    #[arg(long, value_name = "auto|kernel|userspace", env = "WGMESH_BACKEND")]
+    backend: Option<String>,
+    /// Log plans, program nothing.
+    #[arg(long, env = "WGMESH_DRY_RUN")]
+    dry_run: bool,
+    /// The host's endpoint (/healthz, /readyz, /metrics); "" turns it off.
+    #[arg(long, value_name = "ADDR:PORT", env = "WGMESH_HEALTH_ADDRESS")]
+    health_address: Option<String>,
+    /// The endpoint for Prometheus (/metrics only); "" turns it off.
+    #[arg(long, value_name = "ADDR:PORT", env = "WGMESH_METRICS_ADDRESS")]
+    metrics_address: Option<String>,
+    /// Per-peer metric series (they grow with the square of the cluster).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "true|false",
+        env = "WGMESH_METRICS_PER_PEER"
+    )]
+    metrics_per_peer: Option<Switch>,
+    /// The log format.
+    #[arg(long, value_enum, env = "WGMESH_LOG_FORMAT")]
+    log_format: Option<Format>,
+    /// Seconds between full resyncs.
+    #[arg(long, value_name = "N", env = "WGMESH_RESYNC_SECONDS")]
+    resync_seconds: Option<i64>,
+    /// Where destinations come from: cidr_blocks or workload_ips (Azure CNI).
+    #[arg(long, value_name = "SOURCE", env = "WGMESH_ROUTE_SOURCE")]
+    route_source: Option<String>,
+    /// Encrypt host-to-host traffic too.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "true|false",
+        env = "WGMESH_HOST_ENCRYPTION"
+    )]
+    host_encryption: Option<Switch>,
+    /// The mesh on (false: remove everything wgmesh programmed, publish no key).
+    #[arg(long, value_enum, value_name = "true|false", env = "WGMESH_ENABLED")]
+    enabled: Option<Switch>,
+    /// Also read Calico's key annotations.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "true|false",
+        env = "WGMESH_CALICO_ANNOTATIONS"
+    )]
+    calico_annotations: Option<Switch>,
+    /// Watch Pods: auto (iff workload_ips), true or false.
+    #[arg(long, value_enum, env = "WGMESH_WATCH_PODS")]
+    watch_pods: Option<Pods>,
+    /// An API server endpoint kept outside the tunnel (repeatable; comma-separated in the
+    /// environment).
+    #[arg(
+        long = "control-plane-endpoint",
+        value_name = "ADDR:PORT",
+        env = "WGMESH_CONTROL_PLANE_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    control_plane_endpoints: Vec<String>,
+    /// Print the configuration in effect (file, flags and environment merged) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+impl Args {
+    /// The file's configuration with the flags and environment laid over it.
+    fn spec(&self) -> Result<ConfigSpec, Failure> {
+        let mut spec = match &self.config {
+            Some(path) => ConfigSpec::parse(&shared::read_input(path, "configuration file")?)
+                .map_err(|e| Failure::Input(format!("{}: {e}", path.display())))?,
+            None => ConfigSpec::default(),
+        };
+        let set = |slot: &mut Option<String>, v: &Option<String>| {
+            if v.is_some() {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut spec.node_name, &self.node_name);
+        set(&mut spec.private_key_file, &self.private_key_file);
+        set(&mut spec.backend, &self.backend);
+        set(&mut spec.health_address, &self.health_address);
+        set(&mut spec.metrics_address, &self.metrics_address);
+        set(&mut spec.mesh.route_source, &self.route_source);
+        if self.dry_run {
+            spec.dry_run = Some(true);
+        }
+        if let Some(v) = self.metrics_per_peer {
+            spec.metrics_per_peer = Some(v.into());
+        }
+        if let Some(v) = self.host_encryption {
+            spec.mesh.host_encryption = Some(v.into());
+        }
+        if let Some(v) = self.enabled {
+            spec.mesh.enabled = Some(v.into());
+        }
+        if let Some(v) = self.calico_annotations {
+            spec.calico_annotations = Some(v.into());
+        }
+        if let Some(v) = self.resync_seconds {
+            spec.resync_seconds = Some(v);
+        }
+        if let Some(f) = self.log_format {
+            spec.log_format = Some(match f {
+                Format::Json => LogFormat::Json,
+                Format::Text => LogFormat::Text,
+            });
+        }
+        if let Some(p) = self.watch_pods {
+            spec.watch_pods = Some(match p {
+                Pods::Auto => WatchPods::Auto,
+                Pods::True => WatchPods::Always,
+                Pods::False => WatchPods::Never,
+            });
+        }
+        spec.mesh
+            .control_plane_endpoints
+            .extend(self.control_plane_endpoints.iter().cloned());
+        Ok(spec)
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Args = match shared::parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let spec = match args.spec() {
+        Ok(s) => s,
+        Err(f) => return f.report(),
+    };
+    let config = match spec.validate(|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => return Failure::Input(e.to_string()).report(),
+    };
+    if args.check_config {
+        let text = match serde_json::to_string_pretty(&spec) {
+            Ok(t) => t + "\n",
+            Err(e) => return Failure::Runtime(format!("cannot write JSON: {e}")).report(),
+        };
+        return match shared::emit(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => f.report(),
+        };
+    }
+    logging::init(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
+    let build = BuildInfo::new(env!("CARGO_PKG_VERSION"), env!("WGMESH_REVISION"));
+    let result = match runtime {
+        Ok(rt) => rt
+            .block_on(daemon::run_agent(config, build))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("cannot start the runtime: {e}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}

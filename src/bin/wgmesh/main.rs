@@ -1,0 +1,60 @@
+//! `wgmesh`: the operator's command line.
+//!
+//! ```text
+//! wgmesh plan --cluster cluster.yaml [--node NAME] [--format text|json|wg] [--private-key FILE]
+//! wgmesh apply --cluster cluster.yaml --node NAME [--dry-run]     # as root; feature `netlink`
+//! wgmesh genkey > private-key && wgmesh pubkey < private-key       # as wg genkey / wg pubkey
+//! ```
+//!
+//! Exit codes: 0 success, 1 the work failed (netlink, I/O), 2 bad input (one line on standard
+//! error naming what is wrong).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[cfg(feature = "netlink")]
+mod apply;
+mod keys;
+mod plan;
+#[path = "../shared/mod.rs"]
+mod shared;
+
+/// WireGuard for a Kubernetes cluster as one intent: plan, apply and inspect the mesh.
+#[derive(Debug, Parser)]
+#[command(name = "wgmesh", version = shared::VERSION, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print what nodes must program: interfaces, peers, routes, rules, marking.
+    Plan(plan::Args),
+    /// Program one node's plan on this host over netlink (as root).
+    #[cfg(feature = "netlink")]
+    Apply(apply::Args),
+    /// Print a new private key (base64, as `wg genkey`).
+    Genkey,
+    /// Read a private key on standard input, print its public key (as `wg pubkey`).
+    Pubkey,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = match shared::parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let result = match cli.command {
+        Command::Plan(args) => plan::run(args),
+        #[cfg(feature = "netlink")]
+        Command::Apply(args) => apply::run(args),
+        Command::Genkey => keys::genkey(),
+        Command::Pubkey => keys::pubkey(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}

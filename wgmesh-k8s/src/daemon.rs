@@ -1,0 +1,149 @@
+//! The whole agent process, as the `wgmesh-agent` binary runs it: the dataplane chosen by the
+//! configuration (the kernel over netlink, or only logs in a dry run), the API client, the
+//! health and metrics endpoints, and [`run::run`](crate::run::run) until SIGTERM.
+//!
+//! An application that embeds the agent calls [`run_agent`] with a validated
+//! [`AgentConfig`]; one that brings its own dataplane or client calls
+//! [`run::run`](crate::run::run) directly.
+
+use std::time::Duration;
+
+use wgmesh_core::{PrivateKey, PublicKey};
+use wgmesh_netlink::keys::{KeyOrigin, load, load_or_generate};
+use wgmesh_netlink::{KeyRing, Linux, LinuxConfig};
+
+use crate::config::AgentConfig;
+use crate::dataplane::{Dataplane, LoggingDataplane};
+use crate::metrics::{BuildInfo, Metrics};
+use crate::netlink::NetlinkDataplane;
+use crate::{http, run};
+
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The private key file could not be read or written.
+    #[error("private key file {path}: {source}")]
+    Key {
+        /// The file.
+        path: String,
+        /// Why.
+        source: wgmesh_netlink::Error,
+    },
+    /// The node's network stack could not be opened.
+    #[error("cannot open the dataplane: {0}")]
+    Dataplane(wgmesh_netlink::Error),
+    /// No API client could be configured (no kubeconfig, not in a cluster).
+    #[error("cannot configure the API client: {0}")]
+    Client(kube::Error),
+    /// An endpoint could not listen.
+    #[error("{field} {address}: {source}")]
+    Listen {
+        /// `health_address` or `metrics_address`.
+        field: &'static str,
+        /// The address.
+        address: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The agent's loop stopped.
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+}
+
+/// The key this node uses in a dry run: an existing key file is read (it must be mode
+/// 0600); a missing one is replaced by a key that is not saved.
+fn dry_run_key(config: &AgentConfig) -> Result<PublicKey, DaemonError> {
+    let path = &config.private_key_file;
+    if path.exists() {
+        return load(path)
+            .map(|k| k.public_key())
+            .map_err(|source| DaemonError::Key {
+                path: path.display().to_string(),
+                source,
+            });
+    }
+    tracing::warn!(path = %path.display(), "no key file; dry run with a key that is not saved");
+    Ok(PrivateKey::generate().public_key())
+}
+
+/// What programs the node: the kernel over netlink, or (dry run) nothing but the log.
+pub fn dataplane(config: &AgentConfig) -> Result<Box<dyn Dataplane + Send>, DaemonError> {
+    if config.dry_run {
+        let key = dry_run_key(config)?;
+        return Ok(Box::new(LoggingDataplane::new(Some(key), Some(key))));
+    }
+    // The key survives reboots in its file (mode 0600), so peers keep knowing it.
+    let (key, origin) =
+        load_or_generate(&config.private_key_file).map_err(|source| DaemonError::Key {
+            path: config.private_key_file.display().to_string(),
+            source,
+        })?;
+    if origin == KeyOrigin::Generated {
+        tracing::info!(path = %config.private_key_file.display(), public_key = %key.public_key(), "generated a new private key");
+    }
+    let linux =
+        Linux::open(LinuxConfig::with_backend(config.backend)).map_err(DaemonError::Dataplane)?;
+    tracing::info!(backend = linux.backend_description(), "dataplane");
+    Ok(Box::new(NetlinkDataplane::new(
+        linux,
+        &config.settings.mesh,
+        KeyRing::single(key),
+    )))
+}
+
+/// Runs the agent until SIGTERM or SIGINT: the whole process of `wgmesh-agent`, on the
+/// current tokio runtime (multi-threaded: dataplane calls block).
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use wgmesh_k8s::config::ConfigSpec;
+/// use wgmesh_k8s::metrics::BuildInfo;
+/// let config = ConfigSpec::read("/etc/wgmesh/agent.yaml")?
+///     .validate(|k| std::env::var(k).ok())?;
+/// wgmesh_k8s::daemon::run_agent(config, BuildInfo::new("my-agent 1.2.3", "")).await?;
+/// # Ok(()) }
+/// ```
+pub async fn run_agent(config: AgentConfig, build: BuildInfo) -> Result<(), DaemonError> {
+    // As its container's PID 1 the agent inherits the wireguard-go daemons it starts (they
+    // fork into the background) and reaps them when they end; elsewhere this returns at once.
+    tokio::spawn(run::reap_orphans_if_init(Duration::from_secs(5)));
+    let dataplane = dataplane(&config)?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(DaemonError::Client)?;
+    let metrics = Metrics::new();
+    metrics.set_build_info(build);
+    let max_silence = config.settings.resync_interval * 3;
+    for (field, address, routes) in [
+        ("health_address", config.health_address, http::Routes::All),
+        (
+            "metrics_address",
+            config.metrics_address,
+            http::Routes::MetricsOnly,
+        ),
+    ] {
+        let Some(address) = address else { continue };
+        let listener = http::bind(address)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                field,
+                address,
+                source,
+            })?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            http::serve(listener, metrics, max_silence, routes).await;
+        });
+        tracing::info!(%address, endpoint = field, "listening");
+    }
+    run::run(
+        client,
+        config.settings,
+        dataplane,
+        metrics,
+        run::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
