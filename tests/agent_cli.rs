@@ -203,6 +203,10 @@ struct Api {
     nodes: Vec<Value>,
     rv: u64,
     patches: Vec<(String, String, String, Value)>,
+    /// Server-side applies to a Node's status subresource: (node, body).
+    status: Vec<(String, Value)>,
+    /// Events posted.
+    events: Vec<Value>,
     /// Watch events by resource version, replayed to watches that start behind.
     log: Vec<(u64, Value)>,
 }
@@ -327,6 +331,21 @@ async fn serve(
                         json!({"kind": "NodeList", "apiVersion": "v1",
                                  "metadata": {"resourceVersion": a.rv.to_string()}, "items": a.nodes}),
                     )
+                } else if method == "PATCH"
+                    && let Some(name) = path
+                        .strip_prefix("/api/v1/nodes/")
+                        .and_then(|p| p.strip_suffix("/status"))
+                {
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let mut a = api.lock().unwrap();
+                    a.status.push((name.to_owned(), body.clone()));
+                    (200, body)
+                } else if method == "POST"
+                    && path == "/apis/events.k8s.io/v1/namespaces/default/events"
+                {
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    api.lock().unwrap().events.push(body.clone());
+                    (201, body)
                 } else if method == "PATCH" && path.starts_with("/api/v1/nodes/") {
                     let name = path.trim_start_matches("/api/v1/nodes/").to_owned();
                     let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -476,6 +495,18 @@ fn a_dry_run_against_a_loopback_api_server() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let took = t0.elapsed();
+    // The condition's first write waits 10 s after the start (so that it is not the moment
+    // before the key's echo); then it says True.
+    while Instant::now() < deadline + Duration::from_secs(10)
+        && !api
+            .lock()
+            .unwrap()
+            .status
+            .iter()
+            .any(|(_, s)| s["status"]["conditions"][0]["status"] == "True")
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -520,6 +551,25 @@ fn a_dry_run_against_a_loopback_api_server() {
     );
     assert!(body.contains("wgmesh_ready 1\n"), "{body}");
     assert!(body.contains("wgmesh_key_published 1\n"), "{body}");
+    assert!(body.contains("wgmesh_build_info{version=\"0."), "{body}");
+    // It said so on its Node: the condition, and Events.
+    let api = api.lock().unwrap();
+    assert_eq!(api.status.len(), 1, "one write: {:?}", api.status);
+    let (node, status) = api.status.last().expect("a condition was written");
+    assert_eq!(node, "node-a");
+    let condition = &status["status"]["conditions"][0];
+    assert_eq!(condition["type"], "WireGuardMeshReady");
+    assert_eq!(condition["status"], "True", "{status}");
+    let reasons: Vec<&str> = api
+        .events
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.contains(&"KeyPublished") && reasons.contains(&"MeshApplied"),
+        "{reasons:?}"
+    );
+    drop(api);
 
     // Structured logs: every line is a JSON object; the private key is in none of them.
     let private = key.to_base64();

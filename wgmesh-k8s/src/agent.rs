@@ -13,8 +13,8 @@
 //!
 //! [`crate::run`] is the thin async shell that connects it to the API server.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
 use kube::runtime::reflector::Store;
@@ -27,6 +27,10 @@ use crate::adapter::{AdapterOptions, UNDERLAY_MTU_ANNOTATION, key_annotation};
 use crate::bootstrap::{KeyCheck, guard_delta, guard_plan, key_check};
 use crate::dataplane::Dataplane;
 use crate::metrics::{AgentState, ApplyKind, Metrics, PeerRow};
+use crate::status::{
+    ConditionInputs, MeshCondition, Notice, NoticeKind, StatusUpdate, fresh_handshakes,
+    mesh_condition, published_condition,
+};
 use crate::view::{Changes, ClusterView, ControlPlaneEndpoints};
 
 /// Exponential backoff: no wait before the first attempt, then `initial`, doubling up to `max`.
@@ -101,6 +105,12 @@ pub struct AgentSettings {
     /// Whether metrics carry per-peer series (handshake, bytes). Off, a cluster of N nodes
     /// exports N series per metric instead of N²; the Node condition still counts handshakes.
     pub per_peer_metrics: bool,
+    /// Shortest time between two writes of the Node condition when its status changes.
+    pub status_min_interval: Duration,
+    /// Shortest time between two writes when only its reason or message changes.
+    pub status_refresh_interval: Duration,
+    /// Longest time between two writes (the heartbeat a reader can check).
+    pub status_heartbeat: Duration,
 }
 
 impl AgentSettings {
@@ -125,6 +135,9 @@ impl AgentSettings {
             max_pending_deltas: 256,
             underlay_mtu: None,
             per_peer_metrics: true,
+            status_min_interval: Duration::from_secs(10),
+            status_refresh_interval: Duration::from_secs(300),
+            status_heartbeat: Duration::from_secs(600),
         }
     }
 }
@@ -151,6 +164,27 @@ pub struct Publication {
     /// Key annotations to remove whoever set them (a JSON merge patch with `null`s).
     pub remove: Vec<String>,
 }
+
+/// Where the Node condition's writing stands.
+#[derive(Debug, Default)]
+struct StatusState {
+    /// Taken by the shell with [`Agent::take_status_update`].
+    outbox: Option<StatusUpdate>,
+    in_flight: bool,
+    /// What the Node carries (last written, or read from the watch at start).
+    written: Option<MeshCondition>,
+    since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    last_attempt: Option<Instant>,
+    last_ok: Option<Instant>,
+    failures: u32,
+    /// When the agent first could write (its Node listed): the first write waits
+    /// `status_min_interval` after it, so a starting node does not first report the
+    /// moment before its key's echo.
+    first_due: Option<Instant>,
+}
+
+/// The most Events kept for the shell; older ones are dropped (and counted).
+const MAX_NOTICES: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PublishState {
@@ -185,6 +219,12 @@ pub struct Agent<D> {
     publish_attempts: u32,
     next_publish: Option<Instant>,
     confirmed_since: Option<Instant>,
+    publishing: Option<Publication>,
+    notices: VecDeque<Notice>,
+    status: StatusState,
+    interfaces: Vec<(String, usize)>,
+    fresh_handshakes: Option<usize>,
+    wall_clock: fn() -> SystemTime,
     dataplane: D,
     metrics: Metrics,
 }
@@ -221,10 +261,17 @@ impl<D: Dataplane> Agent<D> {
             publish_attempts: 0,
             next_publish: None,
             confirmed_since: None,
+            publishing: None,
+            notices: VecDeque::new(),
+            status: StatusState::default(),
+            interfaces: Vec::new(),
+            fresh_handshakes: None,
+            wall_clock: SystemTime::now,
             dataplane,
             metrics,
             settings,
         };
+        agent.metrics.set_per_peer(agent.settings.per_peer_metrics);
         agent.update_state();
         agent
     }
@@ -365,6 +412,7 @@ impl<D: Dataplane> Agent<D> {
     pub fn on_published(&mut self, result: Result<(), String>, now: Instant) {
         self.publish_attempts = self.publish_attempts.saturating_add(1);
         self.next_publish = Some(now + self.settings.publish_backoff.delay(self.publish_attempts));
+        let publication = self.publishing.take();
         match result {
             Ok(()) => {
                 info!(node = %self.settings.node_name, "published the node's WireGuard keys");
@@ -372,14 +420,72 @@ impl<D: Dataplane> Agent<D> {
                 self.publish = PublishState::AwaitingEcho {
                     until: now + self.settings.echo_timeout,
                 };
+                if let Some(p) = publication {
+                    self.notice_publication(&p);
+                }
             }
             Err(e) => {
                 warn!(node = %self.settings.node_name, error = %e, retry_in = ?self.settings.publish_backoff.delay(self.publish_attempts), "publishing the node's keys failed");
                 self.metrics.published(false);
                 self.metrics.error("publish");
                 self.publish = PublishState::Idle;
+                if self.publish_attempts == 1 {
+                    self.notice(
+                        NoticeKind::Warning,
+                        "KeyPublishFailed",
+                        format!("publishing the node's WireGuard key failed (retrying with backoff): {e}"),
+                    );
+                }
             }
         }
+    }
+
+    fn notice_publication(&mut self, p: &Publication) {
+        let keys: Vec<String> = p
+            .apply
+            .iter()
+            .filter(|(k, _)| Family::ALL.iter().any(|f| key_annotation(*f) == k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !keys.is_empty() {
+            self.notice(
+                NoticeKind::Normal,
+                "KeyPublished",
+                format!(
+                    "published the node's WireGuard public key: {}",
+                    keys.join(", ")
+                ),
+            );
+        }
+        if !p.remove.is_empty() {
+            self.notice(
+                NoticeKind::Normal,
+                "KeyWithdrawn",
+                format!(
+                    "removed {} from the Node: peers stop encrypting to it",
+                    p.remove.join(", ")
+                ),
+            );
+        }
+    }
+
+    /// Queues an Event about this node.
+    fn notice(&mut self, kind: NoticeKind, reason: &'static str, note: String) {
+        if self.notices.len() >= MAX_NOTICES {
+            self.notices.pop_front();
+            debug!("too many Events waiting; dropped the oldest");
+        }
+        self.notices.push_back(Notice::new(
+            self.settings.node_name.clone(),
+            kind,
+            reason,
+            note,
+        ));
+    }
+
+    /// The Events to send, oldest first (the shell sends them; the agent forgets them).
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        self.notices.drain(..).collect()
     }
 
     fn feed(&mut self, changes: Changes, now: Instant) {
@@ -434,6 +540,7 @@ impl<D: Dataplane> Agent<D> {
         }
         at(self.next_resync);
         at(self.next_stats);
+        at(self.status_due(now));
         if self.publication().is_some() {
             match self.publish {
                 PublishState::InFlight => {}
@@ -494,6 +601,7 @@ impl<D: Dataplane> Agent<D> {
             self.next_stats = Some(now + self.settings.stats_interval);
         }
         let publication = self.due_publication(now);
+        self.schedule_status(now);
         self.update_state();
         publication
     }
@@ -572,11 +680,28 @@ impl<D: Dataplane> Agent<D> {
                     for w in &report.warnings {
                         warn!("{w}");
                     }
-                    self.metrics.set_peers(
-                        plan.interfaces
-                            .iter()
-                            .map(|i| (i.name.clone(), i.peers.len())),
-                    );
+                    self.interfaces = plan
+                        .interfaces
+                        .iter()
+                        .map(|i| (i.name.clone(), i.peers.len()))
+                        .collect();
+                    self.metrics.set_peers(self.interfaces.iter().cloned());
+                    if !self.applied_once {
+                        let peers: usize = self.interfaces.iter().map(|(_, n)| n).sum();
+                        self.notice(
+                            NoticeKind::Normal,
+                            "MeshApplied",
+                            format!(
+                                "programmed the mesh: {peers} peers, {} routes{}",
+                                plan.routes.len(),
+                                if guarded {
+                                    "; the node's own traffic stays outside the tunnel until its key is confirmed"
+                                } else {
+                                    ""
+                                }
+                            ),
+                        );
+                    }
                     self.succeeded(guarded);
                 }
                 Err(e) => self.failed(ApplyKind::Full, seconds, &e.to_string(), now),
@@ -610,6 +735,16 @@ impl<D: Dataplane> Agent<D> {
     }
 
     fn succeeded(&mut self, guarded: bool) {
+        if self.failures > 0 {
+            self.notice(
+                NoticeKind::Normal,
+                "ApplyRecovered",
+                format!(
+                    "the node matches the plan again after {} failed attempts",
+                    self.failures
+                ),
+            );
+        }
         self.full = false;
         self.failures = 0;
         self.retry_at = None;
@@ -622,6 +757,13 @@ impl<D: Dataplane> Agent<D> {
         self.metrics.reconciled(kind, false, seconds);
         self.metrics.error("dataplane");
         self.failures = self.failures.saturating_add(1);
+        if self.failures == 1 {
+            self.notice(
+                NoticeKind::Warning,
+                "ApplyFailed",
+                format!("programming the node failed (retrying with backoff): {error}"),
+            );
+        }
         let wait = self.settings.apply_backoff.delay(self.failures);
         warn!(error, retry_in = ?wait, "dataplane update failed; a full reconcile follows");
         self.full = true;
@@ -636,13 +778,15 @@ impl<D: Dataplane> Agent<D> {
             return;
         };
         let plan = planner.plan();
-        self.metrics.set_peers(
-            plan.interfaces
-                .iter()
-                .map(|i| (i.name.clone(), i.peers.len())),
-        );
+        self.interfaces = plan
+            .interfaces
+            .iter()
+            .map(|i| (i.name.clone(), i.peers.len()))
+            .collect();
+        self.metrics.set_peers(self.interfaces.iter().cloned());
         match self.dataplane.peer_stats() {
             Ok(Some(stats)) => {
+                self.fresh_handshakes = Some(fresh_handshakes(&stats, (self.wall_clock)()));
                 let node_of = |iface: &str, key: &PublicKey| {
                     plan.interfaces
                         .iter()
@@ -658,8 +802,9 @@ impl<D: Dataplane> Agent<D> {
                     .collect();
                 self.metrics.set_peer_rows(rows);
             }
-            Ok(None) => {}
+            Ok(None) => self.fresh_handshakes = None,
             Err(e) => {
+                self.fresh_handshakes = None;
                 warn!(error = %e, "reading peer counters failed");
                 self.metrics.error("dataplane");
             }
@@ -730,7 +875,119 @@ impl<D: Dataplane> Agent<D> {
             return None;
         }
         self.publish = PublishState::InFlight;
+        self.publishing = Some(publication.clone());
         Some(publication)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The Node condition.
+
+    /// Reads the wall clock from `clock` instead of the system's (for handshake ages; tests).
+    pub fn set_wall_clock(&mut self, clock: fn() -> SystemTime) {
+        self.wall_clock = clock;
+    }
+
+    /// The condition the node should carry now.
+    pub fn condition(&self) -> MeshCondition {
+        mesh_condition(&ConditionInputs {
+            synced: self.synced() && self.planner.is_some(),
+            enabled: self.settings.mesh.enabled,
+            error: self.last_error.clone(),
+            applied: self.applied_once,
+            key_confirmed: self.key_check().is_some_and(|k| k.confirmed()),
+            interfaces: self.interfaces.clone(),
+            fresh_handshakes: self.fresh_handshakes,
+        })
+    }
+
+    /// When the condition is next due to be written (`None`: not before an input changes).
+    fn status_due(&self, now: Instant) -> Option<Instant> {
+        let s = &self.status;
+        if !self.nodes_synced || s.in_flight || s.outbox.is_some() {
+            return None;
+        }
+        // Never write to a Node that is not there.
+        self.view.node(&self.settings.node_name)?;
+        let desired = self.condition();
+        let earliest = |since: Option<Instant>, gap: Duration| since.map_or(now, |t| t + gap);
+        let retry = s
+            .last_attempt
+            .map(|t| t + self.settings.publish_backoff.delay(s.failures));
+        let due = match &s.written {
+            None => s.first_due.unwrap_or(now),
+            Some(w) if w.status != desired.status => {
+                earliest(s.last_attempt, self.settings.status_min_interval)
+            }
+            Some(w) if *w != desired => earliest(s.last_ok, self.settings.status_refresh_interval),
+            Some(_) => earliest(s.last_ok, self.settings.status_heartbeat),
+        };
+        Some(retry.map_or(due, |r| due.max(r)))
+    }
+
+    fn schedule_status(&mut self, now: Instant) {
+        if self.nodes_synced && self.status.first_due.is_none() {
+            self.status.first_due = Some(now + self.settings.status_min_interval);
+        }
+        if self.status.written.is_none()
+            && self.status.last_attempt.is_none()
+            && let Some(node) =
+                self.nodes
+                    .as_reader()
+                    .get(&kube::runtime::reflector::ObjectRef::new(
+                        &self.settings.node_name,
+                    ))
+            && let Some(previous) = published_condition(&node)
+        {
+            // Written by an earlier run: a restart with nothing new writes nothing.
+            self.status.written = Some(previous.condition);
+            self.status.since = previous.since;
+            self.status.last_ok = Some(now);
+        }
+        if self.status_due(now).is_none_or(|t| now < t) {
+            return;
+        }
+        let condition = self.condition();
+        let since = match &self.status.written {
+            Some(w) if w.status == condition.status => self.status.since.clone(),
+            _ => None,
+        };
+        self.status.in_flight = true;
+        self.status.last_attempt = Some(now);
+        self.status.outbox = Some(StatusUpdate::new(
+            self.settings.node_name.clone(),
+            condition,
+            since,
+        ));
+    }
+
+    /// The condition to write, if one is due (the shell writes it and reports with
+    /// [`Self::on_status_written`]).
+    pub fn take_status_update(&mut self) -> Option<StatusUpdate> {
+        self.status.outbox.take()
+    }
+
+    /// The outcome of writing a [`StatusUpdate`]: the `lastTransitionTime` written, or why
+    /// it failed.
+    pub fn on_status_written(
+        &mut self,
+        update: &StatusUpdate,
+        result: Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time, String>,
+        now: Instant,
+    ) {
+        self.status.in_flight = false;
+        match result {
+            Ok(since) => {
+                self.status.failures = 0;
+                self.status.last_ok = Some(now);
+                self.status.written = Some(update.condition.clone());
+                self.status.since = Some(since);
+            }
+            Err(e) => {
+                self.status.failures = self.status.failures.saturating_add(1);
+                warn!(error = %e, "writing the node's WireGuardMeshReady condition failed");
+                self.metrics.error("status");
+            }
+        }
     }
 
     /// A summary for health checks.

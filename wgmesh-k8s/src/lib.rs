@@ -26,6 +26,7 @@
 //! | [`dataplane`] | the [`dataplane::Dataplane`] boundary, a recording and a logging implementation |
 //! | [`netlink`] | the real dataplane: `wgmesh-netlink`'s reconciler behind that boundary |
 //! | [`publish`] | the key publication requests (server-side apply, merge patch) |
+//! | [`status`] | what the node reports: the `WireGuardMeshReady` condition, Events |
 //! | [`run`] | the thin async shell: watchers, timers, publications |
 //! | [`config`] | the configuration file |
 //! | [`daemon`] | the whole agent process: dataplane from the configuration, endpoints, the loop |
@@ -106,6 +107,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod publish;
 pub mod run;
+pub mod status;
 pub mod view;
 
 /// The Kubernetes client this crate is built on (for callers that build their own).

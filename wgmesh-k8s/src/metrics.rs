@@ -8,7 +8,7 @@
 //! | `wgmesh_peer_receive_bytes_total`, `wgmesh_peer_transmit_bytes_total` | counter | `interface`, `node`, `public_key` |
 //! | `wgmesh_reconciles_total` | counter | `kind` (`full`, `delta`), `result` (`ok`, `error`) |
 //! | `wgmesh_reconcile_duration_seconds` | histogram | `kind` |
-//! | `wgmesh_errors_total` | counter | `source` (`dataplane`, `publish`, `watch_nodes`, `watch_pods`, `planner`) |
+//! | `wgmesh_errors_total` | counter | `source` (`dataplane`, `publish`, `watch_nodes`, `watch_pods`, `planner`, `status`) |
 //! | `wgmesh_publishes_total` | counter | `result` |
 //! | `wgmesh_warnings_total` | counter | — |
 //! | `wgmesh_nodes`, `wgmesh_workload_pods` | gauge | — |
@@ -417,6 +417,7 @@ impl Metrics {
             "watch_nodes",
             "watch_pods",
             "planner",
+            "status",
         ] {
             let n = m.errors.get(source).copied().unwrap_or(0);
             let _ = writeln!(out, "wgmesh_errors_total{{source=\"{source}\"}} {n}");

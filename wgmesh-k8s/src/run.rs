@@ -1,5 +1,6 @@
 //! The thin async shell around [`Agent`]: kube-runtime watchers for Nodes and Pods, a timer
-//! for the agent's deadlines, and the publications it asks for.
+//! for the agent's deadlines, and the writes it asks for: key publications, the Node
+//! condition, Events.
 //!
 //! Everything that decides lives in [`Agent`]; this loop only moves events in and requests
 //! out, so it is tested end to end against a mock API server (see the crate's tests).
@@ -9,16 +10,20 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node as K8sNode, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, AgentSettings, Publication, Resource};
 use crate::dataplane::Dataplane;
 use crate::metrics::Metrics;
 use crate::publish::publish;
+use crate::status::{CONDITION_TYPE, Notice, StatusUpdate, send_notice, write_condition};
 
 /// How long one publication may take.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,8 +41,8 @@ pub enum RunError {
     WatchEnded(&'static str),
 }
 
-/// Keeps what the agent reads of a Node, and drops the rest (images, conditions, managed
-/// fields): the watch cache of a large cluster stays small.
+/// Keeps what the agent reads of a Node, and drops the rest (images, managed fields, other
+/// conditions than wgmesh's own): the watch cache of a large cluster stays small.
 pub fn strip_node(node: &mut K8sNode) {
     node.metadata.managed_fields = None;
     node.metadata.owner_references = None;
@@ -48,8 +53,15 @@ pub fn strip_node(node: &mut K8sNode) {
         ..NodeSpec::default()
     });
     let status = node.status.take().unwrap_or_default();
+    let conditions: Vec<_> = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.type_ == CONDITION_TYPE)
+        .collect();
     node.status = Some(NodeStatus {
         addresses: status.addresses,
+        conditions: (!conditions.is_empty()).then_some(conditions),
         ..NodeStatus::default()
     });
 }
@@ -139,13 +151,29 @@ where
         enabled = settings.mesh.enabled,
         "agent starting"
     );
+    let reporter = Reporter {
+        controller: "wgmesh-agent".to_owned(),
+        instance: Some(settings.node_name.clone()),
+    };
+    let notices = spawn_notices(Recorder::new(client.clone(), reporter));
     let mut agent = Agent::new(settings, dataplane, metrics);
     let mut publishing: Option<JoinHandle<Result<(), String>>> = None;
+    let mut writing: Option<JoinHandle<(StatusUpdate, Result<Time, String>)>> = None;
     tokio::pin!(shutdown);
     loop {
         let now = Instant::now().into_std();
         if let Some(p) = blocking(|| agent.poll(now)) {
             publishing = Some(spawn_publish(client.clone(), p));
+        }
+        for notice in agent.take_notices() {
+            if notices.try_send(notice).is_err() {
+                debug!("the Event queue is full; an Event was dropped");
+            }
+        }
+        if writing.is_none()
+            && let Some(update) = agent.take_status_update()
+        {
+            writing = Some(spawn_status(client.clone(), update));
         }
         let wake = agent
             .next_wakeup(Instant::now().into_std())
@@ -177,6 +205,17 @@ where
                 let result = result.unwrap_or_else(|e| Err(format!("publication task failed: {e}")));
                 agent.on_published(result, Instant::now().into_std());
             }
+            written = async {
+                match writing.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                writing = None;
+                if let Ok((update, result)) = written {
+                    agent.on_status_written(&update, result, Instant::now().into_std());
+                }
+            }
             () = async {
                 match wake {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -205,6 +244,40 @@ fn spawn_publish(client: Client, publication: Publication) -> JoinHandle<Result<
             Err(_) => Err(format!("publication timed out after {PUBLISH_TIMEOUT:?}")),
         }
     })
+}
+
+fn spawn_status(
+    client: Client,
+    update: StatusUpdate,
+) -> JoinHandle<(StatusUpdate, Result<Time, String>)> {
+    tokio::spawn(async move {
+        let result =
+            match tokio::time::timeout(PUBLISH_TIMEOUT, write_condition(client, &update)).await {
+                Ok(Ok(since)) => Ok(since),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("timed out after {PUBLISH_TIMEOUT:?}")),
+            };
+        (update, result)
+    })
+}
+
+/// How many Events may wait to be sent; more are dropped (they are rate-limited by the agent
+/// already: one per change of state).
+const NOTICE_QUEUE: usize = 64;
+
+/// A task that sends Events one at a time, in order; a failure is logged and forgotten.
+fn spawn_notices(recorder: Recorder) -> mpsc::Sender<Notice> {
+    let (tx, mut rx) = mpsc::channel::<Notice>(NOTICE_QUEUE);
+    tokio::spawn(async move {
+        while let Some(notice) = rx.recv().await {
+            match tokio::time::timeout(PUBLISH_TIMEOUT, send_notice(&recorder, &notice)).await {
+                Ok(Ok(())) => debug!(reason = notice.reason, "sent an Event"),
+                Ok(Err(e)) => warn!(reason = notice.reason, error = %e, "sending an Event failed"),
+                Err(_) => warn!(reason = notice.reason, "sending an Event timed out"),
+            }
+        }
+    });
+    tx
 }
 
 /// Completes on SIGTERM (what the kubelet sends) or SIGINT.

@@ -114,7 +114,7 @@ async fn lists_watches_and_publishes_its_key_with_server_side_apply() {
     assert_eq!(watch.path, "/api/v1/nodes");
     assert!(watch.query.contains_key("resourceVersion"));
     assert!(
-        reqs.iter().all(|r| r.path.starts_with("/api/v1/nodes")),
+        reqs.iter().all(|r| !r.path.starts_with("/api/v1/pods")),
         "no pod requests"
     );
 
@@ -355,9 +355,18 @@ async fn the_agent_uses_exactly_the_verbs_rbac_grants() {
     use std::collections::{BTreeMap, BTreeSet};
     let used = |reqs: &[common::api::Recorded], out: &mut BTreeMap<String, BTreeSet<String>>| {
         for r in reqs {
-            let mut parts = r.path.trim_start_matches("/api/v1/").split('/');
-            let resource = parts.next().unwrap().to_owned();
+            // core: /api/v1/RESOURCE[/NAME[/SUBRESOURCE]]; groups:
+            // /apis/GROUP/VERSION/namespaces/NS/RESOURCE[/NAME]
+            let rest = match r.path.strip_prefix("/apis/") {
+                Some(p) => p.splitn(5, '/').nth(4).unwrap().to_owned(),
+                None => r.path.trim_start_matches("/api/v1/").to_owned(),
+            };
+            let mut parts = rest.split('/');
+            let mut resource = parts.next().unwrap().to_owned();
             let named = parts.next().is_some();
+            if let Some(sub) = parts.next() {
+                resource = format!("{resource}/{sub}");
+            }
             let verb = match (r.method.as_str(), named, r.is_watch()) {
                 ("GET", false, true) => "watch",
                 ("GET", false, false) => "list",
@@ -389,6 +398,27 @@ async fn the_agent_uses_exactly_the_verbs_rbac_grants() {
     api.expire_watches();
     api.put(Kind::Node, wg_node("b", "10.0.0.2", &[], Some(public(2))));
     eventually("b", || peers(&agent) == 1).await;
+    // Someone removes the key: the agent publishes it again, and its second KeyPublished
+    // Event counts up the first one's series (a patch).
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], None));
+    eventually("republished", || {
+        api.annotation("a", "wgmesh.io/public-key").is_some()
+            && api
+                .event_reasons("a")
+                .iter()
+                .filter(|r| *r == "KeyPublished")
+                .count()
+                == 1
+            && api
+                .requests()
+                .iter()
+                .any(|r| r.method == "PATCH" && r.path.contains("/events/"))
+    })
+    .await;
+    eventually("the condition written", || {
+        api.condition("a", "WireGuardMeshReady").is_some()
+    })
+    .await;
     agent.stop().await;
     used(&api.requests(), &mut verbs);
     // Clearing when disabled.
@@ -401,7 +431,7 @@ async fn the_agent_uses_exactly_the_verbs_rbac_grants() {
     let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for doc in serde_yaml_ng::Deserializer::from_str(&rbac) {
         let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
-        if v["kind"] != "ClusterRole" {
+        if v["kind"] != "ClusterRole" && v["kind"] != "Role" {
             continue;
         }
         for rule in v["rules"].as_array().unwrap() {
@@ -420,4 +450,132 @@ async fn the_agent_uses_exactly_the_verbs_rbac_grants() {
         }
     }
     assert_eq!(verbs, granted);
+}
+
+/// What `kubectl describe node` shows: the WireGuardMeshReady condition, written with
+/// server-side apply to the status subresource (the kubelet's conditions untouched), and
+/// Events when something changes — and nothing written while nothing changes.
+#[tokio::test(start_paused = true)]
+async fn reports_on_its_node_with_a_condition_and_events() {
+    let api = MockApi::new();
+    api.put(
+        Kind::Node,
+        wg_node("a", "10.0.0.1", &["10.65.0.0/26"], None),
+    );
+    api.put(
+        Kind::Node,
+        wg_node("b", "10.0.0.2", &["10.65.0.64/26"], Some(public(2))),
+    );
+    let agent = start(&api, AgentSettings::new("a", MeshConfig::default()), 1);
+    let status = |api: &MockApi| {
+        api.condition("a", "WireGuardMeshReady").map(|c| {
+            (
+                c["status"].as_str().unwrap().to_owned(),
+                c["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+    };
+    eventually("ready on the Node", || {
+        status(&api) == Some(("True".into(), "MeshReady".into()))
+    })
+    .await;
+    let c = api.condition("a", "WireGuardMeshReady").unwrap();
+    assert_eq!(
+        c["message"],
+        "1 peer (wireguard.cali 1), handshakes not readable"
+    );
+    assert!(c["lastHeartbeatTime"].is_string() && c["lastTransitionTime"].is_string());
+    assert!(
+        api.condition("a", "Ready").is_some(),
+        "the kubelet's conditions stay"
+    );
+    let patch = api.status_patches().last().unwrap().clone();
+    assert_eq!(patch.path, "/api/v1/nodes/a/status");
+    assert_eq!(
+        patch.query.get("fieldManager").map(String::as_str),
+        Some("wgmesh")
+    );
+    assert_eq!(patch.query.get("force").map(String::as_str), Some("true"));
+    assert_eq!(
+        patch.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    let body = patch.body.unwrap();
+    assert_eq!(body["metadata"], json!({"name": "a"}));
+    assert_eq!(body["status"]["conditions"].as_array().unwrap().len(), 1);
+    let reasons = api.event_reasons("a");
+    assert!(reasons.contains(&"KeyPublished".to_owned()), "{reasons:?}");
+    assert!(reasons.contains(&"MeshApplied".to_owned()), "{reasons:?}");
+    let event = api
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "MeshApplied")
+        .unwrap();
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "v1", "kind": "Node", "name": "a", "uid": "a"}),
+        "named as the kubelet names Nodes, so kubectl describe node finds it"
+    );
+    assert_eq!(event["reportingController"], "wgmesh-agent");
+    assert_eq!(event["reportingInstance"], "a");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.method == "POST"
+                && r.path == "/apis/events.k8s.io/v1/namespaces/default/events"),
+        "Events about Nodes go to the namespace default"
+    );
+
+    // Nothing changes for five minutes: nothing is written.
+    let writes = api.status_patches().len();
+    let events = api.events().len();
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(api.status_patches().len(), writes);
+    assert_eq!(api.events().len(), events);
+    // The heartbeat comes within ten.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    eventually("heartbeat", || api.status_patches().len() == writes + 1).await;
+
+    // Programming fails for a minute (six attempts with backoff): False within seconds, one
+    // Warning; then it recovers. (A failure shorter than the condition's 10 s minimum
+    // interval shows only as Events.)
+    agent.dataplane.lock().fail_next(6);
+    api.put(
+        Kind::Node,
+        wg_node("c", "10.0.0.3", &["10.65.0.128/26"], Some(public(3))),
+    );
+    eventually("ApplyFailed on the Node", || {
+        status(&api) == Some(("False".into(), "ApplyFailed".into()))
+    })
+    .await;
+    eventually("recovered", || {
+        status(&api) == Some(("True".into(), "MeshReady".into()))
+    })
+    .await;
+    let reasons = api.event_reasons("a");
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "ApplyFailed").count(),
+        1,
+        "one Warning per failing streak: {reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"ApplyRecovered".to_owned()),
+        "{reasons:?}"
+    );
+    let failed = api
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "ApplyFailed")
+        .unwrap();
+    assert_eq!(failed["type"], "Warning");
+    agent.stop().await;
+
+    // A restarted agent finds its condition on the Node and writes nothing new.
+    let writes = api.status_patches().len();
+    let again = start(&api, AgentSettings::new("a", MeshConfig::default()), 1);
+    eventually("ready again", || again.metrics.state().ready()).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(api.status_patches().len(), writes, "nothing new to say");
+    again.stop().await;
 }

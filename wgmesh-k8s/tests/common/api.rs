@@ -1,7 +1,9 @@
 //! A mock Kubernetes API server as a `tower` service behind a real `kube::Client`: it serves
 //! Node and Pod lists and watch streams (with resource versions, replay, field selectors on
 //! `status.phase`, `410 Gone`), applies server-side-apply and merge patches to Node
-//! annotations, records every request, and injects failures.
+//! annotations, server-side applies of Node conditions to the `status` subresource (merged by
+//! `type`, as the API server merges them), accepts Events (`events.k8s.io/v1`), records every
+//! request, and injects failures.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -65,7 +67,7 @@ struct Watcher {
 
 struct Fault {
     method: String,
-    path_prefix: String,
+    path: String,
     watch: Option<bool>,
     status: u16,
     remaining: usize,
@@ -81,6 +83,8 @@ struct State {
     faults: Vec<Fault>,
     /// Annotations set by wgmesh's server-side apply, per node.
     owned: BTreeMap<String, BTreeSet<String>>,
+    /// Events created or patched, by name.
+    events: BTreeMap<String, Value>,
 }
 
 /// The mock API server. Cloning shares it.
@@ -166,7 +170,7 @@ impl State {
         for f in &mut self.faults {
             if f.remaining > 0
                 && f.method == method
-                && path.starts_with(&f.path_prefix)
+                && path == f.path
                 && f.watch.is_none_or(|w| w == watch)
             {
                 f.remaining -= 1;
@@ -228,26 +232,57 @@ impl MockApi {
         self.lock().requests.clone()
     }
 
+    /// Patches of Node objects (annotations), not of their status.
     pub fn patches(&self) -> Vec<Recorded> {
         self.requests()
             .into_iter()
-            .filter(|r| r.method == "PATCH")
+            .filter(|r| {
+                r.method == "PATCH"
+                    && r.path.starts_with("/api/v1/nodes/")
+                    && !r.path.ends_with("/status")
+            })
             .collect()
     }
 
-    /// The next `times` requests with this method and path prefix (and watch flag, if
-    /// given) fail with `status`.
-    pub fn fail(
-        &self,
-        method: &str,
-        path_prefix: &str,
-        watch: Option<bool>,
-        status: u16,
-        times: usize,
-    ) {
+    /// Patches of Nodes' status subresource.
+    pub fn status_patches(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.path.ends_with("/status"))
+            .collect()
+    }
+
+    /// A Node's condition of this type, as stored.
+    pub fn condition(&self, node: &str, kind: &str) -> Option<Value> {
+        self.node(node)?["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == kind)
+            .cloned()
+    }
+
+    /// The Events stored, oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        let mut events: Vec<Value> = self.lock().events.values().cloned().collect();
+        events.sort_by(|a, b| a["eventTime"].as_str().cmp(&b["eventTime"].as_str()));
+        events
+    }
+
+    /// The reasons of the Events about a Node, oldest first.
+    pub fn event_reasons(&self, node: &str) -> Vec<String> {
+        self.events()
+            .iter()
+            .filter(|e| e["regarding"]["kind"] == "Node" && e["regarding"]["name"] == node)
+            .map(|e| e["reason"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// The next `times` requests with this method and path (and watch flag, if given) fail
+    /// with `status`.
+    pub fn fail(&self, method: &str, path: &str, watch: Option<bool>, status: u16, times: usize) {
         self.lock().faults.push(Fault {
             method: method.to_owned(),
-            path_prefix: path_prefix.to_owned(),
+            path: path.to_owned(),
             watch,
             status,
             remaining: times,
@@ -317,6 +352,42 @@ impl MockApi {
         if let Some(code) = s.fault(&method, &path, watch) {
             return full(code, &status(code, "InternalError", "injected failure"));
         }
+        const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+        if path.starts_with(EVENTS) {
+            let Some(event) = body_json else {
+                return full(400, &status(400, "BadRequest", "no body"));
+            };
+            return match method.as_str() {
+                "POST" if path == EVENTS => {
+                    let name = event["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                    s.events.insert(name, event.clone());
+                    full(201, &event)
+                }
+                "PATCH" => {
+                    let name = path
+                        .trim_start_matches(EVENTS)
+                        .trim_start_matches('/')
+                        .to_owned();
+                    match s.events.get_mut(&name) {
+                        Some(stored) => {
+                            if let (Some(into), Some(from)) =
+                                (stored.as_object_mut(), event.as_object())
+                            {
+                                for (k, v) in from {
+                                    into.insert(k.clone(), v.clone());
+                                }
+                            }
+                            full(200, &stored.clone())
+                        }
+                        None => full(404, &status(404, "NotFound", "no such event")),
+                    }
+                }
+                _ => full(
+                    405,
+                    &status(405, "MethodNotAllowed", "not supported by the mock"),
+                ),
+            };
+        }
         let kind = if path.starts_with(Kind::Node.path()) {
             Kind::Node
         } else if path.starts_with(Kind::Pod.path()) {
@@ -366,6 +437,44 @@ impl MockApi {
                     .header("content-type", "application/json")
                     .body(StreamBody::new(stream).boxed_unsync())
                     .unwrap()
+            }
+            "PATCH" if kind == Kind::Node && path.ends_with("/status") => {
+                let name = path
+                    .trim_start_matches("/api/v1/nodes/")
+                    .trim_end_matches("/status")
+                    .to_owned();
+                let Some(mut obj) = s.objects.get(&(Kind::Node, name.clone())).cloned() else {
+                    return full(
+                        404,
+                        &status(404, "NotFound", &format!("nodes \"{name}\" not found")),
+                    );
+                };
+                if content_type.as_deref() != Some("application/apply-patch+yaml") {
+                    return full(
+                        415,
+                        &status(415, "UnsupportedMediaType", "the mock takes apply"),
+                    );
+                }
+                let patch = body_json.unwrap_or(Value::Null);
+                // Node conditions are a list map keyed by type: each applied condition
+                // replaces the one of its type; the others stay.
+                let conditions = obj["status"]
+                    .as_object_mut()
+                    .unwrap()
+                    .entry("conditions")
+                    .or_insert_with(|| json!([]))
+                    .as_array_mut()
+                    .unwrap();
+                for c in patch["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    conditions.retain(|old| old["type"] != c["type"]);
+                    conditions.push(c);
+                }
+                let obj = s.bump(Kind::Node, "MODIFIED", obj);
+                full(200, &obj)
             }
             "PATCH" if kind == Kind::Node => {
                 let name = path.trim_start_matches("/api/v1/nodes/").to_owned();
