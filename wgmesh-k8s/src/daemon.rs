@@ -1,10 +1,10 @@
 //! The whole agent process, as the `wgmesh-agent` binary runs it: the dataplane chosen by the
 //! configuration (the kernel over netlink, or only logs in a dry run), the API client, the
-//! health and metrics endpoints, and [`run::run`](crate::run::run) until SIGTERM.
+//! health and metrics endpoints, and [`run::run`] until SIGTERM.
 //!
 //! An application that embeds the agent calls [`run_agent`] with a validated
 //! [`AgentConfig`]; one that brings its own dataplane or client calls
-//! [`run::run`](crate::run::run) directly.
+//! [`run::run`] directly.
 
 use std::time::Duration;
 
