@@ -127,3 +127,36 @@ fn handshake_timestamps_and_byte_counters_are_rendered_per_peer_unless_turned_of
     );
     assert!(text.contains("wgmesh_build_info{version=\"\",revision=\"\"} 1\n"));
 }
+
+/// Idle connections from the host cannot starve the kubelet's probe (a liveness restart
+/// loop): 32, and then 100, connections that say nothing, and `/healthz` still answers.
+#[tokio::test]
+async fn idle_connections_cannot_starve_the_probe() {
+    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = Metrics::new();
+    metrics.heartbeat(Instant::now());
+    let server = tokio::spawn(serve(
+        listener,
+        metrics.clone(),
+        Duration::from_secs(300),
+        Routes::All,
+    ));
+    for idle in [32, 100] {
+        let mut held = Vec::new();
+        for _ in 0..idle {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept them all before the probe arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let probe = tokio::time::timeout(
+            Duration::from_secs(2),
+            ask(addr, b"GET /healthz HTTP/1.1\r\n\r\n"),
+        )
+        .await
+        .expect("the probe is answered while idle connections are open");
+        assert_eq!(probe.0, 200, "with {idle} idle connections");
+        drop(held);
+    }
+    server.abort();
+}
