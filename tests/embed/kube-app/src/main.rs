@@ -106,17 +106,15 @@ fn demo() -> Result<(), String> {
 }
 
 fn run() -> Result<(), String> {
-    let mut spec = ConfigSpec::default();
-    spec.node_name = Some("embedded".into());
-    spec.dry_run = Some(true);
-    spec.health_address = Some(String::new());
-    spec.private_key_file = Some(
-        std::env::temp_dir()
-            .join(format!("wgmesh-embed-{}", std::process::id()))
-            .join("private-key")
-            .display()
-            .to_string(),
+    // The application's own configuration file, in the agent's format.
+    let key = std::env::temp_dir()
+        .join(format!("wgmesh-embed-{}", std::process::id()))
+        .join("private-key");
+    let text = format!(
+        "node_name: embedded\ndry_run: true\nhealth_address: \"\"\nprivate_key_file: {:?}\n",
+        key.display().to_string()
     );
+    let spec = ConfigSpec::parse(&text).map_err(|e| e.to_string())?;
     let config = spec
         .validate(|k| std::env::var(k).ok())
         .map_err(|e| e.to_string())?;
