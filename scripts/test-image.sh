@@ -105,7 +105,15 @@ if [ -z "${WGMESH_COMMIT:-}" ] && git rev-parse --is-inside-work-tree >/dev/null
         die "revision label '$label_revision', HEAD is $head"
 fi
 case ":$cfg_path:" in *:/usr/bin:*) ;; *) die "PATH '$cfg_path' misses /usr/bin (wireguard-go)" ;; esac
-short=${label_revision:0:12}${label_revision#"${label_revision%-dirty}"}
+# What --version must print: the commit build-image gave the binaries (WGMESH_COMMIT as
+# given, else the label's commit shortened to 12 digits, "-dirty" kept), or none.
+if [ -n "${WGMESH_COMMIT:-}" ]; then
+    commit=" (commit $WGMESH_COMMIT)"
+elif [ "$label_revision" = unknown ]; then
+    commit=
+else
+    commit=" (commit ${label_revision:0:12}${label_revision#"${label_revision%-dirty}"})"
+fi
 
 step "what is inside"
 (cd "$root" && find . -mindepth 1 | sort | while read -r p; do
@@ -126,11 +134,11 @@ in_image() { env -i "${cfg_env[@]}" "$chroot_bin" "$root" "$@"; }
 step "the entry point: --version"
 got=$(in_image /usr/local/bin/wgmesh-agent --version) || die "wgmesh-agent --version failed"
 echo "$got"
-[ "$got" = "wgmesh-agent $version (commit $short)" ] ||
-    die "wgmesh-agent --version printed '$got', expected 'wgmesh-agent $version (commit $short)'"
+[ "$got" = "wgmesh-agent $version$commit" ] ||
+    die "wgmesh-agent --version printed '$got', expected 'wgmesh-agent $version$commit'"
 got=$(in_image wgmesh --version) || die "wgmesh --version failed (is PATH right?)"
 echo "$got"
-[ "$got" = "wgmesh $version (commit $short)" ] || die "wgmesh --version printed '$got'"
+[ "$got" = "wgmesh $version$commit" ] || die "wgmesh --version printed '$got'"
 
 step "wgmesh plan --cluster - (the sample cluster on stdin)"
 in_image wgmesh plan --cluster - --node "$node" --format json <"$cluster" >"$work/plan.json" ||
