@@ -28,6 +28,15 @@ normal_crates() {
         awk '{print $1}' | sort -u
 }
 
+step "lockfiles"
+# The committed lockfiles must still fit the repository's crates (a dependency added to
+# wgmesh-k8s or wgmesh-netlink needs them refreshed: `cargo update --workspace` changes no
+# other version).
+for m in "$kube_app" "$netlink_agent"; do
+    cargo metadata --locked --format-version 1 --manifest-path "$m" >/dev/null ||
+        die "$(dirname "$m")/Cargo.lock is stale: run \`cargo update --workspace --manifest-path $m\` and commit it"
+done
+
 step "formatting"
 for m in "$kube_app" "$netlink_agent"; do
     cargo fmt --manifest-path "$m" --check || die "$m is not formatted (cargo fmt --manifest-path $m)"

@@ -63,6 +63,7 @@ step "unpack the layers"
 work="$PWD/target/image/test"
 root="$work/rootfs"
 mkdir -p "$work"
+python3 scripts/oci-unpack.py --self-test || die "the unpacker fails its own test"
 python3 scripts/oci-unpack.py "$archive" "$root" "$work/report.json" || die "cannot unpack $archive"
 # Every fact the checks need from the config, as shell words.
 eval "$(python3 - "$work/report.json" <<'EOF'
