@@ -195,11 +195,7 @@ fn main() -> ExitCode {
         Err(e) => return Failure::Input(e.to_string()).report(),
     };
     if args.check_config {
-        let text = match serde_json::to_string_pretty(&spec) {
-            Ok(t) => t + "\n",
-            Err(e) => return Failure::Runtime(format!("cannot write JSON: {e}")).report(),
-        };
-        return match shared::emit(&text) {
+        return match shared::emit_json(&spec) {
             Ok(()) => ExitCode::SUCCESS,
             Err(f) => f.report(),
         };

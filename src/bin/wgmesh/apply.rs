@@ -10,8 +10,9 @@ use wgmesh::core::plan_node;
 use wgmesh::netlink::keys::{DEFAULT_PRIVATE_KEY_FILE, KeyOrigin, load, load_or_generate};
 use wgmesh::netlink::{Backend, KeyRing, Linux, LinuxConfig, Ownership, Reconciler, Report};
 
+use crate::emit;
 use crate::plan::load_cluster;
-use crate::shared::{Failure, emit, say};
+use crate::shared::{Failure, emit_json, say};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -50,7 +51,7 @@ fn parse_backend(text: &str) -> Result<Backend, String> {
 fn print(report: &Report, backend: &str, format: Format) -> Result<(), Failure> {
     let out = match format {
         Format::Json => {
-            let v = serde_json::json!({
+            emit_json(&serde_json::json!({
                 "operations": report.operations.len(),
                 "list": report.operations,
                 "descriptions": report.operations.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -59,10 +60,8 @@ fn print(report: &Report, backend: &str, format: Format) -> Result<(), Failure> 
                 "micros": report.micros,
                 "backend": backend,
                 "warnings": report.warnings,
-            });
-            serde_json::to_string_pretty(&v)
-                .map_err(|e| Failure::Runtime(format!("cannot write JSON: {e}")))?
-                + "\n"
+            }))?;
+            String::new()
         }
         Format::Text => {
             let mut out = format!("backend: {backend}\n");

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use wgmesh::core::PrivateKey;
 
-use crate::shared::{Failure, emit};
+use crate::emit;
+use crate::shared::Failure;
 
 pub(crate) fn genkey() -> Result<(), Failure> {
     let key = PrivateKey::generate();

@@ -13,6 +13,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::shared::{Failure, write_out};
+
 #[cfg(feature = "netlink")]
 mod apply;
 mod keys;
@@ -39,6 +41,11 @@ enum Command {
     Genkey,
     /// Read a private key on standard input, print its public key (as `wg pubkey`).
     Pubkey,
+}
+
+/// Writes text to standard output (see [`write_out`]).
+pub(crate) fn emit(text: &str) -> Result<(), Failure> {
+    write_out(|out| out.write_all(text.as_bytes()))
 }
 
 fn main() -> ExitCode {

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use wgmesh::core::diagnostics::diagnose;
 use wgmesh::core::{Cluster, NodePlan, PrivateKey, plan_node, render, spec::parse_cluster};
 
+use crate::emit;
 use crate::keys::read_secret;
-use crate::shared::{Failure, emit, read_input};
+use crate::shared::{Failure, emit_json, read_input};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -64,13 +65,10 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             }
         };
     match args.format {
-        Format::Json => {
-            let json = match args.node {
-                Some(_) => serde_json::to_string_pretty(&plans[0]),
-                None => serde_json::to_string_pretty(&plans),
-            };
-            emit(&(json.map_err(|e| Failure::Runtime(format!("cannot write JSON: {e}")))? + "\n"))
-        }
+        Format::Json => match args.node {
+            Some(_) => emit_json(&plans[0]),
+            None => emit_json(&plans),
+        },
         Format::Text => {
             let mut out = String::new();
             let findings = diagnose(&cluster);
