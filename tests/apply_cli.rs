@@ -48,7 +48,7 @@ fn bad_input_exits_2_with_one_line() {
     std::fs::write(&key, "aLHd3L4af3PpZIWlPJgme7dpppYIulN7pMB7E0JCTHw=\n").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let k = key.to_str().unwrap();
-    assert_input_error(&["--node", NODE], "--cluster is required");
+    assert_input_error(&["--node", NODE], "a cluster is required: --cluster FILE");
     assert_input_error(
         &["--cluster", CLUSTER],
         "required arguments were not provided: --node",

@@ -200,7 +200,7 @@ fn bad_input_exits_2_with_one_line_naming_node_and_field() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
-    assert!(text(&plan(&[], None).stderr).contains("--cluster is required"));
+    assert!(text(&plan(&[], None).stderr).contains("a cluster is required: --cluster FILE"));
     assert!(text(&plan(&["--cluster", "/dev/zero"], None).stderr).contains("larger than 256 MiB"));
 }
 

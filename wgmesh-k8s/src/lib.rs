@@ -27,6 +27,7 @@
 //! | [`netlink`] | the real dataplane: `wgmesh-netlink`'s reconciler behind that boundary |
 //! | [`publish`] | the key publication requests (server-side apply, merge patch) |
 //! | [`status`] | what the node reports: the `WireGuardMeshReady` condition, Events |
+//! | [`snapshot`] | the cluster as the agents would see it, from one read (previews, diagnostics) |
 //! | [`run`] | the thin async shell: watchers, timers, publications |
 //! | [`config`] | the configuration file |
 //! | [`daemon`] | the whole agent process: dataplane from the configuration, endpoints, the loop |
@@ -107,6 +108,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod publish;
 pub mod run;
+pub mod snapshot;
 pub mod status;
 pub mod view;
 

@@ -579,3 +579,42 @@ async fn reports_on_its_node_with_a_condition_and_events() {
     assert_eq!(api.status_patches().len(), writes, "nothing new to say");
     again.stop().await;
 }
+
+/// The preview's read (`wgmesh plan --kubeconfig`): lists only, pods with the agent's phase
+/// selector, pages followed; never a watch or a write.
+#[tokio::test]
+async fn a_snapshot_only_lists() {
+    use wgmesh_k8s::snapshot::{list, snapshot};
+    let api = MockApi::new();
+    api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
+    api.put(Kind::Node, wg_node("b", "10.0.0.2", &[], Some(public(2))));
+    api.put(
+        Kind::Pod,
+        pod("default", "web", "b", &["10.0.0.9"], "Running"),
+    );
+    api.put(
+        Kind::Pod,
+        pod("default", "done", "b", &["10.0.0.10"], "Succeeded"),
+    );
+    let (nodes, pods) = list(&api.client(), true).await.unwrap();
+    assert_eq!((nodes.len(), pods.len()), (2, 1));
+    let mut mesh = MeshConfig::default();
+    mesh.route_source = RouteSource::WorkloadIps;
+    let s = snapshot(&AgentSettings::new("a", mesh), &nodes, &pods).unwrap();
+    assert_eq!(
+        s.cluster.nodes()[1].workload_ips,
+        ["10.0.0.9".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(s.pod("default/web").unwrap().node, "b");
+    let reqs = api.requests();
+    assert_eq!(reqs.len(), 2);
+    for r in &reqs {
+        assert_eq!(r.method, "GET");
+        assert!(!r.is_watch());
+        assert_eq!(r.query.get("limit").map(String::as_str), Some("500"));
+    }
+    assert_eq!(
+        reqs[1].query.get("fieldSelector").map(String::as_str),
+        Some("status.phase!=Succeeded,status.phase!=Failed")
+    );
+}

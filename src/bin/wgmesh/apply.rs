@@ -11,8 +11,8 @@ use wgmesh::netlink::keys::{DEFAULT_PRIVATE_KEY_FILE, KeyOrigin, load, load_or_g
 use wgmesh::netlink::{Backend, KeyRing, Linux, LinuxConfig, Ownership, Reconciler, Report};
 
 use crate::emit;
-use crate::plan::load_cluster;
 use crate::shared::{Failure, emit_json, say};
+use crate::source::ClusterSource;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -24,9 +24,8 @@ enum Format {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// The cluster: a JSON or YAML file, or `-` for standard input.
-    #[arg(long, short, value_name = "FILE|-", env = "WGMESH_CLUSTER")]
-    cluster: Option<PathBuf>,
+    #[command(flatten)]
+    source: ClusterSource,
     /// This node's name in the cluster.
     #[arg(long, short, value_name = "NAME", env = "NODE_NAME")]
     node: String,
@@ -91,7 +90,7 @@ fn print(report: &Report, backend: &str, format: Format) -> Result<(), Failure> 
 }
 
 pub(crate) fn run(args: Args) -> Result<(), Failure> {
-    let cluster = load_cluster(args.cluster.as_ref())?;
+    let cluster = args.source.load()?.cluster;
     let plan = plan_node(&cluster, &args.node).map_err(|e| Failure::Input(e.to_string()))?;
     let key = if args.dry_run {
         match load(&args.private_key) {

@@ -21,6 +21,7 @@ mod keys;
 mod plan;
 #[path = "../shared/mod.rs"]
 mod shared;
+mod source;
 
 /// WireGuard for a Kubernetes cluster as one intent: plan, apply and inspect the mesh.
 #[derive(Debug, Parser)]

@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 
 use wgmesh::core::diagnostics::diagnose;
-use wgmesh::core::{Cluster, NodePlan, PrivateKey, plan_node, render, spec::parse_cluster};
+use wgmesh::core::{NodePlan, PrivateKey, plan_node, render};
 
 use crate::emit;
 use crate::keys::read_secret;
-use crate::shared::{Failure, emit_json, read_input};
+use crate::shared::{Failure, emit_json};
+use crate::source::{ClusterSource, Loaded};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -21,9 +22,8 @@ enum Format {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// The cluster: a JSON or YAML file, or `-` for standard input.
-    #[arg(long, short, value_name = "FILE|-", env = "WGMESH_CLUSTER")]
-    cluster: Option<PathBuf>,
+    #[command(flatten)]
+    source: ClusterSource,
     /// Only this node (default: every node).
     #[arg(long, short, value_name = "NAME")]
     node: Option<String>,
@@ -35,16 +35,8 @@ pub(crate) struct Args {
     private_key: Option<PathBuf>,
 }
 
-pub(crate) fn load_cluster(path: Option<&PathBuf>) -> Result<Cluster, Failure> {
-    let path = path.ok_or_else(|| {
-        Failure::Input("--cluster is required (a JSON or YAML file, or - for stdin)".into())
-    })?;
-    let text = read_input(path, "cluster file")?;
-    parse_cluster(&text).map_err(|e| Failure::Input(e.to_string()))
-}
-
 pub(crate) fn run(args: Args) -> Result<(), Failure> {
-    let cluster = load_cluster(args.cluster.as_ref())?;
+    let Loaded { cluster, warnings } = args.source.load()?;
     let names: Vec<&str> = match &args.node {
         Some(name) => vec![name.as_str()],
         None => cluster.nodes().iter().map(|n| n.name.as_str()).collect(),
@@ -71,7 +63,11 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         },
         Format::Text => {
             let mut out = String::new();
-            let findings = diagnose(&cluster);
+            let findings: Vec<String> = warnings
+                .iter()
+                .cloned()
+                .chain(diagnose(&cluster).iter().map(ToString::to_string))
+                .collect();
             if !findings.is_empty() {
                 out.push_str("findings:\n");
                 for f in findings {
