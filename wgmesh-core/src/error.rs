@@ -1,9 +1,41 @@
 //! The one error type of the core: what was wrong, where (the mesh or a named node, and the
 //! field), and the offending value.
+//!
+//! Values and names are echoed at most [`MAX_ECHO`] characters long (see [`elide`]): a node
+//! that writes a megabyte into a field must not put a megabyte into every agent's log.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::key::KeyError;
+
+/// How many characters of a value errors and findings echo; the rest is elided.
+pub const MAX_ECHO: usize = 64;
+
+/// How many characters of a parser's message errors keep.
+const MAX_MESSAGE: usize = 240;
+
+/// `text` when it has at most [`MAX_ECHO`] characters; otherwise its first [`MAX_ECHO`]
+/// characters, an ellipsis and the full length in bytes. For everything that repeats
+/// untrusted input in an error, a warning or a log line.
+///
+/// ```
+/// use wgmesh_core::error::elide;
+/// assert_eq!(elide("10.0.0.1"), "10.0.0.1");
+/// let long = "x".repeat(1 << 20);
+/// assert_eq!(elide(&long), format!("{}…(1048576 bytes)", "x".repeat(64)));
+/// ```
+pub fn elide(text: &str) -> Cow<'_, str> {
+    elide_to(text, MAX_ECHO)
+}
+
+/// [`elide`] with another limit (in characters).
+pub fn elide_to(text: &str, max: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!("{}…({} bytes)", &text[..cut], text.len())),
+    }
+}
 
 /// Where a bad value sits in the cluster description.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +119,28 @@ pub enum Problem {
     /// A value of the wrong type or shape, as the parser reported it.
     #[error("{0}")]
     Syntax(String),
+    /// The text is longer than the parser accepts.
+    #[error("{size} bytes is more than the limit of {limit}")]
+    TooLarge {
+        /// The size of the text (or the bytes read before giving up).
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The text nests collections deeper than the parser accepts.
+    #[error("nested more than {limit} levels deep")]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl Problem {
+    /// A parser's message, cut to a bounded length (parsers quote the bad value).
+    pub(crate) fn syntax(message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::Syntax(elide_to(&message, MAX_MESSAGE).into_owned())
+    }
 }
 
 /// Every error of the core: bad input, found while validating a cluster or applying an event.
@@ -129,13 +183,32 @@ fn value_suffix(value: &Option<String>) -> String {
 }
 
 impl Error {
-    pub(crate) fn mesh(field: impl Into<String>, value: Option<String>, problem: Problem) -> Self {
+    /// An invalid value at `location`; the value and any node name in the location are elided
+    /// to [`MAX_ECHO`] characters.
+    pub(crate) fn invalid(
+        location: Location,
+        field: impl Into<String>,
+        value: Option<String>,
+        problem: Problem,
+    ) -> Self {
+        let location = match location {
+            Location::Node(name) => Location::Node(elide(&name).into_owned()),
+            Location::Document(path) => Location::Document(elide_to(&path, MAX_MESSAGE).into_owned()),
+            other => other,
+        };
         Self::Invalid {
-            location: Location::Mesh,
-            field: field.into(),
-            value,
+            location,
+            field: elide_to(&field.into(), MAX_MESSAGE).into_owned(),
+            value: value.map(|v| match elide(&v) {
+                Cow::Borrowed(_) => v,
+                Cow::Owned(short) => short,
+            }),
             problem,
         }
+    }
+
+    pub(crate) fn mesh(field: impl Into<String>, value: Option<String>, problem: Problem) -> Self {
+        Self::invalid(Location::Mesh, field, value, problem)
     }
 
     pub(crate) fn node(
@@ -144,12 +217,12 @@ impl Error {
         value: Option<String>,
         problem: Problem,
     ) -> Self {
-        Self::Invalid {
-            location: Location::Node(node.to_owned()),
-            field: field.into(),
-            value,
-            problem,
-        }
+        Self::invalid(Location::Node(node.to_owned()), field, value, problem)
+    }
+
+    /// A node name that the cluster does not have (elided to [`MAX_ECHO`] characters).
+    pub(crate) fn unknown_node(name: &str) -> Self {
+        Self::UnknownNode(elide(name).into_owned())
     }
 
     /// The node the error is about, if it is about one.
