@@ -193,7 +193,9 @@ impl Error {
     ) -> Self {
         let location = match location {
             Location::Node(name) => Location::Node(elide(&name).into_owned()),
-            Location::Document(path) => Location::Document(elide_to(&path, MAX_MESSAGE).into_owned()),
+            Location::Document(path) => {
+                Location::Document(elide_to(&path, MAX_MESSAGE).into_owned())
+            }
             other => other,
         };
         Self::Invalid {

@@ -16,7 +16,8 @@
 //! | [`delta`] | [`PlanDelta`]: the difference of two plans, and applying one to a plan |
 //! | [`incremental`] | [`IncrementalPlanner`]: events in, deltas out, in time proportional to the change |
 //! | [`render`] | `wg show`-style text and `wg setconf` files |
-//! | [`diagnostics`] | why a node is plain, which keys or destinations clash |
+//! | [`claims`] | the trust rules: what a node may claim, and what happens to disputed claims |
+//! | [`diagnostics`] | why a node is plain, which keys or prefixes clash, which claims are refused |
 //! | [`sim`] | a packet-path simulator that checks plans against the design's promises |
 //!
 //! ## Example
@@ -43,6 +44,7 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod claims;
 pub mod delta;
 pub mod diagnostics;
 pub mod error;

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Location, Problem};
 use crate::key::PublicKey;
 use crate::model::{
-    Cluster, DEFAULT_UNDERLAY_MTU, Family, MAX_MTU, MAX_NODE_LIMIT, MeshConfig, Node, NodeWireGuard,
-    RouteSource,
+    Cluster, DEFAULT_UNDERLAY_MTU, Family, MAX_MTU, MAX_NODE_LIMIT, MeshConfig, Node,
+    NodeWireGuard, RouteSource,
 };
 
 /// The whole description, as written.
@@ -109,9 +109,13 @@ fn ranged<T: TryFrom<i64>>(
 }
 
 fn limit(value: Option<i64>, default: usize, field: &'static str) -> Result<usize, Error> {
-    ranged(value, default, 1, MAX_NODE_LIMIT as i64, |value, problem| {
-        Error::mesh(field, value, problem)
-    })
+    ranged(
+        value,
+        default,
+        1,
+        MAX_NODE_LIMIT as i64,
+        |value, problem| Error::mesh(field, value, problem),
+    )
 }
 
 impl MeshSpec {
@@ -438,7 +442,8 @@ impl ParseLimits {
     /// sequence entries (`- - -`) and flow collections; the estimate never undercounts flow
     /// collections and compact entries, which is what runaway inputs use.
     pub fn check(&self, text: &str) -> Result<(), Error> {
-        let document = |problem| Error::invalid(Location::Document(String::new()), "syntax", None, problem);
+        let document =
+            |problem| Error::invalid(Location::Document(String::new()), "syntax", None, problem);
         if text.len() > self.max_bytes {
             return Err(document(Problem::TooLarge {
                 size: text.len(),
@@ -569,7 +574,9 @@ fn yaml_depth_exceeds(text: &str, limit: usize) -> bool {
                 _ => {}
             }
             value_start = match b {
-                b' ' | b'\t' => value_start || matches!(last, b':' | b'-' | b'?' | b',' | b'[' | b'{'),
+                b' ' | b'\t' => {
+                    value_start || matches!(last, b':' | b'-' | b'?' | b',' | b'[' | b'{')
+                }
                 b',' | b'[' | b'{' => flow > 0,
                 _ => false,
             };
@@ -580,7 +587,9 @@ fn yaml_depth_exceeds(text: &str, limit: usize) -> bool {
             let code = line.split(" #").next().unwrap_or(line).trim_end();
             if let Some(head) = code.rsplit(' ').next()
                 && (head.starts_with('|') || head.starts_with('>'))
-                && head[1..].bytes().all(|b| matches!(b, b'+' | b'-' | b'0'..=b'9'))
+                && head[1..]
+                    .bytes()
+                    .all(|b| matches!(b, b'+' | b'-' | b'0'..=b'9'))
             {
                 block_scalar = Some(indent);
             }
@@ -603,7 +612,10 @@ pub fn read_bounded<R: std::io::Read>(reader: R, limit: usize) -> Result<String,
     use std::io::Read as _;
     let mut buf = Vec::new();
     let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    reader.take(cap).read_to_end(&mut buf).map_err(ReadError::Io)?;
+    reader
+        .take(cap)
+        .read_to_end(&mut buf)
+        .map_err(ReadError::Io)?;
     if buf.len() > limit {
         return Err(ReadError::TooLarge { limit });
     }
