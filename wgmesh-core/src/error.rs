@@ -1,40 +1,72 @@
 //! The one error type of the core: what was wrong, where (the mesh or a named node, and the
 //! field), and the offending value.
 //!
-//! Values and names are echoed at most [`MAX_ECHO`] characters long (see [`elide`]): a node
-//! that writes a megabyte into a field must not put a megabyte into every agent's log.
+//! Values and names are echoed at most [`MAX_ECHO`] bytes long (see [`elide`]): a node that
+//! writes a megabyte into a field must not put a megabyte into every agent's log. An error's
+//! whole line stays well under a kilobyte.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use crate::key::KeyError;
 
-/// How many characters of a value errors and findings echo; the rest is elided.
+/// How many bytes of a value (or a node name) errors echo; the rest is elided.
 pub const MAX_ECHO: usize = 64;
 
-/// How many characters of a parser's message errors keep.
+/// How many bytes of a field path errors keep.
+const MAX_FIELD: usize = 128;
+
+/// How many bytes of a parser's message errors keep.
 const MAX_MESSAGE: usize = 240;
 
-/// `text` when it has at most [`MAX_ECHO`] characters; otherwise its first [`MAX_ECHO`]
-/// characters, an ellipsis and the full length in bytes. For everything that repeats
-/// untrusted input in an error, a warning or a log line.
+/// `text` when it has at most [`MAX_ECHO`] bytes; otherwise its first [`MAX_ECHO`] bytes (cut
+/// at a character boundary), an ellipsis and the full length in bytes. For everything that
+/// repeats untrusted input in an error, a warning or a log line.
 ///
 /// ```
 /// use wgmesh_core::error::elide;
 /// assert_eq!(elide("10.0.0.1"), "10.0.0.1");
 /// let long = "x".repeat(1 << 20);
 /// assert_eq!(elide(&long), format!("{}…(1048576 bytes)", "x".repeat(64)));
+/// assert!(elide(&"é".repeat(1000)).len() < 100);
 /// ```
 pub fn elide(text: &str) -> Cow<'_, str> {
     elide_to(text, MAX_ECHO)
 }
 
-/// [`elide`] with another limit (in characters).
+/// [`elide`] with another limit, in bytes.
 pub fn elide_to(text: &str, max: usize) -> Cow<'_, str> {
-    match text.char_indices().nth(max) {
-        None => Cow::Borrowed(text),
-        Some((cut, _)) => Cow::Owned(format!("{}…({} bytes)", &text[..cut], text.len())),
+    if text.len() <= max {
+        return Cow::Borrowed(text);
     }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Cow::Owned(format!("{}…({} bytes)", &text[..cut], text.len()))
+}
+
+/// `text` with control characters escaped (`\n`, `\u{1b}`), so that it stays on one line
+/// and cannot forge log lines or terminal escapes.
+///
+/// ```
+/// use wgmesh_core::error::one_line;
+/// assert_eq!(one_line("a\nb"), "a\\nb");
+/// assert_eq!(one_line("plain"), "plain");
+/// ```
+pub fn one_line(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Where a bad value sits in the cluster description.
@@ -139,7 +171,7 @@ impl Problem {
     /// A parser's message, cut to a bounded length (parsers quote the bad value).
     pub(crate) fn syntax(message: impl Into<String>) -> Self {
         let message = message.into();
-        Self::Syntax(elide_to(&message, MAX_MESSAGE).into_owned())
+        Self::Syntax(one_line(&elide_to(&message, MAX_MESSAGE)).into_owned())
     }
 }
 
@@ -193,14 +225,12 @@ impl Error {
     ) -> Self {
         let location = match location {
             Location::Node(name) => Location::Node(elide(&name).into_owned()),
-            Location::Document(path) => {
-                Location::Document(elide_to(&path, MAX_MESSAGE).into_owned())
-            }
+            Location::Document(path) => Location::Document(one_line(&elide(&path)).into_owned()),
             other => other,
         };
         Self::Invalid {
             location,
-            field: elide_to(&field.into(), MAX_MESSAGE).into_owned(),
+            field: one_line(&elide_to(&field.into(), MAX_FIELD)).into_owned(),
             value: value.map(|v| match elide(&v) {
                 Cow::Borrowed(_) => v,
                 Cow::Owned(short) => short,

@@ -594,6 +594,13 @@ fn echoed_values_are_bounded() {
         format!(r#"{{"mesh": {{"interface_name": "{huge}"}}}}"#),
         format!(r#"{{"nodes": [{{"name": "a", "underlay_mtu": "{huge}"}}]}}"#),
         format!("nodes: [{{name: a, underlay_mtu: {huge}}}]"),
+        // Found by the fuzzer: multi-byte text, and a key with a newline in it.
+        format!(
+            r#"{{"nodes": [{{"name": "a", "{}": 1}}]}}"#,
+            "\u{fffd}".repeat(1000)
+        ),
+        r#"{"nodes": [{"name": "a", "\nunderlay_mtu": 1}]}"#.to_owned(),
+        "nodes: [{name: a, \"\\e[31mx\": 1}]".to_owned(),
     ] {
         let err = parse_cluster(&text).unwrap_err().to_string();
         assert!(err.len() < 600, "{} bytes: {}", err.len(), &err[..200]);
