@@ -176,7 +176,9 @@ fn findings_name_both_nodes_of_a_hostile_claim() {
         s.contains(r#"node "b": workload_ips 10.0.0.1/32 refused: it covers 10.0.0.1, an address of node "a""#),
         "{s}"
     );
-    assert!(s.contains(r#"node "b": workload_ips 8.8.8.8/32 refused: it is outside cluster_cidrs"#));
+    assert!(
+        s.contains(r#"node "b": workload_ips 8.8.8.8/32 refused: it is outside cluster_cidrs"#)
+    );
     assert!(s.contains("throw 8.8.8.8/32 table 1") && s.contains("throw 10.0.0.1/32 table 1"));
     assert!(!s.contains("allowed ips: 8.8.8.8/32"));
 }
