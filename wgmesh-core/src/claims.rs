@@ -223,64 +223,73 @@ pub(crate) const ROUTE: u8 = 8;
 /// The claim asks for a route and is refused.
 pub(crate) const REFUSED: u8 = 16;
 
-const V4_SPECIAL: [(Ipv4Addr, u8, AddressKind); 6] = [
-    (Ipv4Addr::new(0, 0, 0, 0), 8, AddressKind::Unspecified),
-    (Ipv4Addr::new(127, 0, 0, 0), 8, AddressKind::Loopback),
-    (Ipv4Addr::new(169, 254, 0, 0), 16, AddressKind::LinkLocal),
-    (Ipv4Addr::new(224, 0, 0, 0), 4, AddressKind::Multicast),
-    (
+/// Inclusive ranges of addresses that no node may claim.
+const V4_SPECIAL: [(u32, u32, AddressKind); 6] = [
+    v4_range(Ipv4Addr::new(0, 0, 0, 0), 8, AddressKind::Unspecified),
+    v4_range(Ipv4Addr::new(127, 0, 0, 0), 8, AddressKind::Loopback),
+    v4_range(Ipv4Addr::new(169, 254, 0, 0), 16, AddressKind::LinkLocal),
+    v4_range(Ipv4Addr::new(224, 0, 0, 0), 4, AddressKind::Multicast),
+    v4_range(
         Ipv4Addr::new(255, 255, 255, 255),
         32,
         AddressKind::Broadcast,
     ),
-    (
+    v4_range(
         Ipv4Addr::new(168, 63, 129, 16),
         32,
         AddressKind::PlatformEndpoint,
     ),
 ];
 
-const V6_SPECIAL: [(Ipv6Addr, u8, AddressKind); 5] = [
-    (Ipv6Addr::UNSPECIFIED, 128, AddressKind::Unspecified),
-    (Ipv6Addr::LOCALHOST, 128, AddressKind::Loopback),
-    (
+const V6_SPECIAL: [(u128, u128, AddressKind); 5] = [
+    v6_range(Ipv6Addr::UNSPECIFIED, 128, AddressKind::Unspecified),
+    v6_range(Ipv6Addr::LOCALHOST, 128, AddressKind::Loopback),
+    v6_range(
         Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
         10,
         AddressKind::LinkLocal,
     ),
-    (
+    v6_range(
         Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
         8,
         AddressKind::Multicast,
     ),
-    (
+    v6_range(
         Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
         128,
         AddressKind::PlatformEndpoint,
     ),
 ];
 
+const fn v4_range(start: Ipv4Addr, len: u32, kind: AddressKind) -> (u32, u32, AddressKind) {
+    let start = start.to_bits();
+    let host = if len == 32 { 0 } else { u32::MAX >> len };
+    (start, start | host, kind)
+}
+
+const fn v6_range(start: Ipv6Addr, len: u32, kind: AddressKind) -> (u128, u128, AddressKind) {
+    let start = start.to_bits();
+    let host = if len == 128 { 0 } else { u128::MAX >> len };
+    (start, start | host, kind)
+}
+
 /// The first special range that `net` overlaps.
 pub fn special(net: &IpNet) -> Option<AddressKind> {
-    let (lo, hi) = bounds(net);
-    let overlaps = |start: u128, len: u8, bits: u8| {
-        let size = if len == 0 {
-            u128::MAX
-        } else {
-            (1u128 << (bits - len)) - 1
-        };
-        let end = start.saturating_add(size);
-        lo <= end && start <= hi
-    };
     match net {
-        IpNet::V4(_) => V4_SPECIAL
-            .iter()
-            .find(|(a, len, _)| overlaps(u32::from(*a).into(), *len, 32))
-            .map(|s| s.2),
-        IpNet::V6(_) => V6_SPECIAL
-            .iter()
-            .find(|(a, len, _)| overlaps(u128::from(*a), *len, 128))
-            .map(|s| s.2),
+        IpNet::V4(n) => {
+            let (lo, hi) = (n.network().to_bits(), n.broadcast().to_bits());
+            V4_SPECIAL
+                .iter()
+                .find(|(s, e, _)| lo <= *e && *s <= hi)
+                .map(|r| r.2)
+        }
+        IpNet::V6(n) => {
+            let (lo, hi) = (n.network().to_bits(), n.broadcast().to_bits());
+            V6_SPECIAL
+                .iter()
+                .find(|(s, e, _)| lo <= *e && *s <= hi)
+                .map(|r| r.2)
+        }
     }
 }
 
@@ -366,6 +375,13 @@ fn to_u128(addr: IpAddr) -> u128 {
     match addr {
         IpAddr::V4(a) => u32::from(a).into(),
         IpAddr::V6(a) => a.into(),
+    }
+}
+
+fn from_u128(family: Family, bits: u128) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::from_bits(bits as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from_bits(bits)),
     }
 }
 
@@ -487,8 +503,9 @@ pub(crate) struct Entry {
 /// indexes that rules 4 and 5 use.
 pub(crate) struct Ledger {
     pub(crate) entries: Vec<Entry>,
-    /// Counted addresses of every node, sorted, each (address, node) once.
-    addresses: Vec<(IpAddr, usize)>,
+    family: Family,
+    /// Counted addresses of every node (as integers), sorted, each (address, node) once.
+    addresses: Vec<(u128, usize)>,
     /// Accepted blocks (rules 1–3) and their nodes.
     blocks: HashMap<IpNet, Vec<usize>>,
     /// Which prefix lengths `blocks` has.
@@ -500,7 +517,7 @@ impl Ledger {
         let cidr = mesh.route_source == RouteSource::CidrBlocks;
         let in_family = |a: &IpAddr| Family::of(a) == family;
         let mut entries: Vec<Entry> = Vec::new();
-        let mut addresses: Vec<(IpAddr, usize)> = Vec::new();
+        let mut addresses: Vec<(u128, usize)> = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             for a in counted_addresses(mesh, n).into_iter().filter(in_family) {
                 entries.push(Entry {
@@ -508,7 +525,7 @@ impl Ledger {
                     node: i,
                     flags: ADDRESS,
                 });
-                addresses.push((a, i));
+                addresses.push((to_u128(a), i));
             }
             if cidr {
                 let blocks = smallest(&n.pod_cidrs, mesh.max_node_pod_cidrs);
@@ -530,7 +547,7 @@ impl Ledger {
                 flags: WORKLOAD,
             }));
         }
-        entries.sort_unstable_by(|a, b| (a.prefix, a.node).cmp(&(b.prefix, b.node)));
+        entries.sort_unstable_by_key(|a| (a.prefix, a.node));
         entries.dedup_by(|next, kept| {
             let same = next.prefix == kept.prefix && next.node == kept.node;
             if same {
@@ -539,8 +556,10 @@ impl Ledger {
             same
         });
         addresses.sort_unstable();
+        addresses.dedup();
         let mut ledger = Self {
             entries,
+            family,
             addresses,
             blocks: HashMap::new(),
             lens: vec![false; usize::from(family.host_prefix_len()) + 1],
@@ -564,7 +583,7 @@ impl Ledger {
         let mut entries = std::mem::take(&mut ledger.entries);
         let mut cursor = 0;
         for e in &mut entries {
-            let network = e.prefix.network();
+            let network = to_u128(e.prefix.network());
             while cursor < ledger.addresses.len() && ledger.addresses[cursor].0 < network {
                 cursor += 1;
             }
@@ -586,21 +605,27 @@ impl Ledger {
         ledger
     }
 
-    /// The first address in `prefix` of a node other than `node`, looking from `cursor` (an
-    /// index at or before the first address of the prefix).
+    /// The first address in `prefix` of a node other than `node`, looking from `cursor` (the
+    /// index of the first address not below the prefix). Only `node`'s own addresses are
+    /// skipped, so this stops after at most its counted addresses.
     fn other_address_from(
         &self,
         cursor: usize,
         prefix: &IpNet,
         node: usize,
     ) -> Option<(IpAddr, usize)> {
-        let last = prefix.broadcast();
-        self.addresses[cursor..]
-            .iter()
-            .skip_while(|(a, _)| *a < prefix.network())
-            .take_while(|(a, _)| *a <= last)
-            .find(|(_, n)| *n != node)
-            .copied()
+        let last = to_u128(prefix.broadcast());
+        let mut k = cursor;
+        while let Some(&(a, n)) = self.addresses.get(k) {
+            if a > last {
+                return None;
+            }
+            if n != node {
+                return Some((from_u128(self.family, a), n));
+            }
+            k += 1;
+        }
+        None
     }
 
     /// The longest accepted block of another node that strictly contains `prefix`, with the
@@ -629,9 +654,8 @@ impl Ledger {
         if let Some(r) = static_refusal(mesh, &entry.prefix) {
             return Some(r);
         }
-        let start = self
-            .addresses
-            .partition_point(|(a, _)| *a < entry.prefix.network());
+        let network = to_u128(entry.prefix.network());
+        let start = self.addresses.partition_point(|(a, _)| *a < network);
         if let Some((address, other)) = self.other_address_from(start, &entry.prefix, entry.node) {
             return Some(Refusal::OtherNodesAddress {
                 node: name(other),

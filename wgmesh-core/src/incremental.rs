@@ -193,12 +193,12 @@ impl<T: Ord + Copy> Capped<T> {
     }
 
     fn insert(&mut self, v: T) -> [Option<T>; 2] {
+        if self.excess.is_empty() && self.kept.len() < self.limit {
+            // Under the limit: one lookup.
+            return [self.kept.insert(v).then_some(v), None];
+        }
         if self.contains(&v) {
             return [None, None];
-        }
-        if self.kept.len() < self.limit {
-            self.kept.insert(v);
-            return [Some(v), None];
         }
         match self.kept.last().copied() {
             Some(max) if v < max => {
@@ -215,7 +215,7 @@ impl<T: Ord + Copy> Capped<T> {
     }
 
     fn remove(&mut self, v: &T) -> [Option<T>; 2] {
-        if self.excess.remove(v) || !self.kept.remove(v) {
+        if (!self.excess.is_empty() && self.excess.remove(v)) || !self.kept.remove(v) {
             return [None, None];
         }
         match self.excess.pop_first() {
@@ -336,9 +336,13 @@ impl FamilyState {
 
     /// Whether `prefix` holds an address of a node other than `id` (rule 4).
     fn other_address(&self, prefix: &IpNet, id: Id) -> bool {
+        let others = |owners: &Vec<Id>| owners.iter().any(|o| *o != id);
+        if is_host(prefix) {
+            return self.addrs.get(&prefix.addr()).is_some_and(others);
+        }
         self.addrs
             .range(prefix.network()..=prefix.broadcast())
-            .any(|(_, owners)| owners.iter().any(|o| *o != id))
+            .any(|(_, owners)| others(owners))
     }
 
     /// Whether an accepted block of a node other than `id` strictly contains `prefix` (rule 5).
