@@ -275,21 +275,15 @@ const fn v6_range(start: Ipv6Addr, len: u32, kind: AddressKind) -> (u128, u128, 
 
 /// The first special range that `net` overlaps.
 pub fn special(net: &IpNet) -> Option<AddressKind> {
+    fn first<T: Ord>(lo: T, hi: T, table: &[(T, T, AddressKind)]) -> Option<AddressKind> {
+        table
+            .iter()
+            .find(|(s, e, _)| lo <= *e && *s <= hi)
+            .map(|r| r.2)
+    }
     match net {
-        IpNet::V4(n) => {
-            let (lo, hi) = (n.network().to_bits(), n.broadcast().to_bits());
-            V4_SPECIAL
-                .iter()
-                .find(|(s, e, _)| lo <= *e && *s <= hi)
-                .map(|r| r.2)
-        }
-        IpNet::V6(n) => {
-            let (lo, hi) = (n.network().to_bits(), n.broadcast().to_bits());
-            V6_SPECIAL
-                .iter()
-                .find(|(s, e, _)| lo <= *e && *s <= hi)
-                .map(|r| r.2)
-        }
+        IpNet::V4(n) => first(n.network().to_bits(), n.broadcast().to_bits(), &V4_SPECIAL),
+        IpNet::V6(n) => first(n.network().to_bits(), n.broadcast().to_bits(), &V6_SPECIAL),
     }
 }
 

@@ -214,6 +214,26 @@ impl<T: Ord + Copy> Capped<T> {
         }
     }
 
+    /// Makes the set hold exactly `wanted`; returns every value that started or stopped
+    /// counting, each once (what counts in the end is what the set says).
+    fn sync(&mut self, wanted: &BTreeSet<T>) -> Vec<T> {
+        let gone: Vec<T> = self
+            .iter()
+            .filter(|v| !wanted.contains(v))
+            .copied()
+            .collect();
+        let mut changed: Vec<T> = Vec::new();
+        for v in gone {
+            changed.extend(self.remove(&v).into_iter().flatten());
+        }
+        for v in wanted {
+            changed.extend(self.insert(*v).into_iter().flatten());
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        changed
+    }
+
     fn remove(&mut self, v: &T) -> [Option<T>; 2] {
         if (!self.excess.is_empty() && self.excess.remove(v)) || !self.kept.remove(v) {
             return [None, None];
@@ -358,10 +378,21 @@ impl FamilyState {
     }
 }
 
+/// Adds `id` to the owners of `key` (once); whether `key` is new in the index.
 fn index_add<K: Ord>(index: &mut BTreeMap<K, Vec<Id>>, key: K, id: Id) -> bool {
-    let owners = index.entry(key).or_default();
-    owners.push(id);
-    owners.len() == 1
+    use std::collections::btree_map::Entry;
+    match index.entry(key) {
+        Entry::Vacant(v) => {
+            v.insert(vec![id]);
+            true
+        }
+        Entry::Occupied(mut o) => {
+            if !o.get().contains(&id) {
+                o.get_mut().push(id);
+            }
+            false
+        }
+    }
 }
 
 fn index_remove<K: Ord>(index: &mut BTreeMap<K, Vec<Id>>, key: &K, id: Id) -> bool {
@@ -748,24 +779,8 @@ impl IncrementalPlanner {
         }
         // Blocks.
         let wanted: BTreeSet<IpNet> = node.pod_cidrs.iter().copied().collect();
-        let gone: Vec<IpNet> = self
-            .state(id)
-            .blocks
-            .iter()
-            .filter(|b| !wanted.contains(b))
-            .copied()
-            .collect();
-        for b in gone {
-            let changed = self.state_mut(id).blocks.remove(&b);
-            for b in changed.into_iter().flatten() {
-                self.block_changed(j, id, b);
-            }
-        }
-        for b in wanted {
-            let changed = self.state_mut(id).blocks.insert(b);
-            for b in changed.into_iter().flatten() {
-                self.block_changed(j, id, b);
-            }
+        for b in self.state_mut(id).blocks.sync(&wanted) {
+            self.block_changed(j, id, b);
         }
         // Keep the given order of blocks (it does not change any claim).
         self.state_mut(id)
@@ -773,24 +788,8 @@ impl IncrementalPlanner {
             .pod_cidrs
             .clone_from(&node.pod_cidrs);
         // Workload addresses.
-        let gone: Vec<IpAddr> = self
-            .state(id)
-            .workload
-            .iter()
-            .filter(|ip| !workload.contains(ip))
-            .copied()
-            .collect();
-        for ip in gone {
-            let changed = self.state_mut(id).workload.remove(&ip);
-            for ip in changed.into_iter().flatten() {
-                self.refresh(j, id, host_net(ip));
-            }
-        }
-        for ip in workload {
-            let changed = self.state_mut(id).workload.insert(ip);
-            for ip in changed.into_iter().flatten() {
-                self.refresh(j, id, host_net(ip));
-            }
+        for ip in self.state_mut(id).workload.sync(&workload) {
+            self.refresh(j, id, host_net(ip));
         }
     }
 

@@ -407,49 +407,36 @@ impl MeshConfig {
                 ));
             }
         }
-        for (field, len, max) in [
-            ("min_prefix_len", self.min_prefix_len, 32),
-            ("min_prefix_len_v6", self.min_prefix_len_v6, 128),
-        ] {
-            if !(1..=max).contains(&len) {
-                return Err(Error::mesh(
-                    field,
-                    Some(len.to_string()),
-                    Problem::OutOfRange {
-                        min: 1,
-                        max: max.into(),
-                    },
-                ));
-            }
-        }
-        if !(Family::V4.min_mtu()..=MAX_MTU).contains(&self.mtu_floor) {
-            return Err(Error::mesh(
-                "mtu_floor",
-                Some(self.mtu_floor.to_string()),
-                Problem::OutOfRange {
-                    min: Family::V4.min_mtu().into(),
-                    max: MAX_MTU.into(),
-                },
-            ));
-        }
+        in_range("min_prefix_len", self.min_prefix_len.into(), 1, 32)?;
+        in_range("min_prefix_len_v6", self.min_prefix_len_v6.into(), 1, 128)?;
+        in_range(
+            "mtu_floor",
+            self.mtu_floor.into(),
+            Family::V4.min_mtu().into(),
+            MAX_MTU.into(),
+        )?;
         for (field, limit) in [
             ("max_node_addresses", self.max_node_addresses),
             ("max_node_pod_cidrs", self.max_node_pod_cidrs),
             ("max_node_workload_ips", self.max_node_workload_ips),
         ] {
-            if !(1..=MAX_NODE_LIMIT).contains(&limit) {
-                return Err(Error::mesh(
-                    field,
-                    Some(limit.to_string()),
-                    Problem::OutOfRange {
-                        min: 1,
-                        max: MAX_NODE_LIMIT as i64,
-                    },
-                ));
-            }
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            in_range(field, limit, 1, MAX_NODE_LIMIT as i64)?;
         }
         Ok(())
     }
+}
+
+/// `value` of mesh setting `field` is within `min..=max`.
+fn in_range(field: &'static str, value: i64, min: i64, max: i64) -> Result<(), Error> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(Error::mesh(
+        field,
+        Some(value.to_string()),
+        Problem::OutOfRange { min, max },
+    ))
 }
 
 /// Names that exist on every host or that the kernel reserves in `/proc/sys/net/*/conf`.

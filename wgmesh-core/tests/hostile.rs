@@ -135,28 +135,7 @@ fn endpoints(cluster: &Cluster) -> Vec<(Source, IpAddr, String)> {
 /// node. Settings that refuse the honest nodes' own claims leave those addresses without an
 /// owner to defend them; that is a misconfiguration, reported per node, not an attack.
 fn sane_trust() -> impl Strategy<Value = TrustShape> {
-    (
-        0u8..4,
-        proptest::option::weighted(0.3, (16u8..=24, 48u8..=64)),
-        proptest::option::weighted(0.3, Just((2usize, 3usize, 10usize))),
-        prop_oneof![Just(1280u32), Just(576), Just(1400)],
-    )
-        .prop_map(|(cidrs, min_prefix, limits, mtu_floor)| TrustShape {
-            cidrs,
-            min_prefix,
-            limits,
-            mtu_floor,
-        })
-}
-
-fn config() -> ProptestConfig {
-    ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256)
-            .max(256),
-    )
+    trust_with((16u8..=24, 48u8..=64), Just((2usize, 3usize, 10usize)))
 }
 
 fn names(d: &Diagnostic, a: &str, b: &str) -> bool {
@@ -165,7 +144,7 @@ fn names(d: &Diagnostic, a: &str, b: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config())]
 
     #[test]
     fn one_hostile_node_cannot_hijack_or_silently_downgrade(

@@ -162,9 +162,7 @@ fn full(planner: &IncrementalPlanner) -> NodePlan {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256).max(256)
-    ))]
+    #![proptest_config(proptest_config())]
 
     #[test]
     fn incremental_equals_full_recompute(

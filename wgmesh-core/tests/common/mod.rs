@@ -250,11 +250,20 @@ pub struct TrustShape {
     pub mtu_floor: u32,
 }
 
+/// Any trust settings, including ones that refuse or cut the nodes' own claims.
 pub fn trust_shape() -> impl Strategy<Value = TrustShape> {
+    trust_with((16u8..=26, 48u8..=96), (1usize..3, 1usize..3, 1usize..5))
+}
+
+/// Trust settings with prefix bounds and limits drawn from these.
+pub fn trust_with(
+    min_prefix: impl Strategy<Value = (u8, u8)>,
+    limits: impl Strategy<Value = (usize, usize, usize)>,
+) -> impl Strategy<Value = TrustShape> {
     (
         0u8..4,
-        proptest::option::weighted(0.3, (16u8..=26, 48u8..=96)),
-        proptest::option::weighted(0.3, (1usize..3, 1usize..3, 1usize..5)),
+        proptest::option::weighted(0.3, min_prefix),
+        proptest::option::weighted(0.3, limits),
         prop_oneof![Just(1280u32), Just(576), Just(1400)],
     )
         .prop_map(|(cidrs, min_prefix, limits, mtu_floor)| TrustShape {
@@ -263,6 +272,17 @@ pub fn trust_shape() -> impl Strategy<Value = TrustShape> {
             limits,
             mtu_floor,
         })
+}
+
+/// At least 256 cases, more with `PROPTEST_CASES`.
+pub fn proptest_config() -> ProptestConfig {
+    ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+            .max(256),
+    )
 }
 
 impl TrustShape {
