@@ -252,7 +252,7 @@ impl<T: Ord + Copy> Capped<T> {
 struct NodeState {
     /// The node, with `workload_ips` always empty: those live in `workload`.
     node: Node,
-    /// Its addresses that count.
+    /// Its addresses that count, sorted.
     addrs: Vec<IpAddr>,
     /// Its distinct blocks; the smallest count.
     blocks: Capped<IpNet>,
@@ -282,7 +282,7 @@ impl NodeState {
         let mut fields = 0;
         if is_host(prefix) {
             let a = prefix.addr();
-            if self.addrs.contains(&a) {
+            if self.addrs.binary_search(&a).is_ok() {
                 fields |= ADDRESS;
             }
             if self.workload.counts(&a) {
@@ -672,9 +672,8 @@ impl IncrementalPlanner {
                 if !self.state(id).blocks.contains(&cidr) {
                     self.state_mut(id).node.pod_cidrs.push(cidr);
                     let changed = self.state_mut(id).blocks.insert(cidr);
-                    for b in changed.into_iter().flatten() {
-                        self.block_changed(j, id, b);
-                    }
+                    let changed: Vec<IpNet> = changed.into_iter().flatten().collect();
+                    self.blocks_changed(j, id, &changed);
                 }
             }
             Event::BlockRemoved { node, cidr } => {
@@ -682,9 +681,8 @@ impl IncrementalPlanner {
                 if self.state(id).blocks.contains(&cidr) {
                     self.state_mut(id).node.pod_cidrs.retain(|b| *b != cidr);
                     let changed = self.state_mut(id).blocks.remove(&cidr);
-                    for b in changed.into_iter().flatten() {
-                        self.block_changed(j, id, b);
-                    }
+                    let changed: Vec<IpNet> = changed.into_iter().flatten().collect();
+                    self.blocks_changed(j, id, &changed);
                 }
             }
             Event::MeshChanged(mesh) => {
@@ -740,20 +738,18 @@ impl IncrementalPlanner {
                     self.touch_peer(j, family, id);
                 }
             }
-            let counted = counted_addresses(&self.mesh, &node);
+            let mut counted = counted_addresses(&self.mesh, &node);
+            counted.sort_unstable();
             let state = self.state_mut(id);
             state.node.addresses.clone_from(&node.addresses);
             let old = std::mem::replace(&mut state.addrs, counted.clone());
-            let gone: Vec<IpAddr> = old
-                .iter()
-                .filter(|a| !counted.contains(a))
-                .copied()
-                .collect();
-            let new: Vec<IpAddr> = counted
-                .iter()
-                .filter(|a| !old.contains(a))
-                .copied()
-                .collect();
+            let missing = |from: &[IpAddr], other: &[IpAddr]| -> Vec<IpAddr> {
+                from.iter()
+                    .filter(|a| other.binary_search(a).is_err())
+                    .copied()
+                    .collect()
+            };
+            let (gone, new) = (missing(&old, &counted), missing(&counted, &old));
             for a in &gone {
                 index_remove(&mut self.fams[Family::of(a).index()].addrs, a, id);
             }
@@ -779,9 +775,8 @@ impl IncrementalPlanner {
         }
         // Blocks.
         let wanted: BTreeSet<IpNet> = node.pod_cidrs.iter().copied().collect();
-        for b in self.state_mut(id).blocks.sync(&wanted) {
-            self.block_changed(j, id, b);
-        }
+        let changed = self.state_mut(id).blocks.sync(&wanted);
+        self.blocks_changed(j, id, &changed);
         // Keep the given order of blocks (it does not change any claim).
         self.state_mut(id)
             .node
@@ -793,26 +788,35 @@ impl IncrementalPlanner {
         }
     }
 
-    /// Block `block` started or stopped counting for node `id`: the index of accepted blocks,
-    /// the node's cover, its workload addresses inside the block (covered or not), the other
-    /// nodes' blocks inside it (rule 5), and the block's own claim.
-    fn block_changed(&mut self, j: &mut Option<Journal>, id: Id, block: IpNet) {
-        if self.mesh.route_source != RouteSource::CidrBlocks {
+    /// Blocks `changed` started or stopped counting for node `id`: the index of accepted
+    /// blocks, the node's cover (rebuilt once), its workload addresses inside the blocks
+    /// (covered or not), the other nodes' blocks inside them (rule 5), and the blocks' own
+    /// claims.
+    fn blocks_changed(&mut self, j: &mut Option<Journal>, id: Id, changed: &[IpNet]) {
+        if changed.is_empty() || self.mesh.route_source != RouteSource::CidrBlocks {
             return;
         }
-        let family = Family::of_net(&block);
-        let f = family.index();
-        if static_refusal(&self.mesh, &block).is_none() {
-            let counts = self.state(id).blocks.counts(&block);
+        let accepted: Vec<IpNet> = changed
+            .iter()
+            .filter(|b| static_refusal(&self.mesh, b).is_none())
+            .copied()
+            .collect();
+        let mut families = [false; 2];
+        for block in &accepted {
+            let f = Family::of_net(block).index();
+            families[f] = true;
+            let counts = self.state(id).blocks.counts(block);
             let fam = &mut self.fams[f];
             let len = usize::from(block.prefix_len());
             if counts {
-                if index_add(&mut fam.blocks, block, id) {
+                if index_add(&mut fam.blocks, *block, id) {
                     fam.lens[len] += 1;
                 }
-            } else if index_remove(&mut fam.blocks, &block, id) {
+            } else if index_remove(&mut fam.blocks, block, id) {
                 fam.lens[len] -= 1;
             }
+        }
+        for family in Family::ALL.into_iter().filter(|f| families[f.index()]) {
             let cover = Cover::new(
                 self.state(id)
                     .blocks
@@ -822,7 +826,9 @@ impl IncrementalPlanner {
                     .filter(|b| static_refusal(&self.mesh, b).is_none())
                     .copied(),
             );
-            self.state_mut(id).cover[f] = cover;
+            self.state_mut(id).cover[family.index()] = cover;
+        }
+        for block in accepted {
             let inside: Vec<IpAddr> = self
                 .state(id)
                 .workload
@@ -833,8 +839,9 @@ impl IncrementalPlanner {
             for ip in inside {
                 self.refresh(j, id, host_net(ip));
             }
+            let family = Family::of_net(&block);
             let top = IpNet::new(block.broadcast(), family.host_prefix_len()).unwrap_or(block);
-            let nested: Vec<(Id, IpNet)> = self.fams[f]
+            let nested: Vec<(Id, IpNet)> = self.fams[family.index()]
                 .blocks
                 .range(block..=top)
                 .filter(|(b, _)| b.prefix_len() > block.prefix_len() && block.contains(*b))
@@ -844,7 +851,9 @@ impl IncrementalPlanner {
                 self.refresh(j, other, b);
             }
         }
-        self.refresh(j, id, block);
+        for block in changed {
+            self.refresh(j, id, *block);
+        }
     }
 
     /// Address `addr` of node `id` appeared or went: refreshes the other nodes' claims that
