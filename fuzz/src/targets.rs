@@ -11,7 +11,8 @@ use crate::Target;
 ///
 /// - an error is one line of at most 1,024 bytes (values are echoed elided);
 /// - an accepted cluster plans every node, and the incremental planner of its first and last
-///   node starts from the same plan, with the same count of refused claims as the findings;
+///   node starts from the same plan, with the same counts of refused claims and disputed
+///   prefixes as the findings;
 /// - findings and the text rendering are produced, one line per finding;
 /// - the cluster written back as JSON parses to the same cluster.
 pub const CLUSTER: Target = Target {
@@ -134,7 +135,8 @@ fn check_cluster(input: &[u8]) -> Result<(), String> {
             return Err(format!("finding on several lines: {f}"));
         }
     }
-    let refused = findings.iter().filter(|d| d.kind() == "refused").count();
+    let count = |kind: &str| findings.iter().filter(|d| d.kind() == kind).count();
+    let (refused, clashes) = (count("refused"), count("clash"));
     let nodes = cluster.nodes();
     for node in nodes.first().into_iter().chain(nodes.last()) {
         let planner = IncrementalPlanner::new(&cluster, &node.name);
@@ -142,11 +144,10 @@ fn check_cluster(input: &[u8]) -> Result<(), String> {
         if planner.plan() != full {
             return Err(format!("incremental plan of {} differs", node.name));
         }
-        if cluster.mesh().enabled && planner.refused_claims() != refused {
+        let counts = (planner.refused_claims(), planner.disputed_prefixes());
+        if cluster.mesh().enabled && counts != (refused, clashes) {
             return Err(format!(
-                "{} refused claims, {} findings",
-                planner.refused_claims(),
-                refused
+                "planner counts {counts:?} (refused, disputed), findings ({refused}, {clashes})"
             ));
         }
     }

@@ -121,45 +121,60 @@ impl Claim {
     }
 }
 
-/// Sets node `id`'s flags on `prefix` (0 removes its claim).
-fn set_claim(claims: &mut HashMap<IpNet, Claim>, prefix: IpNet, id: Id, flags: u8) {
+/// Whether a prefix is disputed: two or more claims that are not refused (a
+/// [`Diagnostic::Clash`]).
+fn disputed(claims: &[(Id, u8)]) -> bool {
+    claims
+        .iter()
+        .filter(|c| c.1 & REFUSED == 0)
+        .nth(1)
+        .is_some()
+}
+
+/// Sets node `id`'s flags on `prefix` (0 removes its claim); whether the prefix was disputed
+/// before, and is after.
+fn set_claim(claims: &mut HashMap<IpNet, Claim>, prefix: IpNet, id: Id, flags: u8) -> (bool, bool) {
     use std::collections::hash_map::Entry;
-    match claims.entry(prefix) {
+    let mut o = match claims.entry(prefix) {
         Entry::Vacant(v) => {
             if flags != 0 {
                 v.insert(Claim::One((id, flags)));
             }
+            return (false, false);
         }
-        Entry::Occupied(mut o) => match o.get_mut() {
-            Claim::One((x, f)) if *x == id => {
-                if flags == 0 {
-                    o.remove();
-                } else {
-                    *f = flags;
-                }
+        Entry::Occupied(o) => o,
+    };
+    let before = disputed(o.get().as_slice());
+    match o.get_mut() {
+        Claim::One((x, f)) if *x == id => {
+            if flags == 0 {
+                o.remove();
+                return (before, false);
             }
-            Claim::One(first) => {
-                if flags != 0 {
-                    let first = *first;
-                    *o.get_mut() = Claim::Many(vec![first, (id, flags)]);
-                }
+            *f = flags;
+        }
+        Claim::One(first) => {
+            if flags != 0 {
+                let first = *first;
+                *o.get_mut() = Claim::Many(vec![first, (id, flags)]);
             }
-            Claim::Many(v) => {
-                match v.iter().position(|c| c.0 == id) {
-                    Some(i) if flags == 0 => {
-                        v.swap_remove(i);
-                    }
-                    Some(i) => v[i].1 = flags,
-                    None if flags != 0 => v.push((id, flags)),
-                    None => {}
+        }
+        Claim::Many(v) => {
+            match v.iter().position(|c| c.0 == id) {
+                Some(i) if flags == 0 => {
+                    v.swap_remove(i);
                 }
-                if let [one] = v.as_slice() {
-                    let one = *one;
-                    *o.get_mut() = Claim::One(one);
-                }
+                Some(i) => v[i].1 = flags,
+                None if flags != 0 => v.push((id, flags)),
+                None => {}
             }
-        },
+            if let [one] = v.as_slice() {
+                let one = *one;
+                *o.get_mut() = Claim::One(one);
+            }
+        }
     }
+    (before, disputed(o.get().as_slice()))
 }
 
 /// A set whose smallest `limit` values count; the others wait, in order, for a counted one
@@ -339,6 +354,8 @@ struct FamilyState {
     mtus: BTreeMap<u32, usize>,
     /// Claims refused now.
     refused: usize,
+    /// Prefixes disputed now.
+    disputed: usize,
 }
 
 impl FamilyState {
@@ -351,6 +368,7 @@ impl FamilyState {
             lens: vec![0; usize::from(family.host_prefix_len()) + 1],
             mtus: BTreeMap::new(),
             refused: 0,
+            disputed: 0,
         }
     }
 
@@ -483,6 +501,15 @@ impl IncrementalPlanner {
             return 0;
         }
         self.fams.iter().map(|f| f.refused).sum()
+    }
+
+    /// How many prefixes several nodes claim now (each one a [`Diagnostic::Clash`]), both
+    /// families together; kept current like [`IncrementalPlanner::refused_claims`].
+    pub fn disputed_prefixes(&self) -> usize {
+        if !self.mesh.enabled {
+            return 0;
+        }
+        self.fams.iter().map(|f| f.disputed).sum()
     }
 
     /// Everything [`diagnose`] finds in the current cluster (time proportional to the
@@ -906,7 +933,11 @@ impl IncrementalPlanner {
         if new & REFUSED != 0 {
             fam.refused += 1;
         }
-        set_claim(&mut fam.claims, prefix, id, new);
+        match set_claim(&mut fam.claims, prefix, id, new) {
+            (false, true) => fam.disputed += 1,
+            (true, false) => fam.disputed -= 1,
+            _ => {}
+        }
     }
 
     /// Node `id`'s claim on `prefix` as the rules settle it now (0: no claim).

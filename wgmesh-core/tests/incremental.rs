@@ -1,7 +1,7 @@
 //! The incremental planner against the full planner: random clusters, random event
 //! sequences — hostile claims and the trust settings included — and after every event the
 //! incremental plan equals a full recompute, the returned delta equals the difference of the
-//! two plans, and the count of refused claims equals the findings'.
+//! two plans, and the counts of refused claims and disputed prefixes equal the findings'.
 
 mod common;
 
@@ -192,6 +192,11 @@ proptest! {
                 .filter(|d| d.kind() == "refused")
                 .count();
             prop_assert_eq!(planner.refused_claims(), refused, "refused claims after {:?}", event);
+            let clashes = diagnose(&planner.cluster().unwrap())
+                .iter()
+                .filter(|d| d.kind() == "clash")
+                .count();
+            prop_assert_eq!(planner.disputed_prefixes(), clashes, "disputes after {:?}", event);
             prop_assert_eq!(&delta, &diff(&before, &after), "delta of {:?}", event);
             let mut patched = before.clone();
             patched.apply_delta(&delta);
