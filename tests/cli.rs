@@ -336,3 +336,24 @@ fn keys_match_wg() {
         assert_eq!(text(&a.stdout), text(&b.stdout));
     }
 }
+
+#[test]
+fn findings_name_both_nodes_of_a_hostile_claim() {
+    // Issue 11: b reports a's address and 8.8.8.8 as workload addresses.
+    let cluster = r#"{"mesh": {"cluster_cidrs": ["10.0.0.0/16"]}, "nodes":[
+      {"name":"a","addresses":["10.0.0.1"],"wireguard":{"public_key":"kt6ZjwKW9PRldGLl4ReY9SLO7xixUhVBvWdLJAIAHX8="}},
+      {"name":"b","addresses":["10.0.0.2"],"wireguard":{"public_key":"UyG4eT0x90K0Aweb284VnX6DI8NsUi697KJKUaNMqkw="},"workload_ips":["10.0.0.1","8.8.8.8"]},
+      {"name":"c","addresses":["10.0.0.3"],"wireguard":{"public_key":"hKl+HNs4U8n0NjPMK8t6ZGwADTIR6GEnnA5aHWLJhVQ="}}]}"#;
+    let out = plan(&["--cluster", "-", "--node", "c"], Some(cluster));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(
+        s.contains(r#"node "b": workload_ips 10.0.0.1/32 refused: it covers 10.0.0.1, an address of node "a""#),
+        "{s}"
+    );
+    assert!(
+        s.contains(r#"node "b": workload_ips 8.8.8.8/32 refused: it is outside cluster_cidrs"#)
+    );
+    assert!(s.contains("throw 8.8.8.8/32 table 1") && s.contains("throw 10.0.0.1/32 table 1"));
+    assert!(!s.contains("allowed ips: 8.8.8.8/32"));
+}

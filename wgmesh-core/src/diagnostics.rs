@@ -1,9 +1,11 @@
 //! Why the mesh looks the way it does: nodes that stay plain and why, keys claimed twice,
-//! destinations claimed by several nodes, IPAM blocks that overlap.
+//! prefixes claimed by several nodes, claims refused by the trust rules ([`crate::claims`]),
+//! claims over a node's limits, and MTUs that a node published but the mesh does not follow.
 //!
-//! None of these is an error — the planner handles each safely (plain nodes and clashing
-//! destinations get throw routes and stay reachable in plaintext) — but an operator wants to
-//! know.
+//! None of these is an error — the planner handles each safely (plain nodes, disputed and
+//! refused prefixes get throw routes and stay reachable in plaintext) — but an operator must
+//! know: each finding names every node it is about ([`Diagnostic::nodes`]), so an agent can
+//! log it once, count it by [`Diagnostic::kind`] and raise an event on each node.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,12 +13,13 @@ use std::fmt;
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::claims::{ClaimField, Ledger, Refusal, over_limit};
 use crate::key::PublicKey;
 use crate::model::{Cluster, Family};
-use crate::plan::destinations;
+use crate::plan::takes_part;
 
 /// Why a node does not take part in a family's mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum PlainReason {
@@ -31,7 +34,7 @@ pub enum PlainReason {
 }
 
 /// One finding.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Diagnostic {
@@ -53,20 +56,125 @@ pub enum Diagnostic {
         /// The nodes, sorted.
         nodes: Vec<String>,
     },
-    /// Several nodes claim one destination; it is routed in plaintext (throw) everywhere.
+    /// Several nodes claim one prefix (as an address, a block or a workload address); it
+    /// belongs to nobody and is routed in plaintext (throw) everywhere.
     Clash {
-        /// The destination.
+        /// The prefix.
         destination: IpNet,
         /// The nodes, sorted.
         nodes: Vec<String>,
     },
-    /// Two IPAM blocks overlap: longest-prefix match would send part of one to the other.
-    OverlappingBlocks {
-        /// The larger block and its node.
-        outer: (String, IpNet),
-        /// The block inside it and its node.
-        inner: (String, IpNet),
+    /// A node's claim is refused: it is on none of its peers, and its prefix is routed in
+    /// plaintext (throw) everywhere.
+    Refused {
+        /// The node that made the claim.
+        node: String,
+        /// The field the claim comes from.
+        field: ClaimField,
+        /// The claim.
+        claim: IpNet,
+        /// Why; it names the other node when the claim collides with one.
+        reason: Refusal,
     },
+    /// A node lists more values in a field than count; the rest are ignored.
+    OverLimit {
+        /// The node.
+        node: String,
+        /// The field.
+        field: ClaimField,
+        /// How many distinct values it lists.
+        listed: usize,
+        /// How many count.
+        limit: usize,
+    },
+    /// A node that takes part publishes an underlay MTU below the floor: the automatic MTU of
+    /// the other nodes ignores it (the node itself still fits its own underlay).
+    MtuBelowFloor {
+        /// The node.
+        node: String,
+        /// The family.
+        family: Family,
+        /// Its underlay MTU.
+        underlay_mtu: u32,
+        /// The smallest underlay MTU that counts.
+        floor: u32,
+    },
+    /// The fixed `mesh.mtu` does not fit a node's underlay: its tunnelled packets of full size
+    /// will not get through.
+    MtuAboveUnderlay {
+        /// The node.
+        node: String,
+        /// The family.
+        family: Family,
+        /// The fixed MTU.
+        mtu: u32,
+        /// The node's underlay MTU.
+        underlay_mtu: u32,
+    },
+    /// A family has no `cluster_cidrs`: nodes may claim any address that no other rule
+    /// refuses, so a node can pull traffic for outside addresses into its tunnel.
+    NoClusterCidrs {
+        /// The family.
+        family: Family,
+    },
+}
+
+impl Diagnostic {
+    /// A stable name of the finding's kind (its `kind` in JSON), for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Plain { .. } => "plain",
+            Self::DuplicateKey { .. } => "duplicate_key",
+            Self::Clash { .. } => "clash",
+            Self::Refused { .. } => "refused",
+            Self::OverLimit { .. } => "over_limit",
+            Self::MtuBelowFloor { .. } => "mtu_below_floor",
+            Self::MtuAboveUnderlay { .. } => "mtu_above_underlay",
+            Self::NoClusterCidrs { .. } => "no_cluster_cidrs",
+        }
+    }
+
+    /// Every node the finding is about: for a collision, the node that made the claim first,
+    /// then the others. Empty for findings about the mesh settings.
+    ///
+    /// ```
+    /// use wgmesh_core::{diagnostics::diagnose, spec::parse_cluster};
+    /// let cluster = parse_cluster(r#"{"nodes": [
+    ///   {"name": "a", "addresses": ["10.0.0.1"]},
+    ///   {"name": "b", "addresses": ["10.0.0.2"], "workload_ips": ["10.0.0.1"]}]}"#)?;
+    /// let refused = diagnose(&cluster).into_iter().find(|d| d.kind() == "refused").unwrap();
+    /// assert_eq!(refused.nodes(), ["b", "a"]);
+    /// assert_eq!(
+    ///     refused.to_string(),
+    ///     r#"node "b": workload_ips 10.0.0.1/32 refused: it covers 10.0.0.1, an address of node "a""#
+    /// );
+    /// # Ok::<(), wgmesh_core::Error>(())
+    /// ```
+    pub fn nodes(&self) -> Vec<&str> {
+        match self {
+            Self::Plain { node, .. }
+            | Self::OverLimit { node, .. }
+            | Self::MtuBelowFloor { node, .. }
+            | Self::MtuAboveUnderlay { node, .. } => vec![node],
+            Self::DuplicateKey { nodes, .. } | Self::Clash { nodes, .. } => {
+                nodes.iter().map(String::as_str).collect()
+            }
+            Self::Refused { node, reason, .. } => std::iter::once(node.as_str())
+                .chain(reason.other_node())
+                .collect(),
+            Self::NoClusterCidrs { .. } => Vec::new(),
+        }
+    }
+
+    /// Whether the finding is about a node's claims colliding with another node's (a key, a
+    /// prefix, or a refusal that names another node).
+    pub fn is_collision(&self) -> bool {
+        match self {
+            Self::DuplicateKey { .. } | Self::Clash { .. } => true,
+            Self::Refused { reason, .. } => reason.other_node().is_some(),
+            _ => false,
+        }
+    }
 }
 
 impl fmt::Display for Diagnostic {
@@ -99,10 +207,44 @@ impl fmt::Display for Diagnostic {
                 "{destination} is claimed by {}: routed in plaintext until one node has it",
                 nodes.join(", ")
             ),
-            Self::OverlappingBlocks { outer, inner } => write!(
+            Self::Refused {
+                node,
+                field,
+                claim,
+                reason,
+            } => write!(f, "node {node:?}: {field} {claim} refused: {reason}"),
+            Self::OverLimit {
+                node,
+                field,
+                listed,
+                limit,
+            } => write!(
                 f,
-                "block {} of node {:?} contains block {} of node {:?}",
-                outer.1, outer.0, inner.1, inner.0
+                "node {node:?} lists {listed} {field}: only {limit} count ({})",
+                field.limit_setting()
+            ),
+            Self::MtuBelowFloor {
+                node,
+                family,
+                underlay_mtu,
+                floor,
+            } => write!(
+                f,
+                "node {node:?} publishes an underlay MTU of {underlay_mtu}, below {floor}: the {family} mesh MTU ignores it (mtu_floor)"
+            ),
+            Self::MtuAboveUnderlay {
+                node,
+                family,
+                mtu,
+                underlay_mtu,
+            } => write!(
+                f,
+                "mesh.mtu {mtu} does not fit the {family} underlay MTU {underlay_mtu} of node {node:?} (the tunnel adds {} bytes)",
+                family.wireguard_overhead()
+            ),
+            Self::NoClusterCidrs { family } => write!(
+                f,
+                "mesh.cluster_cidrs has no {family} range: a node can claim any outside {family} address, and pull its traffic into the node's tunnel"
             ),
         }
     }
@@ -165,42 +307,87 @@ pub fn diagnose(cluster: &Cluster) -> Vec<Diagnostic> {
                 }),
         );
     }
-    let mut claims: HashMap<IpNet, Vec<String>> = HashMap::new();
-    for n in cluster.nodes() {
-        for family in Family::ALL {
-            for d in destinations(mesh, n, family) {
-                claims.entry(d).or_default().push(n.name.clone());
+    if !mesh.enabled {
+        return out;
+    }
+    let nodes = cluster.nodes();
+    let name = |i: usize| nodes[i].name.clone();
+    for n in nodes {
+        for field in [
+            ClaimField::Addresses,
+            ClaimField::PodCidrs,
+            ClaimField::WorkloadIps,
+        ] {
+            if let Some((listed, limit)) = over_limit(mesh, n, field) {
+                out.push(Diagnostic::OverLimit {
+                    node: n.name.clone(),
+                    field,
+                    listed,
+                    limit,
+                });
             }
         }
     }
-    let mut clashes: Vec<(IpNet, Vec<String>)> =
-        claims.into_iter().filter(|(_, v)| v.len() > 1).collect();
-    clashes.sort();
-    out.extend(clashes.into_iter().map(|(destination, mut nodes)| {
-        nodes.sort();
-        Diagnostic::Clash { destination, nodes }
-    }));
-    let mut blocks: Vec<(IpNet, &str)> = cluster
-        .nodes()
-        .iter()
-        .flat_map(|n| n.pod_cidrs.iter().map(move |b| (*b, n.name.as_str())))
-        .collect();
-    blocks.sort();
-    blocks.dedup();
-    let mut open: Vec<(IpNet, &str)> = Vec::new();
-    for (block, node) in blocks {
-        while open.last().is_some_and(|(o, _)| !o.contains(&block)) {
-            open.pop();
+    for family in Family::ALL {
+        if !mesh.restricts(family) && nodes.iter().any(|n| n.address(family).is_some()) {
+            out.push(Diagnostic::NoClusterCidrs { family });
         }
-        if let Some((outer, outer_node)) = open.last()
-            && *outer != block
-        {
-            out.push(Diagnostic::OverlappingBlocks {
-                outer: ((*outer_node).to_owned(), *outer),
-                inner: (node.to_owned(), block),
-            });
+        let ledger = Ledger::new(mesh, nodes, family);
+        let mut refused = Vec::new();
+        let mut clashes = Vec::new();
+        for group in ledger.entries.chunk_by(|a, b| a.prefix == b.prefix) {
+            let mut accepted: Vec<String> = Vec::new();
+            for e in group {
+                match ledger.refusal(mesh, e, name) {
+                    Some(reason) => refused.push(Diagnostic::Refused {
+                        node: name(e.node),
+                        field: Ledger::field(e),
+                        claim: e.prefix,
+                        reason,
+                    }),
+                    None => accepted.push(name(e.node)),
+                }
+            }
+            if accepted.len() > 1 {
+                accepted.sort();
+                clashes.push(Diagnostic::Clash {
+                    destination: group[0].prefix,
+                    nodes: accepted,
+                });
+            }
         }
-        open.push((block, node));
+        out.extend(clashes);
+        out.extend(refused);
+        let mut keys: HashMap<PublicKey, usize> = HashMap::new();
+        for n in nodes {
+            if let Some(k) = n.key(family) {
+                *keys.entry(k).or_default() += 1;
+            }
+        }
+        let part = |n: &crate::Node| {
+            let claims = n.key(family).map_or(0, |k| keys[&k]);
+            takes_part(mesh, n, family, claims)
+        };
+        let floor = mesh.underlay_mtu_floor(family);
+        for n in nodes.iter().filter(|n| part(n)) {
+            match mesh.mtu {
+                None if n.underlay_mtu < floor => out.push(Diagnostic::MtuBelowFloor {
+                    node: n.name.clone(),
+                    family,
+                    underlay_mtu: n.underlay_mtu,
+                    floor,
+                }),
+                Some(mtu) if mtu + family.wireguard_overhead() > n.underlay_mtu => {
+                    out.push(Diagnostic::MtuAboveUnderlay {
+                        node: n.name.clone(),
+                        family,
+                        mtu,
+                        underlay_mtu: n.underlay_mtu,
+                    });
+                }
+                _ => {}
+            }
+        }
     }
     out
 }

@@ -1,9 +1,73 @@
 //! The one error type of the core: what was wrong, where (the mesh or a named node, and the
 //! field), and the offending value.
+//!
+//! Values and names are echoed at most [`MAX_ECHO`] bytes long (see [`elide`]): a node that
+//! writes a megabyte into a field must not put a megabyte into every agent's log. An error's
+//! whole line stays well under a kilobyte.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::key::KeyError;
+
+/// How many bytes of a value (or a node name) errors echo; the rest is elided.
+pub const MAX_ECHO: usize = 64;
+
+/// How many bytes of a field path errors keep.
+const MAX_FIELD: usize = 128;
+
+/// How many bytes of a parser's message errors keep.
+const MAX_MESSAGE: usize = 240;
+
+/// `text` when it has at most [`MAX_ECHO`] bytes; otherwise its first [`MAX_ECHO`] bytes (cut
+/// at a character boundary), an ellipsis and the full length in bytes. For everything that
+/// repeats untrusted input in an error, a warning or a log line.
+///
+/// ```
+/// use wgmesh_core::error::elide;
+/// assert_eq!(elide("10.0.0.1"), "10.0.0.1");
+/// let long = "x".repeat(1 << 20);
+/// assert_eq!(elide(&long), format!("{}…(1048576 bytes)", "x".repeat(64)));
+/// assert!(elide(&"é".repeat(1000)).len() < 100);
+/// ```
+pub fn elide(text: &str) -> Cow<'_, str> {
+    elide_to(text, MAX_ECHO)
+}
+
+/// [`elide`] with another limit, in bytes.
+pub fn elide_to(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Cow::Owned(format!("{}…({} bytes)", &text[..cut], text.len()))
+}
+
+/// `text` with control characters escaped (`\n`, `\u{1b}`), so that it stays on one line
+/// and cannot forge log lines or terminal escapes.
+///
+/// ```
+/// use wgmesh_core::error::one_line;
+/// assert_eq!(one_line("a\nb"), "a\\nb");
+/// assert_eq!(one_line("plain"), "plain");
+/// ```
+pub fn one_line(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// Where a bad value sits in the cluster description.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +151,28 @@ pub enum Problem {
     /// A value of the wrong type or shape, as the parser reported it.
     #[error("{0}")]
     Syntax(String),
+    /// The text is longer than the parser accepts.
+    #[error("{size} bytes is more than the limit of {limit}")]
+    TooLarge {
+        /// The size of the text (or the bytes read before giving up).
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The text nests collections deeper than the parser accepts.
+    #[error("nested more than {limit} levels deep")]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl Problem {
+    /// A parser's message, cut to a bounded length (parsers quote the bad value).
+    pub(crate) fn syntax(message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::Syntax(one_line(&elide_to(&message, MAX_MESSAGE)).into_owned())
+    }
 }
 
 /// Every error of the core: bad input, found while validating a cluster or applying an event.
@@ -129,13 +215,32 @@ fn value_suffix(value: &Option<String>) -> String {
 }
 
 impl Error {
-    pub(crate) fn mesh(field: impl Into<String>, value: Option<String>, problem: Problem) -> Self {
+    /// An invalid value at `location`; the value and any node name in the location are elided
+    /// to [`MAX_ECHO`] characters.
+    pub(crate) fn invalid(
+        location: Location,
+        field: impl Into<String>,
+        value: Option<String>,
+        problem: Problem,
+    ) -> Self {
+        let location = match location {
+            Location::Node(name) => Location::Node(elide(&name).into_owned()),
+            Location::Document(path) => Location::Document(one_line(&elide(&path)).into_owned()),
+            other => other,
+        };
         Self::Invalid {
-            location: Location::Mesh,
-            field: field.into(),
-            value,
+            location,
+            field: one_line(&elide_to(&field.into(), MAX_FIELD)).into_owned(),
+            value: value.map(|v| match elide(&v) {
+                Cow::Borrowed(_) => v,
+                Cow::Owned(short) => short,
+            }),
             problem,
         }
+    }
+
+    pub(crate) fn mesh(field: impl Into<String>, value: Option<String>, problem: Problem) -> Self {
+        Self::invalid(Location::Mesh, field, value, problem)
     }
 
     pub(crate) fn node(
@@ -144,12 +249,12 @@ impl Error {
         value: Option<String>,
         problem: Problem,
     ) -> Self {
-        Self::Invalid {
-            location: Location::Node(node.to_owned()),
-            field: field.into(),
-            value,
-            problem,
-        }
+        Self::invalid(Location::Node(node.to_owned()), field, value, problem)
+    }
+
+    /// A node name that the cluster does not have (elided to [`MAX_ECHO`] characters).
+    pub(crate) fn unknown_node(name: &str) -> Self {
+        Self::UnknownNode(elide(name).into_owned())
     }
 
     /// The node the error is about, if it is about one.

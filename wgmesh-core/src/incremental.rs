@@ -25,18 +25,25 @@
 //! # Ok::<(), wgmesh_core::Error>(())
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::claims::{
+    ADDRESS, BLOCK, Cover, REFUSED, WORKLOAD, counted_addresses, is_host, owner, prefix_of, settle,
+    static_refusal,
+};
 use crate::delta::{PeerAdded, PeerRef, PeerUpdate, PlanDelta, diff};
+use crate::diagnostics::{Diagnostic, diagnose};
 use crate::error::{Error, Problem};
 use crate::key::PublicKey;
 use crate::model::{
     Cluster, Family, MeshConfig, Node, NodeWireGuard, RouteSource, check_node, host_net,
 };
-use crate::plan::{self, Decision, NodePlan, PeerPlan, Route, RouteType, decide, takes_part};
+use crate::plan::{
+    self, Decision, NodePlan, PeerPlan, Route, RouteType, counted_mtu, decide, takes_part,
+};
 
 /// A change to the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,73 +100,331 @@ pub enum Event {
 
 type Id = usize;
 
-/// Who claims a destination. Clashes are rare, so one claimant is stored inline.
+/// Who claims a prefix, with the flags of each claim ([`crate::claims`]). Most prefixes have
+/// one claimant, stored inline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Claim {
-    One(Id),
-    Many(Vec<Id>),
+    One((Id, u8)),
+    Many(Vec<(Id, u8)>),
+}
+
+impl Claim {
+    fn as_slice(&self) -> &[(Id, u8)] {
+        match self {
+            Self::One(c) => std::slice::from_ref(c),
+            Self::Many(v) => v,
+        }
+    }
+
+    fn get(&self, id: Id) -> Option<u8> {
+        self.as_slice().iter().find(|c| c.0 == id).map(|c| c.1)
+    }
+}
+
+/// Whether a prefix is disputed: two or more claims that are not refused (a
+/// [`Diagnostic::Clash`]).
+fn disputed(claims: &[(Id, u8)]) -> bool {
+    claims
+        .iter()
+        .filter(|c| c.1 & REFUSED == 0)
+        .nth(1)
+        .is_some()
+}
+
+/// Sets node `id`'s flags on `prefix` (0 removes its claim); whether the prefix was disputed
+/// before, and is after.
+fn set_claim(claims: &mut HashMap<IpNet, Claim>, prefix: IpNet, id: Id, flags: u8) -> (bool, bool) {
+    use std::collections::hash_map::Entry;
+    let mut o = match claims.entry(prefix) {
+        Entry::Vacant(v) => {
+            if flags != 0 {
+                v.insert(Claim::One((id, flags)));
+            }
+            return (false, false);
+        }
+        Entry::Occupied(o) => o,
+    };
+    let before = disputed(o.get().as_slice());
+    match o.get_mut() {
+        Claim::One((x, f)) if *x == id => {
+            if flags == 0 {
+                o.remove();
+                return (before, false);
+            }
+            *f = flags;
+        }
+        Claim::One(first) => {
+            if flags != 0 {
+                let first = *first;
+                *o.get_mut() = Claim::Many(vec![first, (id, flags)]);
+            }
+        }
+        Claim::Many(v) => {
+            match v.iter().position(|c| c.0 == id) {
+                Some(i) if flags == 0 => {
+                    v.swap_remove(i);
+                }
+                Some(i) => v[i].1 = flags,
+                None if flags != 0 => v.push((id, flags)),
+                None => {}
+            }
+            if let [one] = v.as_slice() {
+                let one = *one;
+                *o.get_mut() = Claim::One(one);
+            }
+        }
+    }
+    (before, disputed(o.get().as_slice()))
+}
+
+/// A set whose smallest `limit` values count; the others wait, in order, for a counted one
+/// to go. Every change says which values started or stopped counting (at most two).
+#[derive(Debug, Clone)]
+struct Capped<T> {
+    kept: BTreeSet<T>,
+    excess: BTreeSet<T>,
+    limit: usize,
+}
+
+impl<T: Ord + Copy> Capped<T> {
+    fn new(limit: usize) -> Self {
+        Self {
+            kept: BTreeSet::new(),
+            excess: BTreeSet::new(),
+            limit,
+        }
+    }
+
+    fn contains(&self, v: &T) -> bool {
+        self.kept.contains(v) || self.excess.contains(v)
+    }
+
+    fn counts(&self, v: &T) -> bool {
+        self.kept.contains(v)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.kept.iter().chain(&self.excess)
+    }
+
+    fn insert(&mut self, v: T) -> [Option<T>; 2] {
+        if self.excess.is_empty() && self.kept.len() < self.limit {
+            // Under the limit: one lookup.
+            return [self.kept.insert(v).then_some(v), None];
+        }
+        if self.contains(&v) {
+            return [None, None];
+        }
+        match self.kept.last().copied() {
+            Some(max) if v < max => {
+                self.kept.remove(&max);
+                self.kept.insert(v);
+                self.excess.insert(max);
+                [Some(v), Some(max)]
+            }
+            _ => {
+                self.excess.insert(v);
+                [None, None]
+            }
+        }
+    }
+
+    /// Makes the set hold exactly `wanted`; returns every value that started or stopped
+    /// counting, each once (what counts in the end is what the set says).
+    fn sync(&mut self, wanted: &BTreeSet<T>) -> Vec<T> {
+        let gone: Vec<T> = self
+            .iter()
+            .filter(|v| !wanted.contains(v))
+            .copied()
+            .collect();
+        let mut changed: Vec<T> = Vec::new();
+        for v in gone {
+            changed.extend(self.remove(&v).into_iter().flatten());
+        }
+        for v in wanted {
+            changed.extend(self.insert(*v).into_iter().flatten());
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        changed
+    }
+
+    fn remove(&mut self, v: &T) -> [Option<T>; 2] {
+        if (!self.excess.is_empty() && self.excess.remove(v)) || !self.kept.remove(v) {
+            return [None, None];
+        }
+        match self.excess.pop_first() {
+            Some(next) => {
+                self.kept.insert(next);
+                [Some(*v), Some(next)]
+            }
+            None => [Some(*v), None],
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 struct NodeState {
     /// The node, with `workload_ips` always empty: those live in `workload`.
     node: Node,
-    workload: HashSet<IpAddr>,
+    /// Its addresses that count, sorted.
+    addrs: Vec<IpAddr>,
+    /// Its distinct blocks; the smallest count.
+    blocks: Capped<IpNet>,
+    /// Its distinct workload addresses; the smallest count.
+    workload: Capped<IpAddr>,
+    /// What its own counted, accepted blocks cover, per family (`cidr_blocks` only).
+    cover: [Cover; 2],
     part: [bool; 2],
 }
 
 impl NodeState {
-    fn empty(name: &str) -> Self {
+    fn empty(name: &str, mesh: &MeshConfig) -> Self {
         let mut node = Node::new(name);
         node.underlay_mtu = 0;
         Self {
             node,
-            workload: HashSet::new(),
+            addrs: Vec::new(),
+            blocks: Capped::new(mesh.max_node_pod_cidrs),
+            workload: Capped::new(mesh.max_node_workload_ips),
+            cover: Default::default(),
             part: [false; 2],
         }
     }
 
-    fn covered(&self, ip: &IpAddr) -> bool {
-        self.node.pod_cidrs.iter().any(|b| b.contains(ip))
-    }
-
-    /// Whether `dest` is one of the node's destinations.
-    fn claims(&self, mesh: &MeshConfig, dest: &IpNet) -> bool {
-        let host = dest.prefix_len() == Family::of_net(dest).host_prefix_len();
-        if mesh.host_encryption && host && self.node.addresses.contains(&dest.addr()) {
-            return true;
-        }
-        match mesh.route_source {
-            RouteSource::CidrBlocks => {
-                self.node.pod_cidrs.contains(dest)
-                    || (host && self.workload.contains(&dest.addr()) && !self.covered(&dest.addr()))
+    /// The fields through which the node claims `prefix`.
+    fn fields(&self, mesh: &MeshConfig, prefix: &IpNet) -> u8 {
+        let mut fields = 0;
+        if is_host(prefix) {
+            let a = prefix.addr();
+            if self.addrs.binary_search(&a).is_ok() {
+                fields |= ADDRESS;
             }
-            RouteSource::WorkloadIps => host && self.workload.contains(&dest.addr()),
+            if self.workload.counts(&a) {
+                fields |= WORKLOAD;
+            }
         }
+        if mesh.route_source == RouteSource::CidrBlocks && self.blocks.counts(prefix) {
+            fields |= BLOCK;
+        }
+        fields
     }
 
-    /// Every destination in a family.
-    fn destinations(&self, mesh: &MeshConfig, family: Family) -> Vec<IpNet> {
-        let mut node = self.node.clone();
-        node.workload_ips = self.workload.iter().copied().collect();
-        plan::destinations(mesh, &node, family)
+    /// Every prefix the node claims in a family, each once, in no particular order.
+    fn prefixes(&self, mesh: &MeshConfig, family: Family) -> Vec<IpNet> {
+        let in_family = |a: &&IpAddr| Family::of(a) == family;
+        let mut out: Vec<IpNet> = self
+            .addrs
+            .iter()
+            .filter(in_family)
+            .chain(self.workload.kept.iter().filter(in_family))
+            .map(|a| host_net(*a))
+            .collect();
+        if mesh.route_source == RouteSource::CidrBlocks {
+            out.extend(
+                self.blocks
+                    .kept
+                    .iter()
+                    .filter(|b| Family::of_net(b) == family),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     fn to_node(&self) -> Node {
         let mut node = self.node.clone();
-        let mut ips: Vec<IpAddr> = self.workload.iter().copied().collect();
-        ips.sort_unstable();
-        node.workload_ips = ips;
+        node.workload_ips = self.workload.iter().copied().collect();
         node
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct FamilyState {
     keys: HashMap<PublicKey, Vec<Id>>,
     claims: HashMap<IpNet, Claim>,
-    /// Underlay MTUs of the nodes taking part, with counts.
+    /// The counted addresses of every node.
+    addrs: BTreeMap<IpAddr, Vec<Id>>,
+    /// The counted, accepted blocks of every node (`cidr_blocks` only).
+    blocks: BTreeMap<IpNet, Vec<Id>>,
+    /// How many prefixes of each length `blocks` has.
+    lens: Vec<u32>,
+    /// Underlay MTUs of the nodes taking part, at or above the floor, with counts.
     mtus: BTreeMap<u32, usize>,
+    /// Claims refused now.
+    refused: usize,
+    /// Prefixes disputed now.
+    disputed: usize,
+}
+
+impl FamilyState {
+    fn new(family: Family) -> Self {
+        Self {
+            keys: HashMap::new(),
+            claims: HashMap::new(),
+            addrs: BTreeMap::new(),
+            blocks: BTreeMap::new(),
+            lens: vec![0; usize::from(family.host_prefix_len()) + 1],
+            mtus: BTreeMap::new(),
+            refused: 0,
+            disputed: 0,
+        }
+    }
+
+    /// Whether `prefix` holds an address of a node other than `id` (rule 4).
+    fn other_address(&self, prefix: &IpNet, id: Id) -> bool {
+        let others = |owners: &Vec<Id>| owners.iter().any(|o| *o != id);
+        if is_host(prefix) {
+            return self.addrs.get(&prefix.addr()).is_some_and(others);
+        }
+        self.addrs
+            .range(prefix.network()..=prefix.broadcast())
+            .any(|(_, owners)| others(owners))
+    }
+
+    /// Whether an accepted block of a node other than `id` strictly contains `prefix` (rule 5).
+    fn inside_other_block(&self, prefix: &IpNet, id: Id) -> bool {
+        (0..prefix.prefix_len())
+            .filter(|len| self.lens[usize::from(*len)] > 0)
+            .filter_map(|len| prefix_of(prefix.network(), len))
+            .any(|b| {
+                self.blocks
+                    .get(&b)
+                    .is_some_and(|owners| owners.iter().any(|o| *o != id))
+            })
+    }
+}
+
+/// Adds `id` to the owners of `key` (once); whether `key` is new in the index.
+fn index_add<K: Ord>(index: &mut BTreeMap<K, Vec<Id>>, key: K, id: Id) -> bool {
+    use std::collections::btree_map::Entry;
+    match index.entry(key) {
+        Entry::Vacant(v) => {
+            v.insert(vec![id]);
+            true
+        }
+        Entry::Occupied(mut o) => {
+            if !o.get().contains(&id) {
+                o.get_mut().push(id);
+            }
+            false
+        }
+    }
+}
+
+fn index_remove<K: Ord>(index: &mut BTreeMap<K, Vec<Id>>, key: &K, id: Id) -> bool {
+    let Some(owners) = index.get_mut(key) else {
+        return false;
+    };
+    if let Some(i) = owners.iter().position(|o| *o == id) {
+        owners.swap_remove(i);
+    }
+    let gone = owners.is_empty();
+    if gone {
+        index.remove(key);
+    }
+    gone
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,7 +462,7 @@ impl IncrementalPlanner {
             ids: HashMap::with_capacity(cluster.nodes().len()),
             nodes: Vec::with_capacity(cluster.nodes().len()),
             free: Vec::new(),
-            fams: Default::default(),
+            fams: [FamilyState::new(Family::V4), FamilyState::new(Family::V6)],
         };
         let mut journal = None;
         for node in cluster.nodes() {
@@ -226,6 +491,31 @@ impl IncrementalPlanner {
             .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         Cluster::new(self.mesh.clone(), nodes)
+    }
+
+    /// How many claims the trust rules refuse now ([`crate::claims`]), both families
+    /// together. Kept current by every event at no extra cost: a metric an agent can export
+    /// after each event, and a cheap signal that [`IncrementalPlanner::findings`] changed.
+    pub fn refused_claims(&self) -> usize {
+        if !self.mesh.enabled {
+            return 0;
+        }
+        self.fams.iter().map(|f| f.refused).sum()
+    }
+
+    /// How many prefixes several nodes claim now (each one a [`Diagnostic::Clash`]), both
+    /// families together; kept current like [`IncrementalPlanner::refused_claims`].
+    pub fn disputed_prefixes(&self) -> usize {
+        if !self.mesh.enabled {
+            return 0;
+        }
+        self.fams.iter().map(|f| f.disputed).sum()
+    }
+
+    /// Everything [`diagnose`] finds in the current cluster (time proportional to the
+    /// cluster: call it when something changed, not after every event).
+    pub fn findings(&self) -> Vec<Diagnostic> {
+        self.cluster().map(|c| diagnose(&c)).unwrap_or_default()
     }
 
     /// The whole current plan (time proportional to the plan).
@@ -285,7 +575,7 @@ impl IncrementalPlanner {
             if self.ids.contains_key(node) {
                 Ok(())
             } else {
-                Err(Error::UnknownNode(node.to_owned()))
+                Err(Error::unknown_node(node))
             }
         };
         match event {
@@ -365,8 +655,8 @@ impl IncrementalPlanner {
             Event::NodeUpserted(node) => self.upsert(j, node),
             Event::NodeRemoved { node } => {
                 if let Some(&id) = self.ids.get(&node) {
-                    let empty = NodeState::empty(&node).node;
-                    self.update(j, id, empty, HashSet::new());
+                    let empty = NodeState::empty(&node, &self.mesh).node;
+                    self.update(j, id, empty, BTreeSet::new());
                     self.ids.remove(&node);
                     self.nodes[id] = None;
                     self.free.push(id);
@@ -392,30 +682,34 @@ impl IncrementalPlanner {
             }
             Event::WorkloadIpAdded { node, ip } => {
                 let id = self.ids[&node];
-                self.edit_dests(j, id, &[host_net(ip)], |s| {
-                    s.workload.insert(ip);
-                });
+                let changed = self.state_mut(id).workload.insert(ip);
+                for ip in changed.into_iter().flatten() {
+                    self.refresh(j, id, host_net(ip));
+                }
             }
             Event::WorkloadIpRemoved { node, ip } => {
                 let id = self.ids[&node];
-                self.edit_dests(j, id, &[host_net(ip)], |s| {
-                    s.workload.remove(&ip);
-                });
+                let changed = self.state_mut(id).workload.remove(&ip);
+                for ip in changed.into_iter().flatten() {
+                    self.refresh(j, id, host_net(ip));
+                }
             }
             Event::BlockAdded { node, cidr } => {
                 let id = self.ids[&node];
-                if !self.state(id).node.pod_cidrs.contains(&cidr) {
-                    let affected = self.block_affects(id, cidr);
-                    self.edit_dests(j, id, &affected, |s| s.node.pod_cidrs.push(cidr));
+                if !self.state(id).blocks.contains(&cidr) {
+                    self.state_mut(id).node.pod_cidrs.push(cidr);
+                    let changed = self.state_mut(id).blocks.insert(cidr);
+                    let changed: Vec<IpNet> = changed.into_iter().flatten().collect();
+                    self.blocks_changed(j, id, &changed);
                 }
             }
             Event::BlockRemoved { node, cidr } => {
                 let id = self.ids[&node];
-                if self.state(id).node.pod_cidrs.contains(&cidr) {
-                    let affected = self.block_affects(id, cidr);
-                    self.edit_dests(j, id, &affected, |s| {
-                        s.node.pod_cidrs.retain(|b| *b != cidr)
-                    });
+                if self.state(id).blocks.contains(&cidr) {
+                    self.state_mut(id).node.pod_cidrs.retain(|b| *b != cidr);
+                    let changed = self.state_mut(id).blocks.remove(&cidr);
+                    let changed: Vec<IpNet> = changed.into_iter().flatten().collect();
+                    self.blocks_changed(j, id, &changed);
                 }
             }
             Event::MeshChanged(mesh) => {
@@ -426,7 +720,7 @@ impl IncrementalPlanner {
                     ids: HashMap::with_capacity(nodes.len()),
                     nodes: Vec::with_capacity(nodes.len()),
                     free: Vec::new(),
-                    fams: Default::default(),
+                    fams: [FamilyState::new(Family::V4), FamilyState::new(Family::V6)],
                 };
                 for state in nodes {
                     self.upsert(j, state.to_node());
@@ -435,26 +729,13 @@ impl IncrementalPlanner {
         }
     }
 
-    /// The block itself and the node's workload addresses inside it.
-    fn block_affects(&self, id: Id, cidr: IpNet) -> Vec<IpNet> {
-        let mut affected = vec![cidr];
-        affected.extend(
-            self.state(id)
-                .workload
-                .iter()
-                .filter(|ip| cidr.contains(*ip))
-                .map(|ip| host_net(*ip)),
-        );
-        affected
-    }
-
     fn upsert(&mut self, j: &mut Option<Journal>, mut node: Node) {
-        let workload: HashSet<IpAddr> =
+        let workload: BTreeSet<IpAddr> =
             std::mem::take(&mut node.workload_ips).into_iter().collect();
         let id = match self.ids.get(&node.name) {
             Some(id) => *id,
             None => {
-                let state = Some(NodeState::empty(&node.name));
+                let state = Some(NodeState::empty(&node.name, &self.mesh));
                 let id = match self.free.pop() {
                     Some(id) => {
                         self.nodes[id] = state;
@@ -472,79 +753,213 @@ impl IncrementalPlanner {
         self.update(j, id, node, workload);
     }
 
-    /// Moves node `id` to `node` (whose `workload_ips` is empty) with `workload`, step by step.
-    fn update(&mut self, j: &mut Option<Journal>, id: Id, node: Node, workload: HashSet<IpAddr>) {
+    /// Moves node `id` to `node` (whose `workload_ips` is empty) with `workload`, step by
+    /// step. Each step changes the node's state and the indexes, then refreshes every claim
+    /// the change can affect, the node's own and the other nodes'.
+    fn update(&mut self, j: &mut Option<Journal>, id: Id, node: Node, workload: BTreeSet<IpAddr>) {
         self.set_wireguard(j, id, node.wireguard.clone());
-        // Addresses: host-encryption destinations, endpoints and participation.
+        // Addresses: endpoints, participation, host-encryption claims and rule 4.
         if self.state(id).node.addresses != node.addresses {
             for family in Family::ALL {
                 if self.state(id).node.address(family) != node.address(family) {
                     self.touch_peer(j, family, id);
                 }
             }
-            let affected: Vec<IpNet> = self
-                .state(id)
-                .node
-                .addresses
-                .iter()
-                .chain(&node.addresses)
-                .map(|a| host_net(*a))
-                .collect();
-            let addresses = node.addresses.clone();
-            self.edit_dests(j, id, &affected, |s| s.node.addresses = addresses);
+            let mut counted = counted_addresses(&self.mesh, &node);
+            counted.sort_unstable();
+            let state = self.state_mut(id);
+            state.node.addresses.clone_from(&node.addresses);
+            let old = std::mem::replace(&mut state.addrs, counted.clone());
+            let missing = |from: &[IpAddr], other: &[IpAddr]| -> Vec<IpAddr> {
+                from.iter()
+                    .filter(|a| other.binary_search(a).is_err())
+                    .copied()
+                    .collect()
+            };
+            let (gone, new) = (missing(&old, &counted), missing(&counted, &old));
+            for a in &gone {
+                index_remove(&mut self.fams[Family::of(a).index()].addrs, a, id);
+            }
+            for a in &new {
+                index_add(&mut self.fams[Family::of(a).index()].addrs, *a, id);
+            }
+            for a in gone.into_iter().chain(new) {
+                self.refresh(j, id, host_net(a));
+                self.refresh_around(j, id, a);
+            }
             for family in Family::ALL {
                 self.refresh_part(j, id, family);
             }
         }
         // Underlay MTU.
-        let old_mtu = self.state(id).node.underlay_mtu;
-        if old_mtu != node.underlay_mtu {
-            for family in Family::ALL {
-                if self.state(id).part[family.index()] {
-                    let mtus = &mut self.fams[family.index()].mtus;
-                    remove_mtu(mtus, old_mtu);
-                    *mtus.entry(node.underlay_mtu).or_default() += 1;
-                }
-            }
+        if self.state(id).node.underlay_mtu != node.underlay_mtu {
+            let before = [Family::V4, Family::V6].map(|f| self.counted_mtu(id, f));
             self.state_mut(id).node.underlay_mtu = node.underlay_mtu;
+            for family in Family::ALL {
+                let after = self.counted_mtu(id, family);
+                self.move_mtu(family, before[family.index()], after);
+            }
         }
         // Blocks.
-        let old_blocks = self.state(id).node.pod_cidrs.clone();
-        for b in old_blocks.iter().filter(|b| !node.pod_cidrs.contains(b)) {
-            let affected = self.block_affects(id, *b);
-            self.edit_dests(j, id, &affected, |s| s.node.pod_cidrs.retain(|x| x != b));
-        }
-        for b in &node.pod_cidrs {
-            if !self.state(id).node.pod_cidrs.contains(b) {
-                let affected = self.block_affects(id, *b);
-                self.edit_dests(j, id, &affected, |s| s.node.pod_cidrs.push(*b));
-            }
-        }
-        // Keep the given order of blocks (it does not change any destination).
+        let wanted: BTreeSet<IpNet> = node.pod_cidrs.iter().copied().collect();
+        let changed = self.state_mut(id).blocks.sync(&wanted);
+        self.blocks_changed(j, id, &changed);
+        // Keep the given order of blocks (it does not change any claim).
         self.state_mut(id)
             .node
             .pod_cidrs
             .clone_from(&node.pod_cidrs);
         // Workload addresses.
-        let gone: Vec<IpAddr> = self
-            .state(id)
-            .workload
+        for ip in self.state_mut(id).workload.sync(&workload) {
+            self.refresh(j, id, host_net(ip));
+        }
+    }
+
+    /// Blocks `changed` started or stopped counting for node `id`: the index of accepted
+    /// blocks, the node's cover (rebuilt once), its workload addresses inside the blocks
+    /// (covered or not), the other nodes' blocks inside them (rule 5), and the blocks' own
+    /// claims.
+    fn blocks_changed(&mut self, j: &mut Option<Journal>, id: Id, changed: &[IpNet]) {
+        if changed.is_empty() || self.mesh.route_source != RouteSource::CidrBlocks {
+            return;
+        }
+        let accepted: Vec<IpNet> = changed
             .iter()
-            .filter(|ip| !workload.contains(ip))
+            .filter(|b| static_refusal(&self.mesh, b).is_none())
             .copied()
             .collect();
-        for ip in gone {
-            self.edit_dests(j, id, &[host_net(ip)], |s| {
-                s.workload.remove(&ip);
-            });
-        }
-        for ip in workload {
-            if !self.state(id).workload.contains(&ip) {
-                self.edit_dests(j, id, &[host_net(ip)], |s| {
-                    s.workload.insert(ip);
-                });
+        let mut families = [false; 2];
+        for block in &accepted {
+            let f = Family::of_net(block).index();
+            families[f] = true;
+            let counts = self.state(id).blocks.counts(block);
+            let fam = &mut self.fams[f];
+            let len = usize::from(block.prefix_len());
+            if counts {
+                if index_add(&mut fam.blocks, *block, id) {
+                    fam.lens[len] += 1;
+                }
+            } else if index_remove(&mut fam.blocks, block, id) {
+                fam.lens[len] -= 1;
             }
         }
+        for family in Family::ALL.into_iter().filter(|f| families[f.index()]) {
+            let cover = Cover::new(
+                self.state(id)
+                    .blocks
+                    .kept
+                    .iter()
+                    .filter(|b| Family::of_net(b) == family)
+                    .filter(|b| static_refusal(&self.mesh, b).is_none())
+                    .copied(),
+            );
+            self.state_mut(id).cover[family.index()] = cover;
+        }
+        for block in accepted {
+            let inside: Vec<IpAddr> = self
+                .state(id)
+                .workload
+                .kept
+                .range(block.network()..=block.broadcast())
+                .copied()
+                .collect();
+            for ip in inside {
+                self.refresh(j, id, host_net(ip));
+            }
+            let family = Family::of_net(&block);
+            let top = IpNet::new(block.broadcast(), family.host_prefix_len()).unwrap_or(block);
+            let nested: Vec<(Id, IpNet)> = self.fams[family.index()]
+                .blocks
+                .range(block..=top)
+                .filter(|(b, _)| b.prefix_len() > block.prefix_len() && block.contains(*b))
+                .flat_map(|(b, owners)| owners.iter().filter(|o| **o != id).map(|o| (*o, *b)))
+                .collect();
+            for (other, b) in nested {
+                self.refresh(j, other, b);
+            }
+        }
+        for block in changed {
+            self.refresh(j, id, *block);
+        }
+    }
+
+    /// Address `addr` of node `id` appeared or went: refreshes the other nodes' claims that
+    /// cover it (rule 4): its host prefix, and the accepted blocks around it.
+    fn refresh_around(&mut self, j: &mut Option<Journal>, id: Id, addr: IpAddr) {
+        let family = Family::of(&addr);
+        let fam = &self.fams[family.index()];
+        let host = host_net(addr);
+        let mut others: Vec<(Id, IpNet)> = fam
+            .claims
+            .get(&host)
+            .map(|c| {
+                c.as_slice()
+                    .iter()
+                    .filter(|c| c.0 != id)
+                    .map(|c| (c.0, host))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for len in (0..family.host_prefix_len()).filter(|l| fam.lens[usize::from(*l)] > 0) {
+            let Some(b) = prefix_of(addr, len) else {
+                continue;
+            };
+            if let Some(owners) = fam.blocks.get(&b) {
+                others.extend(owners.iter().filter(|o| **o != id).map(|o| (*o, b)));
+            }
+        }
+        for (other, prefix) in others {
+            self.refresh(j, other, prefix);
+        }
+    }
+
+    /// Recomputes node `id`'s claim on `prefix` and records it.
+    fn refresh(&mut self, j: &mut Option<Journal>, id: Id, prefix: IpNet) {
+        let new = self.compute(id, &prefix);
+        let f = Family::of_net(&prefix).index();
+        let old = self.fams[f]
+            .claims
+            .get(&prefix)
+            .and_then(|c| c.get(id))
+            .unwrap_or(0);
+        if new == old {
+            return;
+        }
+        self.touch_dest(j, prefix);
+        let fam = &mut self.fams[f];
+        if old & REFUSED != 0 {
+            fam.refused -= 1;
+        }
+        if new & REFUSED != 0 {
+            fam.refused += 1;
+        }
+        match set_claim(&mut fam.claims, prefix, id, new) {
+            (false, true) => fam.disputed += 1,
+            (true, false) => fam.disputed -= 1,
+            _ => {}
+        }
+    }
+
+    /// Node `id`'s claim on `prefix` as the rules settle it now (0: no claim).
+    fn compute(&self, id: Id, prefix: &IpNet) -> u8 {
+        let Some(state) = &self.nodes[id] else {
+            return 0;
+        };
+        let fields = state.fields(&self.mesh, prefix);
+        if fields == 0 {
+            return 0;
+        }
+        let f = Family::of_net(prefix).index();
+        let fam = &self.fams[f];
+        let covered = fields & WORKLOAD != 0 && state.cover[f].contains(prefix.addr());
+        settle(
+            &self.mesh,
+            prefix,
+            fields,
+            covered,
+            || fam.other_address(prefix, id),
+            || fam.inside_other_block(prefix, id),
+        )
     }
 
     fn set_wireguard(&mut self, j: &mut Option<Journal>, id: Id, wg: Option<NodeWireGuard>) {
@@ -583,6 +998,25 @@ impl IncrementalPlanner {
         }
     }
 
+    /// The underlay MTU with which node `id` counts for the family's mesh MTU now.
+    fn counted_mtu(&self, id: Id, family: Family) -> Option<u32> {
+        let state = self.state(id);
+        counted_mtu(&self.mesh, &state.node, family, state.part[family.index()])
+    }
+
+    fn move_mtu(&mut self, family: Family, before: Option<u32>, after: Option<u32>) {
+        if before == after {
+            return;
+        }
+        let mtus = &mut self.fams[family.index()].mtus;
+        if let Some(m) = before {
+            remove_mtu(mtus, m);
+        }
+        if let Some(m) = after {
+            *mtus.entry(m).or_default() += 1;
+        }
+    }
+
     /// Recomputes whether node `id` takes part in `family`, and follows the consequences.
     fn refresh_part(&mut self, j: &mut Option<Journal>, id: Id, family: Family) {
         let f = family.index();
@@ -598,77 +1032,14 @@ impl IncrementalPlanner {
         }
         self.touch_peer(j, family, id);
         if j.is_some() {
-            for dest in state.destinations(&self.mesh, family) {
+            for dest in state.prefixes(&self.mesh, family) {
                 self.touch_dest(j, dest);
             }
         }
-        let mtu = self.state(id).node.underlay_mtu;
-        let mtus = &mut self.fams[f].mtus;
-        if now {
-            *mtus.entry(mtu).or_default() += 1;
-        } else {
-            remove_mtu(mtus, mtu);
-        }
+        let before = self.counted_mtu(id, family);
         self.state_mut(id).part[f] = now;
-    }
-
-    /// Changes node `id` with `edit`, then updates the claims of the `affected` destinations
-    /// whose membership changed.
-    fn edit_dests(
-        &mut self,
-        j: &mut Option<Journal>,
-        id: Id,
-        affected: &[IpNet],
-        edit: impl FnOnce(&mut NodeState),
-    ) {
-        let before: Vec<bool> = affected
-            .iter()
-            .map(|d| self.state(id).claims(&self.mesh, d))
-            .collect();
-        edit(self.state_mut(id));
-        for (dest, was) in affected.iter().zip(before) {
-            let is = self.state(id).claims(&self.mesh, dest);
-            if was == is {
-                continue;
-            }
-            self.touch_dest(j, *dest);
-            let f = Family::of_net(dest).index();
-            if is {
-                self.add_claim(f, *dest, id);
-            } else {
-                self.remove_claim(f, *dest, id);
-            }
-        }
-    }
-
-    fn add_claim(&mut self, f: usize, dest: IpNet, id: Id) {
-        let claims = &mut self.fams[f].claims;
-        match claims.get_mut(&dest) {
-            None => {
-                claims.insert(dest, Claim::One(id));
-            }
-            Some(Claim::One(first)) => {
-                let first = *first;
-                claims.insert(dest, Claim::Many(vec![first, id]));
-            }
-            Some(Claim::Many(ids)) => ids.push(id),
-        }
-    }
-
-    fn remove_claim(&mut self, f: usize, dest: IpNet, id: Id) {
-        let claims = &mut self.fams[f].claims;
-        match claims.get_mut(&dest) {
-            Some(Claim::One(_)) | None => {
-                claims.remove(&dest);
-            }
-            Some(Claim::Many(ids)) => {
-                ids.retain(|x| *x != id);
-                if let [one] = ids.as_slice() {
-                    let one = *one;
-                    claims.insert(dest, Claim::One(one));
-                }
-            }
-        }
+        let after = self.counted_mtu(id, family);
+        self.move_mtu(family, before, after);
     }
 
     // -----------------------------------------------------------------------------------
@@ -701,10 +1072,7 @@ impl IncrementalPlanner {
     fn decision(&self, family: Family, dest: &IpNet) -> Option<Decision<Id>> {
         let local = self.local_part(family)?;
         let claim = self.fams[family.index()].claims.get(dest)?;
-        let sole = match claim {
-            Claim::One(id) => Some(*id),
-            Claim::Many(_) => None,
-        };
+        let sole = owner(claim.as_slice().iter().copied())?;
         Some(decide(local, sole, |n| self.state(n).part[family.index()]))
     }
 
@@ -738,7 +1106,7 @@ impl IncrementalPlanner {
     fn peer_plan(&self, family: Family, id: Id, state: &NodeState) -> Option<PeerPlan> {
         let view = self.peer_view(family, id)?;
         let mut allowed_ips: Vec<IpNet> = state
-            .destinations(&self.mesh, family)
+            .prefixes(&self.mesh, family)
             .into_iter()
             .filter(|d| self.decision(family, d) == Some(Decision::Peer(id)))
             .collect();

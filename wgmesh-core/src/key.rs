@@ -28,6 +28,56 @@ pub enum KeyError {
     /// All 32 bytes are zero: WireGuard treats such a key as absent.
     #[error("the all-zero key is not a usable WireGuard key")]
     Zero,
+    /// A public key that is a point of small order: every Diffie-Hellman with it gives the
+    /// same (all-zero) result, so a handshake with it proves nothing.
+    #[error("a point of small order is not a usable WireGuard public key")]
+    LowOrder,
+}
+
+/// The u-coordinates of the points of small order on Curve25519, little-endian, with bit 255
+/// clear (X25519 ignores that bit): 0, 1, the two points of order 8, and p − 1, p and p + 1
+/// (p = 2^255 − 19; p and p + 1 are the unreduced forms of 0 and 1). The test
+/// `low_order_points_give_no_shared_secret` checks every entry against X25519 itself.
+const LOW_ORDER: [[u8; KEY_LEN]; 7] = [
+    [0; KEY_LEN],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    high_ff(0xec),
+    high_ff(0xed),
+    high_ff(0xee),
+];
+
+/// `[first, 0xff, …, 0xff, 0x7f]`: p − 1, p or p + 1 for `first` = 0xec, 0xed, 0xee.
+const fn high_ff(first: u8) -> [u8; KEY_LEN] {
+    let mut b = [0xff; KEY_LEN];
+    b[0] = first;
+    b[KEY_LEN - 1] = 0x7f;
+    b
+}
+
+/// Refuses the all-zero key and the points of small order.
+fn check_public(bytes: &[u8; KEY_LEN]) -> Result<(), KeyError> {
+    if *bytes == [0; KEY_LEN] {
+        return Err(KeyError::Zero);
+    }
+    let mut masked = *bytes;
+    masked[KEY_LEN - 1] &= 0x7f;
+    if LOW_ORDER.contains(&masked) {
+        return Err(KeyError::LowOrder);
+    }
+    Ok(())
 }
 
 fn decode(text: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
@@ -66,11 +116,10 @@ fn decode(text: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
 pub struct PublicKey([u8; KEY_LEN]);
 
 impl PublicKey {
-    /// Wraps raw key bytes. The all-zero key is refused: WireGuard reads it as "no key".
+    /// Wraps raw key bytes. The all-zero key is refused (WireGuard reads it as "no key"), and
+    /// so are the other points of small order ([`KeyError::LowOrder`]).
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Result<Self, KeyError> {
-        if bytes == [0; KEY_LEN] {
-            return Err(KeyError::Zero);
-        }
+        check_public(&bytes)?;
         Ok(Self(bytes))
     }
 
@@ -79,9 +128,9 @@ impl PublicKey {
         &self.0
     }
 
-    /// Parses the base64 text of `wg pubkey`.
+    /// Parses the base64 text of `wg pubkey`; refuses what [`PublicKey::from_bytes`] refuses.
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
-        Ok(Self(*decode(text)?))
+        Self::from_bytes(*decode(text)?)
     }
 
     /// The base64 text of `wg pubkey`.
@@ -332,6 +381,38 @@ mod tests {
             PublicKey::from_base64(&format!("{WG_PUBLIC}AAAA")),
             Err(KeyError::Base64)
         );
+    }
+
+    #[test]
+    fn low_order_points_give_no_shared_secret() {
+        // Every listed point, with bit 255 clear or set, gives the all-zero shared secret for
+        // any private key: the list is right. Real keys do not.
+        let secret = x25519_dalek::StaticSecret::from(*PrivateKey::generate().as_bytes());
+        for point in LOW_ORDER {
+            for top in [0u8, 0x80] {
+                let mut bytes = point;
+                bytes[31] |= top;
+                let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(bytes));
+                assert!(!shared.was_contributory(), "{bytes:02x?}");
+                let text = STANDARD.encode(bytes);
+                let expected = if bytes == [0; 32] {
+                    KeyError::Zero
+                } else {
+                    KeyError::LowOrder
+                };
+                assert_eq!(PublicKey::from_base64(&text), Err(expected.clone()));
+                assert_eq!(PublicKey::from_bytes(bytes), Err(expected));
+                assert!(serde_json::from_str::<PublicKey>(&format!("\"{text}\"")).is_err());
+            }
+        }
+        for _ in 0..32 {
+            let public = PrivateKey::generate().public_key();
+            let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*public.as_bytes()));
+            assert!(shared.was_contributory());
+            assert_eq!(PublicKey::from_bytes(*public.as_bytes()), Ok(public));
+        }
+        // A private key may have any bytes: the check is for public keys only.
+        assert!(PrivateKey::from_bytes(LOW_ORDER[1]).is_ok());
     }
 
     #[test]

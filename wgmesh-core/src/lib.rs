@@ -16,8 +16,21 @@
 //! | [`delta`] | [`PlanDelta`]: the difference of two plans, and applying one to a plan |
 //! | [`incremental`] | [`IncrementalPlanner`]: events in, deltas out, in time proportional to the change |
 //! | [`render`] | `wg show`-style text and `wg setconf` files |
-//! | [`diagnostics`] | why a node is plain, which keys or destinations clash |
+//! | [`claims`] | the trust rules: what a node may claim, and what happens to disputed claims |
+//! | [`diagnostics`] | why a node is plain, which keys or prefixes clash, which claims are refused |
 //! | [`sim`] | a packet-path simulator that checks plans against the design's promises |
+//!
+//! ## Trust
+//!
+//! Whatever a node or its pods publish — addresses, blocks, workload addresses, keys, the
+//! underlay MTU — is a claim, not a fact. [`claims`] settles the claims of all nodes together:
+//! special and outside addresses, oversized prefixes and claims over another node's address
+//! or inside its block are refused; a prefix two nodes claim belongs to nobody; what one
+//! node may claim is capped; an underlay MTU below the floor is ignored. A refusal costs only
+//! the node that made the claim, and [`diagnostics`] names every node a refusal, a dispute
+//! or a duplicate key involves, so nothing is downgraded silently. Text input is bounded
+//! before it is parsed ([`spec::ParseLimits`]), and errors echo at most a few dozen bytes of
+//! a value ([`error::elide`]).
 //!
 //! ## Example
 //!
@@ -43,6 +56,7 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod claims;
 pub mod delta;
 pub mod diagnostics;
 pub mod error;

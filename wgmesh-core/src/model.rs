@@ -172,6 +172,26 @@ pub struct MeshConfig {
     /// encrypted to the old key and the node would be locked out. The API server's traffic
     /// is protected by TLS either way.
     pub control_plane_endpoints: Vec<SocketAddr>,
+    /// The ranges that hold the cluster's addresses: the pod pools, plus the node subnet when
+    /// host encryption is on (on AKS with Azure CNI, the VNet subnet holds both). In a family
+    /// that has at least one range here, a node's claim outside them is refused (see
+    /// [`crate::claims`]). A family without one accepts any address that is not refused for
+    /// another reason, and [`crate::diagnostics`] reports that it is unprotected.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// The shortest IPv4 prefix a node may claim (a block shorter than this is refused).
+    pub min_prefix_len: u8,
+    /// The shortest IPv6 prefix a node may claim.
+    pub min_prefix_len_v6: u8,
+    /// The smallest WireGuard MTU that a node's published underlay MTU may pull the mesh down
+    /// to. A node whose underlay MTU minus the tunnel overhead is below it is an outlier: the
+    /// automatic MTU of the other nodes ignores it, and a finding names it.
+    pub mtu_floor: u32,
+    /// At most this many addresses of a node count (the first ones, in the node's order).
+    pub max_node_addresses: usize,
+    /// At most this many IPAM blocks of a node count (the smallest ones).
+    pub max_node_pod_cidrs: usize,
+    /// At most this many workload addresses of a node count (the smallest ones).
+    pub max_node_workload_ips: usize,
 }
 
 impl Default for MeshConfig {
@@ -191,9 +211,34 @@ impl Default for MeshConfig {
             persistent_keepalive: None,
             workload_interface_prefix: "cali".into(),
             control_plane_endpoints: Vec::new(),
+            cluster_cidrs: Vec::new(),
+            min_prefix_len: DEFAULT_MIN_PREFIX_LEN,
+            min_prefix_len_v6: DEFAULT_MIN_PREFIX_LEN_V6,
+            mtu_floor: DEFAULT_MTU_FLOOR,
+            max_node_addresses: DEFAULT_MAX_NODE_ADDRESSES,
+            max_node_pod_cidrs: DEFAULT_MAX_NODE_POD_CIDRS,
+            max_node_workload_ips: DEFAULT_MAX_NODE_WORKLOAD_IPS,
         }
     }
 }
+
+/// Default [`MeshConfig::min_prefix_len`]: per-node IPv4 blocks are /24 (kubeadm), /26
+/// (Calico) or longer; a /16 is already far more than one node's pods.
+pub const DEFAULT_MIN_PREFIX_LEN: u8 = 16;
+/// Default [`MeshConfig::min_prefix_len_v6`]: per-node IPv6 blocks are /64, /80 or /122.
+pub const DEFAULT_MIN_PREFIX_LEN_V6: u8 = 48;
+/// Default [`MeshConfig::mtu_floor`]: the IPv6 minimum MTU, so that by default no underlay
+/// below 1340 (IPv4) or 1360 (IPv6) bytes lowers the mesh.
+pub const DEFAULT_MTU_FLOOR: u32 = 1280;
+/// Default [`MeshConfig::max_node_addresses`].
+pub const DEFAULT_MAX_NODE_ADDRESSES: usize = 32;
+/// Default [`MeshConfig::max_node_pod_cidrs`].
+pub const DEFAULT_MAX_NODE_POD_CIDRS: usize = 256;
+/// Default [`MeshConfig::max_node_workload_ips`]: room for dual-stack nodes with well over a
+/// thousand pods.
+pub const DEFAULT_MAX_NODE_WORKLOAD_IPS: usize = 4096;
+/// Largest value accepted for the per-node limits.
+pub const MAX_NODE_LIMIT: usize = 1 << 20;
 
 /// Largest MTU accepted for a WireGuard interface: an IPv6 outer packet must still fit 65535.
 pub const MAX_MTU: u32 = 65535 - 80;
@@ -215,6 +260,34 @@ impl MeshConfig {
             Family::V4 => self.listen_port,
             Family::V6 => self.listen_port_v6,
         }
+    }
+
+    /// The shortest prefix a node may claim in a family.
+    pub fn min_prefix(&self, family: Family) -> u8 {
+        match family {
+            Family::V4 => self.min_prefix_len,
+            Family::V6 => self.min_prefix_len_v6,
+        }
+    }
+
+    /// The smallest underlay MTU that counts for the mesh MTU in a family: the MTU floor (at
+    /// least the family's minimum) plus the tunnel overhead. 1340 for IPv4 and 1360 for IPv6
+    /// by default.
+    ///
+    /// ```
+    /// use wgmesh_core::{Family, MeshConfig};
+    /// assert_eq!(MeshConfig::default().underlay_mtu_floor(Family::V4), 1340);
+    /// assert_eq!(MeshConfig::default().underlay_mtu_floor(Family::V6), 1360);
+    /// ```
+    pub fn underlay_mtu_floor(&self, family: Family) -> u32 {
+        self.mtu_floor.max(family.min_mtu()) + family.wireguard_overhead()
+    }
+
+    /// Whether a family's claims are limited to [`MeshConfig::cluster_cidrs`].
+    pub fn restricts(&self, family: Family) -> bool {
+        self.cluster_cidrs
+            .iter()
+            .any(|c| Family::of_net(c) == family)
     }
 
     /// Checks every setting on its own; [`Cluster::new`] also checks them against the nodes.
@@ -313,10 +386,67 @@ impl MeshConfig {
                 Problem::OutOfRange { min: 1, max: 65535 },
             ));
         }
+        for (i, cidr) in self.cluster_cidrs.iter().enumerate() {
+            let field = || format!("cluster_cidrs[{i}]");
+            if cidr.trunc() != *cidr {
+                return Err(Error::mesh(
+                    field(),
+                    Some(cidr.to_string()),
+                    Problem::HostBitsSet {
+                        canonical: cidr.trunc().to_string(),
+                    },
+                ));
+            }
+            if cidr.prefix_len() == 0 {
+                return Err(Error::mesh(
+                    field(),
+                    Some(cidr.to_string()),
+                    Problem::Reserved(
+                        "a /0 would accept every address; leave cluster_cidrs without this family instead",
+                    ),
+                ));
+            }
+        }
+        in_range("min_prefix_len", self.min_prefix_len.into(), 1, 32)?;
+        in_range("min_prefix_len_v6", self.min_prefix_len_v6.into(), 1, 128)?;
+        in_range(
+            "mtu_floor",
+            self.mtu_floor.into(),
+            Family::V4.min_mtu().into(),
+            MAX_MTU.into(),
+        )?;
+        for (field, limit) in [
+            ("max_node_addresses", self.max_node_addresses),
+            ("max_node_pod_cidrs", self.max_node_pod_cidrs),
+            ("max_node_workload_ips", self.max_node_workload_ips),
+        ] {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            in_range(field, limit, 1, MAX_NODE_LIMIT as i64)?;
+        }
         Ok(())
     }
 }
 
+/// `value` of mesh setting `field` is within `min..=max`.
+fn in_range(field: &'static str, value: i64, min: i64, max: i64) -> Result<(), Error> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(Error::mesh(
+        field,
+        Some(value.to_string()),
+        Problem::OutOfRange { min, max },
+    ))
+}
+
+/// Names that exist on every host or that the kernel reserves in `/proc/sys/net/*/conf`.
+const RESERVED_INTERFACE_NAMES: [&str; 3] = ["lo", "all", "default"];
+
+/// Checks a Linux interface name (or, with `prefix`, the start of one) the way the kernel
+/// does (1 to 15 bytes, no `/`, `:` or whitespace, not `.` or `..`), and refuses what would
+/// be dangerous even though the kernel allows it: a leading `-` (it reaches wireguard-go and
+/// ip(8) as an option), quotes, backslashes and `*` (they change the meaning of an nftables
+/// match), control characters, and the names of links that wgmesh must never own.
 fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result<(), Error> {
     let problem = if name.is_empty() {
         Some(Problem::Empty)
@@ -326,12 +456,24 @@ fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result
         Some(Problem::InvalidInterfaceName(
             "\".\" and \"..\" are reserved",
         ))
+    } else if name.starts_with('-') {
+        Some(Problem::InvalidInterfaceName(
+            "starts with '-', so tools would read it as an option",
+        ))
     } else if name
         .chars()
         .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
     {
         Some(Problem::InvalidInterfaceName(
             "contains '/', ':', whitespace or a control character",
+        ))
+    } else if name.chars().any(|c| matches!(c, '"' | '\\' | '*' | '\'')) {
+        Some(Problem::InvalidInterfaceName(
+            "contains a quote, a backslash or '*'",
+        ))
+    } else if !prefix && RESERVED_INTERFACE_NAMES.contains(&name) {
+        Some(Problem::InvalidInterfaceName(
+            "\"lo\", \"all\" and \"default\" are not wgmesh's to use",
         ))
     } else {
         None
@@ -556,12 +698,12 @@ impl Cluster {
         for (i, node) in nodes.iter().enumerate() {
             check_node(&mesh, node)?;
             if let Some(first) = index.insert(node.name.clone(), i) {
-                return Err(Error::Invalid {
-                    location: crate::error::Location::NodeIndex(i),
-                    field: "name".into(),
-                    value: Some(node.name.clone()),
-                    problem: Problem::DuplicateName { first },
-                });
+                return Err(Error::invalid(
+                    crate::error::Location::NodeIndex(i),
+                    "name",
+                    Some(node.name.clone()),
+                    Problem::DuplicateName { first },
+                ));
             }
         }
         Ok(Self { mesh, nodes, index })

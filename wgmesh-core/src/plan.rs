@@ -9,9 +9,28 @@
 //!
 //! A node's **destinations** are its blocks plus its borrowed workload addresses
 //! (`cidr_blocks`), or one host prefix per workload address (`workload_ips`), plus its own
-//! addresses when host encryption is on. A destination claimed by two or more nodes belongs
-//! to nobody: it gets a throw route everywhere and sits on no peer, so it can never be moved
-//! silently between peers (WireGuard would move it) and it stays reachable in plaintext.
+//! addresses when host encryption is on. None of them is taken on trust: each is a *claim*
+//! that [`crate::claims`] settles against the mesh settings and every other node's claims.
+//!
+//! - A claim that covers a special address (loopback, link-local such as the metadata
+//!   endpoint, multicast, unspecified, broadcast, a cloud platform endpoint), that is shorter
+//!   than `min_prefix_len` / `min_prefix_len_v6`, that lies outside `cluster_cidrs` (in a
+//!   family that has some), that equals or contains another node's address, or that is a
+//!   block inside another node's block is **refused**.
+//! - A prefix claimed by two or more nodes (an address, a block, a workload address — the
+//!   addresses a node's own blocks cover count too), or whose only claim is refused, belongs
+//!   to **nobody**: it gets a throw route everywhere and sits on no peer, so it can never be
+//!   moved silently between peers (WireGuard would move it), never be taken by a less
+//!   specific claim, and stays reachable in plaintext.
+//! - Where the rightful owner is known — a node's address against another node's workload
+//!   address or block — the other claim is refused and the owner keeps its address (with host
+//!   encryption the address itself stays plain while it is disputed, since the core cannot
+//!   tell an owner from a copier). Where it is not known, nobody gets the prefix. Either way
+//!   [`crate::diagnostics::diagnose`] names every node involved: nothing is downgraded
+//!   silently.
+//! - Only the first `max_node_addresses` addresses and the smallest `max_node_pod_cidrs`
+//!   blocks and `max_node_workload_ips` workload addresses of a node count, so the work for
+//!   one node is bounded whatever it publishes.
 //!
 //! When the local node takes part, each destination gets a route in the mesh table: `dev
 //! <interface>` and an allowed IP on the owner's peer if the owner takes part; `throw` if the
@@ -29,18 +48,22 @@
 //! the smallest underlay MTU on its path is dropped, not fragmented. The automatic MTU is
 //! therefore the smallest underlay MTU among the nodes taking part (the local one included)
 //! minus the tunnel overhead (60 bytes over IPv4, 80 over IPv6): a jumbo-frame node must not
-//! send packets that a 1500-byte peer cannot carry.
+//! send packets that a 1500-byte peer cannot carry. A node's underlay MTU is its own claim,
+//! though: one below `mtu_floor` plus the overhead (1340 for IPv4, 1360 for IPv6 by default)
+//! is ignored by every other node and reported, so one node cannot shrink everyone's MTU; it
+//! still bounds the node's own interface.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::claims::{Ledger, owner};
 use crate::error::Error;
 use crate::key::PublicKey;
-use crate::model::{Cluster, Family, MeshConfig, Node, RouteSource, host_net};
+use crate::model::{Cluster, Family, MeshConfig, Node};
 
 /// The nftables table that wgmesh owns.
 pub const MARKING_TABLE: &str = "wgmesh";
@@ -218,14 +241,33 @@ impl Marking {
     }
 
     /// The tables as an `nft -f` script (for people and tests; appliers use netlink).
+    ///
+    /// Interface names are quoted with `"` and `\` escaped, and control characters written as
+    /// `\xNN`, so that no name can end its string early: a name that nft cannot take makes
+    /// the script fail to load (nft loads a script whole or not at all), never adds a rule.
+    /// Validated meshes have no such names ([`MeshConfig::validate`]).
+    ///
+    /// ```
+    /// use wgmesh_core::Marking;
+    /// let marking = Marking {
+    ///     table: "wgmesh".into(),
+    ///     firewall_mark: 0x100000,
+    ///     skip_interfaces: vec!["a\" accept; \\".into()],
+    ///     skip_interface_prefixes: vec![],
+    ///     mark_arp: false,
+    ///     mark_output: false,
+    ///     plain_tcp_endpoints: vec![],
+    /// };
+    /// assert!(marking.nft_script().contains(r#"iifname "a\" accept; \\" return"#));
+    /// ```
     pub fn nft_script(&self) -> String {
         let skips = || {
             let mut s = String::new();
             for name in &self.skip_interfaces {
-                s.push_str(&format!("\t\tiifname \"{name}\" return\n"));
+                s.push_str(&format!("\t\tiifname \"{}\" return\n", nft_escape(name)));
             }
             for prefix in &self.skip_interface_prefixes {
-                s.push_str(&format!("\t\tiifname \"{prefix}*\" return\n"));
+                s.push_str(&format!("\t\tiifname \"{}*\" return\n", nft_escape(prefix)));
             }
             s.push_str(&format!(
                 "\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
@@ -268,6 +310,23 @@ impl Marking {
     }
 }
 
+/// A name for use inside an nftables string: `"` and `\` escaped, control characters as
+/// `\xNN`.
+fn nft_escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.kind, &self.device) {
@@ -307,48 +366,6 @@ pub(crate) fn takes_part(
     key_claims: usize,
 ) -> bool {
     mesh.enabled && node.key(family).is_some() && key_claims == 1 && node.address(family).is_some()
-}
-
-/// Every destination of a node in a family, each once, in no particular order.
-pub(crate) fn destinations(mesh: &MeshConfig, node: &Node, family: Family) -> Vec<IpNet> {
-    let mut out: Vec<IpNet> = Vec::new();
-    let in_family = |a: &IpAddr| Family::of(a) == family;
-    match mesh.route_source {
-        RouteSource::CidrBlocks => {
-            let blocks: Vec<IpNet> = node
-                .pod_cidrs
-                .iter()
-                .copied()
-                .filter(|b| Family::of_net(b) == family)
-                .collect();
-            out.extend(blocks.iter().copied());
-            out.extend(
-                node.workload_ips
-                    .iter()
-                    .filter(|a| in_family(a) && !blocks.iter().any(|b| b.contains(*a)))
-                    .map(|a| host_net(*a)),
-            );
-        }
-        RouteSource::WorkloadIps => {
-            out.extend(
-                node.workload_ips
-                    .iter()
-                    .filter(|a| in_family(a))
-                    .map(|a| host_net(*a)),
-            );
-        }
-    }
-    if mesh.host_encryption {
-        out.extend(
-            node.addresses
-                .iter()
-                .filter(|a| in_family(a))
-                .map(|a| host_net(*a)),
-        );
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// The endpoint of a node in a family.
@@ -431,6 +448,17 @@ pub(crate) enum Decision<N> {
     Throw,
 }
 
+/// The underlay MTU with which a node counts for the mesh MTU of a family: its own, when it
+/// takes part and is not below the floor ([`MeshConfig::underlay_mtu_floor`]).
+pub(crate) fn counted_mtu(
+    mesh: &MeshConfig,
+    node: &Node,
+    family: Family,
+    part: bool,
+) -> Option<u32> {
+    (part && node.underlay_mtu >= mesh.underlay_mtu_floor(family)).then_some(node.underlay_mtu)
+}
+
 /// The routing decision for a destination with these claimants.
 pub(crate) fn decide<N: PartialEq + Copy>(
     local: N,
@@ -469,7 +497,7 @@ pub(crate) fn decide<N: PartialEq + Copy>(
 pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
     let local = cluster
         .node(node)
-        .ok_or_else(|| Error::UnknownNode(node.to_owned()))?;
+        .ok_or_else(|| Error::unknown_node(node))?;
     let mesh = cluster.mesh();
     let mut plan = NodePlan::empty(node);
     if !mesh.enabled || !local.wireguard_enabled() {
@@ -479,7 +507,7 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
     let local_idx = nodes
         .iter()
         .position(|n| n.name == node)
-        .ok_or_else(|| Error::UnknownNode(node.to_owned()))?;
+        .ok_or_else(|| Error::unknown_node(node))?;
     let mut active = [false; 2];
     let mut routes = Vec::new();
     for family in Family::ALL {
@@ -502,8 +530,7 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         let min_mtu = nodes
             .iter()
             .zip(&part)
-            .filter(|(_, p)| **p)
-            .map(|(n, _)| n.underlay_mtu)
+            .filter_map(|(n, p)| counted_mtu(mesh, n, family, *p))
             .min();
         let mut iface = interface(mesh, local, family, min_mtu);
         if !part[local_idx] {
@@ -512,18 +539,16 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         }
         active[family.index()] = true;
 
-        // Every (destination, claimant) pair, sorted: claims of one destination end up next
-        // to each other, routes come out in order, and each peer's allowed IPs too.
-        let mut claims: Vec<(IpNet, usize)> = Vec::new();
-        for (i, n) in nodes.iter().enumerate() {
-            claims.extend(destinations(mesh, n, family).into_iter().map(|d| (d, i)));
-        }
-        claims.sort_unstable();
+        // Every settled claim, sorted by prefix: the claims of one prefix are next to each
+        // other, routes come out in order, and each peer's allowed IPs too.
+        let ledger = Ledger::new(mesh, nodes, family);
         let mut allowed: Vec<Vec<IpNet>> = vec![Vec::new(); nodes.len()];
-        routes.reserve(claims.len());
-        for group in claims.chunk_by(|a, b| a.0 == b.0) {
-            let (dest, first) = group[0];
-            let sole = (group.len() == 1).then_some(first);
+        routes.reserve(ledger.entries.len());
+        for group in ledger.entries.chunk_by(|a, b| a.prefix == b.prefix) {
+            let Some(sole) = owner(group.iter().map(|e| (e.node, e.flags))) else {
+                continue;
+            };
+            let dest = group[0].prefix;
             match decide(local_idx, sole, |n| part[n]) {
                 Decision::Peer(n) => {
                     allowed[n].push(dest);

@@ -11,8 +11,9 @@
 //! and every hop.
 //!
 //! Model limits: one underlay interface per node; the underlay delivers any address to the
-//! node that owns it; IPv6 has no kernel reverse-path filter (as on Linux); marks do not
-//! survive WireGuard decapsulation (WireGuard scrubs the packet).
+//! node that owns it (when nodes claim one address, to the first of them in the cluster's
+//! order, its addresses before its workloads); IPv6 has no kernel reverse-path filter (as on
+//! Linux); marks do not survive WireGuard decapsulation (WireGuard scrubs the packet).
 //!
 //! ```
 //! use wgmesh_core::{sim::{Outcome, Simulator, Source}, spec::parse_cluster};
@@ -146,6 +147,9 @@ pub struct Trace {
     pub outcome: Outcome,
     /// What happened, step by step.
     pub hops: Vec<String>,
+    /// Every WireGuard hop: the node that encrypted the packet and the peer (node name) it
+    /// encrypted it to, in order.
+    pub tunnels: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +184,7 @@ pub struct Simulator {
 struct Walk<'a> {
     sim: &'a Simulator,
     hops: Vec<String>,
+    tunnels: Vec<(String, String)>,
 }
 
 impl Simulator {
@@ -201,8 +206,6 @@ impl Simulator {
             for a in &n.addresses {
                 owners.entry(*a).or_insert(Owner::Host(i));
             }
-        }
-        for (i, n) in cluster.nodes().iter().enumerate() {
             for a in &n.workload_ips {
                 owners.entry(*a).or_insert(Owner::Pod(i));
             }
@@ -224,11 +227,13 @@ impl Simulator {
         let mut walk = Walk {
             sim: self,
             hops: Vec::new(),
+            tunnels: Vec::new(),
         };
         let outcome = walk.send(from, to);
         Trace {
             outcome,
             hops: walk.hops,
+            tunnels: walk.tunnels,
         }
     }
 
@@ -489,6 +494,7 @@ impl Walk<'_> {
                 peer.node, peer.endpoint
             ),
         );
+        self.tunnels.push((name.clone(), peer.node.clone()));
         let family = iface.family;
         let Some(outer_src) = self.sim.cluster.nodes()[node].address(family) else {
             return Outcome::Dropped(Drop::NoRoute { node: name });

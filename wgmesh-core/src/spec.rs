@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Location, Problem};
 use crate::key::PublicKey;
-use crate::model::{Cluster, DEFAULT_UNDERLAY_MTU, MeshConfig, Node, NodeWireGuard, RouteSource};
+use crate::model::{
+    Cluster, DEFAULT_UNDERLAY_MTU, Family, MAX_MTU, MAX_NODE_LIMIT, MeshConfig, Node,
+    NodeWireGuard, RouteSource,
+};
 
 /// The whole description, as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +55,14 @@ pub struct MeshSpec {
     pub workload_interface_prefix: Option<String>,
     #[serde(default)]
     pub control_plane_endpoints: Vec<String>,
+    #[serde(default)]
+    pub cluster_cidrs: Vec<String>,
+    pub min_prefix_len: Option<i64>,
+    pub min_prefix_len_v6: Option<i64>,
+    pub mtu_floor: Option<i64>,
+    pub max_node_addresses: Option<i64>,
+    pub max_node_pod_cidrs: Option<i64>,
+    pub max_node_workload_ips: Option<i64>,
 }
 
 /// A node as written.
@@ -95,6 +106,16 @@ fn ranged<T: TryFrom<i64>>(
         }
         Some(v) => Err(err(Some(v.to_string()), Problem::OutOfRange { min, max })),
     }
+}
+
+fn limit(value: Option<i64>, default: usize, field: &'static str) -> Result<usize, Error> {
+    ranged(
+        value,
+        default,
+        1,
+        MAX_NODE_LIMIT as i64,
+        |value, problem| Error::mesh(field, value, problem),
+    )
 }
 
 impl MeshSpec {
@@ -190,6 +211,56 @@ impl MeshSpec {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
+            cluster_cidrs: self
+                .cluster_cidrs
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    text.trim().parse::<IpNet>().map_err(|_| {
+                        Error::mesh(
+                            format!("cluster_cidrs[{i}]"),
+                            Some(text.clone()),
+                            Problem::InvalidCidr,
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            min_prefix_len: ranged(
+                self.min_prefix_len,
+                d.min_prefix_len,
+                1,
+                32,
+                mesh_err("min_prefix_len"),
+            )?,
+            min_prefix_len_v6: ranged(
+                self.min_prefix_len_v6,
+                d.min_prefix_len_v6,
+                1,
+                128,
+                mesh_err("min_prefix_len_v6"),
+            )?,
+            mtu_floor: ranged(
+                self.mtu_floor,
+                d.mtu_floor,
+                Family::V4.min_mtu().into(),
+                MAX_MTU.into(),
+                mesh_err("mtu_floor"),
+            )?,
+            max_node_addresses: limit(
+                self.max_node_addresses,
+                d.max_node_addresses,
+                "max_node_addresses",
+            )?,
+            max_node_pod_cidrs: limit(
+                self.max_node_pod_cidrs,
+                d.max_node_pod_cidrs,
+                "max_node_pod_cidrs",
+            )?,
+            max_node_workload_ips: limit(
+                self.max_node_workload_ips,
+                d.max_node_workload_ips,
+                "max_node_workload_ips",
+            )?,
         };
         mesh.validate()?;
         Ok(mesh)
@@ -201,12 +272,12 @@ impl NodeSpec {
     /// used to name it when the name itself is missing.
     pub fn validate(&self, index: usize) -> Result<Node, Error> {
         if self.name.is_empty() {
-            return Err(Error::Invalid {
-                location: Location::NodeIndex(index),
-                field: "name".into(),
-                value: None,
-                problem: Problem::Empty,
-            });
+            return Err(Error::invalid(
+                Location::NodeIndex(index),
+                "name",
+                None,
+                Problem::Empty,
+            ));
         }
         let name = self.name.as_str();
         let ip = |field: &str, i: usize, text: &str| {
@@ -317,7 +388,265 @@ impl TryFrom<NodeSpec> for Node {
     }
 }
 
-/// Parses a cluster description in JSON or YAML (JSON if it starts with `{`) and validates it.
+/// Bounds on a cluster description (or any other JSON/YAML text), checked before a parser
+/// sees it: its size, and how deep its collections nest. Parsers of nested text take time
+/// that grows faster than the text (a 200 KB YAML list nested 100,000 deep took over a
+/// minute); the schema of a cluster nests five levels, so the default bound of
+/// [`DEFAULT_MAX_DEPTH`] is far above any real description.
+///
+/// ```
+/// use wgmesh_core::spec::ParseLimits;
+/// let limits = ParseLimits::default();
+/// assert!(limits.check("nodes: [{name: a}]").is_ok());
+/// let deep = format!("nodes: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+/// assert_eq!(
+///     limits.check(&deep).unwrap_err().to_string(),
+///     "cluster: syntax: nested more than 32 levels deep"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParseLimits {
+    /// The largest text accepted, in bytes.
+    pub max_bytes: usize,
+    /// The deepest nesting of collections accepted.
+    pub max_depth: usize,
+}
+
+/// Default [`ParseLimits::max_bytes`]: 64 MiB, six times a 5,000-node cluster with 110 pods
+/// per node.
+pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+/// Default [`ParseLimits::max_depth`].
+pub const DEFAULT_MAX_DEPTH: usize = 32;
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
+impl ParseLimits {
+    /// Limits with these values.
+    pub fn new(max_bytes: usize, max_depth: usize) -> Self {
+        Self {
+            max_bytes,
+            max_depth,
+        }
+    }
+
+    /// Checks the size and the nesting of JSON (text that starts with `{` or `[`) or YAML,
+    /// in one pass over the text. YAML's nesting is estimated from indentation, compact
+    /// sequence entries (`- - -`) and flow collections; the estimate never undercounts flow
+    /// collections and compact entries, which is what runaway inputs use.
+    pub fn check(&self, text: &str) -> Result<(), Error> {
+        let document =
+            |problem| Error::invalid(Location::Document(String::new()), "syntax", None, problem);
+        if text.len() > self.max_bytes {
+            return Err(document(Problem::TooLarge {
+                size: text.len(),
+                limit: self.max_bytes,
+            }));
+        }
+        let trimmed = text.trim_start();
+        let deep = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+            json_depth_exceeds(text, self.max_depth)
+        } else {
+            yaml_depth_exceeds(text, self.max_depth)
+        };
+        if deep {
+            return Err(document(Problem::TooDeep {
+                limit: self.max_depth,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Whether JSON text nests arrays and objects deeper than `limit`.
+fn json_depth_exceeds(text: &str, limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for b in text.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Whether YAML text (likely) nests deeper than `limit`: open indentation levels, plus
+/// compact entries (`- `, `? `) at the start of a line, plus open flow collections.
+fn yaml_depth_exceeds(text: &str, limit: usize) -> bool {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    let mut quote: Option<u8> = None;
+    let mut block_scalar: Option<usize> = None;
+    for line in text.lines() {
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|b| **b == b' ').count();
+        if let Some(parent) = block_scalar {
+            if indent > parent || line.trim().is_empty() {
+                continue;
+            }
+            block_scalar = None;
+        }
+        let mut i = indent;
+        let mut depth = flow;
+        if quote.is_none() && flow == 0 {
+            if i >= bytes.len() || bytes[i] == b'#' {
+                continue;
+            }
+            while indents.last().is_some_and(|l| *l >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            depth += indents.len();
+            // Compact nesting: `- - - x` or `? - x`.
+            while i < bytes.len()
+                && matches!(bytes[i], b'-' | b'?')
+                && bytes.get(i + 1).is_none_or(|b| *b == b' ' || *b == b'\t')
+            {
+                depth += 1;
+                i += 1;
+                while i < bytes.len() && matches!(bytes[i], b' ' | b'\t') {
+                    i += 1;
+                }
+            }
+        }
+        if depth > limit {
+            return true;
+        }
+        // Flow collections and quoted scalars; a bracket or quote opens one only where a
+        // value starts, or anywhere inside a flow collection.
+        let mut value_start = true;
+        let mut last = 0u8;
+        while i < bytes.len() {
+            let b = bytes[i];
+            i += 1;
+            if let Some(q) = quote {
+                if q == b'"' && b == b'\\' {
+                    i += 1;
+                } else if b == q {
+                    if q == b'\'' && bytes.get(i) == Some(&b'\'') {
+                        i += 1;
+                    } else {
+                        quote = None;
+                        value_start = false;
+                    }
+                }
+                continue;
+            }
+            match b {
+                b'#' if last == 0 || last == b' ' || last == b'\t' => break,
+                b'"' | b'\'' if value_start => quote = Some(b),
+                b'[' | b'{' if value_start || flow > 0 => {
+                    flow += 1;
+                    if depth + 1 > limit || flow > limit {
+                        return true;
+                    }
+                    depth += 1;
+                }
+                b']' | b'}' if flow > 0 => {
+                    flow -= 1;
+                    depth = depth.saturating_sub(1);
+                }
+                _ => {}
+            }
+            value_start = match b {
+                b' ' | b'\t' => {
+                    value_start || matches!(last, b':' | b'-' | b'?' | b',' | b'[' | b'{')
+                }
+                b',' | b'[' | b'{' => flow > 0,
+                _ => false,
+            };
+            last = b;
+        }
+        // A block scalar (`|` or `>`, with indicators) takes the more indented lines after it.
+        if quote.is_none() && flow == 0 {
+            let code = line.split(" #").next().unwrap_or(line).trim_end();
+            if let Some(head) = code.rsplit(' ').next()
+                && (head.starts_with('|') || head.starts_with('>'))
+                && head[1..]
+                    .bytes()
+                    .all(|b| matches!(b, b'+' | b'-' | b'0'..=b'9'))
+            {
+                block_scalar = Some(indent);
+            }
+        }
+    }
+    false
+}
+
+/// Reads at most `limit` bytes of UTF-8 text from `reader`: for command-line tools that read a
+/// cluster or a configuration from a file or a pipe that may never end (`/dev/zero`). Reading
+/// stops one byte past the limit.
+///
+/// ```
+/// use wgmesh_core::spec::{ReadError, read_bounded};
+/// assert_eq!(read_bounded(&b"nodes: []"[..], 100).unwrap(), "nodes: []");
+/// let endless = std::io::repeat(0);
+/// assert!(matches!(read_bounded(endless, 1 << 20), Err(ReadError::TooLarge { limit: 1048576 })));
+/// ```
+pub fn read_bounded<R: std::io::Read>(reader: R, limit: usize) -> Result<String, ReadError> {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    reader
+        .take(cap)
+        .read_to_end(&mut buf)
+        .map_err(ReadError::Io)?;
+    if buf.len() > limit {
+        return Err(ReadError::TooLarge { limit });
+    }
+    String::from_utf8(buf).map_err(|e| ReadError::NotUtf8 {
+        valid_up_to: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// Why [`read_bounded`] gave up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The input has more than `limit` bytes.
+    #[error("more than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The input is not UTF-8 text.
+    #[error("not UTF-8 text (invalid byte at offset {valid_up_to})")]
+    NotUtf8 {
+        /// Bytes of valid text before the first invalid one.
+        valid_up_to: usize,
+    },
+    /// Reading failed.
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// Parses a cluster description in JSON or YAML (JSON if it starts with `{`) and validates it,
+/// within the default [`ParseLimits`].
 ///
 /// Syntax and type errors name the path of the bad value (`nodes[1].underlay_mtu`); semantic
 /// errors name the node and field.
@@ -332,15 +661,17 @@ impl TryFrom<NodeSpec> for Node {
 /// ```
 #[cfg(feature = "parse")]
 pub fn parse_cluster(text: &str) -> Result<Cluster, Error> {
+    parse_cluster_with(text, &ParseLimits::default())
+}
+
+/// [`parse_cluster`] within other limits.
+#[cfg(feature = "parse")]
+pub fn parse_cluster_with(text: &str, limits: &ParseLimits) -> Result<Cluster, Error> {
+    limits.check(text)?;
     let is_json = text.trim_start().starts_with('{');
     let syntax = |path: String, message: String| {
         let (location, field) = locate(text, is_json, &path);
-        Error::Invalid {
-            location,
-            field,
-            value: None,
-            problem: Problem::Syntax(message),
-        }
+        Error::invalid(location, field, None, Problem::syntax(message))
     };
     let spec: ClusterSpec = if is_json {
         let mut de = serde_json::Deserializer::from_str(text);

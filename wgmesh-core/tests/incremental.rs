@@ -1,6 +1,7 @@
 //! The incremental planner against the full planner: random clusters, random event
-//! sequences, and after every event the incremental plan equals a full recompute and the
-//! returned delta equals the difference of the two plans.
+//! sequences — hostile claims and the trust settings included — and after every event the
+//! incremental plan equals a full recompute, the returned delta equals the difference of the
+//! two plans, and the counts of refused claims and disputed prefixes equal the findings'.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use common::*;
 use proptest::prelude::*;
+use wgmesh_core::diagnostics::diagnose;
 use wgmesh_core::{Event, Family, IncrementalPlanner, NodePlan, diff, plan_node};
 
 #[derive(Debug, Clone)]
@@ -19,7 +21,15 @@ enum Op {
     SetKey(u8, bool, Option<u8>),
     Remove(u8),
     Upsert(u8, NodeShape),
-    Mesh(bool, bool, Option<u16>),
+    Mesh(bool, bool, Option<u16>, TrustShape),
+    /// A node reports a hostile workload address (pool index, victim).
+    HostilePod(u8, u8, u8),
+    /// A node claims a hostile block (pool index, victim).
+    HostileBlock(u8, u8, u8),
+    /// A node adds a hostile address (pool index, victim).
+    HostileAddress(u8, u8, u8),
+    /// A node publishes another underlay MTU.
+    SetMtu(u8, u32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -31,7 +41,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..8, any::<bool>(), proptest::option::weighted(0.8, 0u8..8)).prop_map(|(n, v6, k)| Op::SetKey(n, v6, k)),
         1 => (0u8..8).prop_map(Op::Remove),
         2 => (0u8..8, node_shape()).prop_map(|(n, s)| Op::Upsert(n, s)),
-        1 => (any::<bool>(), any::<bool>(), proptest::option::weighted(0.3, 1u16..30)).prop_map(|(w, h, k)| Op::Mesh(w, h, k)),
+        1 => (any::<bool>(), any::<bool>(), proptest::option::weighted(0.3, 1u16..30), trust_shape()).prop_map(|(w, h, k, t)| Op::Mesh(w, h, k, t)),
+        3 => (0u8..8, 0u8..HOSTILE_PODS, 0u8..8).prop_map(|(n, p, v)| Op::HostilePod(n, p, v)),
+        2 => (0u8..8, 0u8..HOSTILE_BLOCKS, 0u8..8).prop_map(|(n, p, v)| Op::HostileBlock(n, p, v)),
+        2 => (0u8..8, 0u8..HOSTILE_ADDRESSES, 0u8..8).prop_map(|(n, p, v)| Op::HostileAddress(n, p, v)),
+        1 => (0u8..8, prop_oneof![Just(636u32), Just(1339), Just(1340), Just(1500), Just(9000)]).prop_map(|(n, m)| Op::SetMtu(n, m)),
     ]
 }
 
@@ -100,7 +114,7 @@ fn event(planner: &IncrementalPlanner, op: &Op) -> Option<Event> {
             let i = *n as usize % MAX_NODES;
             Event::NodeUpserted(node(i, shape, MAX_NODES))
         }
-        Op::Mesh(w, h, k) => {
+        Op::Mesh(w, h, k, t) => {
             let mut mesh = planner.mesh().clone();
             mesh.route_source = if *w {
                 wgmesh_core::RouteSource::WorkloadIps
@@ -109,7 +123,32 @@ fn event(planner: &IncrementalPlanner, op: &Op) -> Option<Event> {
             };
             mesh.host_encryption = *h;
             mesh.persistent_keepalive = *k;
+            t.apply(&mut mesh);
             Event::MeshChanged(mesh)
+        }
+        Op::HostilePod(n, p, v) => {
+            let node = pick(*n)?;
+            Event::WorkloadIpAdded {
+                node: node.name.clone(),
+                ip: hostile_pod(*p, *v as usize % MAX_NODES),
+            }
+        }
+        Op::HostileBlock(n, p, v) => {
+            let node = pick(*n)?;
+            Event::BlockAdded {
+                node: node.name.clone(),
+                cidr: hostile_block(*p, *v as usize % MAX_NODES),
+            }
+        }
+        Op::HostileAddress(n, p, v) => {
+            let mut node = pick(*n)?.clone();
+            node.addresses
+                .push(hostile_address(*p, *v as usize % MAX_NODES));
+            Event::NodeUpserted(node)
+        }
+        Op::SetMtu(n, mtu) => {
+            let node = pick(*n)?.clone();
+            Event::NodeUpserted(node.with_underlay_mtu(*mtu))
         }
     })
 }
@@ -123,9 +162,7 @@ fn full(planner: &IncrementalPlanner) -> NodePlan {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256).max(256)
-    ))]
+    #![proptest_config(proptest_config())]
 
     #[test]
     fn incremental_equals_full_recompute(
@@ -150,6 +187,16 @@ proptest! {
             };
             let after = planner.plan();
             prop_assert_eq!(&after, &full(&planner), "after {:?}", event);
+            let refused = diagnose(&planner.cluster().unwrap())
+                .iter()
+                .filter(|d| d.kind() == "refused")
+                .count();
+            prop_assert_eq!(planner.refused_claims(), refused, "refused claims after {:?}", event);
+            let clashes = diagnose(&planner.cluster().unwrap())
+                .iter()
+                .filter(|d| d.kind() == "clash")
+                .count();
+            prop_assert_eq!(planner.disputed_prefixes(), clashes, "disputes after {:?}", event);
             prop_assert_eq!(&delta, &diff(&before, &after), "delta of {:?}", event);
             let mut patched = before.clone();
             patched.apply_delta(&delta);

@@ -23,18 +23,8 @@ fn owner_of(cluster: &Cluster) -> HashMap<IpAddr, usize> {
     owners
 }
 
-fn config() -> ProptestConfig {
-    ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256)
-            .max(256),
-    )
-}
-
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config())]
 
     #[test]
     fn pod_to_pod(shape in cluster_shape()) {

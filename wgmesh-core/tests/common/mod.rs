@@ -237,3 +237,131 @@ pub fn takes_part(cluster: &Cluster, node: &Node, family: Family) -> bool {
             .count()
             == 1
 }
+
+/// The trust settings a test may vary: which `cluster_cidrs`, minimum prefix lengths,
+/// per-node limits (small ones, so that they bite), and the MTU floor.
+#[derive(Debug, Clone)]
+pub struct TrustShape {
+    /// 0: none; 1: the test clusters' IPv4 ranges; 2: only 10.0.0.0/13 (node addresses and
+    /// nodes 8 and up outside); 3: both families' ranges.
+    pub cidrs: u8,
+    pub min_prefix: Option<(u8, u8)>,
+    pub limits: Option<(usize, usize, usize)>,
+    pub mtu_floor: u32,
+}
+
+/// Any trust settings, including ones that refuse or cut the nodes' own claims.
+pub fn trust_shape() -> impl Strategy<Value = TrustShape> {
+    trust_with((16u8..=26, 48u8..=96), (1usize..3, 1usize..3, 1usize..5))
+}
+
+/// Trust settings with prefix bounds and limits drawn from these.
+pub fn trust_with(
+    min_prefix: impl Strategy<Value = (u8, u8)>,
+    limits: impl Strategy<Value = (usize, usize, usize)>,
+) -> impl Strategy<Value = TrustShape> {
+    (
+        0u8..4,
+        proptest::option::weighted(0.3, min_prefix),
+        proptest::option::weighted(0.3, limits),
+        prop_oneof![Just(1280u32), Just(576), Just(1400)],
+    )
+        .prop_map(|(cidrs, min_prefix, limits, mtu_floor)| TrustShape {
+            cidrs,
+            min_prefix,
+            limits,
+            mtu_floor,
+        })
+}
+
+/// At least 256 cases, more with `PROPTEST_CASES`.
+pub fn proptest_config() -> ProptestConfig {
+    ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+            .max(256),
+    )
+}
+
+impl TrustShape {
+    pub fn apply(&self, mesh: &mut MeshConfig) {
+        let nets = |list: &[&str]| list.iter().map(|s| s.parse().unwrap()).collect();
+        mesh.cluster_cidrs = match self.cidrs {
+            0 => Vec::new(),
+            1 => nets(&["10.0.0.0/8", "192.168.0.0/16"]),
+            2 => nets(&["10.0.0.0/13"]),
+            _ => nets(&["10.0.0.0/8", "192.168.0.0/16", "fd00::/8"]),
+        };
+        if let Some((v4, v6)) = self.min_prefix {
+            mesh.min_prefix_len = v4;
+            mesh.min_prefix_len_v6 = v6;
+        }
+        if let Some((a, b, w)) = self.limits {
+            mesh.max_node_addresses = a;
+            mesh.max_node_pod_cidrs = b;
+            mesh.max_node_workload_ips = w;
+        }
+        mesh.mtu_floor = self.mtu_floor;
+    }
+}
+
+/// Workload addresses a hostile node reports, about victim node `v`.
+pub const HOSTILE_PODS: u8 = 13;
+
+pub fn hostile_pod(p: u8, v: usize) -> IpAddr {
+    let v8 = v as u8;
+    let ip = match p {
+        0 => format!("192.168.0.{}", 1 + v),
+        1 => format!("10.{v8}.0.2"),
+        2 => "8.8.8.8".into(),
+        3 => "169.254.169.254".into(),
+        4 => "168.63.129.16".into(),
+        5 => "127.0.0.1".into(),
+        6 => "224.0.0.1".into(),
+        7 => "255.255.255.255".into(),
+        8 => "0.0.0.0".into(),
+        9 => format!("fd00::{:x}", 1 + v),
+        10 => "fe80::1".into(),
+        11 => format!("10.{v8}.0.200"),
+        _ => "10.200.0.1".into(),
+    };
+    ip.parse().unwrap()
+}
+
+/// Blocks a hostile node claims, about victim node `v`.
+pub const HOSTILE_BLOCKS: u8 = 12;
+
+pub fn hostile_block(p: u8, v: usize) -> IpNet {
+    let net = match p {
+        0 => "0.0.0.0/0".to_owned(),
+        1 => "10.0.0.0/8".into(),
+        2 => format!("10.{v}.0.0/25"),
+        3 => format!("10.{v}.0.0/24"),
+        4 => format!("10.{v}.0.0/23"),
+        5 => "192.168.0.0/24".into(),
+        6 => "169.254.0.0/16".into(),
+        7 => "10.0.0.0/12".into(),
+        8 => format!("fd10:{v:x}::/80"),
+        9 => "fd10::/32".into(),
+        10 => format!("fd10:{v:x}::/64"),
+        _ => format!("10.{v}.0.5/32"),
+    };
+    net.parse::<IpNet>().unwrap().trunc()
+}
+
+/// Addresses a hostile node publishes as its own, about victim node `v`.
+pub const HOSTILE_ADDRESSES: u8 = 6;
+
+pub fn hostile_address(p: u8, v: usize) -> IpAddr {
+    let ip = match p {
+        0 => format!("192.168.0.{}", 1 + v),
+        1 => format!("10.{v}.0.2"),
+        2 => "169.254.169.254".into(),
+        3 => format!("10.{v}.0.77"),
+        4 => format!("fd00::{:x}", 1 + v),
+        _ => "8.8.8.8".into(),
+    };
+    ip.parse().unwrap()
+}
