@@ -17,12 +17,13 @@
 //! Bad values never fail a conversion: a malformed key annotation makes the node plain, a bad
 //! address or CIDR is left out, and each case yields an [`AdapterWarning`] that names the node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
+use wgmesh_core::error::{elide, one_line};
 use wgmesh_core::model::DEFAULT_UNDERLAY_MTU;
 use wgmesh_core::{Cluster, Family, MeshConfig, Node, NodeWireGuard, PublicKey};
 
@@ -72,6 +73,11 @@ pub struct AdapterOptions {
     /// Nodes with this label are control-plane nodes (their API server endpoints are derived
     /// from their addresses). `None`: no node is.
     pub control_plane_label: Option<String>,
+    /// The most `InternalIP`s read from one Node (the mesh's `max_node_addresses`). One more
+    /// is kept, so the core reports the node as over its limit; the rest are not even parsed.
+    pub max_addresses: usize,
+    /// The most pod CIDRs read from one Node (the mesh's `max_node_pod_cidrs`), likewise.
+    pub max_pod_cidrs: usize,
 }
 
 impl Default for AdapterOptions {
@@ -79,6 +85,8 @@ impl Default for AdapterOptions {
         Self {
             calico_annotations: false,
             control_plane_label: Some(CONTROL_PLANE_LABEL.to_owned()),
+            max_addresses: wgmesh_core::model::DEFAULT_MAX_NODE_ADDRESSES,
+            max_pod_cidrs: wgmesh_core::model::DEFAULT_MAX_NODE_POD_CIDRS,
         }
     }
 }
@@ -94,6 +102,56 @@ impl AdapterOptions {
     pub fn with_control_plane_label(mut self, label: Option<String>) -> Self {
         self.control_plane_label = label;
         self
+    }
+
+    /// Takes the per-node limits from the mesh settings.
+    pub fn with_limits_of(mut self, mesh: &MeshConfig) -> Self {
+        self.max_addresses = mesh.max_node_addresses;
+        self.max_pod_cidrs = mesh.max_node_pod_cidrs;
+        self
+    }
+}
+
+/// The most warnings about one field of one object; one more says how many were left unsaid.
+/// A hostile node's 30,000 junk addresses must not become 30,000 log lines on every agent.
+pub const MAX_WARNINGS_PER_FIELD: usize = 4;
+
+/// The most addresses read from one pod (one per family is what Kubernetes writes).
+pub const MAX_POD_IPS: usize = 8;
+
+/// Collects warnings about one field, at most [`MAX_WARNINGS_PER_FIELD`] of them.
+struct Capped<'a> {
+    warnings: &'a mut Vec<AdapterWarning>,
+    written: usize,
+    dropped: usize,
+}
+
+impl<'a> Capped<'a> {
+    fn new(warnings: &'a mut Vec<AdapterWarning>) -> Self {
+        Self {
+            warnings,
+            written: 0,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, w: impl FnOnce() -> AdapterWarning) {
+        if self.written < MAX_WARNINGS_PER_FIELD {
+            self.warnings.push(w());
+            self.written += 1;
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    fn finish(self, object: impl FnOnce() -> String, field: &'static str) {
+        if self.dropped > 0 {
+            self.warnings.push(AdapterWarning::MoreInvalid {
+                object: object(),
+                field,
+                count: self.dropped,
+            });
+        }
     }
 }
 
@@ -150,6 +208,15 @@ pub enum AdapterWarning {
         /// The value.
         value: String,
     },
+    /// More unusable values of one field than are worth a warning each.
+    MoreInvalid {
+        /// `node "name"` or `pod namespace/name`.
+        object: String,
+        /// The field.
+        field: &'static str,
+        /// How many more.
+        count: usize,
+    },
 }
 
 impl AdapterWarning {
@@ -161,13 +228,15 @@ impl AdapterWarning {
             | Self::InvalidPodCidr { node, .. }
             | Self::InvalidUnderlayMtu { node, .. }
             | Self::Ipv6BelowMinimumMtu { node, .. } => Some(node),
-            Self::NodeWithoutName | Self::InvalidPodIp { .. } => None,
+            Self::NodeWithoutName | Self::InvalidPodIp { .. } | Self::MoreInvalid { .. } => None,
         }
     }
 }
 
 impl fmt::Display for AdapterWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values come from the objects, written by nodes and pods: echoed cut and on one line.
+        let cut = |text: &str| one_line(&elide(text)).into_owned();
         match self {
             Self::MalformedKey {
                 node,
@@ -179,16 +248,22 @@ impl fmt::Display for AdapterWarning {
             ),
             Self::InvalidAddress { node, value } => write!(
                 f,
-                "node {node:?}: InternalIP {value:?} is not an IP address; left out"
+                "node {node:?}: InternalIP {:?} is not an IP address; left out",
+                cut(value)
             ),
             Self::InvalidPodCidr {
                 node,
                 value,
                 reason,
-            } => write!(f, "node {node:?}: pod CIDR {value:?} {reason}; left out"),
+            } => write!(
+                f,
+                "node {node:?}: pod CIDR {:?} {reason}; left out",
+                cut(value)
+            ),
             Self::InvalidUnderlayMtu { node, value } => write!(
                 f,
-                "node {node:?}: annotation {UNDERLAY_MTU_ANNOTATION} = {value:?} is not a usable MTU; using {DEFAULT_UNDERLAY_MTU}"
+                "node {node:?}: annotation {UNDERLAY_MTU_ANNOTATION} = {:?} is not a usable MTU; using {DEFAULT_UNDERLAY_MTU}",
+                cut(value)
             ),
             Self::Ipv6BelowMinimumMtu { node, mtu } => write!(
                 f,
@@ -198,9 +273,18 @@ impl fmt::Display for AdapterWarning {
             Self::InvalidPodIp { pod, value } => {
                 write!(
                     f,
-                    "pod {pod}: pod IP {value:?} is not an IP address; left out"
+                    "pod {pod}: pod IP {:?} is not an IP address; left out",
+                    cut(value)
                 )
             }
+            Self::MoreInvalid {
+                object,
+                field,
+                count,
+            } => write!(
+                f,
+                "{object}: {count} more unusable values of {field}; left out"
+            ),
         }
     }
 }
@@ -297,7 +381,10 @@ pub fn node_info(
     };
     let mut node = Node::new(name);
 
-    // Addresses: InternalIPs of both families, in the order given, without repeats.
+    // Addresses: InternalIPs of both families, in the order given, without repeats; one past
+    // the limit at most (the core reports the node over it), the rest not even parsed.
+    let mut seen = HashSet::new();
+    let mut invalid = Capped::new(warnings);
     for addr in k8s
         .status
         .as_ref()
@@ -306,15 +393,19 @@ pub fn node_info(
         .flatten()
         .filter(|a| a.type_ == "InternalIP")
     {
+        if node.addresses.len() > options.max_addresses {
+            break;
+        }
         match addr.address.trim().parse::<IpAddr>() {
-            Ok(ip) if !node.addresses.contains(&ip) => node.addresses.push(ip),
+            Ok(ip) if seen.insert(ip) => node.addresses.push(ip),
             Ok(_) => {}
-            Err(_) => warnings.push(AdapterWarning::InvalidAddress {
+            Err(_) => invalid.push(|| AdapterWarning::InvalidAddress {
                 node: name.to_owned(),
                 value: addr.address.clone(),
             }),
         }
     }
+    invalid.finish(|| format!("node {name:?}"), "InternalIP");
 
     // Pod CIDRs: spec.podCIDRs, or the single spec.podCIDR of older clusters.
     let spec = k8s.spec.as_ref();
@@ -322,22 +413,28 @@ pub fn node_info(
         Some(list) if !list.is_empty() => list.iter().collect(),
         _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
     };
+    let mut seen = HashSet::new();
+    let mut invalid = Capped::new(warnings);
     for text in cidrs {
+        if node.pod_cidrs.len() > options.max_pod_cidrs {
+            break;
+        }
         match text.trim().parse::<IpNet>() {
-            Ok(net) if net.trunc() != net => warnings.push(AdapterWarning::InvalidPodCidr {
+            Ok(net) if net.trunc() != net => invalid.push(|| AdapterWarning::InvalidPodCidr {
                 node: name.to_owned(),
                 value: text.clone(),
                 reason: format!("has host bits set (the block would be {})", net.trunc()),
             }),
-            Ok(net) if !node.pod_cidrs.contains(&net) => node.pod_cidrs.push(net),
+            Ok(net) if seen.insert(net) => node.pod_cidrs.push(net),
             Ok(_) => {}
-            Err(_) => warnings.push(AdapterWarning::InvalidPodCidr {
+            Err(_) => invalid.push(|| AdapterWarning::InvalidPodCidr {
                 node: name.to_owned(),
                 value: text.clone(),
                 reason: "is not a CIDR".to_owned(),
             }),
         }
     }
+    invalid.finish(|| format!("node {name:?}"), "podCIDRs");
 
     // Keys: wgmesh's annotation, else (if enabled) Calico's. Any malformed key in use makes
     // the whole node plain: a half-trusted node is not worth the confusion.
@@ -504,17 +601,24 @@ pub fn pod_workload(pod: &Pod, warnings: &mut Vec<AdapterWarning>) -> PodWorkloa
             .into_iter()
             .collect(),
     };
-    let mut ips = Vec::with_capacity(texts.len());
+    // Kubernetes writes one address per family; a status with thousands is read no further
+    // than MAX_POD_IPS (the small list makes `contains` cheap).
+    let mut ips = Vec::with_capacity(texts.len().min(MAX_POD_IPS));
+    let mut invalid = Capped::new(warnings);
     for text in texts {
+        if ips.len() >= MAX_POD_IPS {
+            break;
+        }
         match text.trim().parse::<IpAddr>() {
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
-            Err(_) => warnings.push(AdapterWarning::InvalidPodIp {
+            Err(_) => invalid.push(|| AdapterWarning::InvalidPodIp {
                 pod: pod_key(pod),
                 value: text.to_owned(),
             }),
         }
     }
+    invalid.finish(|| format!("pod {}", pod_key(pod)), "podIPs");
     if ips.is_empty() {
         return PodWorkload::Excluded(PodExclusion::NoAddress);
     }

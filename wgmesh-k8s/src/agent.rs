@@ -13,7 +13,7 @@
 //!
 //! [`crate::run`] is the thin async shell that connects it to the API server.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
@@ -21,6 +21,7 @@ use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use tracing::{debug, error, info, warn};
+use wgmesh_core::diagnostics::Diagnostic;
 use wgmesh_core::{Family, IncrementalPlanner, MeshConfig, NodePlan, PlanDelta, PublicKey};
 
 use crate::adapter::{AdapterOptions, UNDERLAY_MTU_ANNOTATION, key_annotation};
@@ -225,6 +226,10 @@ pub struct Agent<D> {
     interfaces: Vec<(String, usize)>,
     fresh_handshakes: Option<usize>,
     wall_clock: fn() -> SystemTime,
+    /// The findings known (each logged and raised once), and whether to look again.
+    findings: HashSet<Diagnostic>,
+    findings_stale: bool,
+    claim_counts: (usize, usize),
     dataplane: D,
     metrics: Metrics,
 }
@@ -267,6 +272,9 @@ impl<D: Dataplane> Agent<D> {
             interfaces: Vec::new(),
             fresh_handshakes: None,
             wall_clock: SystemTime::now,
+            findings: HashSet::new(),
+            findings_stale: false,
+            claim_counts: (0, 0),
             dataplane,
             metrics,
             settings,
@@ -471,16 +479,16 @@ impl<D: Dataplane> Agent<D> {
 
     /// Queues an Event about this node.
     fn notice(&mut self, kind: NoticeKind, reason: &'static str, note: String) {
+        let notice = Notice::new(self.settings.node_name.clone(), kind, reason, note);
+        self.push_notice(notice);
+    }
+
+    fn push_notice(&mut self, notice: Notice) {
         if self.notices.len() >= MAX_NOTICES {
             self.notices.pop_front();
             debug!("too many Events waiting; dropped the oldest");
         }
-        self.notices.push_back(Notice::new(
-            self.settings.node_name.clone(),
-            kind,
-            reason,
-            note,
-        ));
+        self.notices.push_back(notice);
     }
 
     /// The Events to send, oldest first (the shell sends them; the agent forgets them).
@@ -515,6 +523,11 @@ impl<D: Dataplane> Agent<D> {
             if self.pending.len() > self.settings.max_pending_deltas {
                 self.pending.clear();
                 self.full = true;
+            }
+            let counts = (planner.refused_claims(), planner.disputed_prefixes());
+            if counts != self.claim_counts {
+                self.claim_counts = counts;
+                self.findings_stale = true;
             }
         }
         self.update_state();
@@ -596,6 +609,9 @@ impl<D: Dataplane> Agent<D> {
         if self.flush_at(now).is_some_and(|t| now >= t) {
             self.flush(now);
         }
+        if self.findings_stale {
+            self.review_findings();
+        }
         if self.next_stats.is_some_and(|t| now >= t) {
             self.refresh_stats();
             self.next_stats = Some(now + self.settings.stats_interval);
@@ -610,7 +626,10 @@ impl<D: Dataplane> Agent<D> {
         self.rebuild = false;
         match self.view.cluster() {
             Ok(cluster) => {
-                self.planner = Some(IncrementalPlanner::new(&cluster, &self.settings.node_name));
+                let planner = IncrementalPlanner::new(&cluster, &self.settings.node_name);
+                self.claim_counts = (planner.refused_claims(), planner.disputed_prefixes());
+                self.planner = Some(planner);
+                self.findings_stale = true;
                 self.pending.clear();
                 self.full = true;
                 self.dirty_since = None;
@@ -771,6 +790,54 @@ impl<D: Dataplane> Agent<D> {
         self.retry_at = Some(now + wait);
         self.last_error = Some(error.to_owned());
         self.dirty_since.get_or_insert(now);
+    }
+
+    /// Looks at the cluster's findings again (after a change of refused or disputed claims,
+    /// and at every rebuild): each new one is logged once; one that involves this node is
+    /// raised as an Event on every node it names; all are counted by kind.
+    fn review_findings(&mut self) {
+        self.findings_stale = false;
+        let Some(planner) = &self.planner else {
+            return;
+        };
+        let (refused, disputed) = self.claim_counts;
+        self.metrics.set_claims(refused, disputed);
+        let current: HashSet<Diagnostic> = planner.findings().into_iter().collect();
+        let mut by_kind: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for d in &current {
+            *by_kind.entry(d.kind()).or_default() += 1;
+        }
+        self.metrics.set_findings(by_kind);
+        let mut new: Vec<&Diagnostic> = current.difference(&self.findings).collect();
+        new.sort_by_key(|d| d.to_string());
+        let mut notices = Vec::new();
+        for d in new {
+            match d.kind() {
+                "plain" => debug!(finding = %d, "cluster finding"),
+                "no_cluster_cidrs" => warn!(
+                    finding = %d,
+                    "hijack protection needs mesh.cluster_cidrs: without it a node's claims to addresses outside the cluster are only refused when they are special or another node's"
+                ),
+                _ => warn!(finding = %d, nodes = ?d.nodes(), "cluster finding"),
+            }
+            let Some(reason) = event_reason(d) else {
+                continue;
+            };
+            if d.nodes().contains(&self.settings.node_name.as_str()) {
+                for node in d.nodes() {
+                    notices.push(Notice::new(
+                        node,
+                        NoticeKind::Warning,
+                        reason,
+                        d.to_string(),
+                    ));
+                }
+            }
+        }
+        for n in notices {
+            self.push_notice(n);
+        }
+        self.findings = current;
     }
 
     fn refresh_stats(&mut self) {
@@ -994,4 +1061,18 @@ impl<D: Dataplane> Agent<D> {
     pub fn state(&self) -> AgentState {
         self.metrics.state()
     }
+}
+
+/// The Event reason of a finding worth an Event (a claim refused, colliding, over its limit,
+/// an MTU not followed); `None` for the others (plain nodes, missing cluster_cidrs).
+fn event_reason(d: &Diagnostic) -> Option<&'static str> {
+    Some(match d.kind() {
+        "refused" => "ClaimRefused",
+        "clash" => "ClaimConflict",
+        "duplicate_key" => "DuplicateKey",
+        "over_limit" => "ClaimsOverLimit",
+        "mtu_below_floor" => "UnderlayMtuIgnored",
+        "mtu_above_underlay" => "MtuAboveUnderlay",
+        _ => return None,
+    })
 }

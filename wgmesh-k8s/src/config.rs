@@ -240,6 +240,14 @@ impl ConfigSpec {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
+        // Size and nesting are bounded before the YAML parser sees the text (a file nested
+        // 100,000 deep would otherwise take minutes).
+        wgmesh_core::spec::ParseLimits::default()
+            .check(text)
+            .map_err(|e| ConfigError::Syntax {
+                path: ".".to_owned(),
+                message: e.to_string(),
+            })?;
         let de = serde_yaml_ng::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -300,7 +308,8 @@ impl ConfigSpec {
         };
         settings.adapter = AdapterOptions::default()
             .with_calico_annotations(self.calico_annotations.unwrap_or(false))
-            .with_control_plane_label(label.clone());
+            .with_control_plane_label(label.clone())
+            .with_limits_of(&settings.mesh);
         let port = ranged(
             "control_plane.port",
             self.control_plane.port,

@@ -11,6 +11,8 @@
 //! | `wgmesh_errors_total` | counter | `source` (`dataplane`, `publish`, `watch_nodes`, `watch_pods`, `planner`, `status`) |
 //! | `wgmesh_publishes_total` | counter | `result` |
 //! | `wgmesh_warnings_total` | counter | — |
+//! | `wgmesh_findings` | gauge | `kind` (`refused`, `clash`, `duplicate_key`, `over_limit`, `mtu_below_floor`, …) |
+//! | `wgmesh_refused_claims`, `wgmesh_disputed_prefixes` | gauge | — |
 //! | `wgmesh_nodes`, `wgmesh_workload_pods` | gauge | — |
 //! | `wgmesh_key_published` | gauge: 1 when the node's published keys are the ones it uses | — |
 //! | `wgmesh_bootstrap_guard` | gauge: 1 while host traffic is kept outside the tunnel | — |
@@ -130,6 +132,9 @@ impl AgentState {
 #[derive(Debug, Default)]
 struct Inner {
     build: BuildInfo,
+    refused_claims: usize,
+    disputed_prefixes: usize,
+    findings: BTreeMap<&'static str, usize>,
     hide_peers: bool,
     peers: BTreeMap<String, usize>,
     peer_rows: Vec<PeerRow>,
@@ -223,6 +228,18 @@ impl Metrics {
     /// Counts warnings about the cluster's objects.
     pub fn warned(&self, n: usize) {
         self.lock().warnings += n as u64;
+    }
+
+    /// Sets the claims the planner refuses and the prefixes it gives to nobody.
+    pub fn set_claims(&self, refused: usize, disputed: usize) {
+        let mut m = self.lock();
+        m.refused_claims = refused;
+        m.disputed_prefixes = disputed;
+    }
+
+    /// Sets the current findings, counted by kind.
+    pub fn set_findings(&self, by_kind: BTreeMap<&'static str, usize>) {
+        self.lock().findings = by_kind;
     }
 
     /// Sets the size of the known cluster.
@@ -435,7 +452,29 @@ impl Metrics {
             let _ = writeln!(out, "wgmesh_publishes_total{{result=\"{result}\"}} {n}");
         }
 
-        let gauges: [(&str, &str, &str, u64); 7] = [
+        head(
+            &mut out,
+            "wgmesh_findings",
+            "gauge",
+            "Current findings about the cluster (wgmesh_core::diagnostics), by kind.",
+        );
+        for (kind, n) in &m.findings {
+            let _ = writeln!(out, "wgmesh_findings{{kind=\"{kind}\"}} {n}");
+        }
+
+        let gauges: [(&str, &str, &str, u64); 9] = [
+            (
+                "wgmesh_refused_claims",
+                "gauge",
+                "Claims of nodes and pods the trust rules refuse (on no peer, routed in plaintext).",
+                m.refused_claims as u64,
+            ),
+            (
+                "wgmesh_disputed_prefixes",
+                "gauge",
+                "Prefixes claimed by several nodes: nobody's, routed in plaintext.",
+                m.disputed_prefixes as u64,
+            ),
             (
                 "wgmesh_warnings_total",
                 "counter",

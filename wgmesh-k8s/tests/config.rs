@@ -195,3 +195,13 @@ fn ipv6_service_address() {
         ["[fd00:10:96::1]:443".parse().unwrap()]
     );
 }
+
+/// Issue 11: the agent's configuration file goes through the same bounds as cluster files:
+/// deep nesting is refused before the YAML parser sees it.
+#[test]
+fn a_deeply_nested_file_is_refused_at_once() {
+    let deep = format!("mesh: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let err = ConfigSpec::parse(&deep).unwrap_err().to_string();
+    assert!(err.starts_with("config: .: "), "{err}");
+    assert!(err.contains("nest"), "{err}");
+}
