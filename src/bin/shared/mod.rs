@@ -2,7 +2,7 @@
 //! codes, and output that never panics (a closed pipe ends the program quietly; a full disk
 //! is an error, not a panic).
 
-use std::io::{Read, Write as _};
+use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -101,25 +101,25 @@ pub(crate) fn emit_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), F
     })
 }
 
-/// Reads a text file (`-`: standard input), at most [`MAX_INPUT`] bytes.
+/// Reads a text file (`-`: standard input), at most [`MAX_INPUT`] bytes
+/// (`wgmesh_core::spec::read_bounded`: `--cluster /dev/zero` costs 256 MiB, not all memory).
 pub(crate) fn read_input(path: &Path, what: &str) -> Result<String, Failure> {
+    use wgmesh::core::spec::{ReadError, read_bounded};
     let shown = path.display();
-    let mut bytes = Vec::new();
+    let limit = usize::try_from(MAX_INPUT).unwrap_or(usize::MAX);
     let read = if path == Path::new("-") {
-        std::io::stdin()
-            .lock()
-            .take(MAX_INPUT + 1)
-            .read_to_end(&mut bytes)
+        read_bounded(std::io::stdin().lock(), limit)
     } else {
-        std::fs::File::open(path).and_then(|f| f.take(MAX_INPUT + 1).read_to_end(&mut bytes))
+        std::fs::File::open(path)
+            .map_err(ReadError::Io)
+            .and_then(|f| read_bounded(f, limit))
     };
-    read.map_err(|e| Failure::Input(format!("cannot read the {what} {shown}: {e}")))?;
-    if bytes.len() as u64 > MAX_INPUT {
-        return Err(Failure::Input(format!(
+    read.map_err(|e| match e {
+        ReadError::TooLarge { .. } => Failure::Input(format!(
             "the {what} {shown} is larger than {} MiB",
             MAX_INPUT >> 20
-        )));
-    }
-    String::from_utf8(bytes)
-        .map_err(|e| Failure::Input(format!("the {what} {shown} is not UTF-8 text: {e}")))
+        )),
+        ReadError::Io(e) => Failure::Input(format!("cannot read the {what} {shown}: {e}")),
+        other => Failure::Input(format!("the {what} {shown} is {other}")),
+    })
 }
