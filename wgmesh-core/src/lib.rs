@@ -76,5 +76,6 @@ pub use error::{Error, Location, Problem};
 pub use key::{KeyError, PrivateKey, PublicKey};
 pub use model::{Cluster, Family, MeshConfig, Node, NodeWireGuard, RouteSource};
 pub use plan::{
-    InterfacePlan, Marking, NodePlan, PeerPlan, Route, RouteType, Rule, Sysctl, plan_all, plan_node,
+    InterfacePlan, Marking, NodePlan, PLAN_SCHEMA_VERSION, PeerPlan, Route, RouteType, Rule,
+    Sysctl, plan_all, plan_node,
 };

@@ -53,6 +53,20 @@
 //! is ignored by every other node and reported, so one node cannot shrink everyone's MTU; it
 //! still bounds the node's own interface.
 
+//!
+//! # Stability: a versioned wire schema
+//!
+//! [`NodePlan`] and [`crate::PlanDelta`] (and the structs inside them) are plain data with
+//! public fields, meant to be built, matched and serialized by appliers and tools. Their
+//! serde form is the **wgmesh plan schema, version [`PLAN_SCHEMA_VERSION`]**: a field added in
+//! a minor release keeps the version (readers must ignore fields they do not know, and the
+//! new field gets a serde default so that older documents still read); a field renamed,
+//! removed or changed in meaning bumps the version, and is a major release of `wgmesh-core`. The Rust
+//! structs follow the schema, so adding a field is also a Rust-level change for code that
+//! builds them with struct literals: start from [`NodePlan::empty`] or `Default` and set
+//! fields (`..Default::default()`). `tests/schema.rs` holds the schema's field list, so no
+//! field changes unnoticed.
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -71,7 +85,12 @@ pub const MARKING_TABLE: &str = "wgmesh";
 /// The sysctl that makes the reverse-path check honour packet marks.
 pub const SRC_VALID_MARK: &str = "net.ipv4.conf.all.src_valid_mark";
 
-/// Everything one node must program. Field names are a public contract.
+/// The version of the plan schema: the serde form of [`NodePlan`] and [`crate::PlanDelta`]
+/// (see the module documentation).
+pub const PLAN_SCHEMA_VERSION: u32 = 1;
+
+/// Everything one node must program. Its serde form is the plan schema (version
+/// [`PLAN_SCHEMA_VERSION`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlan {
     /// The node this plan is for.
