@@ -17,6 +17,7 @@ pub const MAX_ECHO: usize = 64;
 const MAX_FIELD: usize = 128;
 
 /// How many bytes of a parser's message errors keep.
+#[cfg(feature = "parse")]
 const MAX_MESSAGE: usize = 240;
 
 /// `text` when it has at most [`MAX_ECHO`] bytes; otherwise its first [`MAX_ECHO`] bytes (cut
@@ -167,6 +168,7 @@ pub enum Problem {
     },
 }
 
+#[cfg(feature = "parse")]
 impl Problem {
     /// A parser's message, cut to a bounded length (parsers quote the bad value).
     pub(crate) fn syntax(message: impl Into<String>) -> Self {
