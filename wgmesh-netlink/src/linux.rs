@@ -1,26 +1,36 @@
-//! The real host: rtnetlink for links, routes and rules, generic netlink (kernel WireGuard)
-//! or the userspace socket (wireguard-go, boringtun) for devices, nf_tables for the marking,
-//! `/proc/sys` for sysctls.
+//! The [`Linux`] dataplane: reads what the host has of wgmesh's objects, and executes
+//! operations phase by phase — lower each phase purely ([`crate::lower`]), then only send and
+//! receive ([`crate::exec`]). The kernel behind it is a [`KernelIo`]: the host's
+//! [`Sockets`], or the message-level fake kernel of the `testing` feature.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use netlink_sys::protocols::{NETLINK_GENERIC, NETLINK_NETFILTER, NETLINK_ROUTE};
+use netlink_packet_generic::GenlMessage;
+use netlink_packet_generic::ctrl::GenlCtrl;
+use netlink_packet_netfilter::NetfilterMessage;
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_wireguard::WireguardMessage;
 use wgmesh_core::{Family, PrivateKey, PublicKey};
-use zeroize::Zeroizing;
 
-use crate::error::{EOPNOTSUPP, Error, Result};
+use crate::error::{
+    EAFNOSUPPORT, EINVAL, ENODEV, ENOENT, EOPNOTSUPP, EPROTONOSUPPORT, Error, Result,
+};
+use crate::exec::{Answer, Outgoing, Pipeline};
+use crate::io::{KernelIo, Sockets};
 use crate::keys::KeyRing;
-use crate::nft;
-use crate::op::{KICK_KEEPALIVE, Operation};
+use crate::lower::{self, Capabilities, Keys, Request, WG_SET_FLAGS, WireGuard};
+use crate::marking::{FAMILIES, NftTable};
+use crate::op::{Operation, Phase};
 use crate::reconcile::Dataplane;
-use crate::socket::{NlSocket, Request};
-use crate::state::{ActualDevice, ActualState, LinkKind, Ownership, PeerStats};
-use crate::uapi;
-use crate::wire::{self, DeviceUpdate, PeerUpdate};
+use crate::state::{ActualDevice, ActualLink, ActualState, LinkKind, Ownership, PeerStats};
+use crate::userspace::Userspace;
+use crate::wire::genl::{self, DEFAULT_MAX_MESSAGE, DeviceUpdate, Wg};
+use crate::wire::nft::{self, NftRequest};
+use crate::wire::route::{self, RtRequest};
+use crate::wire::{self, Protocol};
 
 /// Which WireGuard implementation to drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,16 +45,33 @@ pub enum Backend {
     Userspace,
 }
 
+/// A backend name that is not `auto`, `kernel` or `userspace`.
+///
+/// ```
+/// use wgmesh_netlink::Backend;
+/// assert_eq!("kernel".parse::<Backend>().unwrap(), Backend::Kernel);
+/// let e = "kern".parse::<Backend>().unwrap_err();
+/// assert_eq!(e.to_string(), r#"unknown backend "kern"; expected auto, kernel or userspace"#);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown backend {0:?}; expected auto, kernel or userspace")]
+pub struct ParseBackendError(String);
+
+/// The message, for callers that report errors as text.
+impl From<ParseBackendError> for String {
+    fn from(e: ParseBackendError) -> Self {
+        e.to_string()
+    }
+}
+
 impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = ParseBackendError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseBackendError> {
         match s {
             "auto" => Ok(Self::Auto),
             "kernel" => Ok(Self::Kernel),
             "userspace" => Ok(Self::Userspace),
-            other => Err(format!(
-                "unknown backend {other:?}; expected auto, kernel or userspace"
-            )),
+            other => Err(ParseBackendError(other.to_owned())),
         }
     }
 }
@@ -79,7 +106,7 @@ impl Default for LinuxConfig {
                 std::env::var_os("WG_USERSPACE_IMPLEMENTATION").unwrap_or("wireguard-go".into()),
             ),
             socket_dir: PathBuf::from("/var/run/wireguard"),
-            max_message: wire::DEFAULT_MAX_MESSAGE,
+            max_message: DEFAULT_MAX_MESSAGE,
             proc_sys: PathBuf::from("/proc/sys"),
             daemon_timeout: Duration::from_secs(20),
             netlink_timeout: Some(Duration::from_secs(30)),
@@ -97,90 +124,97 @@ impl LinuxConfig {
     }
 }
 
-enum Wg {
-    Kernel { family: u16 },
-    Userspace,
+enum Driver {
+    Kernel { family_id: u16 },
+    Userspace(Userspace),
 }
 
-/// The host's dataplane. Open it with [`Linux::open`]; needs `CAP_NET_ADMIN`.
-pub struct Linux {
-    rt: NlSocket,
-    genl: Option<NlSocket>,
-    nft: NlSocket,
-    wg: Wg,
+/// The host's dataplane. Open it with [`Linux::open`] (needs `CAP_NET_ADMIN`); tests run the
+/// same code over the fake kernel with [`Linux::with_kernel`].
+pub struct Linux<K = Sockets> {
+    io: K,
+    wg: Driver,
     config: LinuxConfig,
     decision: String,
+    /// Whether the kernel removes single allowed IPs: probed once, when first needed.
     remove_flag: Option<bool>,
+    pipeline: Pipeline,
     messages: usize,
     /// Interface indexes of owned links, from the last read or lookup; dropped whenever a
-    /// run creates or deletes a link.
+    /// phase creates or deletes links.
     ifindex: HashMap<String, u32>,
+    /// The key of the throwaway peer (allowed-IP removals without the per-IP flag, and the
+    /// probe of that flag): random, no real peer's.
+    throwaway: PublicKey,
 }
 
-impl fmt::Debug for Linux {
+impl<K> fmt::Debug for Linux<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Linux")
             .field("backend", &self.decision)
             .field("messages", &self.messages)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-/// `ECHILD`: no child to wait for.
-const ECHILD: i32 = 10;
-
-fn kernel_err(doing: impl Into<String>, errno: i32) -> Error {
-    Error::kernel(doing, errno)
+fn parse<I: netlink_packet_core::NetlinkDeserializable>(
+    bytes: &[u8],
+    what: &'static str,
+    doing: &str,
+) -> Result<I> {
+    wire::parse::<I>(bytes, what)
+        .map(|(_, m)| m)
+        .map_err(|e| Error::decode(doing, e))
 }
 
-fn wg_family(genl: &mut NlSocket) -> Result<std::result::Result<u16, i32>> {
-    let seq = genl.seqs(1);
-    let out = genl
-        .transact(
-            &[Request {
-                bytes: wire::genl_get_family("wireguard", seq),
-                answered: true,
-            }],
-            None,
-        )
-        .map_err(|e| Error::io("resolve generic netlink family wireguard", e))?;
-    Ok(match out.into_iter().next() {
-        Some(Ok(replies)) => match replies.first() {
-            Some(p) => Ok(wire::parse_family_id(p)
-                .map_err(|d| Error::decode("resolve generic netlink family wireguard", d))?),
-            None => Err(crate::error::ENOENT),
-        },
-        Some(Err(errno)) => Err(errno),
-        None => Err(crate::error::ENOENT),
-    })
-}
-
-impl Linux {
+impl Linux<Sockets> {
     /// Opens the netlink sockets and picks the WireGuard implementation. With
     /// [`Backend::Auto`], the kernel is used when its generic netlink family `wireguard`
     /// resolves (the kernel loads the module on demand), else userspace;
     /// [`Linux::backend_description`] says which and why.
     pub fn open(config: LinuxConfig) -> Result<Self> {
-        let open = |p, what: &str| {
-            NlSocket::new(p, config.netlink_timeout)
-                .map_err(|e| Error::io(format!("open {what} netlink socket"), e))
+        let io = Sockets::open(config.netlink_timeout, config.proc_sys.clone())
+            .map_err(|e| Error::io("open the netlink sockets", e))?;
+        Self::with_kernel(io, config)
+    }
+}
+
+impl<K: KernelIo> Linux<K> {
+    /// The dataplane over `kernel`, with the WireGuard implementation picked as
+    /// [`Linux::open`] picks it.
+    pub fn with_kernel(kernel: K, config: LinuxConfig) -> Result<Self> {
+        let mut l = Self {
+            io: kernel,
+            wg: Driver::Kernel { family_id: 0 },
+            config,
+            decision: String::new(),
+            remove_flag: None,
+            pipeline: Pipeline::default(),
+            messages: 0,
+            ifindex: HashMap::new(),
+            throwaway: PrivateKey::generate().public_key(),
         };
-        let rt = open(NETLINK_ROUTE, "rtnetlink")?;
-        let nft = open(NETLINK_NETFILTER, "nf_tables")?;
-        let mut genl = open(NETLINK_GENERIC, "generic")?;
-        let family = wg_family(&mut genl)?;
-        let (wg, decision, genl) = match (config.backend, family) {
+        let family = l.wireguard_family()?;
+        let userspace = || {
+            Driver::Userspace(Userspace {
+                program: l.config.userspace_program.clone(),
+                socket_dir: l.config.socket_dir.clone(),
+                daemon_timeout: l.config.daemon_timeout,
+                reply_timeout: l.config.netlink_timeout.unwrap_or(Duration::from_secs(30)),
+            })
+        };
+        let program = l.config.userspace_program.display().to_string();
+        let (wg, decision) = match (l.config.backend, family) {
             (Backend::Kernel | Backend::Auto, Ok(id)) => (
-                Wg::Kernel { family: id },
+                Driver::Kernel { family_id: id },
                 format!(
                     "kernel WireGuard (generic netlink family {id}){}",
-                    if config.backend == Backend::Auto {
+                    if l.config.backend == Backend::Auto {
                         "; chosen by auto"
                     } else {
                         ""
                     }
                 ),
-                Some(genl),
             ),
             (Backend::Kernel, Err(_)) => {
                 return Err(Error::NoKernelWireGuard {
@@ -188,33 +222,35 @@ impl Linux {
                 });
             }
             (Backend::Auto, Err(errno)) => (
-                Wg::Userspace,
+                userspace(),
                 format!(
-                    "userspace WireGuard ({}): auto found no kernel WireGuard (generic netlink family lookup: errno {errno})",
-                    config.userspace_program.display()
+                    "userspace WireGuard ({program}): auto found no kernel WireGuard (generic netlink family lookup: errno {errno})"
                 ),
-                None,
             ),
-            (Backend::Userspace, _) => (
-                Wg::Userspace,
-                format!(
-                    "userspace WireGuard ({})",
-                    config.userspace_program.display()
-                ),
-                None,
-            ),
+            (Backend::Userspace, _) => (userspace(), format!("userspace WireGuard ({program})")),
         };
-        Ok(Self {
-            rt,
-            genl,
-            nft,
-            wg,
-            config,
-            decision,
-            remove_flag: None,
-            messages: 0,
-            ifindex: HashMap::new(),
-        })
+        l.wg = wg;
+        l.decision = decision;
+        Ok(l)
+    }
+
+    /// The generic netlink family id of `wireguard`, or the errno of the lookup.
+    fn wireguard_family(&mut self) -> Result<std::result::Result<u16, i32>> {
+        let doing = "resolve generic netlink family wireguard";
+        let (flags, m) = genl::get_family("wireguard");
+        let req = self.pipeline.message(Protocol::Generic, flags, &m);
+        let mut out = self.transact(Protocol::Generic, &[req], None, doing)?;
+        match out.pop() {
+            Some(Ok(replies)) => match replies.first() {
+                Some(r) => {
+                    let m: GenlMessage<GenlCtrl> = parse(r, "CTRL_CMD_NEWFAMILY", doing)?;
+                    Ok(Ok(genl::family_id(&m).map_err(|e| Error::decode(doing, e))?))
+                }
+                None => Ok(Err(ENOENT)),
+            },
+            Some(Err(r)) => Ok(Err(r.errno)),
+            None => Ok(Err(ENOENT)),
+        }
     }
 
     /// Which implementation is driven, and why.
@@ -224,12 +260,42 @@ impl Linux {
 
     /// Whether the kernel implementation is driven.
     pub fn is_kernel(&self) -> bool {
-        matches!(self.wg, Wg::Kernel { .. })
+        matches!(self.wg, Driver::Kernel { .. })
     }
 
     /// Messages sent so far (netlink messages, userspace requests, sysctl writes).
     pub fn messages(&self) -> usize {
         self.messages
+    }
+
+    /// The kernel behind the dataplane.
+    pub fn kernel(&self) -> &K {
+        &self.io
+    }
+
+    /// The kernel behind the dataplane, mutably (tests drift the fake kernel through it).
+    pub fn kernel_mut(&mut self) -> &mut K {
+        &mut self.io
+    }
+
+    fn transact(
+        &mut self,
+        protocol: Protocol,
+        reqs: &[Outgoing],
+        groups: Option<&[std::ops::Range<usize>]>,
+        doing: &str,
+    ) -> Result<Vec<Answer>> {
+        self.pipeline
+            .transact(&mut self.io, protocol, reqs, groups, doing)
+    }
+
+    fn rt(&mut self, reqs: &[RtRequest], doing: &str) -> Result<Vec<Answer>> {
+        let out: Vec<Outgoing> = reqs
+            .iter()
+            .map(|(flags, m)| self.pipeline.message(Protocol::Route, *flags, m))
+            .collect();
+        self.messages += out.iter().filter(|o| o.answered).count();
+        self.transact(Protocol::Route, &out, None, doing)
     }
 
     /// Whether this WireGuard can remove single allowed IPs (kernel: `WGALLOWEDIP_F_REMOVE_ME`,
@@ -238,36 +304,20 @@ impl Linux {
         if let Some(v) = self.remove_flag {
             return Ok(v);
         }
-        let Wg::Kernel { family } = self.wg else {
+        let Driver::Kernel { family_id } = self.wg else {
             return Ok(false);
         };
-        let probe = throwaway_key();
-        let mut p = PeerUpdate::new(probe);
-        // 0.0.0.0/32 is no pod's or node's address, so no real peer holds it.
-        p.allowed_ips = vec![("0.0.0.0/32".parse().unwrap_or_default(), true)];
-        let dev = DeviceUpdate {
-            ifname: ifname.to_owned(),
-            peers: vec![p],
-            ..Default::default()
-        };
-        // Kernels without the flag validate attributes strictly and refuse the unknown one
-        // (EINVAL), after having created the peer; kernels with it remove nothing.
-        let probed = self.genl_set(family, &dev, "probe per-IP allowed-IP removal");
+        let probe = self.throwaway;
+        let [add, remove] = lower::remove_flag_probe(ifname, probe);
+        let probed = self.genl_set(family_id, &add, "probe per-IP allowed-IP removal");
         let read = match &probed {
-            Ok(()) => self.kernel_device(family, ifname)?,
-            Err(e) if e.errno() == Some(crate::error::EINVAL) => None,
+            Ok(()) => self.kernel_device(family_id, ifname)?,
             Err(_) => None,
         };
-        let mut rm = PeerUpdate::new(probe);
-        rm.remove = true;
-        let dev = DeviceUpdate {
-            ifname: ifname.to_owned(),
-            peers: vec![rm],
-            ..Default::default()
-        };
-        self.genl_set(family, &dev, "remove the probe peer")?;
+        self.genl_set(family_id, &remove, "remove the probe peer")?;
         match probed {
-            Err(e) if e.errno() != Some(crate::error::EINVAL) => return Err(e),
+            // Kernels without the flag refuse the unknown attribute.
+            Err(e) if e.errno() != Some(EINVAL) => return Err(e),
             _ => {}
         }
         let supported = read
@@ -285,156 +335,135 @@ impl Linux {
         Ok(supported)
     }
 
-    fn genl_set(&mut self, family: u16, dev: &DeviceUpdate, doing: &str) -> Result<()> {
-        let genl = self
-            .genl
-            .as_mut()
-            .ok_or_else(|| Error::Invalid("no generic netlink socket".into()))?;
-        let msgs = wire::wg_set_messages(family, dev, genl.seqs(0), self.config.max_message)
-            .map_err(Error::Invalid)?;
-        let seq = genl.seqs(msgs.len());
-        let msgs = wire::wg_set_messages(family, dev, seq, self.config.max_message)
-            .map_err(Error::Invalid)?;
-        let reqs: Vec<Request> = msgs
+    fn genl_set(&mut self, family_id: u16, dev: &DeviceUpdate, doing: &str) -> Result<()> {
+        let msgs = genl::set_messages(dev, self.config.max_message)?;
+        let out: Vec<Outgoing> = msgs
             .iter()
-            .map(|m| Request {
-                bytes: m.to_vec(),
-                answered: true,
+            .map(|m| {
+                self.pipeline.message(
+                    Protocol::Generic,
+                    WG_SET_FLAGS,
+                    &Wg {
+                        family_id,
+                        message: &m.0,
+                    },
+                )
             })
             .collect();
-        self.messages += reqs.len();
-        let out = genl
-            .transact(&reqs, None)
-            .map_err(|e| Error::io(doing, e))?;
-        for mut r in reqs {
-            zeroize::Zeroize::zeroize(&mut r.bytes);
-        }
-        for o in out {
-            if let Err(errno) = o {
-                return Err(kernel_err(doing, errno));
-            }
+        self.messages += out.len();
+        for a in self.transact(Protocol::Generic, &out, None, doing)? {
+            a.map_err(|r| r.error(doing))?;
         }
         Ok(())
     }
 
-    fn kernel_device(&mut self, family: u16, ifname: &str) -> Result<Option<ActualDevice>> {
+    fn kernel_device(&mut self, family_id: u16, ifname: &str) -> Result<Option<ActualDevice>> {
         let mut dev = ActualDevice::default();
-        let found = self.kernel_dump(family, ifname, "", |p| wire::merge_wg_device(p, &mut dev))?;
+        let found = self.wg_dump(family_id, ifname, "", |m| genl::merge_device(m, &mut dev))?;
         Ok(found.then_some(dev))
     }
 
-    fn kernel_stats(&mut self, family: u16, ifname: &str) -> Result<Vec<PeerStats>> {
+    fn kernel_stats(&mut self, family_id: u16, ifname: &str) -> Result<Vec<PeerStats>> {
         let mut stats = BTreeMap::new();
-        self.kernel_dump(family, ifname, " counters", |p| {
-            wire::merge_wg_stats(p, ifname, &mut stats)
+        self.wg_dump(family_id, ifname, " counters", |m| {
+            genl::merge_stats(m, ifname, &mut stats)
         })?;
         Ok(stats.into_values().collect())
     }
 
-    /// Dumps a WireGuard device and hands each part to `merge` (then wipes it: it holds the
-    /// private key). `Ok(false)` when there is no such device.
-    fn kernel_dump(
+    /// Dumps a WireGuard device and hands each part to `merge` (which wipes its private
+    /// key). `Ok(false)` when there is no such device.
+    fn wg_dump(
         &mut self,
-        family: u16,
+        family_id: u16,
         ifname: &str,
         what: &str,
-        mut merge: impl FnMut(&[u8]) -> std::result::Result<(), String>,
+        mut merge: impl FnMut(&mut WireguardMessage) -> std::result::Result<(), crate::DecodeError>,
     ) -> Result<bool> {
         let doing = format!("read WireGuard device {ifname}{what}");
-        let genl = self
-            .genl
-            .as_mut()
-            .ok_or_else(|| Error::Invalid("no generic netlink socket".into()))?;
-        let seq = genl.seqs(1);
-        let out = genl
-            .transact(
-                &[Request {
-                    bytes: wire::wg_get(family, ifname, seq),
-                    answered: true,
-                }],
-                None,
-            )
-            .map_err(|e| Error::io(&doing, e))?;
-        match out.into_iter().next() {
+        let (flags, m) = genl::wg_get(ifname);
+        let req = self.pipeline.message(
+            Protocol::Generic,
+            flags,
+            &Wg {
+                family_id,
+                message: &m,
+            },
+        );
+        let mut out = self.transact(Protocol::Generic, &[req], None, &doing)?;
+        match out.pop() {
             Some(Ok(parts)) => {
-                let mut result = Ok(());
                 for mut p in parts {
-                    if result.is_ok() {
-                        result = merge(&p);
-                    }
+                    let parsed: std::result::Result<GenlMessage<WireguardMessage>, Error> =
+                        parse(&p, "WG_CMD_GET_DEVICE", &doing);
                     zeroize::Zeroize::zeroize(&mut p);
+                    let mut parsed = parsed?;
+                    merge(&mut parsed.payload).map_err(|e| Error::decode(&doing, e))?;
                 }
-                result.map_err(|d| Error::decode(&doing, d))?;
                 Ok(true)
             }
-            Some(Err(errno)) if errno == crate::error::ENODEV || errno == crate::error::ENOENT => {
-                Ok(false)
-            }
-            Some(Err(errno)) => Err(kernel_err(doing, errno)),
+            Some(Err(r)) if r.errno == ENODEV || r.errno == ENOENT => Ok(false),
+            Some(Err(r)) => Err(r.error(doing)),
             None => Ok(false),
         }
     }
 
-    fn rt_transact(
-        &mut self,
-        reqs: Vec<Request>,
-        doing: &str,
-    ) -> Result<Vec<crate::socket::Outcome>> {
-        self.messages += reqs.iter().filter(|r| r.answered).count();
-        self.rt
-            .transact(&reqs, None)
-            .map_err(|e| Error::io(doing, e))
-    }
-
-    fn read_links(&mut self, names: &[String]) -> Result<HashMap<String, crate::ActualLink>> {
-        let seq = self.rt.seqs(names.len());
-        let reqs = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| Request {
-                bytes: wire::link_get(n, seq + i as u32),
-                answered: true,
-            })
-            .collect();
-        let out = self.rt_transact(reqs, "read links")?;
+    fn read_links(&mut self, names: &[String]) -> Result<HashMap<String, ActualLink>> {
+        let reqs: Vec<RtRequest> = names.iter().map(|n| route::link_get(n)).collect();
+        let out = self.rt(&reqs, "read links")?;
         let mut links = HashMap::new();
-        for (name, o) in names.iter().zip(out) {
-            match o {
+        for (name, answer) in names.iter().zip(out) {
+            let doing = format!("read link {name}");
+            match answer {
                 Ok(replies) => {
-                    for p in replies {
-                        let (n, l) = wire::parse_link(&p)
-                            .map_err(|d| Error::decode(format!("read link {name}"), d))?;
+                    for r in replies {
+                        let RouteNetlinkMessage::NewLink(m) = parse(&r, "RTM_NEWLINK", &doing)?
+                        else {
+                            continue;
+                        };
+                        let (n, l) = route::parse_link(&m).map_err(|e| Error::decode(&doing, e))?;
                         if &n == name {
                             links.insert(n, l);
                         }
                     }
                 }
-                Err(errno) if errno == crate::error::ENODEV => {}
-                Err(errno) => return Err(kernel_err(format!("read link {name}"), errno)),
+                Err(r) if r.errno == ENODEV => {}
+                Err(r) => return Err(r.error(doing)),
             }
         }
         Ok(links)
     }
 
-    fn read_nft(&mut self, table: &str) -> Result<Vec<nft::NftTable>> {
+    fn dump(&mut self, req: RtRequest, doing: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        match self.rt(&[req], doing)?.pop() {
+            Some(Ok(replies)) => Ok(Some(replies)),
+            // A kernel without IPv6 has no IPv6 routes or rules.
+            Some(Err(r)) if r.errno == EOPNOTSUPP || r.errno == EAFNOSUPPORT => Ok(None),
+            Some(Err(r)) => Err(r.error(doing)),
+            None => Ok(None),
+        }
+    }
+
+    fn nft(&mut self, req: NftRequest, doing: &str) -> Result<Answer> {
+        let (flags, m) = req;
+        let out = self.pipeline.message(Protocol::Netfilter, flags, &m);
+        Ok(self
+            .transact(Protocol::Netfilter, &[out], None, doing)?
+            .pop()
+            .unwrap_or(Ok(Vec::new())))
+    }
+
+    fn read_nft(&mut self, table: &str) -> Result<Vec<NftTable>> {
         let doing = format!("read nftables tables {table}");
         let mut tables = Vec::new();
-        for family in nft::FAMILIES {
-            let seq = self.nft.seqs(1);
-            let reqs = [Request {
-                bytes: nft::get_request(family, nft::NFT_MSG_GETTABLE, Some(table), seq),
-                answered: true,
-            }];
-            let mut o = self
-                .nft
-                .transact(&reqs, None)
-                .map_err(|e| Error::io(&doing, e))?;
-            match o.pop() {
-                Some(Ok(replies)) => {
-                    if let Some(p) = replies.first() {
+        for family in FAMILIES {
+            match self.nft(nft::get_table(family, table), &doing)? {
+                Ok(replies) => {
+                    if let Some(r) = replies.first() {
+                        let m: NetfilterMessage = parse(r, "NEWTABLE", &doing)?;
                         let (_, _, flags) =
-                            nft::decode_table(p).map_err(|d| Error::decode(&doing, d))?;
-                        tables.push(nft::NftTable {
+                            nft::decode_table(&m).map_err(|e| Error::decode(&doing, e))?;
+                        tables.push(NftTable {
                             family,
                             name: table.to_owned(),
                             flags,
@@ -442,485 +471,261 @@ impl Linux {
                         });
                     }
                 }
-                Some(Err(errno)) if errno == crate::error::ENOENT => {}
+                Err(r) if r.errno == ENOENT => {}
                 // A kernel without nf_tables has no table of ours.
-                Some(Err(errno)) if errno == 93 || errno == crate::error::EOPNOTSUPP => {}
-                Some(Err(errno)) => return Err(kernel_err(doing, errno)),
-                None => {}
+                Err(r) if r.errno == EPROTONOSUPPORT || r.errno == EOPNOTSUPP => {}
+                Err(r) => return Err(r.error(doing)),
             }
         }
         if tables.is_empty() {
             return Ok(tables);
         }
         // One dump at a time per socket; dumps of family 0 cover every family.
-        for cmd in [nft::NFT_MSG_GETCHAIN, nft::NFT_MSG_GETRULE] {
-            let seq = self.nft.seqs(1);
-            let reqs = [Request {
-                bytes: nft::get_request(0, cmd, None, seq),
-                answered: true,
-            }];
-            let mut o = self
-                .nft
-                .transact(&reqs, None)
-                .map_err(|e| Error::io(&doing, e))?;
-            let replies = match o.pop() {
-                Some(Ok(r)) => r,
-                Some(Err(errno)) => return Err(kernel_err(doing, errno)),
-                None => Vec::new(),
-            };
-            for p in replies {
-                if cmd == nft::NFT_MSG_GETCHAIN {
-                    let (fam, tbl, c) =
-                        nft::decode_chain(&p).map_err(|d| Error::decode(&doing, d))?;
-                    if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
-                        t.chains.push(c);
-                    }
-                } else {
-                    let (fam, tbl, chain, exprs) =
-                        nft::decode_rule(&p).map_err(|d| Error::decode(&doing, d))?;
-                    if let Some(c) = tables
-                        .iter_mut()
-                        .find(|t| t.family == fam && tbl == table)
-                        .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
-                    {
-                        c.rules.push(exprs);
-                    }
-                }
+        let replies = self
+            .nft(nft::dump_chains(), &doing)?
+            .map_err(|r| r.error(&doing))?;
+        for r in replies {
+            let m: NetfilterMessage = parse(&r, "NEWCHAIN", &doing)?;
+            let (fam, tbl, c) = nft::decode_chain(&m).map_err(|e| Error::decode(&doing, e))?;
+            if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
+                t.chains.push(c);
+            }
+        }
+        let replies = self
+            .nft(nft::dump_rules(), &doing)?
+            .map_err(|r| r.error(&doing))?;
+        for r in replies {
+            let m: NetfilterMessage = parse(&r, "NEWRULE", &doing)?;
+            let (fam, tbl, chain, exprs) =
+                nft::decode_rule(&m).map_err(|e| Error::decode(&doing, e))?;
+            if let Some(c) = tables
+                .iter_mut()
+                .find(|t| t.family == fam && tbl == table)
+                .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
+            {
+                c.rules.push(exprs);
             }
         }
         Ok(tables)
     }
 
-    fn sysctl_path(&self, key: &str) -> Result<PathBuf> {
-        if key.is_empty()
-            || key.split('.').any(|c| {
-                c.is_empty()
-                    || c == ".."
-                    || !c
-                        .chars()
-                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
-            })
-        {
-            return Err(Error::Invalid(format!("invalid sysctl key {key:?}")));
+    /// Looks up the indexes of the links that unicast routes of `ops` leave through.
+    fn resolve_indexes(&mut self, ops: &[Operation]) -> Result<()> {
+        let mut missing: Vec<String> = ops
+            .iter()
+            .filter_map(lower::needs_index)
+            .filter(|d| !self.ifindex.contains_key(*d))
+            .map(str::to_owned)
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
         }
-        Ok(self.config.proc_sys.join(key.replace('.', "/")))
-    }
-
-    fn link_index(&mut self, name: &str) -> Result<u32> {
-        if let Some(i) = self.ifindex.get(name) {
-            return Ok(*i);
-        }
-        let links = self.read_links(&[name.to_owned()])?;
-        let i = links
-            .get(name)
-            .map(|l| l.index)
-            .ok_or_else(|| kernel_err(format!("find link {name}"), crate::error::ENODEV))?;
-        self.ifindex.insert(name.to_owned(), i);
-        Ok(i)
-    }
-
-    fn start_daemon(&mut self, ifname: &str, mtu: u32) -> Result<()> {
-        let doing = format!("start {} {ifname}", self.config.userspace_program.display());
-        let sock = uapi::socket_path(&self.config.socket_dir, ifname);
-        // The daemon forks into the background; its banner and errors are kept for the
-        // error message only.
-        let out = match Command::new(&self.config.userspace_program)
-            .arg(ifname)
-            .env_remove("WG_PROCESS_FOREGROUND")
-            .stdin(std::process::Stdio::null())
-            .output()
-        {
-            Ok(out) => Some(out),
-            // An init process (an agent that is its container's PID 1) may have reaped the
-            // launcher before its status was read; the socket below tells whether it worked.
-            Err(e) if e.raw_os_error() == Some(ECHILD) => None,
-            Err(e) => return Err(Error::io(&doing, e)),
-        };
-        if let Some(out) = out.filter(|o| !o.status.success()) {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let last = stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
-            return Err(Error::Io {
-                doing: doing.clone(),
-                source: std::io::Error::other(format!("exited with {}: {last}", out.status)),
-            });
-        }
-        let start = Instant::now();
-        while uapi::get(&self.config.socket_dir, ifname)
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            if start.elapsed() > self.config.daemon_timeout {
-                return Err(Error::Io {
-                    doing,
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no socket at {}", sock.display()),
-                    ),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let seq = self.rt.seqs(1);
-        let out = self.rt_transact(
-            vec![Request {
-                bytes: wire::link_set(ifname, Some(mtu), true, seq),
-                answered: true,
-            }],
-            &doing,
-        )?;
-        if let Some(Err(errno)) = out.into_iter().next() {
-            return Err(kernel_err(format!("set link {ifname} mtu {mtu} up"), errno));
-        }
+        let found = self.read_links(&missing)?;
+        self.ifindex
+            .extend(found.into_iter().map(|(n, l)| (n, l.index)));
         Ok(())
     }
 
-    /// The device update that carries out one WireGuard operation (for removal of allowed
-    /// IPs without the per-IP flag: two updates, through a throwaway peer).
-    fn wg_updates(&mut self, op: &Operation, keys: &KeyRing) -> Result<Vec<DeviceUpdate>> {
-        let dev = |ifname: &str| DeviceUpdate {
-            ifname: ifname.to_owned(),
-            ..Default::default()
-        };
-        Ok(match op {
-            Operation::ConfigureDevice {
-                interface,
-                set_private_key,
-                listen_port,
-                firewall_mark,
-            } => {
-                let mut d = dev(interface);
-                if let Some(f) = set_private_key {
-                    let k: &PrivateKey = keys.private_key(*f).ok_or_else(|| {
-                        Error::Invalid(format!("no {f} private key in the key ring"))
-                    })?;
-                    d.private_key = Some(Zeroizing::new(*k.as_bytes()));
-                }
-                d.listen_port = *listen_port;
-                d.firewall_mark = *firewall_mark;
-                vec![d]
-            }
-            Operation::RemovePeer {
-                interface,
-                public_key,
-            } => {
-                let mut p = PeerUpdate::new(*public_key);
-                p.remove = true;
-                let mut d = dev(interface);
-                d.peers.push(p);
-                vec![d]
-            }
-            Operation::SetPeer {
-                interface,
-                public_key,
-                endpoint,
-                persistent_keepalive,
-                allowed_ips,
-            } => {
-                let mut p = PeerUpdate::new(*public_key);
-                p.endpoint = *endpoint;
-                p.persistent_keepalive = *persistent_keepalive;
-                p.allowed_ips = allowed_ips.iter().map(|i| (*i, false)).collect();
-                let mut d = dev(interface);
-                d.peers.push(p);
-                vec![d]
-            }
-            Operation::StartHandshake {
-                interface,
-                public_key,
-            } => {
-                // Two updates of the peer: the keepalive goes 0 → on (the kernel and
-                // wireguard-go send a keepalive, hence a handshake initiation, when it is
-                // switched on while the device is up), then back off. Over UAPI they are two
-                // peer sections of one request; wireguard-go acts on each section's end.
-                [KICK_KEEPALIVE, 0]
-                    .into_iter()
-                    .map(|k| {
-                        let mut p = PeerUpdate::new(*public_key);
-                        p.persistent_keepalive = Some(k);
-                        let mut d = dev(interface);
-                        d.peers.push(p);
-                        d
-                    })
-                    .collect()
-            }
-            Operation::RemoveAllowedIps {
-                interface,
-                public_key,
-                allowed_ips,
-            } => {
-                if self.remove_flag_supported(interface)? {
-                    let mut p = PeerUpdate::new(*public_key);
-                    p.update_only = true;
-                    p.allowed_ips = allowed_ips.iter().map(|i| (*i, true)).collect();
-                    let mut d = dev(interface);
-                    d.peers.push(p);
-                    vec![d]
-                } else {
-                    // Adding an allowed IP to another peer moves it; then drop that peer.
-                    let t = throwaway_key();
-                    let mut p = PeerUpdate::new(t);
-                    p.allowed_ips = allowed_ips.iter().map(|i| (*i, false)).collect();
-                    let mut rm = PeerUpdate::new(t);
-                    rm.remove = true;
-                    let mut a = dev(interface);
-                    a.peers.push(p);
-                    let mut b = dev(interface);
-                    b.peers.push(rm);
-                    vec![a, b]
-                }
-            }
-            _ => Vec::new(),
-        })
+    fn capabilities(&self, remove_allowed_ip: bool) -> Capabilities {
+        Capabilities {
+            wireguard: match self.wg {
+                Driver::Kernel { family_id } => WireGuard::Kernel {
+                    family_id,
+                    remove_allowed_ip,
+                },
+                Driver::Userspace(_) => WireGuard::Userspace,
+            },
+            max_message: self.config.max_message,
+        }
     }
 
-    /// Executes one run of operations of the same channel, pipelined. Returns the index
-    /// (within `ops`) and error of the first failure.
-    fn run(
+    /// Executes the operations of one phase. Returns the index (within `ops`) and error of
+    /// the first failure.
+    fn run_phase(
         &mut self,
         ops: &[Operation],
         keys: &KeyRing,
     ) -> std::result::Result<(), (usize, Error)> {
-        let Some(first) = ops.first() else {
-            return Ok(());
+        // What lowering needs that only the kernel knows: link indexes, the probe.
+        self.resolve_indexes(ops).map_err(|e| (0, e))?;
+        let removes = ops
+            .iter()
+            .position(|o| matches!(o, Operation::RemoveAllowedIps { .. }));
+        let remove_allowed_ip = match removes {
+            Some(i) => {
+                let ifname = ops[i].interface().unwrap_or_default().to_owned();
+                self.remove_flag_supported(&ifname).map_err(|e| (i, e))?
+            }
+            None => false,
         };
-        match channel(first, &self.wg) {
-            Channel::Rt => {
-                let mut reqs = Vec::new();
-                let mut owner = Vec::new();
-                for (i, op) in ops.iter().enumerate() {
-                    let seq = self.rt.seqs(1);
-                    let bytes = match op {
-                        Operation::CreateLink {
-                            interface,
-                            kind,
-                            mtu,
-                        } => wire::link_create(interface, kind.as_str(), *mtu, seq),
-                        Operation::DeleteLink { interface } => wire::link_delete(interface, seq),
-                        Operation::SetMtu { interface, mtu } => {
-                            wire::link_set(interface, Some(*mtu), false, seq)
-                        }
-                        Operation::SetUp { interface } => {
-                            wire::link_set(interface, None, true, seq)
-                        }
-                        Operation::AddRoute { route } => {
-                            let oif = match &route.device {
-                                Some(d) if route.kind == wgmesh_core::RouteType::Unicast => {
-                                    Some(self.link_index(d).map_err(|e| (i, e))?)
-                                }
-                                _ => None,
-                            };
-                            wire::route_replace(route, oif, seq)
-                        }
-                        Operation::DeleteRoute { route } => wire::route_delete(route, seq),
-                        Operation::AddRule { rule } => wire::rule_add(rule, seq),
-                        Operation::DuplicateRule { rule } => wire::rule_add_duplicate(rule, seq),
-                        Operation::DeleteRule { rule } => wire::rule_delete(rule, seq),
-                        _ => {
-                            return Err((
-                                i,
-                                Error::Invalid(format!("not an rtnetlink operation: {op}")),
-                            ));
-                        }
-                    };
-                    reqs.push(Request {
-                        bytes,
-                        answered: true,
-                    });
-                    owner.push(i);
-                }
-                let out = self.rt_transact(reqs, "rtnetlink").map_err(|e| (0, e))?;
-                for (o, i) in out.into_iter().zip(owner) {
-                    if let Err(errno) = o {
-                        let op = &ops[i];
-                        if errno == EOPNOTSUPP && matches!(op, Operation::CreateLink { .. }) {
-                            return Err((
-                                i,
-                                Error::NoKernelWireGuard {
-                                    doing: op.to_string(),
-                                },
-                            ));
-                        }
-                        return Err((i, kernel_err(op.to_string(), errno)));
-                    }
-                }
-                Ok(())
-            }
-            Channel::Genl(family) => {
-                let mut reqs = Vec::new();
-                let mut owner = Vec::new();
-                for (i, op) in ops.iter().enumerate() {
-                    let updates = self.wg_updates(op, keys).map_err(|e| (i, e))?;
-                    let genl = self
-                        .genl
-                        .as_mut()
-                        .ok_or((i, Error::Invalid("no generic netlink socket".into())))?;
-                    for d in &updates {
-                        let n = wire::wg_set_messages(family, d, 0, self.config.max_message)
-                            .map_err(|e| (i, Error::Invalid(e)))?
-                            .len();
-                        let seq = genl.seqs(n);
-                        for m in wire::wg_set_messages(family, d, seq, self.config.max_message)
-                            .map_err(|e| (i, Error::Invalid(e)))?
-                        {
-                            reqs.push(Request {
-                                bytes: m.to_vec(),
-                                answered: true,
-                            });
-                            owner.push(i);
-                        }
-                    }
-                }
-                self.messages += reqs.len();
-                let genl = self
-                    .genl
-                    .as_mut()
-                    .ok_or((0, Error::Invalid("no generic netlink socket".into())))?;
-                let out = genl
-                    .transact(&reqs, None)
-                    .map_err(|e| (0, Error::io("WireGuard generic netlink", e)))?;
-                for mut r in reqs {
-                    zeroize::Zeroize::zeroize(&mut r.bytes);
-                }
-                for (o, i) in out.into_iter().zip(owner) {
-                    if let Err(errno) = o {
-                        return Err((i, kernel_err(ops[i].to_string(), errno)));
-                    }
-                }
-                Ok(())
-            }
-            Channel::Uapi => {
-                for (i, op) in ops.iter().enumerate() {
-                    if let Operation::CreateLink { interface, mtu, .. } = op {
-                        self.start_daemon(interface, *mtu).map_err(|e| (i, e))?;
-                        continue;
-                    }
-                    let updates = self.wg_updates(op, keys).map_err(|e| (i, e))?;
-                    // One request: a throwaway peer is added and removed in one transaction.
-                    let mut text = Zeroizing::new(String::new());
-                    for (j, d) in updates.iter().enumerate() {
-                        let r = uapi::set_request(d);
-                        let body = if j == 0 {
-                            r.as_str()
-                        } else {
-                            r.strip_prefix("set=1\n").unwrap_or(&r)
-                        };
-                        text.push_str(body.strip_suffix('\n').unwrap_or(body));
-                    }
-                    text.push('\n');
-                    let ifname = op.interface().unwrap_or_default().to_owned();
-                    self.messages += 1;
-                    uapi::set(&self.config.socket_dir, &ifname, &text, &op.to_string())
-                        .map_err(|e| (i, e))?;
-                }
-                Ok(())
-            }
-            Channel::Sysctl => {
-                for (i, op) in ops.iter().enumerate() {
-                    if let Operation::SetSysctl { key, value } = op {
-                        let path = self.sysctl_path(key).map_err(|e| (i, e))?;
-                        self.messages += 1;
-                        std::fs::write(&path, format!("{value}\n"))
-                            .map_err(|e| (i, Error::io(op.to_string(), e)))?;
-                    }
-                }
-                Ok(())
-            }
-            Channel::Nft => {
-                for (i, op) in ops.iter().enumerate() {
-                    let (name, tables): (&str, &[nft::NftTable]) = match op {
-                        Operation::SetMarking { tables } => (
-                            tables.first().map(|t| t.name.as_str()).unwrap_or_default(),
-                            tables,
-                        ),
-                        Operation::DeleteMarking { table } => (table.as_str(), &[]),
-                        _ => continue,
-                    };
-                    let n = nft::replace_batch(name, tables, 0).len();
-                    let seq = self.nft.seqs(n + 1);
-                    let batch = nft::replace_batch(name, tables, seq);
-                    let mut reqs: Vec<Request> = batch
-                        .into_iter()
-                        .enumerate()
-                        .map(|(j, bytes)| Request {
-                            bytes,
-                            answered: j != 0 && j != n - 1,
-                        })
-                        .collect();
-                    // A barrier in its own send: once it is answered, the batch is done.
-                    reqs.push(Request {
-                        bytes: nft::get_request(0, nft::NFT_MSG_GETGEN, Some(""), seq + n as u32),
-                        answered: true,
-                    });
-                    self.messages += n;
-                    let out = self
-                        .nft
-                        .transact(&reqs, Some(&[0..n, n..n + 1]))
-                        .map_err(|e| (i, Error::io(op.to_string(), e)))?;
-                    for o in out.into_iter().take(n) {
-                        if let Err(errno) = o {
-                            return Err((i, kernel_err(op.to_string(), errno)));
-                        }
-                    }
-                }
-                Ok(())
+        let caps = self.capabilities(remove_allowed_ip);
+        let keys = Keys {
+            ring: keys,
+            throwaway: self.throwaway,
+        };
+        let mut lowered: Vec<(usize, Request)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            for r in lower::lower(op, &caps, &keys, &self.ifindex).map_err(|e| (i, e))? {
+                lowered.push((i, r));
             }
         }
+        let changes_links = matches!(
+            ops.first().map(Operation::phase),
+            Some(Phase::LinkDeletes | Phase::Links)
+        );
+        let result = self.send_lowered(ops, lowered);
+        if changes_links {
+            self.ifindex.clear();
+        }
+        result
+    }
+
+    /// Sends lowered requests in order: consecutive rtnetlink or WireGuard messages together,
+    /// pipelined; the others one by one.
+    fn send_lowered(
+        &mut self,
+        ops: &[Operation],
+        lowered: Vec<(usize, Request)>,
+    ) -> std::result::Result<(), (usize, Error)> {
+        let doing = |i: usize| ops[i].to_string();
+        let mut run: Vec<(usize, Outgoing)> = Vec::new();
+        let mut run_protocol = Protocol::Route;
+        for (i, r) in lowered {
+            let (protocol, out) = match r {
+                Request::Route((flags, m)) => (
+                    Protocol::Route,
+                    self.pipeline.message(Protocol::Route, flags, &m),
+                ),
+                Request::Wireguard { family_id, message } => (
+                    Protocol::Generic,
+                    self.pipeline.message(
+                        Protocol::Generic,
+                        WG_SET_FLAGS,
+                        &Wg {
+                            family_id,
+                            message: &message.0,
+                        },
+                    ),
+                ),
+                Request::Nft(batch) => {
+                    self.flush(ops, run_protocol, &mut run)?;
+                    self.send_batch(&batch, &doing(i)).map_err(|e| (i, e))?;
+                    continue;
+                }
+                Request::Uapi { interface, text } => {
+                    self.flush(ops, run_protocol, &mut run)?;
+                    self.messages += 1;
+                    self.userspace(i, ops)?
+                        .set(&interface, &text, &doing(i))
+                        .map_err(|e| (i, e))?;
+                    continue;
+                }
+                Request::StartDaemon { interface } => {
+                    self.flush(ops, run_protocol, &mut run)?;
+                    self.userspace(i, ops)?
+                        .start(&interface)
+                        .map_err(|e| (i, e))?;
+                    continue;
+                }
+                Request::Sysctl { key, value } => {
+                    self.flush(ops, run_protocol, &mut run)?;
+                    self.messages += 1;
+                    self.io
+                        .write_sysctl(&key, &value)
+                        .map_err(|e| (i, Error::io(doing(i), e)))?;
+                    continue;
+                }
+            };
+            if protocol != run_protocol {
+                self.flush(ops, run_protocol, &mut run)?;
+                run_protocol = protocol;
+            }
+            run.push((i, out));
+        }
+        self.flush(ops, run_protocol, &mut run)
+    }
+
+    fn userspace(
+        &self,
+        i: usize,
+        ops: &[Operation],
+    ) -> std::result::Result<&Userspace, (usize, Error)> {
+        match &self.wg {
+            Driver::Userspace(u) => Ok(u),
+            Driver::Kernel { .. } => Err((
+                i,
+                Error::NoKernelWireGuard {
+                    doing: ops[i].to_string(),
+                },
+            )),
+        }
+    }
+
+    /// Sends a run of pipelined messages of one protocol and checks every answer.
+    fn flush(
+        &mut self,
+        ops: &[Operation],
+        protocol: Protocol,
+        run: &mut Vec<(usize, Outgoing)>,
+    ) -> std::result::Result<(), (usize, Error)> {
+        let Some(&(first, _)) = run.first() else {
+            return Ok(());
+        };
+        let (owners, reqs): (Vec<usize>, Vec<Outgoing>) = std::mem::take(run).into_iter().unzip();
+        self.messages += reqs.iter().filter(|o| o.answered).count();
+        let what = match protocol {
+            Protocol::Route => "rtnetlink",
+            Protocol::Generic => "WireGuard generic netlink",
+            Protocol::Netfilter => "nf_tables",
+        };
+        let out = self
+            .transact(protocol, &reqs, None, what)
+            .map_err(|e| (first, e))?;
+        for (i, a) in owners.into_iter().zip(out) {
+            if let Err(r) = a {
+                if r.errno == EOPNOTSUPP && matches!(ops[i], Operation::CreateLink { .. }) {
+                    return Err((
+                        i,
+                        Error::NoKernelWireGuard {
+                            doing: ops[i].to_string(),
+                        },
+                    ));
+                }
+                return Err((i, r.error(ops[i].to_string())));
+            }
+        }
+        Ok(())
+    }
+
+    /// One nf_tables transaction, then a `GETGEN` barrier in its own datagram: once it is
+    /// answered, the batch is done.
+    fn send_batch(&mut self, batch: &[NftRequest], doing: &str) -> Result<()> {
+        let n = batch.len();
+        let mut reqs: Vec<Outgoing> = batch
+            .iter()
+            .map(|(flags, m)| self.pipeline.message(Protocol::Netfilter, *flags, m))
+            .collect();
+        let (flags, gen_msg) = nft::get_gen();
+        reqs.push(self.pipeline.message(Protocol::Netfilter, flags, &gen_msg));
+        self.messages += n;
+        let out = self.transact(Protocol::Netfilter, &reqs, Some(&[0..n, n..n + 1]), doing)?;
+        for a in out.into_iter().take(n) {
+            a.map_err(|r| r.error(doing))?;
+        }
+        Ok(())
+    }
+
+    fn read_sysctl(&mut self, key: &str) -> Result<Option<String>> {
+        lower::check_sysctl_key(key)?;
+        self.io
+            .read_sysctl(key)
+            .map_err(|e| Error::io(format!("read sysctl {key}"), e))
     }
 }
 
-fn throwaway_key() -> PublicKey {
-    PrivateKey::generate().public_key()
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Channel {
-    Rt,
-    Genl(u16),
-    Uapi,
-    Sysctl,
-    Nft,
-}
-
-fn channel(op: &Operation, wg: &Wg) -> Channel {
-    let dev = match wg {
-        Wg::Kernel { family } => Channel::Genl(*family),
-        Wg::Userspace => Channel::Uapi,
-    };
-    match op {
-        Operation::CreateLink { .. } if matches!(wg, Wg::Userspace) => Channel::Uapi,
-        Operation::CreateLink { .. }
-        | Operation::DeleteLink { .. }
-        | Operation::SetMtu { .. }
-        | Operation::SetUp { .. }
-        | Operation::AddRoute { .. }
-        | Operation::DeleteRoute { .. }
-        | Operation::AddRule { .. }
-        | Operation::DuplicateRule { .. }
-        | Operation::DeleteRule { .. } => Channel::Rt,
-        Operation::ConfigureDevice { .. }
-        | Operation::RemovePeer { .. }
-        | Operation::SetPeer { .. }
-        | Operation::StartHandshake { .. }
-        | Operation::RemoveAllowedIps { .. } => dev,
-        Operation::SetSysctl { .. } => Channel::Sysctl,
-        _ => Channel::Nft,
-    }
-}
-
-/// Whether an operation changes which links exist (later runs must look indexes up anew).
-fn changes_links(op: &Operation) -> bool {
-    matches!(
-        op,
-        Operation::CreateLink { .. } | Operation::DeleteLink { .. }
-    )
-}
-
-impl Dataplane for Linux {
+impl<K: KernelIo> Dataplane for Linux<K> {
     fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState> {
         let mut s = ActualState::default();
         let links = self.read_links(&own.interfaces)?;
@@ -928,13 +733,12 @@ impl Dataplane for Linux {
         let by_index: HashMap<u32, String> =
             links.iter().map(|(n, l)| (l.index, n.clone())).collect();
         for (name, l) in &links {
-            let dev = match self.wg {
-                Wg::Kernel { family } if l.kind.as_deref() == Some("wireguard") => {
-                    self.kernel_device(family, name)?
+            let dev = match &self.wg {
+                Driver::Kernel { family_id } if l.kind.as_deref() == Some("wireguard") => {
+                    let family_id = *family_id;
+                    self.kernel_device(family_id, name)?
                 }
-                Wg::Userspace if l.kind.as_deref() == Some("tun") => {
-                    uapi::get(&self.config.socket_dir, name)?
-                }
+                Driver::Userspace(u) if l.kind.as_deref() == Some("tun") => u.get(name)?,
                 _ => None,
             };
             if let Some(d) = dev {
@@ -943,63 +747,38 @@ impl Dataplane for Linux {
         }
         s.links = links.into_iter().collect();
         // One dump at a time per socket (the kernel answers EBUSY otherwise).
-        let mut out = Vec::new();
-        for (i, (family, rule)) in [
-            (Family::V4, false),
-            (Family::V6, false),
-            (Family::V4, true),
-            (Family::V6, true),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let seq = self.rt.seqs(1);
-            let bytes = if rule {
-                wire::rule_dump(family, seq)
-            } else {
-                wire::route_dump(family, seq)
-            };
-            let what = if i < 2 { "dump routes" } else { "dump rules" };
-            let mut o = self.rt_transact(
-                vec![Request {
-                    bytes,
-                    answered: true,
-                }],
-                what,
-            )?;
-            out.push(o.pop().unwrap_or(Ok(Vec::new())));
-        }
-        for (i, o) in out.into_iter().enumerate() {
-            let what = if i < 2 { "dump routes" } else { "dump rules" };
-            let replies = match o {
-                Ok(r) => r,
-                // A kernel without IPv6 has no IPv6 routes or rules.
-                Err(errno) if errno == crate::error::EOPNOTSUPP || errno == 97 => continue,
-                Err(errno) => return Err(kernel_err(what, errno)),
-            };
-            for p in replies {
-                if i < 2 {
-                    if let Some(mut r) =
-                        wire::parse_route(&p, own.table).map_err(|d| Error::decode(what, d))?
-                    {
-                        r.device = r.oif.and_then(|x| by_index.get(&x).cloned());
-                        s.routes.push(r);
-                    }
-                } else if let Some(r) =
-                    wire::parse_rule(&p, own.table).map_err(|d| Error::decode(what, d))?
+        for family in [Family::V4, Family::V6] {
+            let doing = "dump routes";
+            for r in self
+                .dump(route::route_dump(family), doing)?
+                .unwrap_or_default()
+            {
+                let RouteNetlinkMessage::NewRoute(m) = parse(&r, "RTM_NEWROUTE", doing)? else {
+                    continue;
+                };
+                if let Some(mut route) =
+                    route::parse_route(&m, own.table).map_err(|e| Error::decode(doing, e))?
                 {
-                    s.rules.push(r);
+                    route.device = route.oif.and_then(|x| by_index.get(&x).cloned());
+                    s.routes.push(route);
                 }
             }
         }
+        for family in [Family::V4, Family::V6] {
+            let doing = "dump rules";
+            for r in self
+                .dump(route::rule_dump(family), doing)?
+                .unwrap_or_default()
+            {
+                let RouteNetlinkMessage::NewRule(m) = parse(&r, "RTM_NEWRULE", doing)? else {
+                    continue;
+                };
+                s.rules.extend(route::parse_rule(&m, own.table));
+            }
+        }
         for key in sysctls {
-            let path = self.sysctl_path(key)?;
-            match std::fs::read_to_string(&path) {
-                Ok(v) => {
-                    s.sysctls.insert(key.clone(), v.trim().to_owned());
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("read sysctl {key}"), e)),
+            if let Some(v) = self.read_sysctl(key)? {
+                s.sysctls.insert(key.clone(), v);
             }
         }
         s.marking = self.read_nft(&own.nft_table)?;
@@ -1011,20 +790,13 @@ impl Dataplane for Linux {
         let before = self.messages;
         let mut start = 0;
         while start < ops.len() {
-            let ch = channel(&ops[start], &self.wg);
-            let mut end = start + 1;
-            if !changes_links(&ops[start]) {
-                while end < ops.len()
-                    && channel(&ops[end], &self.wg) == ch
-                    && !changes_links(&ops[end])
-                {
-                    end += 1;
-                }
-            }
-            if changes_links(&ops[start]) {
-                self.ifindex.clear();
-            }
-            if let Err((i, e)) = self.run(&ops[start..end], keys) {
+            let phase = ops[start].phase();
+            let end = start
+                + ops[start..]
+                    .iter()
+                    .take_while(|o| o.phase() == phase)
+                    .count();
+            if let Err((i, e)) = self.run_phase(&ops[start..end], keys) {
                 return Err(Error::Operation {
                     index: start + i,
                     total: ops.len(),
@@ -1039,24 +811,22 @@ impl Dataplane for Linux {
 
     fn link_kind(&self) -> LinkKind {
         match self.wg {
-            Wg::Kernel { .. } => LinkKind::Wireguard,
-            Wg::Userspace => LinkKind::Tun,
+            Driver::Kernel { .. } => LinkKind::Wireguard,
+            Driver::Userspace(_) => LinkKind::Tun,
         }
     }
 
     fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
         let mut out = Vec::new();
         for name in &own.interfaces {
-            match self.wg {
-                Wg::Kernel { family } => match self.kernel_stats(family, name) {
+            match &self.wg {
+                Driver::Kernel { family_id } => match self.kernel_stats(*family_id, name) {
                     Ok(s) => out.extend(s),
                     // A link of that name that is not a WireGuard device has no peers.
                     Err(e) if e.errno() == Some(EOPNOTSUPP) => {}
                     Err(e) => return Err(e),
                 },
-                Wg::Userspace => {
-                    out.extend(uapi::get_stats(&self.config.socket_dir, name)?.unwrap_or_default())
-                }
+                Driver::Userspace(u) => out.extend(u.get_stats(name)?.unwrap_or_default()),
             }
         }
         Ok(out)
