@@ -116,7 +116,8 @@ impl Pipeline {
         };
         let mut out = Zeroizing::new(Vec::with_capacity(SEND_CHUNK));
         for g in groups {
-            while state.outstanding >= WINDOW {
+            let answered = reqs[g.clone()].iter().filter(|r| r.answered).count();
+            while state.outstanding > 0 && state.outstanding + answered > WINDOW {
                 self.receive(io, protocol, &mut state, doing)?;
             }
             out.clear();

@@ -711,7 +711,8 @@ impl<K: KernelIo> Linux<K> {
         reqs.push(self.pipeline.message(Protocol::Netfilter, flags, &gen_msg));
         self.messages += n;
         let out = self.transact(Protocol::Netfilter, &reqs, Some(&[0..n, n..n + 1]), doing)?;
-        for a in out.into_iter().take(n) {
+        // The batch's answers, then the barrier's.
+        for a in out {
             a.map_err(|r| r.error(doing))?;
         }
         Ok(())

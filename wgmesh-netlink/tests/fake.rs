@@ -85,7 +85,7 @@ fn assert_matches_plan(k: &FakeKernel, plan: &NodePlan, own: &Ownership) {
     }
     let mut got: Vec<(IpNet, ActualRouteKind, Option<u32>)> = k
         .routes
-        .iter()
+        .values()
         .filter(|r| r.table == own.table)
         // Which device a throw route has is moot (Linux hangs IPv6 ones on `lo`).
         .map(|r| {
@@ -173,14 +173,14 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
     let (plan, mut r) = setup(true);
     let k = r.dataplane_mut().kernel_mut();
     let foreign = k.add_link("wg-foreign", Some("wireguard"), 1420, true);
-    k.routes.push(route(
+    k.add_route(route(
         Family::V4,
         254,
         "192.168.0.0/16".parse().unwrap(),
         ActualRouteKind::Unicast,
         Some(foreign),
     ));
-    k.routes.push(route(
+    k.add_route(route(
         Family::V4,
         7,
         "10.65.0.0/26".parse().unwrap(),
@@ -281,7 +281,7 @@ fn converges_from_each_named_drift() {
         (
             "stale route",
             Box::new(|k| {
-                k.routes.push(route(
+                k.add_route(route(
                     Family::V4,
                     1,
                     "10.98.0.0/24".parse().unwrap(),
@@ -293,7 +293,7 @@ fn converges_from_each_named_drift() {
         (
             "blackhole route",
             Box::new(|k| {
-                let r = k.routes.iter_mut().find(|r| r.table == 1).unwrap();
+                let r = k.routes.values_mut().find(|r| r.table == 1).unwrap();
                 r.kind = ActualRouteKind::Other(6);
                 r.oif = None;
             }),
@@ -302,7 +302,7 @@ fn converges_from_each_named_drift() {
             "missing route",
             Box::new(|k| {
                 k.routes
-                    .retain(|r| r.destination.to_string() != "10.65.0.64/26");
+                    .retain(|_, r| r.destination.to_string() != "10.65.0.64/26");
             }),
         ),
         (
@@ -849,7 +849,7 @@ fn apply_drift(k: &mut FakeKernel, d: &Drift) {
         }
         Drift::Mtu(m) => k.links.get_mut(n).unwrap().mtu = *m,
         Drift::Down => k.links.get_mut(n).unwrap().up = false,
-        Drift::StaleRoute(i) => k.routes.push(route(
+        Drift::StaleRoute(i) => k.add_route(route(
             Family::V4,
             1,
             format!("10.201.{i}.0/24").parse().unwrap(),
@@ -857,8 +857,8 @@ fn apply_drift(k: &mut FakeKernel, d: &Drift) {
             None,
         )),
         Drift::MissingRoute(i) => {
-            if *i < k.routes.len() {
-                k.routes.remove(*i);
+            if let Some(key) = k.routes.keys().nth(*i).copied() {
+                k.routes.remove(&key);
             }
         }
         Drift::RuleGone => k.rules.retain(|r| r.table != 1),

@@ -49,6 +49,14 @@ const RT_TABLE_COMPAT: u8 = 252;
 const RTPROT_KERNEL: u8 = 2;
 const IFF_UP_BIT: LinkFlags = LinkFlags::Up;
 
+/// What identifies a route in its table: family, table, destination, TOS and metric.
+pub type RouteKey = (Family, u32, IpNet, u8, u32);
+
+/// The key of a route.
+pub fn route_key(r: &ActualRoute) -> RouteKey {
+    (r.family, r.table, r.destination, r.tos, r.metric)
+}
+
 /// Which kernel's quirks the fake reproduces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -180,8 +188,9 @@ pub struct FakeKernel {
     pub links: BTreeMap<String, ActualLink>,
     /// WireGuard devices, by link name.
     pub devices: BTreeMap<String, FakeDevice>,
-    /// Routes of every table (`device` unused: routes leave through `oif`).
-    pub routes: Vec<ActualRoute>,
+    /// Routes of every table, by [`route_key`] (`device` unused: routes leave through
+    /// `oif`).
+    pub routes: BTreeMap<RouteKey, ActualRoute>,
     /// Rules of both families, in the kernel's list order.
     pub rules: Vec<FakeRule>,
     /// Sysctls by dotted key; writing a key that is not here fails (`ENOENT`).
@@ -206,6 +215,16 @@ pub struct FakeKernel {
     received: usize,
     datagrams: usize,
     most_unread: usize,
+    fault: Option<Fault>,
+}
+
+/// A refusal injected into the request stream.
+#[derive(Debug, Clone)]
+struct Fault {
+    /// Requests to let through first.
+    after: usize,
+    errno: i32,
+    message: Option<&'static str>,
 }
 
 impl Default for FakeKernel {
@@ -361,7 +380,7 @@ impl FakeKernel {
         let mut k = Self {
             links: BTreeMap::new(),
             devices: BTreeMap::new(),
-            routes: Vec::new(),
+            routes: BTreeMap::new(),
             rules: FakeRule::defaults(),
             sysctls: BTreeMap::new(),
             nft: BTreeMap::new(),
@@ -378,6 +397,7 @@ impl FakeKernel {
             received: 0,
             datagrams: 0,
             most_unread: 0,
+            fault: None,
         };
         k.add_link("lo", None, 65536, true);
         k.sysctls
@@ -411,13 +431,18 @@ impl FakeKernel {
         index
     }
 
+    /// Adds (or replaces) a route, as `ip route replace` does.
+    pub fn add_route(&mut self, route: ActualRoute) {
+        self.routes.insert(route_key(&route), route);
+    }
+
     /// Removes a link as `ip link del` does: its device, its routes and its peers' counters
     /// go with it.
     pub fn remove_link(&mut self, name: &str) -> Option<ActualLink> {
         let link = self.links.remove(name)?;
         self.devices.remove(name);
         self.counters.retain(|(i, _), _| i != name);
-        self.routes.retain(|r| r.oif != Some(link.index));
+        self.routes.retain(|_, r| r.oif != Some(link.index));
         Some(link)
     }
 
@@ -439,6 +464,37 @@ impl FakeKernel {
     /// Forgets the recorded handshake initiations.
     pub fn clear_handshakes_initiated(&mut self) {
         self.initiations.clear();
+    }
+
+    /// Refuses the request message that comes after `after` more (0: the next one; batch
+    /// delimiters do not count) with `errno` and, if given, an extended-ack `message`,
+    /// changing nothing for it. Messages before it, and after it in the same datagram, are
+    /// processed as usual — as Linux does with a refusal in the middle of a pipeline.
+    pub fn refuse_request(&mut self, after: usize, errno: i32, message: Option<&'static str>) {
+        self.fault = Some(Fault {
+            after,
+            errno,
+            message,
+        });
+    }
+
+    /// Whether the injected refusal has not been used yet.
+    pub fn refusal_pending(&self) -> bool {
+        self.fault.is_some()
+    }
+
+    fn take_fault(&mut self) -> Option<Refused> {
+        let f = self.fault.as_mut()?;
+        if f.after > 0 {
+            f.after -= 1;
+            return None;
+        }
+        let f = self.fault.take()?;
+        Some((f.errno, f.message))
+    }
+
+    fn is_delimiter(protocol: Protocol, h: &Header) -> bool {
+        protocol == Protocol::Netfilter && (h.message_type == 0x10 || h.message_type == 0x11)
     }
 
     /// Netlink messages received so far (every protocol).
@@ -682,14 +738,6 @@ impl FakeKernel {
         Ok(r)
     }
 
-    fn same_key(a: &ActualRoute, b: &ActualRoute) -> bool {
-        a.family == b.family
-            && a.table == b.table
-            && a.destination == b.destination
-            && a.tos == b.tos
-            && a.metric == b.metric
-    }
-
     fn new_route(&mut self, h: &Header, m: &RouteMessage) -> Result<(), Refused> {
         let mut r = Self::parse_route(m)?;
         if r.table == 0 {
@@ -708,11 +756,11 @@ impl FakeKernel {
             _ if r.family == Family::V6 => r.oif = self.links.get("lo").map(|l| l.index),
             _ => r.oif = None,
         }
-        match self.routes.iter().position(|x| Self::same_key(x, &r)) {
-            Some(i) if h.flags & NLM_F_REPLACE != 0 => self.routes[i] = r,
-            Some(_) => return Err(refuse(EEXIST)),
-            None if h.flags & NLM_F_CREATE == 0 => return Err(refuse(ENOENT)),
-            None => self.routes.push(r),
+        let exists = self.routes.contains_key(&route_key(&r));
+        match () {
+            _ if exists && h.flags & NLM_F_REPLACE == 0 => return Err(refuse(EEXIST)),
+            _ if !exists && h.flags & NLM_F_CREATE == 0 => return Err(refuse(ENOENT)),
+            _ => self.add_route(r),
         }
         Ok(())
     }
@@ -720,20 +768,26 @@ impl FakeKernel {
     fn del_route(&mut self, m: &RouteMessage) -> Result<(), Refused> {
         let q = Self::parse_route(m)?;
         let any_kind = m.header.kind == RtType::Unspec;
-        let pos = self
-            .routes
-            .iter()
-            .position(|r| {
-                r.family == q.family
-                    && (q.table == 0 || r.table == q.table)
-                    && r.destination == q.destination
-                    && (q.tos == 0 || r.tos == q.tos)
-                    && r.metric == q.metric
-                    && (any_kind || r.kind == q.kind)
-                    && q.oif.is_none_or(|o| r.oif == Some(o))
-            })
-            .ok_or(refuse(ESRCH))?;
-        self.routes.remove(pos);
+        let takes = |r: &ActualRoute| {
+            r.family == q.family
+                && (q.table == 0 || r.table == q.table)
+                && r.destination == q.destination
+                && r.tos == q.tos
+                // IPv4 takes a metric of 0 for any.
+                && (r.metric == q.metric || (q.family == Family::V4 && q.metric == 0))
+                && (any_kind || r.kind == q.kind)
+                && q.oif.is_none_or(|o| r.oif == Some(o))
+        };
+        let found = if q.table == 0 {
+            self.routes.iter().find(|(_, r)| takes(r))
+        } else {
+            let k = route_key(&q);
+            self.routes
+                .range((k.0, k.1, k.2, k.3, 0)..=(k.0, k.1, k.2, k.3, u32::MAX))
+                .find(|(_, r)| takes(r))
+        };
+        let pos = *found.ok_or(refuse(ESRCH))?.0;
+        self.routes.remove(&pos);
         Ok(())
     }
 
@@ -778,7 +832,7 @@ impl FakeKernel {
         let family = family_of(q.header.address_family);
         let messages = self
             .routes
-            .iter()
+            .values()
             .filter(|r| family.is_none_or(|f| r.family == f))
             .map(|r| wire::serialize(&Self::route_reply(r), 0, h.seq))
             .collect();
@@ -1392,6 +1446,15 @@ impl KernelIo for FakeKernel {
         self.datagrams += 1;
         for (h, m) in wire::messages(datagram) {
             self.received += 1;
+            if !Self::is_delimiter(protocol, &h) {
+                if let Some(refusal) = self.take_fault() {
+                    if let (Protocol::Netfilter, Some(b)) = (protocol, &mut self.batch) {
+                        b.failed = true;
+                    }
+                    self.answer(protocol, &h, m, Err(refusal));
+                    continue;
+                }
+            }
             match protocol {
                 Protocol::Route => self.route_message(&h, m),
                 Protocol::Generic => self.generic_message(&h, m),
@@ -1438,5 +1501,168 @@ impl KernelIo for FakeKernel {
             }
             None => Err(io::ErrorKind::NotFound.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::tests::{RECORDED_RULES, recorded_dump, unhex};
+    use std::collections::BTreeMap;
+
+    fn datagrams(k: &mut FakeKernel, protocol: Protocol) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while k.recv(protocol, &mut buf).is_ok() {
+            out.push(std::mem::take(&mut buf));
+        }
+        out
+    }
+
+    fn replies(k: &mut FakeKernel, protocol: Protocol) -> Vec<Vec<u8>> {
+        datagrams(k, protocol)
+            .iter()
+            .flat_map(|d| {
+                wire::messages(d)
+                    .filter(|(h, _)| h.message_type != NLMSG_DONE)
+                    .map(|(_, m)| m.to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn clamped(v: u8) -> PrivateKey {
+        let mut b = [v; 32];
+        b[0] &= 248;
+        b[31] = (b[31] & 127) | 64;
+        PrivateKey::from_bytes(b).unwrap()
+    }
+
+    /// The fake kernel dumps rules with the bytes Linux 6.1 dumped for the same rules.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn rule_dumps_are_linuxs_bytes() {
+        for (i, family) in [Family::V4, Family::V6].into_iter().enumerate() {
+            let mut k = FakeKernel::new();
+            k.rules.clear();
+            let mut ours = FakeRule::lookup(family, 99, 1);
+            ours.invert = true;
+            ours.firewall_mark = 0x100000;
+            ours.firewall_mask = 0x100000;
+            let mut stray = FakeRule::lookup(family, 99, 1);
+            stray.source = Some(match family {
+                Family::V4 => "10.0.0.0/8".parse().unwrap(),
+                Family::V6 => "fd00::/8".parse().unwrap(),
+            });
+            k.rules = vec![ours, stray];
+            let (flags, req) = crate::wire::route::rule_dump(family);
+            k.send(Protocol::Route, &wire::serialize(&req, flags, 1))
+                .unwrap();
+            let got: Vec<Vec<u8>> = replies(&mut k, Protocol::Route)
+                .iter()
+                .map(|m| m[HEADER_LEN..].to_vec())
+                .collect();
+            let (a, b) = RECORDED_RULES[i];
+            assert_eq!(got, [unhex(a), unhex(b)], "{family}");
+        }
+    }
+
+    /// The fake kernel dumps the recorded device's configuration as Linux did: the same model
+    /// once merged, the same device attributes and the same bytes for a peer's first part
+    /// (key, preshared key, handshake, keepalive, counters, version, endpoint).
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn device_dumps_are_linuxs() {
+        let mut k = FakeKernel::new();
+        while k.next_index < 3 {
+            k.add_link(&format!("dummy{}", k.next_index), Some("dummy"), 1500, true);
+        }
+        k.add_link("wg0", Some("wireguard"), 1420, true);
+        let (b, c) = (clamped(0x10).public_key(), clamped(0x18).public_key());
+        let dev = k.devices.get_mut("wg0").unwrap();
+        dev.private_key = Some(clamped(0x08));
+        dev.listen_port = 51820;
+        dev.firewall_mark = 0x100000;
+        let mut pb = ActualPeer {
+            endpoint: Some("10.0.0.2:51820".parse().unwrap()),
+            ..Default::default()
+        };
+        pb.allowed_ips.insert("10.65.0.64/26".parse().unwrap());
+        for i in 1..=150u8 {
+            pb.allowed_ips
+                .insert(IpNet::new([10, 66, 0, i].into(), 32).unwrap());
+        }
+        let mut pc = ActualPeer {
+            endpoint: Some("10.0.0.3:51820".parse().unwrap()),
+            ..Default::default()
+        };
+        pc.allowed_ips.insert("10.65.0.128/26".parse().unwrap());
+        dev.peers.insert(b, pb);
+        dev.peers.insert(c, pc);
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_795_648_738, 566_523_889);
+        k.set_peer_stats(PeerStats::new("wg0", b, Some(at), 476, 532));
+        k.dump_message_size = 4096;
+
+        let (flags, req) = crate::wire::genl::wg_get("wg0");
+        let req = crate::wire::genl::Wg {
+            family_id: WG_FAMILY_ID,
+            message: &req,
+        };
+        k.send(Protocol::Generic, &wire::serialize(&req, flags, 1))
+            .unwrap();
+        let ours = replies(&mut k, Protocol::Generic);
+        let theirs = recorded_dump();
+        assert!(ours.len() >= 2, "split over several messages");
+        let merge = |parts: &[Vec<u8>]| {
+            let mut dev = crate::state::ActualDevice::default();
+            let mut stats = BTreeMap::new();
+            for p in parts {
+                let mut m = wire::parse::<GenlMessage<WireguardMessage>>(p, "dump")
+                    .unwrap()
+                    .1;
+                crate::wire::genl::merge_stats(&mut m.payload.clone(), "wg0", &mut stats).unwrap();
+                crate::wire::genl::merge_device(&mut m.payload, &mut dev).unwrap();
+            }
+            (dev, stats)
+        };
+        assert_eq!(merge(&ours), merge(&theirs));
+        // The genl header and the device's attributes (port, fwmark, index, name, keys: 104
+        // bytes), and B's first part up to its allowed IPs, byte for byte.
+        assert_eq!(
+            &ours[0][HEADER_LEN..HEADER_LEN + 108],
+            &theirs[0][HEADER_LEN..HEADER_LEN + 108]
+        );
+        let b_at = |m: &[u8]| m.windows(32).position(|w| w == b.as_bytes()).unwrap();
+        let (o, t) = (b_at(&ours[0]), b_at(&theirs[0]));
+        assert_eq!(&ours[0][o..o + 148], &theirs[0][t..t + 148]);
+    }
+
+    #[test]
+    fn a_second_dump_before_the_first_is_read_is_ebusy() {
+        let mut k = FakeKernel::new();
+        let (flags, req) = crate::wire::route::rule_dump(Family::V4);
+        k.send(Protocol::Route, &wire::serialize(&req, flags, 1))
+            .unwrap();
+        k.send(Protocol::Route, &wire::serialize(&req, flags, 2))
+            .unwrap();
+        let answers: Vec<(u16, u32)> = datagrams(&mut k, Protocol::Route)
+            .iter()
+            .flat_map(|d| {
+                wire::messages(d)
+                    .map(|(h, m)| {
+                        let code = if h.message_type == NLMSG_ERROR {
+                            i32::from_ne_bytes([m[16], m[17], m[18], m[19]])
+                        } else {
+                            0
+                        };
+                        (h.message_type, (h.seq << 8) | u32::from(code == -16))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // The refusal of the second (seq 2, EBUSY) comes first: it is not part of the dump.
+        assert_eq!(answers[0], (NLMSG_ERROR, (2 << 8) | 1));
+        assert!(answers[1..].iter().all(|(_, s)| s >> 8 == 1));
+        assert_eq!(answers.last().map(|a| a.0), Some(NLMSG_DONE));
     }
 }

@@ -30,7 +30,7 @@
 
 mod kernel;
 
-pub use kernel::{FakeDevice, FakeKernel, FakeRule, KernelVersion};
+pub use kernel::{FakeDevice, FakeKernel, FakeRule, KernelVersion, RouteKey, route_key};
 
 use crate::error::{Error, Result};
 use crate::keys::KeyRing;

@@ -314,13 +314,20 @@ impl std::fmt::Debug for DeviceUpdate {
 #[derive(PartialEq, Eq)]
 pub(crate) struct WgSet(pub(crate) WireguardMessage);
 
-impl Drop for WgSet {
-    fn drop(&mut self) {
+impl WgSet {
+    /// Zeroes the private key, if the message carries one.
+    pub(crate) fn wipe(&mut self) {
         for a in &mut self.0.attributes {
             if let WireguardAttribute::PrivateKey(k) = a {
                 k.zeroize();
             }
         }
+    }
+}
+
+impl Drop for WgSet {
+    fn drop(&mut self) {
+        self.wipe();
     }
 }
 

@@ -10,6 +10,8 @@ pub(crate) mod ack;
 pub(crate) mod genl;
 pub(crate) mod nft;
 pub(crate) mod route;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use netlink_packet_core::{
     Emitable, NetlinkBuffer, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
