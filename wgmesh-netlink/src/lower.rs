@@ -51,8 +51,7 @@ pub(crate) struct Keys<'a> {
     pub(crate) throwaway: PublicKey,
 }
 
-/// One request, typed, before sequence numbers.
-#[derive(Debug)]
+/// One request, typed, before sequence numbers. Its `Debug` never shows a key.
 pub(crate) enum Request {
     /// An rtnetlink message.
     Route(RtRequest),
@@ -84,6 +83,34 @@ pub(crate) enum Request {
         /// Value.
         value: String,
     },
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Route(r) => f.debug_tuple("Route").field(r).finish(),
+            Self::Wireguard { family_id, message } => f
+                .debug_struct("Wireguard")
+                .field("family_id", family_id)
+                .field("message", message)
+                .finish(),
+            Self::Nft(b) => f.debug_tuple("Nft").field(b).finish(),
+            Self::Uapi { interface, text } => f
+                .debug_struct("Uapi")
+                .field("interface", interface)
+                .field("bytes", &text.len())
+                .finish(),
+            Self::StartDaemon { interface } => f
+                .debug_struct("StartDaemon")
+                .field("interface", interface)
+                .finish(),
+            Self::Sysctl { key, value } => f
+                .debug_struct("Sysctl")
+                .field("key", key)
+                .field("value", value)
+                .finish(),
+        }
+    }
 }
 
 /// The flags of a WireGuard set request.
@@ -327,4 +354,323 @@ pub(crate) fn remove_flag_probe(interface: &str, throwaway: PublicKey) -> [Devic
         DeviceUpdate::peer(interface, p),
         DeviceUpdate::peer(interface, rm),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::marking::{FAMILIES, NftTable};
+    use crate::state::{ActualRoute, ActualRouteKind, ActualRule, RawRule};
+    use wgmesh_core::{Family, PrivateKey, Route, Rule};
+
+    const FAMILY_ID: u16 = 21;
+
+    fn kernel(remove_allowed_ip: bool) -> Capabilities {
+        Capabilities {
+            wireguard: WireGuard::Kernel {
+                family_id: FAMILY_ID,
+                remove_allowed_ip,
+            },
+            max_message: crate::wire::genl::DEFAULT_MAX_MESSAGE,
+        }
+    }
+
+    fn userspace() -> Capabilities {
+        Capabilities {
+            wireguard: WireGuard::Userspace,
+            max_message: crate::wire::genl::DEFAULT_MAX_MESSAGE,
+        }
+    }
+
+    fn pk(i: u8) -> PublicKey {
+        PrivateKey::from_bytes([i; 32]).unwrap().public_key()
+    }
+
+    fn rule() -> Rule {
+        Rule {
+            family: Family::V4,
+            priority: 99,
+            table: 1,
+            firewall_mark: 0x100000,
+            firewall_mask: 0x100000,
+            invert: true,
+        }
+    }
+
+    /// One operation of every kind, and the position of its kind in this list: the match is
+    /// exhaustive, so a new operation does not compile until it is lowered and listed here.
+    fn every_operation() -> Vec<Operation> {
+        let wg = || "wg0".to_owned();
+        let ops = vec![
+            Operation::CreateLink {
+                interface: wg(),
+                kind: crate::state::LinkKind::Wireguard,
+                mtu: 1420,
+            },
+            Operation::DeleteLink { interface: wg() },
+            Operation::SetMtu {
+                interface: wg(),
+                mtu: 1400,
+            },
+            Operation::SetUp { interface: wg() },
+            Operation::ConfigureDevice {
+                interface: wg(),
+                set_private_key: Some(Family::V4),
+                listen_port: Some(51820),
+                firewall_mark: None,
+            },
+            Operation::RemovePeer {
+                interface: wg(),
+                public_key: pk(2),
+            },
+            Operation::SetPeer {
+                interface: wg(),
+                public_key: pk(2),
+                endpoint: Some("10.0.0.2:51820".parse().unwrap()),
+                persistent_keepalive: Some(0),
+                allowed_ips: vec!["10.65.0.64/26".parse().unwrap()],
+            },
+            Operation::StartHandshake {
+                interface: wg(),
+                public_key: pk(2),
+            },
+            Operation::RemoveAllowedIps {
+                interface: wg(),
+                public_key: pk(2),
+                allowed_ips: vec!["10.65.0.5/32".parse().unwrap()],
+            },
+            Operation::AddRoute {
+                route: Route {
+                    family: Family::V4,
+                    table: 1,
+                    destination: "10.65.0.64/26".parse().unwrap(),
+                    kind: RouteType::Unicast,
+                    device: Some(wg()),
+                },
+            },
+            Operation::DeleteRoute {
+                route: ActualRoute {
+                    family: Family::V4,
+                    table: 1,
+                    destination: "10.65.0.64/26".parse().unwrap(),
+                    kind: ActualRouteKind::Throw,
+                    device: None,
+                    oif: None,
+                    gateway: None,
+                    metric: 0,
+                    tos: 0,
+                },
+            },
+            Operation::AddRule { rule: rule() },
+            Operation::DuplicateRule { rule: rule() },
+            Operation::DeleteRule {
+                rule: ActualRule {
+                    raw: RawRule::default(),
+                    ..crate::diff::actual_rule(&rule())
+                },
+            },
+            Operation::SetSysctl {
+                key: "net.ipv4.conf.all.src_valid_mark".into(),
+                value: "1".into(),
+            },
+            Operation::SetMarking {
+                tables: vec![NftTable {
+                    family: FAMILIES[0],
+                    name: "wgmesh".into(),
+                    flags: 0,
+                    chains: Vec::new(),
+                }],
+            },
+            Operation::DeleteMarking {
+                table: "wgmesh".into(),
+            },
+        ];
+        let kind = |op: &Operation| match op {
+            Operation::CreateLink { .. } => 0,
+            Operation::DeleteLink { .. } => 1,
+            Operation::SetMtu { .. } => 2,
+            Operation::SetUp { .. } => 3,
+            Operation::ConfigureDevice { .. } => 4,
+            Operation::RemovePeer { .. } => 5,
+            Operation::SetPeer { .. } => 6,
+            Operation::StartHandshake { .. } => 7,
+            Operation::RemoveAllowedIps { .. } => 8,
+            Operation::AddRoute { .. } => 9,
+            Operation::DeleteRoute { .. } => 10,
+            Operation::AddRule { .. } => 11,
+            Operation::DuplicateRule { .. } => 12,
+            Operation::DeleteRule { .. } => 13,
+            Operation::SetSysctl { .. } => 14,
+            Operation::SetMarking { .. } => 15,
+            Operation::DeleteMarking { .. } => 16,
+        };
+        assert!(ops.iter().map(kind).eq(0..17), "one of each kind, in order");
+        ops
+    }
+
+    fn shape(r: &Request) -> String {
+        match r {
+            Request::Route((flags, m)) => format!("rt {:?} {flags:#x}", std::mem::discriminant(m)),
+            Request::Wireguard { family_id, .. } => format!("wg {family_id}"),
+            Request::Nft(batch) => format!("nft batch of {}", batch.len()),
+            Request::Uapi { interface, .. } => format!("uapi {interface}"),
+            Request::StartDaemon { interface } => format!("start {interface}"),
+            Request::Sysctl { key, value } => format!("sysctl {key}={value}"),
+        }
+    }
+
+    /// Every operation lowers, on both backends, to requests of the right transport, and
+    /// none to nothing.
+    #[test]
+    fn every_operation_lowers_on_both_backends() {
+        let ring = KeyRing::single(PrivateKey::from_bytes([1; 32]).unwrap());
+        let keys = Keys {
+            ring: &ring,
+            throwaway: pk(9),
+        };
+        let links = HashMap::from([("wg0".to_owned(), 7)]);
+        for caps in [kernel(false), kernel(true), userspace()] {
+            for op in every_operation() {
+                let reqs = lower(&op, &caps, &keys, &links).unwrap();
+                assert!(!reqs.is_empty(), "{op} lowered to nothing");
+                let wg_op = op.phase() == crate::op::Phase::Devices
+                    || matches!(
+                        op,
+                        Operation::RemovePeer { .. }
+                            | Operation::SetPeer { .. }
+                            | Operation::StartHandshake { .. }
+                            | Operation::RemoveAllowedIps { .. }
+                    );
+                for r in &reqs {
+                    let s = shape(r);
+                    match (wg_op, caps.wireguard) {
+                        (true, WireGuard::Kernel { .. }) => assert_eq!(s, "wg 21", "{op}"),
+                        (true, WireGuard::Userspace) => assert_eq!(s, "uapi wg0", "{op}"),
+                        (false, _) => {
+                            assert!(!s.starts_with("wg") && !s.starts_with("uapi"), "{op}: {s}")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_handshake_start_is_two_updates_and_a_removal_depends_on_the_kernel() {
+        let ring = KeyRing::none();
+        let keys = Keys {
+            ring: &ring,
+            throwaway: pk(9),
+        };
+        let none = HashMap::new();
+        let ops = every_operation();
+        let count = |op: &Operation, caps| lower(op, &caps, &keys, &none).unwrap().len();
+        assert_eq!(count(&ops[7], kernel(false)), 2, "keepalive on, then off");
+        assert_eq!(
+            count(&ops[7], userspace()),
+            1,
+            "two sections of one request"
+        );
+        // 6.12: one update with the per-IP flag; 6.1 and userspace: through the throwaway.
+        assert_eq!(count(&ops[8], kernel(true)), 1);
+        assert_eq!(count(&ops[8], kernel(false)), 2);
+        let Request::Uapi { text, .. } = &lower(&ops[8], &userspace(), &keys, &none).unwrap()[0]
+        else {
+            panic!("not a UAPI request")
+        };
+        let t = pk(9).to_hex();
+        assert!(
+            text.contains(&format!(
+                "public_key={t}\nallowed_ip=10.65.0.5/32\npublic_key={t}\nremove=true\n"
+            )),
+            "{}",
+            text.as_str()
+        );
+        // The userspace daemon makes its own TUN device; the link is then set up.
+        let shapes: Vec<String> = lower(&ops[0], &userspace(), &keys, &none)
+            .unwrap()
+            .iter()
+            .map(shape)
+            .collect();
+        assert_eq!(shapes[0], "start wg0");
+        assert!(shapes[1].starts_with("rt"));
+    }
+
+    #[test]
+    fn what_lowering_cannot_do_is_a_typed_error() {
+        let ring = KeyRing::none();
+        let keys = Keys {
+            ring: &ring,
+            throwaway: pk(9),
+        };
+        let ops = every_operation();
+        let none = HashMap::new();
+        assert!(matches!(
+            lower(&ops[4], &kernel(false), &keys, &none),
+            Err(Error::MissingKey { family: Family::V4 })
+        ));
+        assert!(matches!(
+            lower(&ops[9], &kernel(false), &keys, &none),
+            Err(Error::UnknownInterface { interface }) if interface == "wg0"
+        ));
+        for key in ["", "net..x", "net/ipv4", "../../etc/passwd", "a.b c"] {
+            let op = Operation::SetSysctl {
+                key: key.into(),
+                value: "1".into(),
+            };
+            assert!(
+                matches!(
+                    lower(&op, &kernel(false), &keys, &none),
+                    Err(Error::InvalidSysctlKey { .. })
+                ),
+                "{key:?}"
+            );
+        }
+        let mut small = kernel(false);
+        small.max_message = 60;
+        assert!(matches!(
+            lower(&ops[6], &small, &keys, &none),
+            Err(Error::MessageTooSmall { max_message: 60 })
+        ));
+    }
+
+    #[test]
+    fn requests_never_show_the_private_key() {
+        let k = PrivateKey::from_bytes([1; 32]).unwrap();
+        let ring = KeyRing::single(k.clone());
+        let keys = Keys {
+            ring: &ring,
+            throwaway: pk(9),
+        };
+        let op = &every_operation()[4];
+        for caps in [kernel(false), userspace()] {
+            let reqs = lower(op, &caps, &keys, &HashMap::new()).unwrap();
+            let shown = format!("{reqs:?}");
+            assert!(!shown.contains(k.to_hex().as_str()), "{shown}");
+            assert!(!shown.contains("1, 1, 1, 1"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn lowering_is_a_function_of_its_inputs() {
+        let ring = KeyRing::single(PrivateKey::from_bytes([1; 32]).unwrap());
+        let keys = Keys {
+            ring: &ring,
+            throwaway: pk(9),
+        };
+        let links = HashMap::from([("wg0".to_owned(), 7)]);
+        for op in every_operation() {
+            let a: Vec<String> = lower(&op, &kernel(false), &keys, &links)
+                .unwrap()
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect();
+            let b: Vec<String> = lower(&op, &kernel(false), &keys, &links)
+                .unwrap()
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect();
+            assert_eq!(a, b, "{op}");
+        }
+    }
 }
