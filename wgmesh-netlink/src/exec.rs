@@ -27,6 +27,18 @@ pub(crate) struct Outgoing {
     seq: u32,
 }
 
+#[cfg(test)]
+impl Outgoing {
+    /// A message serialized elsewhere, with its flags and sequence number.
+    pub(crate) fn raw(bytes: Vec<u8>, flags: u16, seq: u32) -> Self {
+        Self {
+            bytes: Zeroizing::new(bytes),
+            answered: flags & (NLM_F_ACK | NLM_F_DUMP) != 0,
+            seq,
+        }
+    }
+}
+
 /// The kernel's refusal of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refusal {

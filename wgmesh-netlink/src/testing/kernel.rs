@@ -40,7 +40,7 @@ use crate::wire::{
     NLM_F_MULTIPART, NLM_F_REPLACE, NLMSG_DONE, NLMSG_ERROR, Protocol, nft,
 };
 
-/// The generic netlink family id the fake kernel gives `wireguard`.
+/// The generic netlink family id the fake kernel gives `wireguard` by default.
 const WG_FAMILY_ID: u16 = 21;
 /// `GENL_ID_CTRL`.
 const GENL_ID_CTRL: u16 = 16;
@@ -202,6 +202,8 @@ pub struct FakeKernel {
     /// Whether the wireguard module is there (its generic netlink family resolves and
     /// `wireguard` links can be made).
     pub wireguard: bool,
+    /// The generic netlink family id of `wireguard` (Linux gives ids in registration order).
+    pub wireguard_family: u16,
     /// The largest message of a dump (Linux: up to 32 KiB for a big receive buffer).
     pub dump_message_size: usize,
     /// The socket receive buffer, in bytes of unread acknowledgements and replies.
@@ -386,6 +388,7 @@ impl FakeKernel {
             nft: BTreeMap::new(),
             version: KernelVersion::Linux6_1,
             wireguard: true,
+            wireguard_family: WG_FAMILY_ID,
             dump_message_size: 32 * 1024,
             receive_buffer: 4 << 20,
             counters: BTreeMap::new(),
@@ -687,6 +690,12 @@ impl FakeKernel {
         let default_mtu = match kind.as_deref() {
             Some("wireguard") if self.wireguard => 1420,
             Some("dummy") => 1500,
+            Some("tun") => {
+                return Err((
+                    EOPNOTSUPP,
+                    Some("tun/tap creation via rtnetlink is not supported."),
+                ));
+            }
             _ => return Err((EOPNOTSUPP, Some("Unknown device type"))),
         };
         self.add_link(
@@ -926,7 +935,7 @@ impl FakeKernel {
                 Ok((_, c)) => self.controller(h, &c.payload),
                 Err(_) => Err(refuse(EINVAL)),
             },
-            WG_FAMILY_ID if self.wireguard => {
+            t if t == self.wireguard_family && self.wireguard => {
                 match wire::parse::<GenlMessage<WireguardMessage>>(m, "WireGuard request") {
                     Ok((_, w)) => match w.payload.cmd {
                         WireguardCmd::GetDevice if h.flags & NLM_F_DUMP == NLM_F_DUMP => {
@@ -962,7 +971,7 @@ impl FakeKernel {
             cmd: GenlCtrlCmd::NewFamily,
             nlas: vec![
                 GenlCtrlAttrs::FamilyName("wireguard".into()),
-                GenlCtrlAttrs::FamilyId(WG_FAMILY_ID),
+                GenlCtrlAttrs::FamilyId(self.wireguard_family),
                 GenlCtrlAttrs::Version(1),
                 GenlCtrlAttrs::HdrSize(0),
                 GenlCtrlAttrs::MaxAttr(8),
@@ -1155,6 +1164,7 @@ impl FakeKernel {
         let head_len: usize =
             HEADER_LEN + 4 + head.iter().map(Emitable::buffer_len).sum::<usize>() + 4;
         let budget = self.dump_message_size;
+        let family_id = self.wireguard_family;
         let mut messages = Vec::new();
         let mut peers: Vec<WireguardPeer> = Vec::new();
         let mut len = head_len;
@@ -1167,7 +1177,7 @@ impl FakeKernel {
             };
             messages.push(wire::serialize(
                 &Wg {
-                    family_id: WG_FAMILY_ID,
+                    family_id,
                     message: &m,
                 },
                 0,

@@ -7,6 +7,8 @@
 //! encodings.
 
 pub(crate) mod ack;
+#[cfg(test)]
+mod capture;
 pub(crate) mod genl;
 pub(crate) mod nft;
 pub(crate) mod route;
