@@ -749,32 +749,28 @@ impl<K: KernelIo> Dataplane for Linux<K> {
         s.links = links.into_iter().collect();
         // One dump at a time per socket (the kernel answers EBUSY otherwise).
         for family in [Family::V4, Family::V6] {
-            let doing = "dump routes";
             for r in self
-                .dump(route::route_dump(family), doing)?
+                .dump(route::route_dump(family), "dump routes")?
                 .unwrap_or_default()
             {
-                let RouteNetlinkMessage::NewRoute(m) = parse(&r, "RTM_NEWROUTE", doing)? else {
+                let m = parse(&r, "RTM_NEWROUTE", "dump routes")?;
+                let RouteNetlinkMessage::NewRoute(m) = m else {
                     continue;
                 };
-                if let Some(mut route) =
-                    route::parse_route(&m, own.table).map_err(|e| Error::decode(doing, e))?
+                if let Some(mut route) = route::parse_route(&m, own.table)
+                    .map_err(|e| Error::decode("dump routes", e))?
                 {
                     route.device = route.oif.and_then(|x| by_index.get(&x).cloned());
                     s.routes.push(route);
                 }
             }
-        }
-        for family in [Family::V4, Family::V6] {
-            let doing = "dump rules";
             for r in self
-                .dump(route::rule_dump(family), doing)?
+                .dump(route::rule_dump(family), "dump rules")?
                 .unwrap_or_default()
             {
-                let RouteNetlinkMessage::NewRule(m) = parse(&r, "RTM_NEWRULE", doing)? else {
-                    continue;
-                };
-                s.rules.extend(route::parse_rule(&m, own.table));
+                if let RouteNetlinkMessage::NewRule(m) = parse(&r, "RTM_NEWRULE", "dump rules")? {
+                    s.rules.extend(route::parse_rule(&m, own.table));
+                }
             }
         }
         for key in sysctls {

@@ -7,16 +7,18 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 use wgmesh_core::{
-    Cluster, Event, Family, IncrementalPlanner, MeshConfig, Node, NodePlan, NodeWireGuard,
-    PrivateKey, RouteSource, Rule, plan_node,
+    Cluster, Event, Family, IncrementalPlanner, MeshConfig, NodePlan, Rule, plan_node,
 };
 use wgmesh_netlink::testing::{FakeKernel, KernelVersion};
 use wgmesh_netlink::{
     Backend, Dataplane, Error, Linux, LinuxConfig, Operation, Ownership, Reconciler,
 };
 
+#[path = "common/big.rs"]
+mod big;
 mod common;
-use common::{four_nodes, key, ring};
+use big::big_cluster;
+use common::{four_nodes, ring};
 
 fn linux(kernel: FakeKernel) -> Linux<FakeKernel> {
     Linux::with_kernel(kernel, LinuxConfig::with_backend(Backend::Kernel))
@@ -29,38 +31,6 @@ fn own() -> Ownership {
 
 fn small() -> Cluster {
     four_nodes(r#""host_encryption": true, "persistent_keepalive": 25"#)
-}
-
-/// `peers` nodes besides `a`, the first with `ips_of_first` workload IPs, the others one.
-fn big_cluster(peers: usize, ips_of_first: usize) -> Cluster {
-    let mut mesh = MeshConfig::default();
-    mesh.route_source = RouteSource::WorkloadIps;
-    let mut nodes = vec![
-        Node::new("a")
-            .with_addresses(["10.0.0.1".parse().unwrap()])
-            .with_wireguard(NodeWireGuard::new(Some(key(1).public_key()), None)),
-    ];
-    for i in 0..peers {
-        let mut b = [0u8; 32];
-        b[1..9].copy_from_slice(&(i as u64 + 100).to_le_bytes());
-        b[31] = 0x40;
-        let k = PrivateKey::from_bytes(b).unwrap().public_key();
-        let n = i as u32 + 2;
-        let ips: Vec<std::net::IpAddr> = if i == 0 {
-            (0..ips_of_first as u32)
-                .map(|j| std::net::Ipv4Addr::from(0x6400_0000 + j).into())
-                .collect()
-        } else {
-            vec![std::net::Ipv4Addr::from(0x6500_0000 + n).into()]
-        };
-        nodes.push(
-            Node::new(format!("n{i}"))
-                .with_addresses([std::net::Ipv4Addr::from(0x0a00_0000 + n).into()])
-                .with_wireguard(NodeWireGuard::new(Some(k), None))
-                .with_workload_ips(ips),
-        );
-    }
-    Cluster::new(mesh, nodes).unwrap()
 }
 
 /// Applies `plan` from scratch, reads the device back through the kernel's (split) dumps and

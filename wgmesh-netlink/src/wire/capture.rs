@@ -692,6 +692,38 @@ fn renumber(k: &mut crate::testing::FakeKernel, indexes: [u32; 2]) {
     assert_eq!(seen.len(), k.links.len(), "indexes stay unique");
 }
 
+/// A fake kernel in the state the capture's VM was in: the same reconcile, the same link
+/// indexes and family id, and the same `wg set`.
+fn fake_like_the_vm(family_id: u16, indexes: [u32; 2]) -> crate::testing::FakeKernel {
+    let plan = plan_node(&parse_cluster(&cluster_json()).unwrap(), "a").unwrap();
+    let own = crate::Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
+    let mut fake = crate::testing::FakeKernel::new();
+    fake.wireguard_family = family_id;
+    let l = crate::Linux::with_kernel(
+        fake,
+        crate::LinuxConfig::with_backend(crate::Backend::Kernel),
+    )
+    .unwrap();
+    let mut r = crate::Reconciler::new(l, own.clone(), ring());
+    r.reconcile(&plan).unwrap();
+    let mut k = r.into_dataplane().kernel().clone();
+    renumber(&mut k, indexes);
+    // `wg set wireguard.cali peer B allowed-ips 10.65.0.64/26,<EXTRA_IPS /32s>` (wg(8) replaces
+    // the peer's list).
+    let peer = k
+        .devices
+        .get_mut("wireguard.cali")
+        .unwrap()
+        .peers
+        .get_mut(&key(2).public_key())
+        .unwrap();
+    peer.allowed_ips = ["10.65.0.64/26".parse().unwrap()].into();
+    for i in 1..=EXTRA_IPS {
+        peer.allowed_ips.insert(extra_ip(i).parse().unwrap());
+    }
+    k
+}
+
 /// The fake kernel, set up by the same reconcile, acknowledges and refuses the captured
 /// requests as Linux did: the same errno, the same explanation.
 #[test]
@@ -700,20 +732,7 @@ fn the_fake_kernel_acknowledges_and_refuses_as_linux_did() {
     for w in windows(family_id, indexes[0]) {
         let window = w.name;
         let linux = refusals(&frames, window);
-        let plan = plan_node(&parse_cluster(&cluster_json()).unwrap(), "a").unwrap();
-        let own = crate::Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
-        let mut fake = crate::testing::FakeKernel::new();
-        fake.wireguard_family = family_id;
-        let l = crate::Linux::with_kernel(
-            fake,
-            crate::LinuxConfig::with_backend(crate::Backend::Kernel),
-        )
-        .unwrap();
-        let mut r = crate::Reconciler::new(l, own.clone(), ring());
-        r.reconcile(&plan).unwrap();
-        // The same link index as in the VM, so the same requests name the same link.
-        let mut k = r.into_dataplane().kernel().clone();
-        renumber(&mut k, indexes);
+        let mut k = fake_like_the_vm(family_id, indexes);
         let protocol = protocol_of(window);
         let mut ours = Vec::new();
         let mut buf = Vec::new();
@@ -792,32 +811,7 @@ fn read_model(answers: &[(Protocol, Vec<u8>)], family_id: u16) -> Read {
 #[test]
 fn the_fake_kernel_answers_the_reads_as_linux_did() {
     let (family_id, indexes, frames) = capture_with_indexes();
-    let plan = plan_node(&parse_cluster(&cluster_json()).unwrap(), "a").unwrap();
-    let own = crate::Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
-    let mut fake = crate::testing::FakeKernel::new();
-    fake.wireguard_family = family_id;
-    let l = crate::Linux::with_kernel(
-        fake,
-        crate::LinuxConfig::with_backend(crate::Backend::Kernel),
-    )
-    .unwrap();
-    let mut r = crate::Reconciler::new(l, own.clone(), ring());
-    r.reconcile(&plan).unwrap();
-    let mut k = r.into_dataplane().kernel().clone();
-    renumber(&mut k, indexes);
-    // `wg set wireguard.cali peer B allowed-ips 10.65.0.64/26,<EXTRA_IPS /32s>` (wg(8) replaces
-    // the peer's list).
-    let peer = k
-        .devices
-        .get_mut("wireguard.cali")
-        .unwrap()
-        .peers
-        .get_mut(&key(2).public_key())
-        .unwrap();
-    peer.allowed_ips = ["10.65.0.64/26".parse().unwrap()].into();
-    for i in 1..=EXTRA_IPS {
-        peer.allowed_ips.insert(extra_ip(i).parse().unwrap());
-    }
+    let mut k = fake_like_the_vm(family_id, indexes);
     for window in ["route-read", "generic-read", "netfilter-read"] {
         let protocol = protocol_of(window);
         let linux: Vec<(Protocol, Vec<u8>)> = frames

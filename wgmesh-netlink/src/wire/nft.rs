@@ -264,10 +264,7 @@ pub(crate) fn decode_table(m: &NetfilterMessage) -> Result<(u8, String, u32), De
             _ => {}
         }
     }
-    let name = name.ok_or(DecodeError::Missing {
-        what: "NEWTABLE",
-        missing: "NFTA_TABLE_NAME",
-    })?;
+    let name = need(name, "NEWTABLE", "NFTA_TABLE_NAME")?;
     Ok((m.header.family.into(), name, flags))
 }
 
@@ -316,13 +313,17 @@ fn value(d: &DataAttribute, what: &'static str) -> Result<Vec<u8>, DecodeError> 
     }
 }
 
+/// A field an expression or message must have.
+fn need<T>(v: Option<T>, what: &'static str, missing: &'static str) -> Result<T, DecodeError> {
+    v.ok_or(DecodeError::Missing { what, missing })
+}
+
 fn register(
     r: Option<Register>,
     what: &'static str,
     missing: &'static str,
 ) -> Result<u32, DecodeError> {
-    r.map(u32::from)
-        .ok_or(DecodeError::Missing { what, missing })
+    need(r, what, missing).map(u32::from)
 }
 
 fn decode_expr(name: &str, data: &Expressions) -> Result<Expr, DecodeError> {
@@ -340,10 +341,7 @@ fn decode_expr(name: &str, data: &Expressions) -> Result<Expr, DecodeError> {
                     _ => {}
                 }
             }
-            let key = key.ok_or(DecodeError::Missing {
-                what: "meta",
-                missing: "NFTA_META_KEY",
-            })?;
+            let key = need(key, "meta", "NFTA_META_KEY")?;
             match dreg {
                 Some(d) => Expr::Meta {
                     key,
@@ -367,14 +365,8 @@ fn decode_expr(name: &str, data: &Expressions) -> Result<Expr, DecodeError> {
             }
             Expr::Cmp {
                 sreg: register(sreg, "cmp", "NFTA_CMP_SREG")?,
-                op: op.ok_or(DecodeError::Missing {
-                    what: "cmp",
-                    missing: "NFTA_CMP_OP",
-                })?,
-                data: d.ok_or(DecodeError::Missing {
-                    what: "cmp",
-                    missing: "NFTA_CMP_DATA",
-                })?,
+                op: need(op, "cmp", "NFTA_CMP_OP")?,
+                data: need(d, "cmp", "NFTA_CMP_DATA")?,
             }
         }
         Expressions::Bitwise(attrs) => {
@@ -394,18 +386,9 @@ fn decode_expr(name: &str, data: &Expressions) -> Result<Expr, DecodeError> {
             Expr::Bitwise {
                 sreg: register(sreg, "bitwise", "NFTA_BITWISE_SREG")?,
                 dreg: register(dreg, "bitwise", "NFTA_BITWISE_DREG")?,
-                len: len.ok_or(DecodeError::Missing {
-                    what: "bitwise",
-                    missing: "NFTA_BITWISE_LEN",
-                })?,
-                mask: mask.ok_or(DecodeError::Missing {
-                    what: "bitwise",
-                    missing: "NFTA_BITWISE_MASK",
-                })?,
-                xor: xor.ok_or(DecodeError::Missing {
-                    what: "bitwise",
-                    missing: "NFTA_BITWISE_XOR",
-                })?,
+                len: need(len, "bitwise", "NFTA_BITWISE_LEN")?,
+                mask: need(mask, "bitwise", "NFTA_BITWISE_MASK")?,
+                xor: need(xor, "bitwise", "NFTA_BITWISE_XOR")?,
             }
         }
         Expressions::Payload(attrs) => {
@@ -421,15 +404,11 @@ fn decode_expr(name: &str, data: &Expressions) -> Result<Expr, DecodeError> {
                     _ => {}
                 }
             }
-            let missing = |m| DecodeError::Missing {
-                what: "payload",
-                missing: m,
-            };
             Expr::Payload {
                 dreg: register(dreg, "payload", "NFTA_PAYLOAD_DREG")?,
-                base: base.ok_or_else(|| missing("NFTA_PAYLOAD_BASE"))?,
-                offset: offset.ok_or_else(|| missing("NFTA_PAYLOAD_OFFSET"))?,
-                len: len.ok_or_else(|| missing("NFTA_PAYLOAD_LEN"))?,
+                base: need(base, "payload", "NFTA_PAYLOAD_BASE")?,
+                offset: need(offset, "payload", "NFTA_PAYLOAD_OFFSET")?,
+                len: need(len, "payload", "NFTA_PAYLOAD_LEN")?,
             }
         }
         Expressions::Immediate(attrs) => {

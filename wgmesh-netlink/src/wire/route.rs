@@ -117,13 +117,6 @@ pub(crate) fn parse_link(m: &LinkMessage) -> Result<(String, ActualLink), Decode
     ))
 }
 
-fn route_header(m: &mut RouteMessage, family: Family, prefix: u8, table: u32) {
-    m.header.address_family = address_family(family);
-    m.header.destination_prefix_length = prefix;
-    // Tables above 255 live in RTA_TABLE only; the header says RT_TABLE_UNSPEC.
-    m.header.table = u8::try_from(table).unwrap_or(0);
-}
-
 /// `RTM_GETROUTE` dump of a family (every table; filtered when parsed).
 pub(crate) fn route_dump(family: Family) -> RtRequest {
     let mut m = RouteMessage::default();
@@ -131,16 +124,38 @@ pub(crate) fn route_dump(family: Family) -> RtRequest {
     (NLM_F_REQUEST | NLM_F_DUMP, RouteNetlinkMessage::GetRoute(m))
 }
 
+/// A route message naming a route by destination, table and metric (and output device).
+fn route_message(
+    family: Family,
+    destination: &IpNet,
+    table: u32,
+    metric: u32,
+    oif: Option<u32>,
+) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = address_family(family);
+    m.header.destination_prefix_length = destination.prefix_len();
+    // Tables above 255 live in RTA_TABLE only; the header says RT_TABLE_UNSPEC.
+    m.header.table = u8::try_from(table).unwrap_or(0);
+    m.attributes = vec![
+        RouteAttribute::Destination(RouteAddress::from(destination.network())),
+        RouteAttribute::Table(table),
+        RouteAttribute::Priority(metric),
+    ];
+    m.attributes.extend(oif.map(RouteAttribute::Oif));
+    m
+}
+
 /// `RTM_NEWROUTE` with `NLM_F_REPLACE`: add the route, or replace the one with the same
 /// destination, table, TOS and metric in place. `oif` is the output device of a unicast
 /// route.
 pub(crate) fn route_replace(route: &Route, oif: Option<u32>) -> RtRequest {
-    let mut m = RouteMessage::default();
-    route_header(
-        &mut m,
+    let mut m = route_message(
         route.family,
-        route.destination.prefix_len(),
+        &route.destination,
         route.table,
+        route_metric(route.family),
+        oif,
     );
     m.header.protocol = RouteProtocol::Static;
     (m.header.scope, m.header.kind) = match (route.kind, route.family) {
@@ -148,14 +163,6 @@ pub(crate) fn route_replace(route: &Route, oif: Option<u32>) -> RtRequest {
         (RouteType::Unicast, Family::V6) => (RouteScope::Universe, RtType::Unicast),
         (RouteType::Throw, _) => (RouteScope::Universe, RtType::Throw),
     };
-    m.attributes = vec![
-        RouteAttribute::Destination(RouteAddress::from(route.destination.network())),
-        RouteAttribute::Table(route.table),
-        RouteAttribute::Priority(route_metric(route.family)),
-    ];
-    if let Some(i) = oif {
-        m.attributes.push(RouteAttribute::Oif(i));
-    }
     (
         ACKED | NLM_F_CREATE | NLM_F_REPLACE,
         RouteNetlinkMessage::NewRoute(m),
@@ -164,12 +171,12 @@ pub(crate) fn route_replace(route: &Route, oif: Option<u32>) -> RtRequest {
 
 /// `RTM_DELROUTE` of exactly this route.
 pub(crate) fn route_delete(route: &ActualRoute) -> RtRequest {
-    let mut m = RouteMessage::default();
-    route_header(
-        &mut m,
+    let mut m = route_message(
         route.family,
-        route.destination.prefix_len(),
+        &route.destination,
         route.table,
+        route.metric,
+        route.oif,
     );
     m.header.tos = route.tos;
     m.header.scope = RouteScope::NoWhere;
@@ -178,14 +185,6 @@ pub(crate) fn route_delete(route: &ActualRoute) -> RtRequest {
         ActualRouteKind::Throw => RtType::Throw,
         ActualRouteKind::Other(n) => RtType::from(n),
     };
-    m.attributes = vec![
-        RouteAttribute::Destination(RouteAddress::from(route.destination.network())),
-        RouteAttribute::Table(route.table),
-        RouteAttribute::Priority(route.metric),
-    ];
-    if let Some(i) = route.oif {
-        m.attributes.push(RouteAttribute::Oif(i));
-    }
     (ACKED, RouteNetlinkMessage::DelRoute(m))
 }
 
