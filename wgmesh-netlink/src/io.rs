@@ -92,6 +92,14 @@ impl Sockets {
     /// Opens the rtnetlink, generic and netfilter sockets. Every wait for an answer ends after
     /// `timeout` (`None`: never) with [`io::ErrorKind::TimedOut`]; sysctls are under
     /// `proc_sys` (`/proc/sys`).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use wgmesh_netlink::{Linux, LinuxConfig, Sockets};
+    /// let sockets = Sockets::open(Some(Duration::from_secs(30)), "/proc/sys")?;
+    /// let linux = Linux::with_kernel(sockets, LinuxConfig::default())?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(timeout: Option<Duration>, proc_sys: impl Into<PathBuf>) -> io::Result<Self> {
         Ok(Self {
             sockets: [

@@ -136,10 +136,26 @@ pub(crate) fn check_sysctl_key(key: &str) -> Result<()> {
 /// Whether lowering `op` needs the interface index of a link (a unicast route's device).
 pub(crate) fn needs_index(op: &Operation) -> Option<&str> {
     match op {
-        Operation::AddRoute { route } if route.kind == RouteType::Unicast => {
-            route.device.as_deref()
-        }
-        _ => None,
+        Operation::AddRoute { route } => match route.kind {
+            RouteType::Unicast => route.device.as_deref(),
+            RouteType::Throw => None,
+        },
+        Operation::CreateLink { .. }
+        | Operation::DeleteLink { .. }
+        | Operation::SetMtu { .. }
+        | Operation::SetUp { .. }
+        | Operation::ConfigureDevice { .. }
+        | Operation::RemovePeer { .. }
+        | Operation::SetPeer { .. }
+        | Operation::StartHandshake { .. }
+        | Operation::RemoveAllowedIps { .. }
+        | Operation::DeleteRoute { .. }
+        | Operation::AddRule { .. }
+        | Operation::DuplicateRule { .. }
+        | Operation::DeleteRule { .. }
+        | Operation::SetSysctl { .. }
+        | Operation::SetMarking { .. }
+        | Operation::DeleteMarking { .. } => None,
     }
 }
 

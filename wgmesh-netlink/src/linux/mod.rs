@@ -167,6 +167,13 @@ impl Linux<Sockets> {
     /// [`Backend::Auto`], the kernel is used when its generic netlink family `wireguard`
     /// resolves (the kernel loads the module on demand), else userspace;
     /// [`Linux::backend_description`] says which and why.
+    ///
+    /// ```no_run
+    /// use wgmesh_netlink::{Backend, Linux, LinuxConfig};
+    /// let linux = Linux::open(LinuxConfig::with_backend(Backend::Auto))?;
+    /// println!("{}", linux.backend_description());
+    /// # Ok::<(), wgmesh_netlink::Error>(())
+    /// ```
     pub fn open(config: LinuxConfig) -> Result<Self> {
         let io = Sockets::open(config.netlink_timeout, config.proc_sys.clone())
             .map_err(|e| Error::io("open the netlink sockets", e))?;
