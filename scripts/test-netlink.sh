@@ -23,7 +23,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 step "packages"
 missing=()
-for dep in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 \
+# ping: the userspace suite sends traffic through a wireguard-go tunnel.
+for dep in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 ping:iputils-ping \
     qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio kmod:kmod objcopy:binutils; do
     command -v "${dep%%:*}" >/dev/null 2>&1 || missing+=("${dep#*:}")
 done

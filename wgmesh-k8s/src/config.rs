@@ -387,7 +387,9 @@ impl ConfigSpec {
             None => wgmesh_netlink::Backend::Auto,
             Some(text) => text
                 .parse()
-                .map_err(|e: String| invalid("backend", text, &e))?,
+                .map_err(|e: wgmesh_netlink::ParseBackendError| {
+                    invalid("backend", text, &e.to_string())
+                })?,
         };
         Ok(AgentConfig {
             backend,

@@ -1,7 +1,9 @@
-//! The boundary between the agent and whatever programs the node: the [`Dataplane`] trait, a
-//! plan-level operation list ([`Op`]), and two implementations that program nothing — the
-//! [`RecordingDataplane`] for tests and the [`LoggingDataplane`] for dry runs. The real one,
-//! over `wgmesh-netlink`, is [`crate::netlink::NetlinkDataplane`].
+//! The boundary between the agent and whatever programs the node: the [`Dataplane`] trait, and
+//! two implementations that program nothing — the [`RecordingDataplane`] for tests and the
+//! [`LoggingDataplane`] for dry runs. The real one, over `wgmesh-netlink`, is
+//! [`crate::netlink::NetlinkDataplane`]. All of them speak the core's [`PlanDelta`] and
+//! `wgmesh-netlink`'s typed [`Operation`]s: the ones that program nothing count and record the
+//! very operations `wgmesh_netlink::delta_operations` would hand the kernel.
 //!
 //! The agent drives a dataplane with full plans ([`Dataplane::reconcile`]: make the node match,
 //! whatever it has) and with deltas against the plan last applied ([`Dataplane::apply_delta`]:
@@ -9,12 +11,9 @@
 //! may leave a half-applied state behind.
 
 use std::collections::VecDeque;
-use std::fmt;
 
-use ipnet::IpNet;
-use serde::Serialize;
-use wgmesh_core::delta::MarkingDelta;
-use wgmesh_core::{Family, Marking, NodePlan, PlanDelta, PublicKey, Route, Rule, Sysctl, diff};
+use wgmesh_core::{Family, NodePlan, PlanDelta, PublicKey, diff};
+use wgmesh_netlink::{DiffOptions, LinkKind, Operation, delta_operations};
 
 /// A dataplane failure. The message never contains key material.
 #[derive(Debug, thiserror::Error)]
@@ -119,274 +118,31 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
 }
 
-/// One plan-level operation: what a delta asks of the node, one object at a time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Op {
-    /// Remove a WireGuard interface.
-    RemoveInterface {
-        /// Its name.
-        name: String,
-    },
-    /// Create a WireGuard interface with these settings.
-    AddInterface {
-        /// Its name.
-        name: String,
-        /// Port, fwmark and MTU, as `port/mark/mtu`.
-        settings: String,
-    },
-    /// Change an interface's port, fwmark or MTU.
-    SetInterface {
-        /// Its name.
-        name: String,
-        /// `port/mark/mtu`.
-        settings: String,
-    },
-    /// Remove a peer.
-    RemovePeer {
-        /// The interface.
-        interface: String,
-        /// The node it stood for.
-        node: String,
-        /// Its key.
-        public_key: PublicKey,
-    },
-    /// Add a peer.
-    AddPeer {
-        /// The interface.
-        interface: String,
-        /// The node.
-        node: String,
-        /// Its key.
-        public_key: PublicKey,
-        /// Its endpoint.
-        endpoint: String,
-        /// Its allowed IPs.
-        allowed_ips: Vec<IpNet>,
-    },
-    /// Change a peer in place.
-    UpdatePeer {
-        /// The interface.
-        interface: String,
-        /// The node.
-        node: String,
-        /// Its key.
-        public_key: PublicKey,
-        /// Allowed IPs added.
-        allowed_ips_added: Vec<IpNet>,
-        /// Allowed IPs removed.
-        allowed_ips_removed: Vec<IpNet>,
-    },
-    /// Remove a route (`ip route` syntax).
-    RemoveRoute {
-        /// The route.
-        route: String,
-    },
-    /// Add a route (`ip route` syntax).
-    AddRoute {
-        /// The route.
-        route: String,
-    },
-    /// Remove a rule (`ip rule` syntax).
-    RemoveRule {
-        /// The rule.
-        rule: String,
-    },
-    /// Add a rule (`ip rule` syntax).
-    AddRule {
-        /// The rule.
-        rule: String,
-    },
-    /// Set a sysctl.
-    SetSysctl {
-        /// `key=value`.
-        sysctl: String,
-    },
-    /// Stop requiring a sysctl.
-    UnsetSysctl {
-        /// `key=value`.
-        sysctl: String,
-    },
-    /// Program the packet marking.
-    SetMarking {
-        /// Whether locally generated packets are marked (host traffic outside the tunnel).
-        mark_output: bool,
-        /// API server endpoints whose TCP traffic is marked.
-        plain_tcp_endpoints: Vec<String>,
-    },
-    /// Remove the packet marking.
-    RemoveMarking,
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::RemoveInterface { name } => write!(f, "link del {name}"),
-            Self::AddInterface { name, settings } => write!(f, "link add {name} {settings}"),
-            Self::SetInterface { name, settings } => write!(f, "link set {name} {settings}"),
-            Self::RemovePeer {
-                interface, node, ..
-            } => write!(f, "peer del {interface} {node}"),
-            Self::AddPeer {
-                interface,
-                node,
-                endpoint,
-                allowed_ips,
-                ..
-            } => write!(
-                f,
-                "peer add {interface} {node} endpoint {endpoint} allowed {}",
-                join(allowed_ips)
-            ),
-            Self::UpdatePeer {
-                interface,
-                node,
-                allowed_ips_added,
-                allowed_ips_removed,
-                ..
-            } => write!(
-                f,
-                "peer set {interface} {node} +[{}] -[{}]",
-                join(allowed_ips_added),
-                join(allowed_ips_removed)
-            ),
-            Self::RemoveRoute { route } => write!(f, "route del {route}"),
-            Self::AddRoute { route } => write!(f, "route add {route}"),
-            Self::RemoveRule { rule } => write!(f, "rule del {rule}"),
-            Self::AddRule { rule } => write!(f, "rule add {rule}"),
-            Self::SetSysctl { sysctl } => write!(f, "sysctl {sysctl}"),
-            Self::UnsetSysctl { sysctl } => write!(f, "sysctl unset {sysctl}"),
-            Self::SetMarking {
-                mark_output,
-                plain_tcp_endpoints,
-            } => write!(
-                f,
-                "marking set output={mark_output} plain_tcp=[{}]",
-                plain_tcp_endpoints.join(",")
-            ),
-            Self::RemoveMarking => f.write_str("marking del"),
-        }
-    }
-}
-
-fn join(nets: &[IpNet]) -> String {
-    nets.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn route_text(r: &Route) -> String {
-    r.to_string()
-}
-
-fn rule_text(r: &Rule) -> String {
-    format!("{} {}", r.family, r.to_string().replace('\t', " "))
-}
-
-fn sysctl_text(s: &Sysctl) -> String {
-    format!("{}={}", s.key, s.value)
-}
-
-fn marking_op(m: &Marking) -> Op {
-    Op::SetMarking {
-        mark_output: m.mark_output,
-        plain_tcp_endpoints: m
-            .plain_tcp_endpoints
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-    }
-}
-
-/// The operations a delta asks for, in the order an applier should carry them out: removals
-/// of rules, routes and peers first, then interfaces, peers, routes, rules, sysctls, marking.
+/// The operations that carry out `delta` on a node that has `node`, as `wgmesh-netlink`
+/// executes them (kernel WireGuard links, these public keys), in execution order.
 ///
 /// ```
 /// use wgmesh_core::{diff, plan_node, spec::parse_cluster, NodePlan};
-/// use wgmesh_k8s::dataplane::ops;
+/// use wgmesh_k8s::dataplane::operations;
+/// use wgmesh_netlink::Operation;
 /// let cluster = parse_cluster(r#"{"nodes": [
 ///   {"name": "a", "addresses": ["10.0.0.1"], "pod_cidrs": ["10.65.0.0/26"],
 ///    "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
 ///   {"name": "b", "addresses": ["10.0.0.2"], "pod_cidrs": ["10.65.0.64/26"],
 ///    "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
 /// let plan = plan_node(&cluster, "a")?;
-/// let text: Vec<String> = ops(&diff(&NodePlan::empty("a"), &plan)).iter().map(|o| o.to_string()).collect();
-/// assert_eq!(text[0], "link add wireguard.cali 51820/0x100000/1440");
-/// assert_eq!(text[1], "peer add wireguard.cali b endpoint 10.0.0.2:51820 allowed 10.65.0.64/26");
+/// let empty = NodePlan::empty("a");
+/// let ops = operations(&empty, &diff(&empty, &plan), [None, None]);
+/// assert!(matches!(&ops[0], Operation::CreateLink { interface, mtu: 1440, .. } if interface == "wireguard.cali"));
+/// assert!(matches!(ops.last(), Some(Operation::AddRule { .. })));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn ops(delta: &PlanDelta) -> Vec<Op> {
-    let settings = |i: &wgmesh_core::InterfacePlan| {
-        format!("{}/{:#x}/{}", i.listen_port, i.firewall_mark, i.mtu)
-    };
-    let mut out = Vec::new();
-    out.extend(
-        delta
-            .rules_removed
-            .iter()
-            .map(|r| Op::RemoveRule { rule: rule_text(r) }),
-    );
-    out.extend(delta.routes_removed.iter().map(|r| Op::RemoveRoute {
-        route: route_text(r),
-    }));
-    out.extend(delta.peers_removed.iter().map(|p| Op::RemovePeer {
-        interface: p.interface.clone(),
-        node: p.node.clone(),
-        public_key: p.public_key,
-    }));
-    out.extend(
-        delta
-            .interfaces_removed
-            .iter()
-            .map(|i| Op::RemoveInterface {
-                name: i.name.clone(),
-            }),
-    );
-    out.extend(delta.interfaces_added.iter().map(|i| Op::AddInterface {
-        name: i.name.clone(),
-        settings: settings(i),
-    }));
-    out.extend(delta.interfaces_changed.iter().map(|i| Op::SetInterface {
-        name: i.name.clone(),
-        settings: settings(i),
-    }));
-    out.extend(delta.peers_added.iter().map(|p| Op::AddPeer {
-        interface: p.interface.clone(),
-        node: p.peer.node.clone(),
-        public_key: p.peer.public_key,
-        endpoint: p.peer.endpoint.to_string(),
-        allowed_ips: p.peer.allowed_ips.clone(),
-    }));
-    out.extend(delta.peers_updated.iter().map(|p| Op::UpdatePeer {
-        interface: p.interface.clone(),
-        node: p.node.clone(),
-        public_key: p.public_key,
-        allowed_ips_added: p.allowed_ips_added.clone(),
-        allowed_ips_removed: p.allowed_ips_removed.clone(),
-    }));
-    out.extend(delta.routes_added.iter().map(|r| Op::AddRoute {
-        route: route_text(r),
-    }));
-    out.extend(
-        delta
-            .rules_added
-            .iter()
-            .map(|r| Op::AddRule { rule: rule_text(r) }),
-    );
-    out.extend(delta.sysctls_added.iter().map(|s| Op::SetSysctl {
-        sysctl: sysctl_text(s),
-    }));
-    out.extend(delta.sysctls_removed.iter().map(|s| Op::UnsetSysctl {
-        sysctl: sysctl_text(s),
-    }));
-    match &delta.marking {
-        MarkingDelta::Unchanged => {}
-        MarkingDelta::Set(m) => out.push(marking_op(m)),
-        MarkingDelta::Removed => out.push(Op::RemoveMarking),
-    }
-    out
+pub fn operations(
+    node: &NodePlan,
+    delta: &PlanDelta,
+    keys: [Option<PublicKey>; 2],
+) -> Vec<Operation> {
+    delta_operations(node, delta, &DiffOptions::new(LinkKind::Wireguard, keys)).into_operations()
 }
 
 /// One call the agent made.
@@ -400,7 +156,7 @@ pub enum Call {
 }
 
 /// A dataplane that programs nothing and records everything: the calls, the plan the node
-/// would have, and the operations that took it there. Faults can be injected.
+/// would have, and the `wgmesh-netlink` operations that took it there. Faults can be injected.
 ///
 /// ```
 /// use wgmesh_core::{NodePlan, PublicKey, Family};
@@ -418,7 +174,7 @@ pub enum Call {
 pub struct RecordingDataplane {
     keys: [Option<PublicKey>; 2],
     calls: Vec<Call>,
-    ops: Vec<Op>,
+    ops: Vec<Operation>,
     node: NodePlan,
     failures: VecDeque<bool>,
     stats: Option<Vec<PeerStats>>,
@@ -459,7 +215,7 @@ impl RecordingDataplane {
     }
 
     /// Every operation performed by successful calls, in order.
-    pub fn ops(&self) -> &[Op] {
+    pub fn ops(&self) -> &[Operation] {
         &self.ops
     }
 
@@ -499,7 +255,7 @@ impl Dataplane for RecordingDataplane {
         self.calls.push(Call::Reconcile(plan.clone()));
         self.fail()?;
         let delta = diff(&self.node, plan);
-        let ops = ops(&delta);
+        let ops = operations(&self.node, &delta, self.keys);
         let n = ops.len();
         self.ops.extend(ops);
         self.node = plan.clone();
@@ -509,7 +265,7 @@ impl Dataplane for RecordingDataplane {
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
         self.calls.push(Call::Delta(delta.clone()));
         self.fail()?;
-        let ops = ops(delta);
+        let ops = operations(&self.node, delta, self.keys);
         let n = ops.len();
         self.ops.extend(ops);
         self.node.apply_delta(delta);
@@ -546,14 +302,14 @@ impl Dataplane for LoggingDataplane {
 
     fn reconcile(&mut self, plan: &NodePlan) -> Result<ApplyReport, DataplaneError> {
         let delta = diff(&self.current, plan);
-        let n = ops(&delta).len();
+        let n = operations(&self.current, &delta, self.keys).len();
         tracing::info!(dry_run = true, operations = n, summary = %delta.summary(), "would reconcile");
         self.current = plan.clone();
         Ok(ApplyReport::new(n))
     }
 
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
-        let n = ops(delta).len();
+        let n = operations(&self.current, delta, self.keys).len();
         tracing::info!(dry_run = true, operations = n, summary = %delta.summary(), "would apply delta");
         self.current.apply_delta(delta);
         Ok(ApplyReport::new(n))

@@ -9,10 +9,11 @@
 //! use wgmesh_core::{MeshConfig, NodePlan, PrivateKey, Family};
 //! use wgmesh_k8s::dataplane::Dataplane;
 //! use wgmesh_k8s::netlink::NetlinkDataplane;
-//! use wgmesh_netlink::{KeyRing, testing::FakeKernel};
+//! use wgmesh_netlink::{KeyRing, Linux, testing::FakeKernel};
 //! let key = PrivateKey::from_base64("aLHd3L4af3PpZIWlPJgme7dpppYIulN7pMB7E0JCTHw=")?;
 //! let public = key.public_key();
-//! let mut d = NetlinkDataplane::new(FakeKernel::new(), &MeshConfig::default(), KeyRing::single(key));
+//! let kernel = Linux::with_kernel(FakeKernel::new(), Default::default())?;
+//! let mut d = NetlinkDataplane::new(kernel, &MeshConfig::default(), KeyRing::single(key));
 //! assert_eq!(d.public_key(Family::V4), Some(public));
 //! assert_eq!(d.reconcile(&NodePlan::empty("a"))?.operations, 0); // nothing to remove
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -23,7 +24,8 @@ use wgmesh_netlink::{KeyRing, Ownership, Reconciler, Report};
 
 use crate::dataplane::{ApplyReport, Dataplane, DataplaneError, PeerStats};
 
-/// A netlink dataplane (the real kernel, or `wgmesh_netlink::testing::FakeKernel` in tests).
+/// A netlink dataplane (the host's kernel, or `wgmesh_netlink::testing::FakeKernel` behind
+/// `Linux` in tests).
 #[derive(Debug)]
 pub struct NetlinkDataplane<D> {
     reconciler: Reconciler<D>,

@@ -12,8 +12,8 @@ use wgmesh_k8s::agent::{Agent, AgentSettings};
 use wgmesh_k8s::bootstrap::guard_plan;
 use wgmesh_k8s::metrics::Metrics;
 use wgmesh_k8s::netlink::NetlinkDataplane;
-use wgmesh_netlink::testing::{FailingDataplane, FakeKernel};
-use wgmesh_netlink::{KeyRing, nft};
+use wgmesh_netlink::testing::FailingDataplane;
+use wgmesh_netlink::{KeyRing, marking as nft};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -22,6 +22,15 @@ fn ops(d: &mut Driver<Fake>) -> Vec<String> {
     let ops = k.recorded().iter().map(ToString::to_string).collect();
     k.clear_recorded();
     ops
+}
+
+fn kernel(d: &mut Driver<Fake>) -> &mut wgmesh_netlink::testing::FakeKernel {
+    d.agent
+        .dataplane_mut()
+        .reconciler_mut()
+        .dataplane_mut()
+        .inner_mut()
+        .kernel_mut()
 }
 
 fn expected(d: &Driver<Fake>) -> NodePlan {
@@ -145,7 +154,7 @@ fn nodes_join_rotate_and_leave_pods_churn() {
             ),
         ]
     );
-    let k = d.agent.dataplane_mut().reconciler_mut().dataplane_mut();
+    let k = kernel(&mut d);
     assert_eq!(
         k.handshakes_initiated(),
         [
@@ -188,7 +197,7 @@ fn a_new_key_after_a_reboot_is_guarded_then_published_then_applied() {
         .clone();
     let marking = guarded.marking.as_ref().unwrap();
     assert!(marking.mark_output);
-    let k = d.agent.dataplane_mut().reconciler_mut().dataplane_mut();
+    let k = kernel(&mut d);
     let inet = &k.nft[&(nft::NFPROTO_INET, "wgmesh".to_owned())];
     assert_eq!(
         inet,
@@ -203,7 +212,7 @@ fn a_new_key_after_a_reboot_is_guarded_then_published_then_applied() {
     );
     // The device has the new key already (the published one is stale).
     assert_eq!(
-        k.devices["wireguard.cali"].public_key,
+        k.devices["wireguard.cali"].public_key(),
         Some(private(21).public_key())
     );
     assert_eq!(d.publications.len(), 1);
@@ -235,7 +244,7 @@ fn a_fault_at_every_step_of_the_first_reconcile_is_repaired() {
     for k in 0..plan_len {
         let mesh = MeshConfig::default();
         let dataplane = NetlinkDataplane::new(
-            FailingDataplane::new(FakeKernel::new(), k),
+            FailingDataplane::new(fake_linux(), k),
             &mesh,
             KeyRing::single(private(1)),
         );
@@ -284,7 +293,7 @@ fn peer_counters_come_from_the_devices_into_the_metrics() {
     ));
     d.run_for(200 * MS);
     let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    let k = d.agent.dataplane_mut().reconciler_mut().dataplane_mut();
+    let k = kernel(&mut d);
     // b has had a handshake and traffic; c none yet; a peer that is not in the kernel (a
     // stale entry) reports nothing.
     k.set_peer_stats(PeerStats::new(

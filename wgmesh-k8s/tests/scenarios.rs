@@ -22,13 +22,16 @@ use wgmesh_k8s::view::ControlPlaneEndpoints;
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
 
-fn sorted(mut v: Vec<String>) -> Vec<String> {
-    v.sort();
-    v
+/// The key of test node `n`, as operations show it.
+fn key(n: u8) -> String {
+    public(n).to_string()
 }
 
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+/// The IPv4 key a node of the cluster the agent sees publishes.
+fn node_key(d: &Driver, node: &str) -> String {
+    let cluster = d.agent.view().cluster().unwrap();
+    let wg = cluster.node(node).unwrap().wireguard.as_ref().unwrap();
+    wg.key(Family::V4).unwrap().to_string()
 }
 
 /// The plan the node must end with: the full planner's, over the cluster the API server has.
@@ -73,21 +76,22 @@ fn initial_sync_applies_the_full_plan_once() {
     let calls = d.agent.dataplane().calls().to_vec();
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert!(matches!(calls[0], Call::Reconcile(_)));
-    let key = |n: u8| public(n).to_base64();
-    let _ = key;
+    let (b, c) = (key(2), key(3));
+    // wgmesh-netlink's operations, in its execution order.
     assert_eq!(
-        sorted(d.take_ops()),
-        sorted(strs(&[
-            "link add wireguard.cali 51820/0x100000/1440",
-            "peer add wireguard.cali b endpoint 10.0.0.2:51820 allowed 10.65.0.64/26",
-            "peer add wireguard.cali c endpoint 10.0.0.3:51820 allowed 10.65.0.128/26",
-            "route add throw 10.65.0.0/26 table 1",
-            "route add 10.65.0.64/26 dev wireguard.cali table 1 scope link",
-            "route add 10.65.0.128/26 dev wireguard.cali table 1 scope link",
-            "rule add ipv4 99: not from all fwmark 0x100000/0x100000 lookup 1",
-            "sysctl net.ipv4.conf.all.src_valid_mark=1",
-            "marking set output=true plain_tcp=[]",
-        ]))
+        d.take_ops(),
+        [
+            "create link wireguard.cali type wireguard mtu 1440 up".to_owned(),
+            "set device wireguard.cali private-key (ipv4 key, hidden) listen-port 51820 fwmark 0x100000".to_owned(),
+            format!("set peer {b} on wireguard.cali endpoint 10.0.0.2:51820 persistent-keepalive 0 add allowed-ips 10.65.0.64/26"),
+            format!("set peer {c} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0 add allowed-ips 10.65.0.128/26"),
+            "replace route throw 10.65.0.0/26 table 1".to_owned(),
+            "replace route 10.65.0.64/26 dev wireguard.cali table 1 scope link".to_owned(),
+            "replace route 10.65.0.128/26 dev wireguard.cali table 1 scope link".to_owned(),
+            "sysctl net.ipv4.conf.all.src_valid_mark=1".to_owned(),
+            "replace nftables table inet wgmesh (2 chains, 5 rules), table arp wgmesh (1 chains, 4 rules)".to_owned(),
+            "add rule 99:\tnot from all fwmark 0x100000/0x100000 lookup 1".to_owned(),
+        ]
     );
     assert_converged(&d);
     // Published key matches: nothing to publish, not guarded, ready.
@@ -139,12 +143,18 @@ fn a_node_joins_then_leaves() {
     d.run_for(60 * MS);
     assert_eq!(d.agent.dataplane().calls().len(), 1);
     assert!(matches!(d.agent.dataplane().calls()[0], Call::Delta(_)));
+    let k = key(4);
     assert_eq!(
         d.take_ops(),
-        strs(&[
-            "peer add wireguard.cali d endpoint 10.0.0.4:51820 allowed 10.65.0.192/26",
-            "route add 10.65.0.192/26 dev wireguard.cali table 1 scope link",
-        ])
+        [
+            format!(
+                "set peer {k} on wireguard.cali endpoint 10.0.0.4:51820 persistent-keepalive 0 add allowed-ips 10.65.0.192/26"
+            ),
+            format!(
+                "start handshake with peer {k} on wireguard.cali (persistent-keepalive 25, then off)"
+            ),
+            "replace route 10.65.0.192/26 dev wireguard.cali table 1 scope link".to_owned(),
+        ]
     );
     assert_converged(&d);
 
@@ -152,10 +162,10 @@ fn a_node_joins_then_leaves() {
     d.run_for(200 * MS);
     assert_eq!(
         d.take_ops(),
-        strs(&[
-            "route del 10.65.0.192/26 dev wireguard.cali table 1 scope link",
-            "peer del wireguard.cali d",
-        ])
+        [
+            "delete route 10.65.0.192/26 dev wireguard.cali table 1 metric 0".to_owned(),
+            format!("remove peer {k} from wireguard.cali"),
+        ]
     );
     assert_converged(&d);
 }
@@ -178,12 +188,18 @@ fn a_peer_rotates_its_key() {
     };
     assert_eq!(delta.peers_removed[0].public_key, public(2));
     assert_eq!(delta.peers_added[0].peer.public_key, public(22));
+    let (old, new) = (key(2), key(22));
     assert_eq!(
         d.take_ops(),
-        strs(&[
-            "peer del wireguard.cali b",
-            "peer add wireguard.cali b endpoint 10.0.0.2:51820 allowed 10.65.0.64/26",
-        ]),
+        [
+            format!("remove peer {old} from wireguard.cali"),
+            format!(
+                "set peer {new} on wireguard.cali endpoint 10.0.0.2:51820 persistent-keepalive 0 add allowed-ips 10.65.0.64/26"
+            ),
+            format!(
+                "start handshake with peer {new} on wireguard.cali (persistent-keepalive 25, then off)"
+            ),
+        ],
         "remove the old key, add the new one; routes stay"
     );
     assert_converged(&d);
@@ -224,12 +240,11 @@ fn a_tampered_peer_annotation_makes_it_plain_until_restored() {
     d.run_for(200 * MS);
     assert_eq!(
         d.take_ops(),
-        strs(&[
-            "route del 10.65.0.64/26 dev wireguard.cali table 1 scope link",
-            "peer del wireguard.cali b",
-            "route add throw 10.65.0.64/26 table 1",
-        ]),
-        "b is plain: its block is thrown to the main table"
+        [
+            format!("remove peer {} from wireguard.cali", key(2)),
+            "replace route throw 10.65.0.64/26 table 1".to_owned(),
+        ],
+        "b is plain: its block is thrown to the main table (the route replaced in place)"
     );
     let metrics = d.agent.metrics().render();
     assert!(metrics.contains("wgmesh_warnings_total 1\n"), "{metrics}");
@@ -245,13 +260,19 @@ fn a_tampered_peer_annotation_makes_it_plain_until_restored() {
 
     d.node(b);
     d.run_for(200 * MS);
+    let k = key(2);
     assert_eq!(
         d.take_ops(),
-        strs(&[
-            "route del throw 10.65.0.64/26 table 1",
-            "peer add wireguard.cali b endpoint 10.0.0.2:51820 allowed 10.65.0.64/26",
-            "route add 10.65.0.64/26 dev wireguard.cali table 1 scope link",
-        ])
+        [
+            format!(
+                "set peer {k} on wireguard.cali endpoint 10.0.0.2:51820 persistent-keepalive 0 add allowed-ips 10.65.0.64/26"
+            ),
+            format!(
+                "start handshake with peer {k} on wireguard.cali (persistent-keepalive 25, then off)"
+            ),
+            "replace route 10.65.0.64/26 dev wireguard.cali table 1 scope link".to_owned(),
+        ],
+        "the throw route is replaced in place"
     );
     assert_converged(&d);
 }
@@ -299,8 +320,10 @@ fn a_block_moves_between_nodes() {
     d.run_for(200 * MS);
     let ops = d.take_ops();
     assert!(
-        ops.iter()
-            .any(|o| o.starts_with("peer set wireguard.cali c +[10.65.0.64/26]")),
+        ops.contains(&format!(
+            "set peer {} on wireguard.cali add allowed-ips 10.65.0.64/26",
+            key(3)
+        )),
         "{ops:?}"
     );
     assert_converged(&d);
@@ -402,10 +425,13 @@ fn pods_churn_in_debounced_batches() {
     d.run_for(200 * MS);
     assert_eq!(
         d.take_ops(),
-        strs(&[
-            "route del 10.240.0.41/32 dev wireguard.cali table 1 scope link",
-            "peer set wireguard.cali aks-nodepool1-19852467-vmss000001 +[] -[10.240.0.41/32]",
-        ])
+        [
+            "delete route 10.240.0.41/32 dev wireguard.cali table 1 metric 0".to_owned(),
+            format!(
+                "remove allowed-ips 10.240.0.41/32 from peer {} on wireguard.cali",
+                node_key(&d, N1)
+            ),
+        ]
     );
     // The finished pod is deleted later: nothing more.
     d.delete_pod(pod("default", "web-1", N1, &["10.240.0.41"], "Succeeded"));
@@ -432,10 +458,7 @@ fn pods_churn_in_debounced_batches() {
         "Running",
     ));
     d.run_for(200 * MS);
-    assert_eq!(
-        d.take_ops(),
-        strs(&["route add throw 10.240.0.8/32 table 1"])
-    );
+    assert_eq!(d.take_ops(), ["replace route throw 10.240.0.8/32 table 1"]);
     assert_converged(&d);
 }
 
@@ -508,11 +531,19 @@ fn control_plane_nodes_become_plain_tcp_endpoints() {
             "10.240.0.200:6443".parse().unwrap()
         ]
     );
-    assert!(
-        d.take_ops().contains(
-            &"marking set output=false plain_tcp=[10.0.0.1:443,10.240.0.200:6443]".into()
-        )
-    );
+    // The marking, compiled to nftables: the output chain marks the two endpoints' TCP in
+    // both directions.
+    let ops = d.agent.dataplane().ops().to_vec();
+    let tables = ops
+        .iter()
+        .find_map(|o| match o {
+            wgmesh_netlink::Operation::SetMarking { tables } => Some(tables.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{ops:#?}"));
+    assert_eq!(tables, wgmesh_netlink::marking::compile(&marking));
+    assert_eq!(tables[0].chains[1].name, "output");
+    assert_eq!(tables[0].chains[1].rules.len(), 4);
     assert_converged(&d);
 }
 
@@ -531,6 +562,7 @@ fn a_relist_after_an_outage_catches_up() {
     );
     d.agent
         .on_watch_error(wgmesh_k8s::agent::Resource::Pods, "410 Gone", d.now);
+    let n2 = node_key(&d, N2);
     // While the watches were down, node 2 was deleted and a pod started on node 1.
     let mut nodes: Vec<_> = d.nodes.values().cloned().collect();
     nodes.retain(|n| n.metadata.name.as_deref() != Some(N2));
@@ -552,10 +584,12 @@ fn a_relist_after_an_outage_catches_up() {
     d.run_for(200 * MS);
     let ops = d.take_ops();
     assert!(
-        ops.contains(&"peer del wireguard.cali aks-nodepool1-19852467-vmss000002".to_string()),
+        ops.contains(&format!("remove peer {n2} from wireguard.cali")),
         "{ops:?}"
     );
-    assert!(ops.contains(&"route add 10.240.0.50/32 dev wireguard.cali table 1 scope link".into()));
+    assert!(
+        ops.contains(&"replace route 10.240.0.50/32 dev wireguard.cali table 1 scope link".into())
+    );
     assert_converged(&d);
     let metrics = d.agent.metrics().render();
     assert!(metrics.contains("wgmesh_errors_total{source=\"watch_nodes\"} 1\n"));
@@ -613,9 +647,16 @@ fn the_resync_timer_repairs_drift_every_90_seconds() {
     assert!(d.take_calls().is_empty());
     d.run_for(2 * S);
     let ops = d.take_ops();
-    assert_eq!(ops.len(), 3, "{ops:?}");
-    assert!(ops.iter().filter(|o| o.starts_with("route add")).count() == 2);
-    assert!(ops.iter().any(|o| o.starts_with("peer add")));
+    // The peer (and its handshake started) and the two routes.
+    assert_eq!(ops.len(), 4, "{ops:?}");
+    assert!(
+        ops.iter()
+            .filter(|o| o.starts_with("replace route"))
+            .count()
+            == 2
+    );
+    assert!(ops.iter().any(|o| o.starts_with("set peer")));
+    assert!(ops.iter().any(|o| o.starts_with("start handshake")));
     assert_converged(&d);
     // And again 90 s later (nothing to repair then).
     d.run_for(90 * S);
@@ -796,11 +837,14 @@ fn disabling_wireguard_clears_the_keys_and_removes_everything() {
     assert!(d2.agent.dataplane().node().is_empty());
     let ops = d2.take_ops();
     assert!(
-        ops.contains(&"link del wireguard.cali".to_string()),
+        ops.contains(&"delete link wireguard.cali".to_string()),
         "{ops:?}"
     );
-    assert!(ops.contains(&"marking del".to_string()));
-    assert!(ops.iter().any(|o| o.starts_with("rule del")));
+    assert!(ops.contains(&"delete nftables tables wgmesh".to_string()));
+    assert!(
+        ops.iter()
+            .any(|o| o.starts_with("delete rule ipv4 pref 99"))
+    );
     assert_eq!(d2.publications.len(), 1);
     let p = &d2.publications[0].1;
     assert!(p.apply.is_empty());

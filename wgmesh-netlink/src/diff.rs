@@ -1,16 +1,9 @@
 //! The pure heart of the crate: what to do to make the actual state match a plan.
 //!
-//! [`diff`] compares a [`NodePlan`] with an [`ActualState`] and returns the operations, in
-//! the order they must run; [`delta_operations`] turns a [`PlanDelta`] into operations
-//! without reading anything (the incremental path). Neither does IO.
-//!
-//! Order: rules that point at the mesh table go first when they must go (so traffic stops
-//! entering the table before it changes) and come last when they are added (so traffic enters
-//! only a complete table, as Calico does); routes are deleted before links, links are made
-//! before devices are configured, peers are removed before they are added (a key change is
-//! remove-old then add-new), allowed IPs are added before others are removed (an allowed IP
-//! that moves between peers is simply added to its new peer: WireGuard moves it, with no gap),
-//! routes are replaced in place (`NLM_F_REPLACE`), and the marking exists before the rule.
+//! [`diff`] compares a [`NodePlan`] with an [`ActualState`] and returns a [`ChangeSet`];
+//! [`delta_operations`] turns a [`PlanDelta`] into one without reading anything (the
+//! incremental path). Neither does IO, and neither orders anything: the change set runs its
+//! operations in the order of [`Phase`](crate::Phase), stated once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -21,8 +14,8 @@ use wgmesh_core::{
     delta::MarkingDelta,
 };
 
-use crate::nft;
-use crate::op::Operation;
+use crate::marking;
+use crate::op::{ChangeSet, Operation};
 use crate::state::{
     ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind, Ownership, RawRule,
 };
@@ -83,7 +76,7 @@ fn rule_matches(a: &ActualRule, r: &Rule) -> bool {
 /// modelled fields; unset priority, mark, mask, action or table are wildcards, and flags
 /// (`not`) are not compared. Selectors are compared by the whole dump (a close
 /// approximation: two rules with the same selectors and different dumps are taken for
-/// different). Used by the diff and by [`crate::testing::FakeKernel`].
+/// different). Used by the diff.
 pub(crate) fn delete_would_take(request: &ActualRule, rule: &ActualRule) -> bool {
     let set = |v: Option<u32>| v.filter(|v| *v != 0);
     request.family == rule.family
@@ -94,7 +87,7 @@ pub(crate) fn delete_would_take(request: &ActualRule, rule: &ActualRule) -> bool
         && set(request.firewall_mask).is_none_or(|m| rule.firewall_mask == Some(m))
         && (request.raw.is_empty()
             || !request.other_selectors
-            || (rule.other_selectors && rule.raw.as_bytes() == request.raw.as_bytes()))
+            || (rule.other_selectors && rule.raw == request.raw))
 }
 
 fn route_matches(a: &ActualRoute, r: &Route) -> bool {
@@ -129,7 +122,7 @@ fn same_endpoint(a: Option<SocketAddr>, b: SocketAddr) -> bool {
 ///    "wireguard":{"public_key":"/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
 /// let plan = plan_node(&cluster, "a")?;
 /// let own = Ownership::from_mesh(cluster.mesh());
-/// let ops = diff(&plan, &ActualState::default(), &own, &DiffOptions::default());
+/// let ops = diff(&plan, &ActualState::default(), &own, &DiffOptions::default()).into_operations();
 /// assert!(matches!(ops[0], Operation::CreateLink { .. }));
 /// assert!(matches!(ops.last(), Some(Operation::AddRule { .. })));
 /// // Nothing to remove from an empty host when the plan is empty:
@@ -142,7 +135,8 @@ pub fn diff(
     actual: &ActualState,
     own: &Ownership,
     opts: &DiffOptions,
-) -> Vec<Operation> {
+) -> ChangeSet {
+    let mut ops = ChangeSet::new();
     let planned: BTreeMap<&str, &InterfacePlan> = plan
         .interfaces
         .iter()
@@ -152,7 +146,6 @@ pub fn diff(
     names.extend(planned.keys().copied());
 
     // Links that go away (not planned, or of the wrong kind / not a working device).
-    let mut link_deletes = Vec::new();
     let mut gone: HashSet<&str> = HashSet::new();
     for name in &names {
         let Some(link) = actual.links.get(*name) else {
@@ -161,7 +154,7 @@ pub fn diff(
         let wrong = link.kind.as_deref() != Some(opts.link_kind.as_str())
             || !actual.devices.contains_key(*name);
         if !planned.contains_key(name) || wrong {
-            link_deletes.push(Operation::DeleteLink {
+            ops.push(Operation::DeleteLink {
                 interface: (*name).to_owned(),
             });
             gone.insert(name);
@@ -205,24 +198,19 @@ pub fn diff(
             }
         }
     }
-    let mut rule_deletes = Vec::new();
     for (i, a) in actual.rules.iter().enumerate() {
         match kept_as[i] {
-            Some(r) if refresh[i] => rule_deletes.insert(
-                0,
-                Operation::DuplicateRule {
-                    rule: plan.rules[r].clone(),
-                },
-            ),
+            Some(r) if refresh[i] => ops.push(Operation::DuplicateRule {
+                rule: plan.rules[r].clone(),
+            }),
             Some(_) => continue,
             None => {}
         }
-        rule_deletes.push(Operation::DeleteRule { rule: a.clone() });
+        ops.push(Operation::DeleteRule { rule: a.clone() });
     }
-    let mut rule_adds = Vec::new();
     for (r, m) in plan.rules.iter().zip(&matched) {
         if !m {
-            rule_adds.push(Operation::AddRule { rule: r.clone() });
+            ops.push(Operation::AddRule { rule: r.clone() });
         }
     }
 
@@ -233,7 +221,6 @@ pub fn diff(
         .map(|r| ((r.family, r.destination), r))
         .collect();
     let mut kept: HashSet<(Family, IpNet)> = HashSet::new();
-    let mut route_deletes = Vec::new();
     for a in &actual.routes {
         if a.oif.is_some_and(|i| gone_index.contains(&i)) {
             continue; // the kernel removes it with its link
@@ -246,22 +233,17 @@ pub fn diff(
             // Same key as the wanted route: replaced in place by AddRoute, no gap.
             Some(r) if a.metric == route_metric(r.family) && a.tos == 0 && !kept.contains(&key) => {
             }
-            _ => route_deletes.push(Operation::DeleteRoute { route: a.clone() }),
+            _ => ops.push(Operation::DeleteRoute { route: a.clone() }),
         }
     }
-    let route_adds: Vec<Operation> = plan
-        .routes
-        .iter()
-        .filter(|r| !kept.contains(&(r.family, r.destination)))
-        .map(|r| Operation::AddRoute { route: r.clone() })
-        .collect();
+    ops.extend(
+        plan.routes
+            .iter()
+            .filter(|r| !kept.contains(&(r.family, r.destination)))
+            .map(|r| Operation::AddRoute { route: r.clone() }),
+    );
 
     // Links, devices and peers of planned interfaces.
-    let mut link_ops = Vec::new();
-    let mut device_ops = Vec::new();
-    let mut peer_removes = Vec::new();
-    let mut peer_sets = Vec::new();
-    let mut ip_removes = Vec::new();
     for (name, p) in &planned {
         let key = opts.public_keys[p.family.index()];
         let existing = actual
@@ -270,19 +252,19 @@ pub fn diff(
             .filter(|_| !gone.contains(name))
             .zip(actual.devices.get(*name));
         let Some((link, dev)) = existing else {
-            link_ops.push(Operation::CreateLink {
+            ops.push(Operation::CreateLink {
                 interface: (*name).to_owned(),
                 kind: opts.link_kind,
                 mtu: p.mtu,
             });
-            device_ops.push(Operation::ConfigureDevice {
+            ops.push(Operation::ConfigureDevice {
                 interface: (*name).to_owned(),
                 set_private_key: key.map(|_| p.family),
                 listen_port: Some(p.listen_port),
                 firewall_mark: Some(p.firewall_mark),
             });
             for peer in &p.peers {
-                peer_sets.push(Operation::SetPeer {
+                ops.push(Operation::SetPeer {
                     interface: (*name).to_owned(),
                     public_key: peer.public_key,
                     endpoint: Some(peer.endpoint),
@@ -293,13 +275,13 @@ pub fn diff(
             continue;
         };
         if link.mtu != p.mtu {
-            link_ops.push(Operation::SetMtu {
+            ops.push(Operation::SetMtu {
                 interface: (*name).to_owned(),
                 mtu: p.mtu,
             });
         }
         if !link.up {
-            link_ops.push(Operation::SetUp {
+            ops.push(Operation::SetUp {
                 interface: (*name).to_owned(),
             });
         }
@@ -307,7 +289,7 @@ pub fn diff(
         let port = (dev.listen_port != p.listen_port).then_some(p.listen_port);
         let mark = (dev.firewall_mark != p.firewall_mark).then_some(p.firewall_mark);
         if set_key.is_some() || port.is_some() || mark.is_some() {
-            device_ops.push(Operation::ConfigureDevice {
+            ops.push(Operation::ConfigureDevice {
                 interface: (*name).to_owned(),
                 set_private_key: set_key,
                 listen_port: port,
@@ -318,7 +300,7 @@ pub fn diff(
             p.peers.iter().map(|q| (q.public_key, q)).collect();
         for k in dev.peers.keys() {
             if !wanted.contains_key(k) {
-                peer_removes.push(Operation::RemovePeer {
+                ops.push(Operation::RemovePeer {
                     interface: (*name).to_owned(),
                     public_key: *k,
                 });
@@ -332,7 +314,7 @@ pub fn diff(
             match dev.peers.get(k) {
                 None => {
                     gained.extend(q.allowed_ips.iter().copied());
-                    peer_sets.push(Operation::SetPeer {
+                    ops.push(Operation::SetPeer {
                         interface: (*name).to_owned(),
                         public_key: *k,
                         endpoint: Some(q.endpoint),
@@ -358,7 +340,7 @@ pub fn diff(
                     let ka = (a.persistent_keepalive != keepalive).then_some(keepalive);
                     gained.extend(add.iter().copied());
                     if !add.is_empty() || endpoint.is_some() || ka.is_some() {
-                        peer_sets.push(Operation::SetPeer {
+                        ops.push(Operation::SetPeer {
                             interface: (*name).to_owned(),
                             public_key: *k,
                             endpoint,
@@ -378,7 +360,7 @@ pub fn diff(
                 .filter(|ip| !gained.contains(ip))
                 .collect();
             if !remove.is_empty() {
-                ip_removes.push(Operation::RemoveAllowedIps {
+                ops.push(Operation::RemoveAllowedIps {
                     interface: (*name).to_owned(),
                     public_key: k,
                     allowed_ips: remove,
@@ -388,41 +370,24 @@ pub fn diff(
     }
 
     // Sysctls and marking.
-    let sysctls: Vec<Operation> = plan
-        .sysctls
-        .iter()
-        .filter(|s| actual.sysctls.get(&s.key).map(|v| v.trim()) != Some(s.value.trim()))
-        .map(|s| Operation::SetSysctl {
-            key: s.key.clone(),
-            value: s.value.clone(),
-        })
-        .collect();
-    let wanted_marking = plan.marking.as_ref().map(nft::compile);
-    let mut marking_set = Vec::new();
-    let mut marking_delete = Vec::new();
+    ops.extend(
+        plan.sysctls
+            .iter()
+            .filter(|s| actual.sysctls.get(&s.key).map(|v| v.trim()) != Some(s.value.trim()))
+            .map(|s| Operation::SetSysctl {
+                key: s.key.clone(),
+                value: s.value.clone(),
+            }),
+    );
+    let wanted_marking = plan.marking.as_ref().map(marking::compile);
     match &wanted_marking {
-        Some(w) if *w != actual.marking => {
-            marking_set.push(Operation::SetMarking { tables: w.clone() })
-        }
-        None if !actual.marking.is_empty() => marking_delete.push(Operation::DeleteMarking {
+        Some(w) if *w != actual.marking => ops.push(Operation::SetMarking { tables: w.clone() }),
+        None if !actual.marking.is_empty() => ops.push(Operation::DeleteMarking {
             table: own.nft_table.clone(),
         }),
         _ => {}
     }
 
-    let mut ops = rule_deletes;
-    ops.extend(route_deletes);
-    ops.extend(link_deletes);
-    ops.extend(link_ops);
-    ops.extend(device_ops);
-    ops.extend(peer_removes);
-    ops.extend(peer_sets);
-    ops.extend(ip_removes);
-    ops.extend(route_adds);
-    ops.extend(sysctls);
-    ops.extend(marking_set);
-    ops.extend(rule_adds);
-    ops.extend(marking_delete);
     ops
 }
 
@@ -479,14 +444,14 @@ pub(crate) fn actual_route(r: &Route) -> ActualRoute {
 /// let mut planner = IncrementalPlanner::new(&cluster, "a");
 /// let old = planner.plan();
 /// let delta = planner.apply(Event::WorkloadIpAdded { node: "b".into(), ip: "10.0.0.20".parse()? })?;
-/// let ops = delta_operations(&old, &delta, &DiffOptions::default());
+/// let ops = delta_operations(&old, &delta, &DiffOptions::default()).into_operations();
 /// assert_eq!(ops.len(), 2);
 /// assert!(matches!(ops[0], Operation::SetPeer { .. }));
 /// assert!(matches!(ops[1], Operation::AddRoute { .. }));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Vec<Operation> {
-    let mut ops = Vec::new();
+pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> ChangeSet {
+    let mut ops = ChangeSet::new();
     for r in &d.rules_removed {
         ops.push(Operation::DeleteRule {
             rule: actual_rule(r),
@@ -515,14 +480,13 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
             interface: i.name.clone(),
         });
     }
-    let mut devices = Vec::new();
     for i in &d.interfaces_added {
         ops.push(Operation::CreateLink {
             interface: i.name.clone(),
             kind: opts.link_kind,
             mtu: i.mtu,
         });
-        devices.push(Operation::ConfigureDevice {
+        ops.push(Operation::ConfigureDevice {
             interface: i.name.clone(),
             set_private_key: opts.public_keys[i.family.index()].map(|_| i.family),
             listen_port: Some(i.listen_port),
@@ -544,7 +508,7 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
             .is_none_or(|b| b.firewall_mark != i.firewall_mark)
             .then_some(i.firewall_mark);
         if port.is_some() || mark.is_some() {
-            devices.push(Operation::ConfigureDevice {
+            ops.push(Operation::ConfigureDevice {
                 interface: i.name.clone(),
                 set_private_key: None,
                 listen_port: port,
@@ -552,7 +516,6 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
             });
         }
     }
-    ops.extend(devices);
     for p in &d.peers_removed {
         ops.push(Operation::RemovePeer {
             interface: p.interface.clone(),
@@ -638,7 +601,7 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ve
     }
     if let MarkingDelta::Set(m) = &d.marking {
         ops.push(Operation::SetMarking {
-            tables: nft::compile(m),
+            tables: marking::compile(m),
         });
     }
     for r in &d.rules_added {

@@ -1,29 +1,38 @@
-//! The crate's one error type: what went wrong, the errno when the kernel or the userspace
-//! daemon refused, and what was being done.
+//! The crate's errors: [`Error`] says what went wrong, the errno when the kernel or the
+//! userspace daemon refused (with the kernel's own explanation when it gave one), and what was
+//! being done; [`DecodeError`] says what in an answer could not be understood.
 
 use std::fmt;
 use std::path::PathBuf;
 
+use wgmesh_core::Family;
+
 /// Why an operation on the dataplane failed.
 ///
-/// Every variant says what was being done (`doing`), so a log line is enough to act on:
+/// Every variant says what was being done (`doing`), so a log line is enough to act on. The
+/// kernel's extended acknowledgement (`NLMSGERR_ATTR_MSG`), when it sends one, is part of the
+/// message:
 ///
 /// ```
 /// use wgmesh_netlink::Error;
 /// let e = Error::kernel("add route 10.0.0.0/24 table 1", 17);
 /// assert_eq!(e.errno(), Some(17));
-/// assert!(e.to_string().starts_with("add route 10.0.0.0/24 table 1: "));
+/// assert!(e.to_string().starts_with("add route 10.0.0.0/24 table 1: errno 17 EEXIST"));
+/// let e = Error::kernel("create link wg0", 95).with_kernel_message("Unknown device type");
+/// assert!(e.to_string().ends_with("; the kernel says: Unknown device type"));
 /// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The kernel answered a netlink request with an error.
-    #[error("{doing}: {}", describe_errno(*errno))]
+    #[error("{doing}: {}{}", describe_errno(*errno), kernel_says(message.as_deref()))]
     Kernel {
         /// What was being done.
         doing: String,
         /// The positive errno the kernel returned.
         errno: i32,
+        /// The kernel's explanation (`NLMSGERR_ATTR_MSG` of its extended acknowledgement).
+        message: Option<String>,
     },
     /// A userspace WireGuard implementation answered `errno=N`.
     #[error("{doing}: userspace WireGuard answered errno={errno} ({})", describe_errno(*errno))]
@@ -43,12 +52,13 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The kernel or daemon sent something this crate could not understand.
-    #[error("{doing}: malformed reply: {detail}")]
+    #[error("{doing}: malformed answer: {source}")]
     Decode {
         /// What was being done.
         doing: String,
         /// What was wrong with it.
-        detail: String,
+        #[source]
+        source: DecodeError,
     },
     /// The private key file is unusable (wrong mode, wrong content, not a file).
     #[error("private key {}: {problem}", path.display())]
@@ -64,9 +74,33 @@ pub enum Error {
         /// What was being done.
         doing: String,
     },
-    /// The plan or the request cannot be applied as given.
-    #[error("{0}")]
-    Invalid(String),
+    /// An operation sets a family's private key and the key ring has none for it.
+    #[error("no {family} private key in the key ring")]
+    MissingKey {
+        /// The family.
+        family: Family,
+    },
+    /// A sysctl key that is not a dotted path of `[A-Za-z0-9_-]` components.
+    #[error("invalid sysctl key {key:?}")]
+    InvalidSysctlKey {
+        /// The key.
+        key: String,
+    },
+    /// A route names an output device whose interface index is not known.
+    #[error("route via {interface}: no such interface")]
+    UnknownInterface {
+        /// The interface name.
+        interface: String,
+    },
+    /// `LinuxConfig::max_message` cannot hold one peer and one allowed IP.
+    #[error("a WireGuard message of {max_message} bytes cannot hold one peer")]
+    MessageTooSmall {
+        /// The configured size.
+        max_message: usize,
+    },
+    /// `Reconciler::apply_delta` before any full plan was applied.
+    #[error("apply_delta needs a base plan: reconcile a full plan first")]
+    NoBasePlan,
     /// An operation failed in the middle of a run; the operations before it were applied.
     #[error("operation {index} of {total} ({operation}) failed: {source}")]
     Operation {
@@ -80,7 +114,7 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
-    /// A fault injected by [`testing::FailingDataplane`](crate::testing::FailingDataplane).
+    /// A fault injected by `testing::FailingDataplane`.
     #[error("{doing}: injected fault")]
     Injected {
         /// What was being done.
@@ -94,7 +128,16 @@ impl Error {
         Self::Kernel {
             doing: doing.into(),
             errno: errno.abs(),
+            message: None,
         }
+    }
+
+    /// The same error with the kernel's explanation attached (a no-op for other variants).
+    pub fn with_kernel_message(mut self, text: impl Into<String>) -> Self {
+        if let Self::Kernel { message, .. } = &mut self {
+            *message = Some(text.into());
+        }
+        self
     }
 
     pub(crate) fn io(doing: impl Into<String>, source: std::io::Error) -> Self {
@@ -104,10 +147,10 @@ impl Error {
         }
     }
 
-    pub(crate) fn decode(doing: impl Into<String>, detail: impl fmt::Display) -> Self {
+    pub(crate) fn decode(doing: impl Into<String>, source: DecodeError) -> Self {
         Self::Decode {
             doing: doing.into(),
-            detail: detail.to_string(),
+            source,
         }
     }
 
@@ -117,6 +160,22 @@ impl Error {
             Self::Kernel { errno, .. } | Self::Userspace { errno, .. } => Some(*errno),
             Self::Io { source, .. } => source.raw_os_error(),
             Self::Operation { source, .. } => source.errno(),
+            Self::Decode { .. }
+            | Self::KeyFile { .. }
+            | Self::NoKernelWireGuard { .. }
+            | Self::MissingKey { .. }
+            | Self::InvalidSysctlKey { .. }
+            | Self::UnknownInterface { .. }
+            | Self::MessageTooSmall { .. }
+            | Self::NoBasePlan
+            | Self::Injected { .. } => None,
+        }
+    }
+
+    /// The kernel's own explanation of a refusal, when it gave one.
+    pub fn kernel_message(&self) -> Option<&str> {
+        match self.root() {
+            Self::Kernel { message, .. } => message.as_deref(),
             _ => None,
         }
     }
@@ -126,6 +185,78 @@ impl Error {
         match self {
             Self::Operation { source, .. } => source.root(),
             other => other,
+        }
+    }
+}
+
+/// What in a kernel or daemon answer could not be understood.
+///
+/// ```
+/// use wgmesh_netlink::DecodeError;
+/// let e = DecodeError::Truncated { what: "nlmsgerr", len: 2, need: 20 };
+/// assert_eq!(e.to_string(), "nlmsgerr: 2 bytes, at least 20 needed");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Shorter than its fixed part.
+    #[error("{what}: {len} bytes, at least {need} needed")]
+    Truncated {
+        /// The structure.
+        what: &'static str,
+        /// Bytes present.
+        len: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// A required attribute or field is absent.
+    #[error("{what} without {missing}")]
+    Missing {
+        /// The structure.
+        what: &'static str,
+        /// What it lacks.
+        missing: &'static str,
+    },
+    /// A field has a value this crate cannot represent.
+    #[error("{what}: {detail}")]
+    Invalid {
+        /// The structure or field.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A message the netlink-packet crates refused.
+    #[error("{what}: {source}")]
+    Message {
+        /// The message.
+        what: &'static str,
+        /// The crate's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A line of the userspace configuration protocol with a bad value.
+    #[error("bad {key} line")]
+    UapiLine {
+        /// The key of the line.
+        key: String,
+    },
+    /// A userspace reply that does not end with `errno=N`.
+    #[error("reply without errno")]
+    UapiNoErrno,
+}
+
+impl DecodeError {
+    pub(crate) fn message(what: &'static str, source: netlink_packet_core::DecodeError) -> Self {
+        Self::Message {
+            what,
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn invalid(what: &'static str, detail: impl fmt::Display) -> Self {
+        Self::Invalid {
+            what,
+            detail: detail.to_string(),
         }
     }
 }
@@ -144,6 +275,19 @@ pub const EINVAL: i32 = 22;
 pub const EOPNOTSUPP: i32 = 95;
 /// `EPERM`.
 pub const EPERM: i32 = 1;
+/// `EAFNOSUPPORT`.
+pub const EAFNOSUPPORT: i32 = 97;
+/// `EPROTONOSUPPORT`.
+pub const EPROTONOSUPPORT: i32 = 93;
+/// `ECHILD`.
+pub const ECHILD: i32 = 10;
+
+fn kernel_says(message: Option<&str>) -> String {
+    match message {
+        Some(m) if !m.is_empty() => format!("; the kernel says: {m}"),
+        _ => String::new(),
+    }
+}
 
 fn describe_errno(errno: i32) -> String {
     let name = match errno {

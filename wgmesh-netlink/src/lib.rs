@@ -7,21 +7,35 @@
 //! `wg` or `nft`.
 //!
 //! ```text
-//!  Ownership ──► Dataplane::read ──► ActualState ─┐
-//!  NodePlan ──────────────────────────────────────┴─► diff (pure) ─► [Operation] ─► Dataplane::execute
-//!  PlanDelta ─► delta_operations (pure) ──────────────────────────────────────────┘
+//!  Ownership ─► Dataplane::read ─► ActualState ─┐
+//!  NodePlan ────────────────────────────────────┴─► diff ───────────┐
+//!  (old NodePlan, PlanDelta) ─────────────────────► delta_operations ┴─► ChangeSet
+//!                                                                          │ phases, in Phase order
+//!   Capabilities (probed once) ─┐                                          ▼
+//!   KeyRing, throwaway key ─────┼────────────────────────────────────► lower (pure)
+//!   interface indexes ──────────┘                                          │ typed netlink messages
+//!                                                                          ▼
+//!                                                      executor: sequence numbers, pipelining,
+//!                                                      acks and extended-ack errors ─► KernelIo
+//!                                                      (Sockets on the host; testing::FakeKernel)
 //! ```
 //!
 //! | item | role |
 //! |---|---|
 //! | [`Reconciler`] | `reconcile(&plan)`, `apply_delta(&delta)`, `resync()`, `dry_run(&plan)`, `peer_stats()` |
 //! | [`Ownership`] | what wgmesh may touch, from the [`MeshConfig`](wgmesh_core::MeshConfig) |
-//! | [`diff()`], [`delta_operations`] | pure: state + plan (or delta) → operations |
-//! | [`Operation`] | serializable, secret-free operations |
-//! | [`Dataplane`] | the transport: [`Linux`], [`testing::FakeKernel`], [`testing::FailingDataplane`] |
-//! | [`Linux`] | the real host: kernel or userspace WireGuard ([`Backend`]) |
+//! | [`diff()`], [`delta_operations`] | pure: state + plan (or delta) → [`ChangeSet`] |
+//! | [`ChangeSet`], [`Phase`], [`Operation`] | typed, phased, serializable, secret-free changes; the order stated once |
+//! | [`Dataplane`] | where changes run: [`Linux`], or a wrapper (`testing::FailingDataplane`, `testing::Recording`) |
+//! | [`Linux`] | reads, lowers each phase to typed messages, sends and receives through a [`KernelIo`] |
+//! | [`KernelIo`] | the IO boundary: [`Sockets`] (the host), `testing::FakeKernel` (feature `testing`) |
+//! | [`marking`] | wgmesh's nftables tables as a typed model |
 //! | [`keys`] | key ring and the 0600 key file |
-//! | [`wire`], [`nft`], [`uapi`] | pure message builders and parsers (golden-byte tested) |
+//!
+//! Messages are the rust-netlink crates' types (`netlink-packet-route`, `-generic`,
+//! `-wireguard`, `-netfilter`, all on `netlink-packet-core` 0.9); only the extended-ack
+//! trailer of the kernel's answers has a small hand codec. Those modules are private: the
+//! public surface is operations, states and dataplanes.
 //!
 //! The synchronous core suits a controller loop; async callers run it in `spawn_blocking`.
 
@@ -33,26 +47,31 @@
 
 pub mod diff;
 pub mod error;
+mod exec;
+mod io;
 pub mod keys;
 mod linux;
-pub mod nft;
-mod nla;
+mod lower;
+pub mod marking;
 pub mod op;
 pub mod reconcile;
-mod socket;
 pub mod state;
+#[cfg(feature = "testing")]
 pub mod testing;
-pub mod uapi;
-pub mod wire;
+mod uapi;
+mod userspace;
+mod wire;
 
 pub use diff::{DiffOptions, delta_operations, diff, route_metric};
-pub use error::{Error, Result};
+pub use error::{DecodeError, Error, Result};
+pub use io::{KernelIo, Sockets};
 pub use keys::KeyRing;
-pub use linux::{Backend, Linux, LinuxConfig};
-pub use op::Operation;
+pub use linux::{Backend, Linux, LinuxConfig, ParseBackendError};
+pub use op::{ChangeSet, Operation, Phase};
 pub use reconcile::{Dataplane, Reconciler, Report};
 pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,
     LinkKind, Ownership, PeerStats, RawRule,
 };
 pub use wgmesh_core;
+pub use wire::Protocol;

@@ -1,6 +1,8 @@
-//! Operations: the smallest changes the executor knows how to make. [`crate::diff()`]
-//! produces them; a [`Dataplane`](crate::Dataplane) executes them. They serialize to JSON
-//! for reports and never carry a private key (only whether to set it).
+//! Operations, the smallest changes the executor knows how to make, and the [`ChangeSet`] that
+//! holds them in the one order they must run in ([`Phase`]). [`crate::diff()`] and
+//! [`crate::delta_operations`] produce change sets; a [`Dataplane`](crate::Dataplane)
+//! executes their operations. Operations serialize to JSON for reports and never carry a
+//! private key (only whether to set it).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,7 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use wgmesh_core::{Family, PublicKey, Route, Rule};
 
-use crate::nft::NftTable;
+use crate::marking::NftTable;
 use crate::state::{ActualRoute, ActualRule, LinkKind};
 
 /// The persistent keepalive (seconds) that [`Operation::StartHandshake`] switches on for an
@@ -167,8 +169,190 @@ impl Operation {
             | Self::SetPeer { interface, .. }
             | Self::StartHandshake { interface, .. }
             | Self::RemoveAllowedIps { interface, .. } => Some(interface),
-            _ => None,
+            Self::AddRoute { .. }
+            | Self::DeleteRoute { .. }
+            | Self::AddRule { .. }
+            | Self::DuplicateRule { .. }
+            | Self::DeleteRule { .. }
+            | Self::SetSysctl { .. }
+            | Self::SetMarking { .. }
+            | Self::DeleteMarking { .. } => None,
         }
+    }
+
+    /// The phase this operation belongs to: where it runs in a [`ChangeSet`].
+    pub fn phase(&self) -> Phase {
+        match self {
+            Self::DuplicateRule { .. } => Phase::RuleCopies,
+            Self::DeleteRule { .. } => Phase::RuleDeletes,
+            Self::DeleteRoute { .. } => Phase::RouteDeletes,
+            Self::DeleteLink { .. } => Phase::LinkDeletes,
+            Self::CreateLink { .. } | Self::SetMtu { .. } | Self::SetUp { .. } => Phase::Links,
+            Self::ConfigureDevice { .. } => Phase::Devices,
+            Self::RemovePeer { .. } => Phase::PeerRemovals,
+            Self::SetPeer { .. } | Self::StartHandshake { .. } => Phase::Peers,
+            Self::RemoveAllowedIps { .. } => Phase::AllowedIpRemovals,
+            Self::AddRoute { .. } => Phase::Routes,
+            Self::SetSysctl { .. } => Phase::Sysctls,
+            Self::SetMarking { .. } => Phase::Marking,
+            Self::AddRule { .. } => Phase::RuleAdds,
+            Self::DeleteMarking { .. } => Phase::MarkingDeletes,
+        }
+    }
+}
+
+/// The phases of a change, in the order they run. This order is stated here and nowhere
+/// else: [`ChangeSet`] sorts operations by it, whoever builds the set.
+///
+/// Rules that point at the mesh table go first when they must go (so traffic stops entering
+/// the table before it changes) and come last when they are added (so traffic enters only a
+/// complete table, as Calico does); routes are deleted before links; links are made before
+/// devices are configured; peers are removed before they are added (a key change is remove-old
+/// then add-new); allowed IPs are added before others are removed (an allowed IP that moves
+/// between peers is simply added to its new peer: WireGuard moves it, with no gap); routes
+/// are replaced in place; the marking exists before the rule that depends on it, and goes
+/// after it.
+///
+/// ```
+/// use wgmesh_netlink::Phase;
+/// assert!(Phase::RuleDeletes < Phase::Links && Phase::Links < Phase::Peers);
+/// assert_eq!(Phase::ALL.first(), Some(&Phase::RuleCopies));
+/// assert_eq!(Phase::ALL.last(), Some(&Phase::MarkingDeletes));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Phase {
+    /// Copies of kept rules, added before a stray rule whose delete request would take the
+    /// original ([`Operation::DuplicateRule`]).
+    RuleCopies,
+    /// Rules pointing at the mesh table that go.
+    RuleDeletes,
+    /// Routes of the mesh table that go.
+    RouteDeletes,
+    /// Links that go (wrong kind, or no longer planned).
+    LinkDeletes,
+    /// Links made or changed (MTU, up).
+    Links,
+    /// Device settings (key, port, fwmark).
+    Devices,
+    /// Peers that go.
+    PeerRemovals,
+    /// Peers added or changed, and handshakes started.
+    Peers,
+    /// Allowed IPs removed from kept peers.
+    AllowedIpRemovals,
+    /// Routes added or replaced.
+    Routes,
+    /// Sysctls written.
+    Sysctls,
+    /// The nftables marking replaced.
+    Marking,
+    /// Rules added.
+    RuleAdds,
+    /// The nftables marking removed.
+    MarkingDeletes,
+}
+
+impl Phase {
+    /// Every phase, in execution order.
+    pub const ALL: [Phase; 14] = [
+        Phase::RuleCopies,
+        Phase::RuleDeletes,
+        Phase::RouteDeletes,
+        Phase::LinkDeletes,
+        Phase::Links,
+        Phase::Devices,
+        Phase::PeerRemovals,
+        Phase::Peers,
+        Phase::AllowedIpRemovals,
+        Phase::Routes,
+        Phase::Sysctls,
+        Phase::Marking,
+        Phase::RuleAdds,
+        Phase::MarkingDeletes,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A typed, phased change: operations grouped by [`Phase`], in the order of
+/// [`Phase::ALL`] and, within a phase, in the order they were pushed (a handshake start
+/// follows the peer it kicks).
+///
+/// ```
+/// use wgmesh_netlink::{ChangeSet, Operation, Phase};
+/// let mut c = ChangeSet::new();
+/// c.push(Operation::SetUp { interface: "wg0".into() });
+/// c.push(Operation::DeleteLink { interface: "wg1".into() });
+/// assert_eq!(c.len(), 2);
+/// // Pushed second, runs first: deletes come before links are set up.
+/// assert_eq!(c.iter().next().map(Operation::phase), Some(Phase::LinkDeletes));
+/// assert_eq!(c.phase(Phase::Links).len(), 1);
+/// let ops: Vec<Operation> = c.into_operations();
+/// assert!(matches!(ops[0], Operation::DeleteLink { .. }));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    phases: [Vec<Operation>; 14],
+}
+
+impl ChangeSet {
+    /// An empty change.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an operation at the end of its phase.
+    pub fn push(&mut self, op: Operation) {
+        self.phases[op.phase().index()].push(op);
+    }
+
+    /// The operations of one phase, in push order.
+    pub fn phase(&self, phase: Phase) -> &[Operation] {
+        &self.phases[phase.index()]
+    }
+
+    /// How many operations there are.
+    pub fn len(&self) -> usize {
+        self.phases.iter().map(Vec::len).sum()
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.phases.iter().all(Vec::is_empty)
+    }
+
+    /// The operations in execution order.
+    pub fn iter(&self) -> impl Iterator<Item = &Operation> {
+        self.phases.iter().flatten()
+    }
+
+    /// The operations in execution order, as a list.
+    pub fn into_operations(self) -> Vec<Operation> {
+        let mut out = Vec::with_capacity(self.len());
+        for p in self.phases {
+            out.extend(p);
+        }
+        out
+    }
+}
+
+impl Extend<Operation> for ChangeSet {
+    fn extend<T: IntoIterator<Item = Operation>>(&mut self, iter: T) {
+        for op in iter {
+            self.push(op);
+        }
+    }
+}
+
+impl FromIterator<Operation> for ChangeSet {
+    fn from_iter<T: IntoIterator<Item = Operation>>(iter: T) -> Self {
+        let mut c = Self::new();
+        c.extend(iter);
+        c
     }
 }
 
@@ -294,7 +478,7 @@ impl fmt::Display for Operation {
                         f,
                         "{} table {} {} ({} chains, {} rules)",
                         if i > 0 { "," } else { "" },
-                        crate::nft::family_name(t.family),
+                        crate::marking::family_name(t.family),
                         t.name,
                         t.chains.len(),
                         t.chains.iter().map(|c| c.rules.len()).sum::<usize>()

@@ -11,9 +11,10 @@ use crate::keys::KeyRing;
 use crate::op::Operation;
 use crate::state::{ActualState, LinkKind, Ownership, PeerStats};
 
-/// Where operations are carried out: the real kernel ([`crate::Linux`]), an in-memory fake
-/// ([`crate::testing::FakeKernel`]), or a wrapper that injects faults
-/// ([`crate::testing::FailingDataplane`]).
+/// Where operations are carried out: [`crate::Linux`] over the host's kernel (or, with the
+/// `testing` feature, over the message-level fake kernel `testing::FakeKernel`), or a wrapper
+/// around another dataplane (`testing::FailingDataplane` injects faults,
+/// `testing::Recording` keeps what was executed).
 pub trait Dataplane {
     /// Reads the state of every object that `own` names (and the sysctls in `sysctls`).
     fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState>;
@@ -93,7 +94,7 @@ impl Report {
 /// Keeps a node's dataplane equal to its plan.
 ///
 /// ```
-/// use wgmesh_netlink::{Reconciler, Ownership, KeyRing, testing::FakeKernel};
+/// use wgmesh_netlink::{Linux, Reconciler, Ownership, KeyRing, testing::FakeKernel};
 /// use wgmesh_core::{plan_node, spec::parse_cluster, PrivateKey};
 /// let key = PrivateKey::from_base64("aLHd3L4af3PpZIWlPJgme7dpppYIulN7pMB7E0JCTHw=")?;
 /// let cluster = parse_cluster(r#"{"nodes":[
@@ -102,7 +103,8 @@ impl Report {
 ///   {"name":"b","addresses":["10.0.0.2"],"pod_cidrs":["10.65.0.64/26"],
 ///    "wireguard":{"public_key":"/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
 /// let plan = plan_node(&cluster, "a")?;
-/// let mut r = Reconciler::new(FakeKernel::new(), Ownership::from_mesh(cluster.mesh()), KeyRing::single(key));
+/// let kernel = Linux::with_kernel(FakeKernel::new(), Default::default())?;
+/// let mut r = Reconciler::new(kernel, Ownership::from_mesh(cluster.mesh()), KeyRing::single(key));
 /// assert!(!r.reconcile(&plan)?.is_noop());
 /// assert!(r.reconcile(&plan)?.is_noop()); // idempotent
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -178,7 +180,7 @@ impl<D: Dataplane> Reconciler<D> {
     pub fn plan_operations(&mut self, plan: &NodePlan) -> Result<Vec<Operation>> {
         let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
         let actual = self.dataplane.read(&self.ownership, &sysctls)?;
-        Ok(diff(plan, &actual, &self.ownership, &self.options()))
+        Ok(diff(plan, &actual, &self.ownership, &self.options()).into_operations())
     }
 
     /// Reports what a reconcile would do without doing it.
@@ -223,11 +225,9 @@ impl<D: Dataplane> Reconciler<D> {
         let start = Instant::now();
         let options = self.options();
         let Some(current) = self.current.as_mut() else {
-            return Err(Error::Invalid(
-                "apply_delta needs a base plan: reconcile a full plan first".into(),
-            ));
+            return Err(Error::NoBasePlan);
         };
-        let operations = delta_operations(current, delta, &options);
+        let operations = delta_operations(current, delta, &options).into_operations();
         let result = if operations.is_empty() {
             Ok(0)
         } else {

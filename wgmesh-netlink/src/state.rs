@@ -8,7 +8,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use wgmesh_core::{Family, MeshConfig, PublicKey, RouteType, plan::MARKING_TABLE};
 
-use crate::nft::NftTable;
+use netlink_packet_route::rule::RuleMessage;
+
+use crate::marking::NftTable;
 
 /// Everything wgmesh may touch on a host, derived from the mesh settings (not from a plan, so
 /// an empty plan still says what to remove).
@@ -224,7 +226,7 @@ pub struct ActualRoute {
 }
 
 /// A policy rule that points at the mesh table, as found.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActualRule {
     /// Family.
     pub family: Family,
@@ -244,56 +246,77 @@ pub struct ActualRule {
     /// wgmesh's rules never do.
     pub other_selectors: bool,
     /// The rule exactly as the kernel dumped it, which deleting it sends back (see
-    /// [`RawRule`]). Not serialized; ignored by comparisons.
+    /// [`RawRule`]). Not serialized.
     #[serde(skip)]
     pub raw: RawRule,
 }
 
-/// A policy rule's `RTM_NEWRULE` payload as dumped: its `fib_rule_hdr` and every attribute.
+impl ActualRule {
+    /// Whether the modelled fields (everything but [`ActualRule::raw`]) are equal: the same
+    /// rule read twice, or read and planned.
+    pub fn same_fields(&self, other: &ActualRule) -> bool {
+        (
+            self.family,
+            self.priority,
+            self.table,
+            self.firewall_mark,
+            self.firewall_mask,
+            self.invert,
+            self.action,
+            self.other_selectors,
+        ) == (
+            other.family,
+            other.priority,
+            other.table,
+            other.firewall_mark,
+            other.firewall_mask,
+            other.invert,
+            other.action,
+            other.other_selectors,
+        )
+    }
+}
+
+/// A policy rule's `RTM_NEWRULE` message as dumped: its `fib_rule_hdr` and every attribute,
+/// parsed by `netlink-packet-route`.
 ///
 /// The kernel deletes the first rule, in list order, that matches every selector a delete
 /// request carries, and treats the selectors a request leaves out as wildcards. A request
 /// built from [`ActualRule`]'s fields alone would name a hand-made `from 10.0.0.0/8 lookup 1
 /// pref 99` only by priority and table, and could delete wgmesh's own rule of the same
 /// priority instead. Sending the dump back (as `ip rule flush` does) names every selector the
-/// rule has. It is how the rule was read, not what it is: it is not serialized, and two
-/// `RawRule`s always compare equal (so [`ActualRule`]s compare by their fields). Empty for a
-/// rule that was not read from a kernel.
-#[derive(Clone, Default)]
-pub struct RawRule(Vec<u8>);
+/// rule has. It is how the rule was read: it is not serialized, and it is empty for a rule
+/// that was not read from a kernel. Two raw rules are equal when their messages are.
+///
+/// ```
+/// use wgmesh_netlink::RawRule;
+/// assert!(RawRule::default().is_empty());
+/// assert_eq!(RawRule::default(), RawRule::default());
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RawRule(Option<Box<RuleMessage>>);
 
 impl RawRule {
-    /// A dumped payload.
-    pub fn new(payload: Vec<u8>) -> Self {
-        Self(payload)
+    pub(crate) fn new(message: RuleMessage) -> Self {
+        Self(Some(Box::new(message)))
     }
 
-    /// The payload (empty when the rule was not dumped).
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+    pub(crate) fn message(&self) -> Option<&RuleMessage> {
+        self.0.as_deref()
     }
 
-    /// Whether there is no payload.
+    /// Whether there is no dump (the rule was not read from a kernel).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_none()
     }
-}
-
-impl PartialEq for RawRule {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for RawRule {}
-
-impl std::hash::Hash for RawRule {
-    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 impl std::fmt::Debug for RawRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RawRule({} bytes)", self.0.len())
+        match &self.0 {
+            Some(m) => write!(f, "RawRule({} attributes)", m.attributes.len()),
+            None => f.write_str("RawRule(none)"),
+        }
     }
 }
 

@@ -1,38 +1,46 @@
-//! The cross-platform userspace configuration protocol (wireguard-go, boringtun) on
-//! `/var/run/wireguard/<iface>.sock`: pure request builders and reply parsers, and the little
-//! IO around them. Keys are hex in this protocol.
-
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
+//! The cross-platform userspace configuration protocol (wireguard-go, boringtun) as a pure
+//! codec: `set=1` requests from device updates, and the `get=1` and `set=1` replies parsed
+//! into wgmesh's model. Keys are hex in this protocol. The socket IO and the daemon's
+//! supervision are in `userspace`.
 
 use ipnet::IpNet;
 use wgmesh_core::{PrivateKey, PublicKey};
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
+use crate::error::DecodeError;
 use crate::state::{ActualDevice, PeerStats, handshake_time};
-use crate::wire::DeviceUpdate;
+use crate::wire::genl::DeviceUpdate;
 
-/// The `set=1` request for a device update (`allowed_ip` lines only add: the protocol has no
-/// per-IP removal, so removal uses a throwaway peer; see [`crate::Linux`]). Ends with the
-/// empty line that closes a request.
-///
-/// ```
-/// use wgmesh_netlink::{uapi::set_request, wire::{DeviceUpdate, PeerUpdate}};
-/// use wgmesh_core::PublicKey;
-/// let key: PublicKey = "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw=".parse()?;
-/// let mut peer = PeerUpdate::new(key);
-/// peer.endpoint = Some("[fd00::2]:51821".parse()?);
-/// peer.allowed_ips = vec![("fd10::/120".parse()?, false)];
-/// let dev = DeviceUpdate { listen_port: Some(51821), peers: vec![peer], ..Default::default() };
-/// let text = set_request(&dev);
-/// assert_eq!(text.as_str(), format!("set=1\nlisten_port=51821\npublic_key={}\nendpoint=[fd00::2]:51821\nallowed_ip=fd10::/120\n\n", key.to_hex()));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub fn set_request(dev: &DeviceUpdate) -> Zeroizing<String> {
+/// Why a reply is not the answer asked for: the daemon refused (`errno=N`, N ≠ 0), or the
+/// reply could not be understood.
+#[derive(Debug)]
+pub(crate) enum ReplyError {
+    /// `errno=N` with N ≠ 0.
+    Errno(i32),
+    /// A malformed reply.
+    Decode(DecodeError),
+}
+
+impl From<DecodeError> for ReplyError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
+}
+
+/// The `set=1` request for device updates, one after the other in one request (a throwaway
+/// peer is added and removed in one transaction): `allowed_ip` lines only add (the protocol
+/// has no per-IP removal, so removal uses a throwaway peer; see `lower`). Ends with the empty
+/// line that closes a request.
+pub(crate) fn set_request(devs: &[DeviceUpdate]) -> Zeroizing<String> {
     let mut s = Zeroizing::new(String::from("set=1\n"));
+    for dev in devs {
+        push_update(&mut s, dev);
+    }
+    s.push('\n');
+    s
+}
+
+fn push_update(s: &mut String, dev: &DeviceUpdate) {
     if let Some(k) = &dev.private_key {
         if let Ok(k) = PrivateKey::from_bytes(**k) {
             s.push_str("private_key=");
@@ -65,8 +73,6 @@ pub fn set_request(dev: &DeviceUpdate) -> Zeroizing<String> {
             s.push_str(&format!("allowed_ip={ip}\n"));
         }
     }
-    s.push('\n');
-    s
 }
 
 fn unhex(s: &str) -> Option<[u8; 32]> {
@@ -82,33 +88,39 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
 
 /// Parses the reply to `get=1` (up to and including `errno=N`). Returns the device, or the
 /// errno when it is not 0. The peers' counters are skipped (see [`parse_stats`]).
-pub fn parse_get(text: &str) -> std::result::Result<ActualDevice, String> {
+pub(crate) fn parse_get(text: &str) -> Result<ActualDevice, ReplyError> {
     parse_reply(text, None).map(|(dev, _)| dev)
 }
 
 /// Parses the peers' counters (`last_handshake_time_sec`/`_nsec`, `rx_bytes`, `tx_bytes`) of
 /// the reply to `get=1` for `interface`, in the order of the reply. The private key is not
 /// looked at.
-///
-/// ```
-/// use wgmesh_netlink::uapi::parse_stats;
-/// let key = "b85996fecc9c7f1fc6d2572a76eda11d59bcb20be8e543b15ce4bd85a8e75a33";
-/// let reply = format!("listen_port=51820\npublic_key={key}\nlast_handshake_time_sec=1700000000\n\
-///                      last_handshake_time_nsec=5\ntx_bytes=92\nrx_bytes=180\nerrno=0\n");
-/// let stats = parse_stats(&reply, "wg0")?;
-/// assert_eq!((stats[0].rx_bytes, stats[0].tx_bytes), (180, 92));
-/// let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 5);
-/// assert_eq!(stats[0].last_handshake, Some(at));
-/// # Ok::<(), String>(())
-/// ```
-pub fn parse_stats(text: &str, interface: &str) -> std::result::Result<Vec<PeerStats>, String> {
+pub(crate) fn parse_stats(text: &str, interface: &str) -> Result<Vec<PeerStats>, ReplyError> {
     parse_reply(text, Some(interface)).map(|(_, stats)| stats)
+}
+
+/// Parses the reply to `set=1`: `Ok` for `errno=0`.
+pub(crate) fn parse_set(text: &str) -> Result<(), ReplyError> {
+    match errno(text)? {
+        0 => Ok(()),
+        e => Err(ReplyError::Errno(e)),
+    }
+}
+
+fn errno(text: &str) -> Result<i32, DecodeError> {
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("errno="))
+        .ok_or(DecodeError::UapiNoErrno)?;
+    line.trim().parse().map_err(|_| DecodeError::UapiLine {
+        key: "errno".into(),
+    })
 }
 
 fn parse_reply(
     text: &str,
     stats_of: Option<&str>,
-) -> std::result::Result<(ActualDevice, Vec<PeerStats>), String> {
+) -> Result<(ActualDevice, Vec<PeerStats>), ReplyError> {
     let mut dev = ActualDevice::default();
     let mut stats: Vec<PeerStats> = Vec::new();
     let mut peer: Option<PublicKey> = None;
@@ -119,7 +131,7 @@ fn parse_reply(
         let Some((k, v)) = line.split_once('=') else {
             continue;
         };
-        let bad = || format!("bad {k} line");
+        let bad = || DecodeError::UapiLine { key: k.to_owned() };
         let current = stats.last_mut().filter(|_| peer.is_some());
         match k {
             "private_key" if stats_of.is_none() => {
@@ -180,97 +192,15 @@ fn parse_reply(
     }
     match errno {
         Some(0) => Ok((dev, stats)),
-        Some(e) => Err(format!("errno={e}")),
-        None => Err("reply without errno".into()),
+        Some(e) => Err(ReplyError::Errno(e)),
+        None => Err(ReplyError::Decode(DecodeError::UapiNoErrno)),
     }
-}
-
-/// The socket path of an interface.
-pub fn socket_path(dir: &Path, ifname: &str) -> std::path::PathBuf {
-    dir.join(format!("{ifname}.sock"))
-}
-
-fn transact(path: &Path, request: &str, doing: &str) -> Result<Zeroizing<String>> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| Error::io(format!("{doing}: connect {}", path.display()), e))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    s.write_all(request.as_bytes())
-        .map_err(|e| Error::io(format!("{doing}: write {}", path.display()), e))?;
-    let mut r = BufReader::new(s);
-    let mut out = Zeroizing::new(String::new());
-    let mut line = Zeroizing::new(String::new());
-    loop {
-        line.clear();
-        let n = r
-            .read_line(&mut line)
-            .map_err(|e| Error::io(format!("{doing}: read {}", path.display()), e))?;
-        if n == 0 || line.as_str() == "\n" {
-            break;
-        }
-        out.push_str(&line);
-    }
-    Ok(out)
-}
-
-/// Reads a device's configuration; `Ok(None)` when there is no socket (no device).
-pub fn get(dir: &Path, ifname: &str) -> Result<Option<ActualDevice>> {
-    get_parsed(dir, ifname, "", parse_get)
-}
-
-/// Reads a device's peer counters; `Ok(None)` when there is no socket (no device).
-pub fn get_stats(dir: &Path, ifname: &str) -> Result<Option<Vec<PeerStats>>> {
-    get_parsed(dir, ifname, " counters", |reply| parse_stats(reply, ifname))
-}
-
-fn get_parsed<T>(
-    dir: &Path,
-    ifname: &str,
-    what: &str,
-    parse: impl FnOnce(&str) -> std::result::Result<T, String>,
-) -> Result<Option<T>> {
-    let path = socket_path(dir, ifname);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let doing = format!("read userspace WireGuard device {ifname}{what}");
-    let reply = match transact(&path, "get=1\n\n", &doing) {
-        Ok(r) => r,
-        // A stale socket of a daemon that is gone: no device.
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
-    };
-    parse(&reply).map(Some).map_err(|d| {
-        match d.strip_prefix("errno=").and_then(|e| e.parse().ok()) {
-            Some(errno) => Error::Userspace { doing, errno },
-            None => Error::decode(doing, d),
-        }
-    })
-}
-
-/// Sends a `set=1` request.
-pub fn set(dir: &Path, ifname: &str, request: &str, doing: &str) -> Result<()> {
-    let path = socket_path(dir, ifname);
-    let reply = transact(&path, request, doing)?;
-    let errno = reply
-        .lines()
-        .find_map(|l| l.strip_prefix("errno="))
-        .and_then(|e| e.trim().parse::<i32>().ok())
-        .ok_or_else(|| Error::decode(doing, "reply without errno"))?;
-    if errno != 0 {
-        return Err(Error::Userspace {
-            doing: doing.to_owned(),
-            errno,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::PeerUpdate;
+    use crate::wire::genl::PeerUpdate;
 
     #[test]
     fn get_reply_round_trip() {
@@ -288,7 +218,10 @@ mod tests {
         assert_eq!(p.allowed_ips.len(), 2);
         assert_eq!(p.persistent_keepalive, 25);
         assert_eq!(p.endpoint, Some("[fd00::2]:51821".parse().unwrap()));
-        assert_eq!(parse_get("errno=19\n"), Err("errno=19".into()));
+        assert!(matches!(
+            parse_get("errno=19\n"),
+            Err(ReplyError::Errno(19))
+        ));
         assert!(parse_get("listen_port=x\nerrno=0\n").is_err());
         assert!(parse_get("").is_err());
     }
@@ -348,7 +281,19 @@ errno=0
         assert_eq!(parse_get(&stripped).unwrap(), dev);
         assert!(parse_stats("public_key=00\nerrno=0\n", "wg0").is_err());
         assert!(parse_stats(&RECORDED_GET.replace("rx_bytes=476", "rx_bytes=-1"), "wg0").is_err());
-        assert_eq!(parse_stats("errno=19\n", "wg0"), Err("errno=19".into()));
+        assert!(matches!(
+            parse_stats("errno=19\n", "wg0"),
+            Err(ReplyError::Errno(19))
+        ));
+        assert!(parse_set("errno=0\n").is_ok());
+        assert!(matches!(
+            parse_set("errno=17\n"),
+            Err(ReplyError::Errno(17))
+        ));
+        assert!(matches!(
+            parse_set("listen_port=1\n"),
+            Err(ReplyError::Decode(DecodeError::UapiNoErrno))
+        ));
     }
 
     #[test]
@@ -362,12 +307,34 @@ errno=0
             peers: vec![rm],
             ..Default::default()
         };
-        let s = set_request(&dev);
+        let s = set_request(std::slice::from_ref(&dev));
         assert!(s.starts_with(&format!(
             "set=1\nprivate_key={}\nfwmark=1048576\n",
             key.to_hex().as_str()
         )));
         assert!(s.ends_with("remove=true\n\n"));
         assert!(!format!("{dev:?}").contains(key.to_hex().as_str()));
+    }
+
+    #[test]
+    fn set_request_text_is_the_protocols() {
+        let key: PublicKey = "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="
+            .parse()
+            .unwrap();
+        let mut peer = PeerUpdate::new(key);
+        peer.endpoint = Some("[fd00::2]:51821".parse().unwrap());
+        peer.allowed_ips = vec![("fd10::/120".parse().unwrap(), false)];
+        let mut dev = DeviceUpdate::peer("wg0", peer);
+        dev.listen_port = Some(51821);
+        let mut rm = PeerUpdate::new(key);
+        rm.remove = true;
+        let text = set_request(&[dev, DeviceUpdate::peer("wg0", rm)]);
+        let k = key.to_hex();
+        assert_eq!(
+            text.as_str(),
+            format!(
+                "set=1\nlisten_port=51821\npublic_key={k}\nendpoint=[fd00::2]:51821\nallowed_ip=fd10::/120\npublic_key={k}\nremove=true\n\n"
+            )
+        );
     }
 }

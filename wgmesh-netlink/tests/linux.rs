@@ -13,15 +13,17 @@ use std::sync::Mutex;
 use ipnet::IpNet;
 use proptest::prelude::*;
 use wgmesh_core::{
-    Cluster, Event, Family, IncrementalPlanner, MeshConfig, Node, NodePlan, NodeWireGuard,
-    PrivateKey, RouteSource, RouteType, plan_node,
+    Cluster, Event, Family, IncrementalPlanner, MeshConfig, NodePlan, RouteType, plan_node,
 };
 use wgmesh_netlink::testing::FailingDataplane;
 use wgmesh_netlink::{Backend, Dataplane, Linux, LinuxConfig, Operation, Ownership, Reconciler};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
+#[path = "common/big.rs"]
+mod big;
 mod common;
+use big::big_cluster;
 use common::{four_nodes, key, ring};
 
 fn backend() -> Backend {
@@ -638,11 +640,12 @@ fn peer_counters_show_the_handshake_and_traffic_of_the_right_peer() {
     sh("ip addr add 10.65.0.1/32 dev lo");
     // Handshakes under emulation can take seconds: wait for the first answer.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    while Command::new("ping")
+    while !Command::new("ping")
         .args(["-c", "1", "-W", "2", "-I", "10.65.0.1", "10.65.0.65"])
         .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
+        .expect("run ping (scripts/test-netlink.sh installs iputils-ping)")
+        .status
+        .success()
     {
         assert!(
             std::time::Instant::now() < deadline,
@@ -767,42 +770,6 @@ fn a_peer_added_to_a_running_device_handshakes_without_traffic() {
     reset();
 }
 
-fn big_cluster(peers: usize, ips_of_first: usize) -> (Cluster, NodePlan) {
-    let mut mesh = MeshConfig::default();
-    mesh.route_source = RouteSource::WorkloadIps;
-    let mut nodes = vec![
-        Node::new("a")
-            .with_addresses(["10.0.0.1".parse().unwrap()])
-            .with_wireguard(NodeWireGuard::new(Some(key(1).public_key()), None)),
-    ];
-    for i in 0..peers {
-        let mut b = [0u8; 32];
-        b[1..9].copy_from_slice(&(i as u64 + 100).to_le_bytes());
-        b[31] = 0x40;
-        let k = PrivateKey::from_bytes(b).unwrap().public_key();
-        let n = i as u32 + 2;
-        let addr = std::net::Ipv4Addr::from(0x0a00_0000 + n);
-        let ips: Vec<std::net::IpAddr> = if i == 0 {
-            (0..ips_of_first as u32)
-                .map(|j| std::net::IpAddr::from(std::net::Ipv4Addr::from(0x6400_0000 + j)))
-                .collect()
-        } else {
-            vec![std::net::IpAddr::from(std::net::Ipv4Addr::from(
-                0x6500_0000 + n,
-            ))]
-        };
-        nodes.push(
-            Node::new(format!("n{i}"))
-                .with_addresses([addr.into()])
-                .with_wireguard(NodeWireGuard::new(Some(k), None))
-                .with_workload_ips(ips),
-        );
-    }
-    let c = Cluster::new(mesh, nodes).unwrap();
-    let plan = plan_node(&c, "a").unwrap();
-    (c, plan)
-}
-
 fn check_large(plan: &NodePlan) {
     let mut l = open();
     let s = l.read(&own(), &[]).unwrap();
@@ -827,7 +794,7 @@ fn check_large(plan: &NodePlan) {
 fn apply_large(label: &str, nodes: usize, ips_per_node: usize) {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     reset();
-    let (_, plan) = big_cluster(nodes, ips_per_node);
+    let plan = plan_node(&big_cluster(nodes, ips_per_node), "a").unwrap();
     let mut r = Reconciler::new(open(), own(), ring());
     let t = std::time::Instant::now();
     let report = r.reconcile(&plan).unwrap();

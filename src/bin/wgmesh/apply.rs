@@ -44,7 +44,7 @@ pub(crate) struct Args {
 }
 
 fn parse_backend(text: &str) -> Result<Backend, String> {
-    text.parse()
+    text.parse().map_err(String::from)
 }
 
 fn print(report: &Report, backend: &str, format: Format) -> Result<(), Failure> {

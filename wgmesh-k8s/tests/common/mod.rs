@@ -297,13 +297,25 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-/// The agent over wgmesh-netlink's reconciler on its in-memory fake kernel.
-pub type Fake = wgmesh_k8s::netlink::NetlinkDataplane<wgmesh_netlink::testing::FakeKernel>;
+/// The agent over wgmesh-netlink's reconciler on its message-level fake kernel, recording
+/// the operations executed.
+pub type Fake = wgmesh_k8s::netlink::NetlinkDataplane<
+    wgmesh_netlink::testing::Recording<wgmesh_netlink::Linux<wgmesh_netlink::testing::FakeKernel>>,
+>;
+
+/// The Linux dataplane over a fresh fake kernel.
+pub fn fake_linux() -> wgmesh_netlink::Linux<wgmesh_netlink::testing::FakeKernel> {
+    wgmesh_netlink::Linux::with_kernel(
+        wgmesh_netlink::testing::FakeKernel::new(),
+        wgmesh_netlink::LinuxConfig::with_backend(wgmesh_netlink::Backend::Kernel),
+    )
+    .unwrap()
+}
 
 /// Agent "a" over the fake kernel, watching pods.
 pub fn netlink_agent(mesh: wgmesh_core::MeshConfig, key: PrivateKey) -> Driver<Fake> {
     let dataplane = wgmesh_k8s::netlink::NetlinkDataplane::new(
-        wgmesh_netlink::testing::FakeKernel::new(),
+        wgmesh_netlink::testing::Recording::new(fake_linux()),
         &mesh,
         wgmesh_netlink::KeyRing::single(key),
     );

@@ -1,0 +1,272 @@
+//! The read side: what the host has of wgmesh's objects, from rtnetlink, WireGuard and
+//! nf_tables dumps (or the userspace socket), parsed with the same crates' types.
+
+use std::collections::{BTreeMap, HashMap};
+
+use netlink_packet_generic::GenlMessage;
+use netlink_packet_netfilter::NetfilterMessage;
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_wireguard::WireguardMessage;
+use wgmesh_core::Family;
+
+use super::{Driver, Linux, parse};
+use crate::error::{EAFNOSUPPORT, ENODEV, ENOENT, EOPNOTSUPP, EPROTONOSUPPORT, Error, Result};
+use crate::exec::Answer;
+use crate::io::KernelIo;
+use crate::lower::{self};
+use crate::marking::{FAMILIES, NftTable};
+use crate::state::{ActualDevice, ActualLink, ActualState, Ownership, PeerStats};
+use crate::wire::Protocol;
+use crate::wire::genl::{self, Wg};
+use crate::wire::nft::{self, NftRequest};
+use crate::wire::route::{self, RtRequest};
+
+impl<K: KernelIo> Linux<K> {
+    /// A kernel WireGuard device's configuration (`None`: no such device).
+    pub(super) fn kernel_device(
+        &mut self,
+        family_id: u16,
+        ifname: &str,
+    ) -> Result<Option<ActualDevice>> {
+        let mut dev = ActualDevice::default();
+        let found = self.wg_dump(family_id, ifname, "", |m| genl::merge_device(m, &mut dev))?;
+        Ok(found.then_some(dev))
+    }
+
+    /// A kernel WireGuard device's peer counters.
+    fn kernel_stats(&mut self, family_id: u16, ifname: &str) -> Result<Vec<PeerStats>> {
+        let mut stats = BTreeMap::new();
+        self.wg_dump(family_id, ifname, " counters", |m| {
+            genl::merge_stats(m, ifname, &mut stats)
+        })?;
+        Ok(stats.into_values().collect())
+    }
+
+    /// Dumps a WireGuard device and hands each part to `merge` (which wipes its private
+    /// key). `Ok(false)` when there is no such device.
+    fn wg_dump(
+        &mut self,
+        family_id: u16,
+        ifname: &str,
+        what: &str,
+        mut merge: impl FnMut(&mut WireguardMessage) -> std::result::Result<(), crate::DecodeError>,
+    ) -> Result<bool> {
+        let doing = format!("read WireGuard device {ifname}{what}");
+        let (flags, m) = genl::wg_get(ifname);
+        let req = self.pipeline.message(
+            Protocol::Generic,
+            flags,
+            &Wg {
+                family_id,
+                message: &m,
+            },
+        );
+        let mut out = self.transact(Protocol::Generic, &[req], None, &doing)?;
+        match out.pop() {
+            Some(Ok(parts)) => {
+                for mut p in parts {
+                    let parsed: std::result::Result<GenlMessage<WireguardMessage>, Error> =
+                        parse(&p, "WG_CMD_GET_DEVICE", &doing);
+                    zeroize::Zeroize::zeroize(&mut p);
+                    let mut parsed = parsed?;
+                    merge(&mut parsed.payload).map_err(|e| Error::decode(&doing, e))?;
+                }
+                Ok(true)
+            }
+            Some(Err(r)) if r.errno == ENODEV || r.errno == ENOENT => Ok(false),
+            Some(Err(r)) => Err(r.error(doing)),
+            None => Ok(false),
+        }
+    }
+
+    /// The links of these names that exist (one `RTM_GETLINK` each, pipelined).
+    pub(super) fn read_links(&mut self, names: &[String]) -> Result<HashMap<String, ActualLink>> {
+        let reqs: Vec<RtRequest> = names.iter().map(|n| route::link_get(n)).collect();
+        let out = self.rt(&reqs, "read links")?;
+        let mut links = HashMap::new();
+        for (name, answer) in names.iter().zip(out) {
+            let doing = format!("read link {name}");
+            match answer {
+                Ok(replies) => {
+                    for r in replies {
+                        let RouteNetlinkMessage::NewLink(m) = parse(&r, "RTM_NEWLINK", &doing)?
+                        else {
+                            continue;
+                        };
+                        let (n, l) = route::parse_link(&m).map_err(|e| Error::decode(&doing, e))?;
+                        if &n == name {
+                            links.insert(n, l);
+                        }
+                    }
+                }
+                Err(r) if r.errno == ENODEV => {}
+                Err(r) => return Err(r.error(doing)),
+            }
+        }
+        Ok(links)
+    }
+
+    /// One rtnetlink dump (`None`: the family is not there, e.g. no IPv6).
+    fn dump(&mut self, req: RtRequest, doing: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        match self.rt(&[req], doing)?.pop() {
+            Some(Ok(replies)) => Ok(Some(replies)),
+            // A kernel without IPv6 has no IPv6 routes or rules.
+            Some(Err(r)) if r.errno == EOPNOTSUPP || r.errno == EAFNOSUPPORT => Ok(None),
+            Some(Err(r)) => Err(r.error(doing)),
+            None => Ok(None),
+        }
+    }
+
+    /// One nf_tables request and its answer.
+    fn nft(&mut self, req: NftRequest, doing: &str) -> Result<Answer> {
+        let (flags, m) = req;
+        let out = self.pipeline.message(Protocol::Netfilter, flags, &m);
+        Ok(self
+            .transact(Protocol::Netfilter, &[out], None, doing)?
+            .pop()
+            .unwrap_or(Ok(Vec::new())))
+    }
+
+    /// wgmesh's nftables tables named `table`, with their chains and rules.
+    fn read_nft(&mut self, table: &str) -> Result<Vec<NftTable>> {
+        let doing = format!("read nftables tables {table}");
+        let mut tables = Vec::new();
+        for family in FAMILIES {
+            match self.nft(nft::get_table(family, table), &doing)? {
+                Ok(replies) => {
+                    if let Some(r) = replies.first() {
+                        let m: NetfilterMessage = parse(r, "NEWTABLE", &doing)?;
+                        let (_, _, flags) =
+                            nft::decode_table(&m).map_err(|e| Error::decode(&doing, e))?;
+                        tables.push(NftTable {
+                            family,
+                            name: table.to_owned(),
+                            flags,
+                            chains: Vec::new(),
+                        });
+                    }
+                }
+                Err(r) if r.errno == ENOENT => {}
+                // A kernel without nf_tables has no table of ours.
+                Err(r) if r.errno == EPROTONOSUPPORT || r.errno == EOPNOTSUPP => {}
+                Err(r) => return Err(r.error(doing)),
+            }
+        }
+        if tables.is_empty() {
+            return Ok(tables);
+        }
+        // One dump at a time per socket; dumps of family 0 cover every family.
+        let replies = self
+            .nft(nft::dump_chains(), &doing)?
+            .map_err(|r| r.error(&doing))?;
+        for r in replies {
+            let m: NetfilterMessage = parse(&r, "NEWCHAIN", &doing)?;
+            let (fam, tbl, c) = nft::decode_chain(&m).map_err(|e| Error::decode(&doing, e))?;
+            if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
+                t.chains.push(c);
+            }
+        }
+        let replies = self
+            .nft(nft::dump_rules(), &doing)?
+            .map_err(|r| r.error(&doing))?;
+        for r in replies {
+            let m: NetfilterMessage = parse(&r, "NEWRULE", &doing)?;
+            let (fam, tbl, chain, exprs) =
+                nft::decode_rule(&m).map_err(|e| Error::decode(&doing, e))?;
+            if let Some(c) = tables
+                .iter_mut()
+                .find(|t| t.family == fam && tbl == table)
+                .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
+            {
+                c.rules.push(exprs);
+            }
+        }
+        Ok(tables)
+    }
+
+    /// A sysctl's value (`None`: there is no such sysctl).
+    fn read_sysctl(&mut self, key: &str) -> Result<Option<String>> {
+        lower::check_sysctl_key(key)?;
+        self.io
+            .read_sysctl(key)
+            .map_err(|e| Error::io(format!("read sysctl {key}"), e))
+    }
+
+    /// What the host has of what `own` names (and the sysctls in `sysctls`).
+    pub(super) fn read_state(
+        &mut self,
+        own: &Ownership,
+        sysctls: &[String],
+    ) -> Result<ActualState> {
+        let mut s = ActualState::default();
+        let links = self.read_links(&own.interfaces)?;
+        self.ifindex = links.iter().map(|(n, l)| (n.clone(), l.index)).collect();
+        let by_index: HashMap<u32, String> =
+            links.iter().map(|(n, l)| (l.index, n.clone())).collect();
+        for (name, l) in &links {
+            let dev = match &self.wg {
+                Driver::Kernel { family_id } if l.kind.as_deref() == Some("wireguard") => {
+                    let family_id = *family_id;
+                    self.kernel_device(family_id, name)?
+                }
+                Driver::Userspace(u) if l.kind.as_deref() == Some("tun") => u.get(name)?,
+                _ => None,
+            };
+            if let Some(d) = dev {
+                s.devices.insert(name.clone(), d);
+            }
+        }
+        s.links = links.into_iter().collect();
+        // One dump at a time per socket (the kernel answers EBUSY otherwise).
+        for family in [Family::V4, Family::V6] {
+            for r in self
+                .dump(route::route_dump(family), "dump routes")?
+                .unwrap_or_default()
+            {
+                let m = parse(&r, "RTM_NEWROUTE", "dump routes")?;
+                let RouteNetlinkMessage::NewRoute(m) = m else {
+                    continue;
+                };
+                if let Some(mut route) = route::parse_route(&m, own.table)
+                    .map_err(|e| Error::decode("dump routes", e))?
+                {
+                    route.device = route.oif.and_then(|x| by_index.get(&x).cloned());
+                    s.routes.push(route);
+                }
+            }
+            for r in self
+                .dump(route::rule_dump(family), "dump rules")?
+                .unwrap_or_default()
+            {
+                if let RouteNetlinkMessage::NewRule(m) = parse(&r, "RTM_NEWRULE", "dump rules")? {
+                    s.rules.extend(route::parse_rule(&m, own.table));
+                }
+            }
+        }
+        for key in sysctls {
+            if let Some(v) = self.read_sysctl(key)? {
+                s.sysctls.insert(key.clone(), v);
+            }
+        }
+        s.marking = self.read_nft(&own.nft_table)?;
+        s.remove_allowed_ip_supported = self.remove_flag;
+        Ok(s)
+    }
+
+    /// The counters of the peers of the devices `own` names.
+    pub(super) fn read_peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        let mut out = Vec::new();
+        for name in &own.interfaces {
+            match &self.wg {
+                Driver::Kernel { family_id } => match self.kernel_stats(*family_id, name) {
+                    Ok(s) => out.extend(s),
+                    // A link of that name that is not a WireGuard device has no peers.
+                    Err(e) if e.errno() == Some(EOPNOTSUPP) => {}
+                    Err(e) => return Err(e),
+                },
+                Driver::Userspace(u) => out.extend(u.get_stats(name)?.unwrap_or_default()),
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,361 @@
+//! wgmesh's nftables tables as a typed model: compiled from the plan's [`Marking`], compared
+//! with what the kernel has, carried by [`Operation::SetMarking`](crate::Operation). The
+//! executor replaces the tables whole in one nf_tables transaction (`NEWTABLE`, `DELTABLE`,
+//! `NEWTABLE`, chains, rules between `BATCH_BEGIN` and `BATCH_END`): the kernel applies all of
+//! it or none, so there is never a moment without marking, and the first `NEWTABLE` makes the
+//! delete succeed whether or not the table existed.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use wgmesh_core::Marking;
+
+/// `NFPROTO_INET`.
+pub const NFPROTO_INET: u8 = 1;
+/// `NFPROTO_ARP`.
+pub const NFPROTO_ARP: u8 = 3;
+/// The nftables families wgmesh's tables live in (`inet`, and `arp` for ARP marking).
+pub const FAMILIES: [u8; 2] = [NFPROTO_INET, NFPROTO_ARP];
+
+/// The `nft` name of a family number.
+pub fn family_name(family: u8) -> &'static str {
+    match family {
+        NFPROTO_INET => "inet",
+        NFPROTO_ARP => "arp",
+        2 => "ip",
+        10 => "ip6",
+        5 => "netdev",
+        7 => "bridge",
+        _ => "unknown",
+    }
+}
+/// `NFT_META_MARK`.
+pub const META_MARK: u32 = 3;
+/// `NFT_META_IIFNAME`.
+pub const META_IIFNAME: u32 = 6;
+/// `NFT_META_NFPROTO`.
+pub const META_NFPROTO: u32 = 15;
+/// `NFT_META_L4PROTO`.
+pub const META_L4PROTO: u32 = 16;
+/// `NFT_REG_VERDICT`.
+pub const REG_VERDICT: u32 = 0;
+/// `NFT_REG_1`.
+pub const REG_1: u32 = 1;
+/// `NFT_RETURN`.
+pub const VERDICT_RETURN: i32 = -5;
+/// `NF_INET_PRE_ROUTING`.
+pub const HOOK_PREROUTING: u32 = 0;
+/// `NF_ARP_IN`.
+pub const HOOK_ARP_INPUT: u32 = 0;
+/// `NF_INET_LOCAL_OUT`.
+pub const HOOK_OUTPUT: u32 = 3;
+/// `NF_IP_PRI_RAW`.
+pub const PRIORITY_RAW: i32 = -300;
+/// `NF_IP_PRI_MANGLE`.
+pub const PRIORITY_MANGLE: i32 = -150;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFT_CMP_EQ: u32 = 0;
+const IFNAMSIZ: usize = 16;
+
+/// An nftables table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NftTable {
+    /// Family (`NFPROTO_INET` = 1, `NFPROTO_ARP` = 3).
+    pub family: u8,
+    /// Table name.
+    pub name: String,
+    /// Table flags (`NFT_TABLE_F_DORMANT` = 1 disables it).
+    pub flags: u32,
+    /// Chains, in order.
+    pub chains: Vec<NftChain>,
+}
+
+/// A base chain with its rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NftChain {
+    /// Chain name.
+    pub name: String,
+    /// Chain type (`filter`, `route`, `nat`); `None` for a regular chain.
+    pub kind: Option<String>,
+    /// Netfilter hook number, for base chains.
+    pub hook: Option<u32>,
+    /// Priority, for base chains.
+    pub priority: Option<i32>,
+    /// Policy verdict code (1 = accept), for base chains.
+    pub policy: Option<u32>,
+    /// Rules, in order; each rule a list of expressions.
+    pub rules: Vec<Vec<Expr>>,
+}
+
+/// One nf_tables expression, in the subset wgmesh uses; anything else decodes as `Other`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "expr", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Expr {
+    /// Load a meta key into a register.
+    Meta {
+        /// `NFT_META_*`.
+        key: u32,
+        /// Destination register.
+        dreg: u32,
+    },
+    /// Set a meta key from a register.
+    MetaSet {
+        /// `NFT_META_*`.
+        key: u32,
+        /// Source register.
+        sreg: u32,
+    },
+    /// Compare a register with data.
+    Cmp {
+        /// Source register.
+        sreg: u32,
+        /// `NFT_CMP_*`.
+        op: u32,
+        /// The data compared.
+        data: Vec<u8>,
+    },
+    /// `dreg = (sreg & mask) ^ xor`.
+    Bitwise {
+        /// Source register.
+        sreg: u32,
+        /// Destination register.
+        dreg: u32,
+        /// Length in bytes.
+        len: u32,
+        /// Mask.
+        mask: Vec<u8>,
+        /// Xor.
+        xor: Vec<u8>,
+    },
+    /// Load packet bytes into a register.
+    Payload {
+        /// Destination register.
+        dreg: u32,
+        /// `NFT_PAYLOAD_*_HEADER`.
+        base: u32,
+        /// Offset.
+        offset: u32,
+        /// Length.
+        len: u32,
+    },
+    /// A verdict.
+    Verdict {
+        /// Verdict code (`NFT_RETURN` = -5, …).
+        code: i32,
+    },
+    /// An expression wgmesh does not generate.
+    Other {
+        /// Its name.
+        name: String,
+    },
+}
+
+fn mark_rule(mark: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: META_MARK,
+            dreg: REG_1,
+        },
+        Expr::Bitwise {
+            sreg: REG_1,
+            dreg: REG_1,
+            len: 4,
+            mask: (!mark).to_ne_bytes().to_vec(),
+            xor: mark.to_ne_bytes().to_vec(),
+        },
+        Expr::MetaSet {
+            key: META_MARK,
+            sreg: REG_1,
+        },
+    ]
+}
+
+fn iifname_return(data: Vec<u8>) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: META_IIFNAME,
+            dreg: REG_1,
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: NFT_CMP_EQ,
+            data,
+        },
+        Expr::Verdict {
+            code: VERDICT_RETURN,
+        },
+    ]
+}
+
+fn cmp(data: Vec<u8>) -> Expr {
+    Expr::Cmp {
+        sreg: REG_1,
+        op: NFT_CMP_EQ,
+        data,
+    }
+}
+
+fn endpoint_rule(ep: &SocketAddr, destination: bool, mark: u32) -> Vec<Expr> {
+    let (proto, addr, off) = match ep.ip() {
+        IpAddr::V4(a) => (2u8, a.octets().to_vec(), if destination { 16 } else { 12 }),
+        IpAddr::V6(a) => (10u8, a.octets().to_vec(), if destination { 24 } else { 8 }),
+    };
+    let alen = addr.len() as u32;
+    let mut v = vec![
+        Expr::Meta {
+            key: META_NFPROTO,
+            dreg: REG_1,
+        },
+        cmp(vec![proto]),
+        Expr::Meta {
+            key: META_L4PROTO,
+            dreg: REG_1,
+        },
+        cmp(vec![6]),
+        Expr::Payload {
+            dreg: REG_1,
+            base: NFT_PAYLOAD_NETWORK_HEADER,
+            offset: off,
+            len: alen,
+        },
+        cmp(addr),
+        Expr::Payload {
+            dreg: REG_1,
+            base: NFT_PAYLOAD_TRANSPORT_HEADER,
+            offset: if destination { 2 } else { 0 },
+            len: 2,
+        },
+        cmp(ep.port().to_be_bytes().to_vec()),
+    ];
+    v.extend(mark_rule(mark));
+    v
+}
+
+/// Compiles a plan's marking into the tables it describes (see [`Marking::nft_script`]):
+/// the `inet` table, and the `arp` table when ARP is marked too.
+///
+/// ```
+/// use wgmesh_netlink::marking::compile;
+/// use wgmesh_core::Marking;
+/// let m = Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
+///     skip_interfaces: vec!["lo".into()], skip_interface_prefixes: vec!["cali".into()],
+///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![] };
+/// let t = compile(&m);
+/// assert_eq!(t.len(), 2); // inet and arp
+/// assert_eq!(t[0].chains.len(), 2);
+/// assert_eq!(t[0].chains[0].rules.len(), 3); // lo, cali*, mark
+/// ```
+pub fn compile(m: &Marking) -> Vec<NftTable> {
+    let input_rules = || {
+        let mut pre = Vec::new();
+        for name in &m.skip_interfaces {
+            let mut data = name.as_bytes().to_vec();
+            data.resize(IFNAMSIZ, 0);
+            pre.push(iifname_return(data));
+        }
+        for prefix in &m.skip_interface_prefixes {
+            pre.push(iifname_return(prefix.as_bytes().to_vec()));
+        }
+        pre.push(mark_rule(m.firewall_mark));
+        pre
+    };
+    let pre = input_rules();
+    let mut chains = vec![NftChain {
+        name: "prerouting".into(),
+        kind: Some("filter".into()),
+        hook: Some(HOOK_PREROUTING),
+        priority: Some(PRIORITY_RAW),
+        policy: Some(1),
+        rules: pre,
+    }];
+    if m.mark_output || !m.plain_tcp_endpoints.is_empty() {
+        let rules = if m.mark_output {
+            vec![mark_rule(m.firewall_mark)]
+        } else {
+            m.plain_tcp_endpoints
+                .iter()
+                .flat_map(|ep| {
+                    [
+                        endpoint_rule(ep, true, m.firewall_mark),
+                        endpoint_rule(ep, false, m.firewall_mark),
+                    ]
+                })
+                .collect()
+        };
+        chains.push(NftChain {
+            name: "output".into(),
+            kind: Some("route".into()),
+            hook: Some(HOOK_OUTPUT),
+            priority: Some(PRIORITY_MANGLE),
+            policy: Some(1),
+            rules,
+        });
+    }
+    let mut tables = vec![NftTable {
+        family: NFPROTO_INET,
+        name: m.table.clone(),
+        flags: 0,
+        chains,
+    }];
+    if m.mark_arp {
+        tables.push(NftTable {
+            family: NFPROTO_ARP,
+            name: m.table.clone(),
+            flags: 0,
+            chains: vec![NftChain {
+                name: "input".into(),
+                kind: Some("filter".into()),
+                hook: Some(HOOK_ARP_INPUT),
+                priority: Some(0),
+                policy: Some(1),
+                rules: input_rules(),
+            }],
+        });
+    }
+    tables
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marking(output: bool, eps: Vec<SocketAddr>) -> Marking {
+        Marking {
+            table: "wgmesh".into(),
+            firewall_mark: 0x100000,
+            skip_interfaces: vec!["lo".into(), "wireguard.cali".into()],
+            skip_interface_prefixes: vec!["cali".into()],
+            mark_arp: true,
+            mark_output: output,
+            plain_tcp_endpoints: eps,
+        }
+    }
+
+    #[test]
+    fn output_chain_only_when_needed() {
+        let mut m = marking(false, vec![]);
+        assert_eq!(compile(&m)[0].chains.len(), 1);
+        m.mark_output = true;
+        assert_eq!(compile(&m)[0].chains[1].rules, vec![mark_rule(0x100000)]);
+        m.mark_arp = false;
+        assert_eq!(compile(&m).len(), 1);
+    }
+
+    #[test]
+    fn endpoints_get_a_rule_per_direction() {
+        let t = compile(&marking(
+            false,
+            vec![
+                "10.0.0.1:6443".parse().unwrap(),
+                "[fd00::1]:443".parse().unwrap(),
+            ],
+        ));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].chains[0].rules.len(), 4); // arp: lo, wireguard.cali, cali*, mark
+        assert_eq!(t[0].chains[1].rules.len(), 4); // 2 endpoints x 2 directions
+        assert_eq!(t[0].chains[0].priority, Some(PRIORITY_RAW));
+        assert_eq!(t[0].chains[1].kind.as_deref(), Some("route"));
+    }
+}

@@ -1,0 +1,209 @@
+//! Test doubles (cargo feature `testing`): [`FakeKernel`], a kernel in memory that takes the
+//! very bytes the executor sends and answers as Linux does, and two wrappers around any
+//! [`Dataplane`] — [`FailingDataplane`] fails the k-th operation, [`Recording`] keeps what was
+//! executed.
+//!
+//! They are public so that other crates (the Kubernetes agent's scenario tests) can run whole
+//! reconciles without a kernel. Not for production builds.
+//!
+//! ```
+//! use wgmesh_netlink::{Linux, Reconciler, Ownership, KeyRing, Operation};
+//! use wgmesh_netlink::testing::{FakeKernel, FailingDataplane, Recording};
+//! use wgmesh_core::{plan_node, spec::parse_cluster};
+//! let cluster = parse_cluster(r#"{"nodes":[
+//!   {"name":"a","addresses":["10.0.0.1"],"pod_cidrs":["10.65.0.0/26"],
+//!    "wireguard":{"public_key":"QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}}]}"#)?;
+//! let plan = plan_node(&cluster, "a")?;
+//! let own = Ownership::from_mesh(cluster.mesh());
+//! // Fail the third operation; the next reconcile converges.
+//! let kernel = Linux::with_kernel(FakeKernel::new(), Default::default())?;
+//! let mut r = Reconciler::new(FailingDataplane::new(Recording::new(kernel), 2), own, KeyRing::none());
+//! assert!(r.reconcile(&plan).is_err());
+//! r.reconcile(&plan)?;
+//! assert!(r.reconcile(&plan)?.is_noop());
+//! let recorded: &[Operation] = r.dataplane().inner().recorded();
+//! assert!(!recorded.is_empty());
+//! // The fake kernel received real netlink messages.
+//! assert!(r.dataplane().inner().inner().kernel().messages_received() > recorded.len());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod kernel;
+
+pub use kernel::{FakeDevice, FakeKernel, FakeRule, KernelVersion, RouteKey, route_key};
+
+use crate::error::{Error, Result};
+use crate::keys::KeyRing;
+use crate::op::Operation;
+use crate::reconcile::Dataplane;
+use crate::state::{ActualRoute, ActualRouteKind, ActualState, LinkKind, Ownership, PeerStats};
+
+/// Wraps a dataplane and fails its k-th operation (counted from 0 over the wrapper's
+/// lifetime): the operations before it are executed, that one and the rest of its run are
+/// not. Reads pass through. Works over the real kernel as well as over [`FakeKernel`].
+#[derive(Debug)]
+pub struct FailingDataplane<D> {
+    inner: D,
+    fail_at: Option<usize>,
+    seen: usize,
+}
+
+impl<D: Dataplane> FailingDataplane<D> {
+    /// Fails operation number `k` (0-based, counted across runs).
+    pub fn new(inner: D, k: usize) -> Self {
+        Self {
+            inner,
+            fail_at: Some(k),
+            seen: 0,
+        }
+    }
+
+    /// The wrapped dataplane.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+
+    /// The wrapped dataplane, mutably.
+    pub fn inner_mut(&mut self) -> &mut D {
+        &mut self.inner
+    }
+
+    /// The wrapped dataplane, given back.
+    pub fn into_inner(self) -> D {
+        self.inner
+    }
+
+    /// Whether the fault has fired.
+    pub fn fired(&self) -> bool {
+        self.fail_at.is_none()
+    }
+}
+
+impl<D: Dataplane> Dataplane for FailingDataplane<D> {
+    fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState> {
+        self.inner.read(own, sysctls)
+    }
+
+    fn execute(&mut self, ops: &[Operation], keys: &KeyRing) -> Result<usize> {
+        match self.fail_at {
+            Some(k) if k < self.seen + ops.len() => {
+                let local = k - self.seen;
+                self.fail_at = None;
+                self.seen += local + 1;
+                if local > 0 {
+                    self.inner.execute(&ops[..local], keys)?;
+                }
+                Err(Error::Operation {
+                    index: local,
+                    total: ops.len(),
+                    operation: ops[local].to_string(),
+                    source: Box::new(Error::Injected {
+                        doing: ops[local].to_string(),
+                    }),
+                })
+            }
+            _ => {
+                self.seen += ops.len();
+                self.inner.execute(ops, keys)
+            }
+        }
+    }
+
+    fn link_kind(&self) -> LinkKind {
+        self.inner.link_kind()
+    }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        self.inner.peer_stats(own)
+    }
+}
+
+/// Wraps a dataplane and records every operation it carried out, in order (of a run that
+/// failed, those before the failed one).
+#[derive(Debug)]
+pub struct Recording<D> {
+    inner: D,
+    recorded: Vec<Operation>,
+}
+
+impl<D: Dataplane> Recording<D> {
+    /// Records what `inner` executes.
+    pub fn new(inner: D) -> Self {
+        Self {
+            inner,
+            recorded: Vec::new(),
+        }
+    }
+
+    /// Every operation executed so far, in order.
+    pub fn recorded(&self) -> &[Operation] {
+        &self.recorded
+    }
+
+    /// Forgets the recorded operations.
+    pub fn clear_recorded(&mut self) {
+        self.recorded.clear();
+    }
+
+    /// The wrapped dataplane.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+
+    /// The wrapped dataplane, mutably.
+    pub fn inner_mut(&mut self) -> &mut D {
+        &mut self.inner
+    }
+}
+
+impl<D: Dataplane> Dataplane for Recording<D> {
+    fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState> {
+        self.inner.read(own, sysctls)
+    }
+
+    fn execute(&mut self, ops: &[Operation], keys: &KeyRing) -> Result<usize> {
+        match self.inner.execute(ops, keys) {
+            Ok(n) => {
+                self.recorded.extend_from_slice(ops);
+                Ok(n)
+            }
+            Err(e) => {
+                let done = match &e {
+                    Error::Operation { index, .. } => *index,
+                    _ => 0,
+                };
+                self.recorded.extend_from_slice(&ops[..done.min(ops.len())]);
+                Err(e)
+            }
+        }
+    }
+
+    fn link_kind(&self) -> LinkKind {
+        self.inner.link_kind()
+    }
+
+    fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
+        self.inner.peer_stats(own)
+    }
+}
+
+/// A route the way [`FakeKernel`] stores it, for tests that drift state.
+pub fn route(
+    family: wgmesh_core::Family,
+    table: u32,
+    destination: ipnet::IpNet,
+    kind: ActualRouteKind,
+    oif: Option<u32>,
+) -> ActualRoute {
+    ActualRoute {
+        family,
+        table,
+        destination,
+        kind,
+        device: None,
+        oif,
+        gateway: None,
+        metric: crate::diff::route_metric(family),
+        tos: 0,
+    }
+}

@@ -1,0 +1,475 @@
+//! nf_tables messages (`netlink-packet-netfilter`): wgmesh's tables ([`NftTable`]) encoded as
+//! one batch that replaces them, the requests that read them back, and the kernel's dumps
+//! decoded into the same model. The crate covers everything wgmesh needs here — tables with
+//! flags, base chains with hook, priority, policy and type, rules of `meta`, `cmp`,
+//! `bitwise`, `payload` and `immediate` expressions, batch delimiters, the generation
+//! barrier — so there is no hand codec for nf_tables.
+
+use netlink_packet_netfilter::nftables::{
+    Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
+    GenMessage, Hook, HookNumber, Immediate, ListAttribute, Meta, MetaKey, NfTablesMessage,
+    Operator, Payload, Register, RuleAttribute, RuleMessage, TableAttribute, TableFlags,
+    TableMessage, Verdict, VerdictAttribute,
+};
+use netlink_packet_netfilter::none::ControlMessage;
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+
+use super::{NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST};
+use crate::error::DecodeError;
+use crate::marking::{Expr, FAMILIES, NftChain, NftTable, REG_VERDICT};
+
+/// An nf_tables request: header flags and message.
+pub(crate) type NftRequest = (u16, NetfilterMessage);
+
+/// `NFNL_SUBSYS_NFTABLES`, the resource id of a batch's delimiters.
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+
+const ACKED: u16 = NLM_F_REQUEST | NLM_F_ACK;
+
+fn message(family: u8, inner: NfTablesMessage) -> NetfilterMessage {
+    NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::from(family), 0, 0),
+        inner,
+    )
+}
+
+fn delimiter(inner: ControlMessage) -> NetfilterMessage {
+    NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+        inner,
+    )
+}
+
+fn be(data: &[u8]) -> DataAttribute {
+    DataAttribute::Value(data.to_vec())
+}
+
+fn expression(e: &Expr) -> Expressions {
+    match e {
+        Expr::Meta { key, dreg } => Expressions::Meta(vec![
+            Meta::Key(MetaKey::from(*key)),
+            Meta::DestinationRegister(Register::from(*dreg)),
+        ]),
+        Expr::MetaSet { key, sreg } => Expressions::Meta(vec![
+            Meta::Key(MetaKey::from(*key)),
+            Meta::SourceRegister(Register::from(*sreg)),
+        ]),
+        Expr::Cmp { sreg, op, data } => Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::from(*sreg)),
+            Cmp::Op(Operator::from(*op)),
+            Cmp::Data(be(data)),
+        ]),
+        Expr::Bitwise {
+            sreg,
+            dreg,
+            len,
+            mask,
+            xor,
+        } => Expressions::Bitwise(vec![
+            Bitwise::SourceRegister(Register::from(*sreg)),
+            Bitwise::DestinationRegister(Register::from(*dreg)),
+            Bitwise::Length(*len),
+            Bitwise::Mask(be(mask)),
+            Bitwise::Xor(be(xor)),
+        ]),
+        Expr::Payload {
+            dreg,
+            base,
+            offset,
+            len,
+        } => Expressions::Payload(vec![
+            Payload::DestinationRegister(Register::from(*dreg)),
+            Payload::Base(*base),
+            Payload::Offset(*offset),
+            Payload::Len(*len),
+        ]),
+        Expr::Verdict { code } => Expressions::Immediate(vec![
+            Immediate::DestinationRegister(Register::Verdict),
+            Immediate::Data(DataAttribute::Verdict(vec![VerdictAttribute::Code(
+                Verdict::from(*code as u32),
+            )])),
+        ]),
+        Expr::Other { name } => Expressions::Other {
+            expression_type: name.clone(),
+            attributes: Vec::new(),
+        },
+    }
+}
+
+/// `NEWTABLE` (with `NLM_F_CREATE`: an existing table is left as it is, flags aside).
+pub(crate) fn new_table(family: u8, name: &str, flags: u32) -> NetfilterMessage {
+    message(
+        family,
+        NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![
+                TableAttribute::Name(name.to_owned()),
+                TableAttribute::Flags(TableFlags::from_bits_retain(flags)),
+            ],
+        }),
+    )
+}
+
+/// `NEWCHAIN` of a chain of table `table`, without its rules.
+pub(crate) fn new_chain(family: u8, table: &str, c: &NftChain) -> NetfilterMessage {
+    let mut attributes = vec![
+        ChainAttribute::Table(table.to_owned()),
+        ChainAttribute::Name(c.name.clone()),
+    ];
+    if let (Some(hook), Some(prio)) = (c.hook, c.priority) {
+        attributes.push(ChainAttribute::Hook(vec![
+            Hook::Number(HookNumber::Other(hook)),
+            Hook::Priority(prio as u32),
+        ]));
+    }
+    if let Some(p) = c.policy {
+        attributes.push(ChainAttribute::Policy(p));
+    }
+    if let Some(k) = &c.kind {
+        attributes.push(ChainAttribute::Type(k.clone()));
+    }
+    message(
+        family,
+        NfTablesMessage::NewChain(ChainMessage { attributes }),
+    )
+}
+
+/// `NEWRULE` appending a rule of these expressions to a chain.
+pub(crate) fn new_rule(family: u8, table: &str, chain: &str, exprs: &[Expr]) -> NetfilterMessage {
+    message(
+        family,
+        NfTablesMessage::NewRule(RuleMessage {
+            attributes: vec![
+                RuleAttribute::Table(table.to_owned()),
+                RuleAttribute::Chain(chain.to_owned()),
+                RuleAttribute::Expressions(
+                    exprs
+                        .iter()
+                        .map(|e| ListAttribute::from(expression(e)))
+                        .collect(),
+                ),
+            ],
+        }),
+    )
+}
+
+/// The nf_tables transaction that replaces wgmesh's tables named `name` (in every family of
+/// [`FAMILIES`]) with `tables` (none: only delete them). Every message but the batch
+/// delimiters asks for an acknowledgement.
+pub(crate) fn replace_batch(name: &str, tables: &[NftTable]) -> Vec<NftRequest> {
+    let create = ACKED | NLM_F_CREATE;
+    let mut out = vec![(NLM_F_REQUEST, delimiter(ControlMessage::BatchBegin))];
+    for family in FAMILIES {
+        // Create (if missing) then delete: the delete succeeds whether or not it existed.
+        out.push((create, new_table(family, name, 0)));
+        out.push((
+            ACKED,
+            message(
+                family,
+                NfTablesMessage::DeleteTable(TableMessage {
+                    attributes: vec![TableAttribute::Name(name.to_owned())],
+                }),
+            ),
+        ));
+    }
+    for t in tables {
+        out.push((create, new_table(t.family, &t.name, t.flags)));
+        for c in &t.chains {
+            out.push((create, new_chain(t.family, &t.name, c)));
+            for r in &c.rules {
+                out.push((
+                    create | NLM_F_APPEND,
+                    new_rule(t.family, &t.name, &c.name, r),
+                ));
+            }
+        }
+    }
+    out.push((NLM_F_REQUEST, delimiter(ControlMessage::BatchEnd)));
+    out
+}
+
+/// `GETTABLE` of one table (answered by `NEWTABLE` then an ack, or `ENOENT`).
+pub(crate) fn get_table(family: u8, name: &str) -> NftRequest {
+    (
+        ACKED,
+        message(
+            family,
+            NfTablesMessage::GetTable(TableMessage {
+                attributes: vec![TableAttribute::Name(name.to_owned())],
+            }),
+        ),
+    )
+}
+
+/// A dump of every chain of every family.
+pub(crate) fn dump_chains() -> NftRequest {
+    (
+        NLM_F_REQUEST | NLM_F_DUMP,
+        message(
+            0,
+            NfTablesMessage::GetChain(ChainMessage {
+                attributes: Vec::new(),
+            }),
+        ),
+    )
+}
+
+/// A dump of every rule of every family.
+pub(crate) fn dump_rules() -> NftRequest {
+    (
+        NLM_F_REQUEST | NLM_F_DUMP,
+        message(
+            0,
+            NfTablesMessage::GetRule(RuleMessage {
+                attributes: Vec::new(),
+            }),
+        ),
+    )
+}
+
+/// `GETGEN`: answered once every earlier message of the socket has been processed.
+pub(crate) fn get_gen() -> NftRequest {
+    (
+        ACKED,
+        message(
+            0,
+            NfTablesMessage::GetGen(GenMessage {
+                attributes: Vec::new(),
+            }),
+        ),
+    )
+}
+
+fn tables_message(m: &NetfilterMessage) -> Result<&NfTablesMessage, DecodeError> {
+    match &m.inner {
+        NetfilterMessageInner::NfTables(n) => Ok(n),
+        _ => Err(DecodeError::invalid(
+            "nf_tables answer",
+            "not an nf_tables message",
+        )),
+    }
+}
+
+/// A `NEWTABLE` as `(family, name, flags)`.
+pub(crate) fn decode_table(m: &NetfilterMessage) -> Result<(u8, String, u32), DecodeError> {
+    let NfTablesMessage::NewTable(t) = tables_message(m)? else {
+        return Err(DecodeError::invalid("nf_tables answer", "not a NEWTABLE"));
+    };
+    let (mut name, mut flags) = (None, 0);
+    for a in &t.attributes {
+        match a {
+            TableAttribute::Name(n) => name = Some(n.clone()),
+            TableAttribute::Flags(f) => flags = f.bits(),
+            _ => {}
+        }
+    }
+    let name = need(name, "NEWTABLE", "NFTA_TABLE_NAME")?;
+    Ok((m.header.family.into(), name, flags))
+}
+
+/// A `NEWCHAIN` as `(family, table, chain without rules)`.
+pub(crate) fn decode_chain(m: &NetfilterMessage) -> Result<(u8, String, NftChain), DecodeError> {
+    let NfTablesMessage::NewChain(c) = tables_message(m)? else {
+        return Err(DecodeError::invalid("nf_tables answer", "not a NEWCHAIN"));
+    };
+    let mut table = String::new();
+    let mut chain = NftChain {
+        name: String::new(),
+        kind: None,
+        hook: None,
+        priority: None,
+        policy: None,
+        rules: Vec::new(),
+    };
+    for a in &c.attributes {
+        match a {
+            ChainAttribute::Table(t) => table = t.clone(),
+            ChainAttribute::Name(n) => chain.name = n.clone(),
+            ChainAttribute::Type(k) => chain.kind = Some(k.clone()),
+            ChainAttribute::Policy(p) => chain.policy = Some(*p),
+            ChainAttribute::Hook(hooks) => {
+                for h in hooks {
+                    match h {
+                        Hook::Number(n) => chain.hook = Some(u32::from(*n)),
+                        Hook::Priority(p) => chain.priority = Some(*p as i32),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((m.header.family.into(), table, chain))
+}
+
+fn value(d: &DataAttribute, what: &'static str) -> Result<Vec<u8>, DecodeError> {
+    match d {
+        DataAttribute::Value(v) => Ok(v.clone()),
+        _ => Err(DecodeError::Missing {
+            what,
+            missing: "NFTA_DATA_VALUE",
+        }),
+    }
+}
+
+/// A field an expression or message must have.
+fn need<T>(v: Option<T>, what: &'static str, missing: &'static str) -> Result<T, DecodeError> {
+    v.ok_or(DecodeError::Missing { what, missing })
+}
+
+fn register(
+    r: Option<Register>,
+    what: &'static str,
+    missing: &'static str,
+) -> Result<u32, DecodeError> {
+    need(r, what, missing).map(u32::from)
+}
+
+fn decode_expr(name: &str, data: &Expressions) -> Result<Expr, DecodeError> {
+    let other = || Expr::Other {
+        name: name.to_owned(),
+    };
+    Ok(match data {
+        Expressions::Meta(attrs) => {
+            let (mut key, mut dreg, mut sreg) = (None, None, None);
+            for a in attrs {
+                match a {
+                    Meta::Key(k) => key = Some(u32::from(*k)),
+                    Meta::DestinationRegister(r) => dreg = Some(*r),
+                    Meta::SourceRegister(r) => sreg = Some(*r),
+                    _ => {}
+                }
+            }
+            let key = need(key, "meta", "NFTA_META_KEY")?;
+            match dreg {
+                Some(d) => Expr::Meta {
+                    key,
+                    dreg: u32::from(d),
+                },
+                None => Expr::MetaSet {
+                    key,
+                    sreg: register(sreg, "meta", "NFTA_META_SREG")?,
+                },
+            }
+        }
+        Expressions::Cmp(attrs) => {
+            let (mut sreg, mut op, mut d) = (None, None, None);
+            for a in attrs {
+                match a {
+                    Cmp::SourceRegister(r) => sreg = Some(*r),
+                    Cmp::Op(o) => op = Some(u32::from(*o)),
+                    Cmp::Data(x) => d = Some(value(x, "cmp")?),
+                    _ => {}
+                }
+            }
+            Expr::Cmp {
+                sreg: register(sreg, "cmp", "NFTA_CMP_SREG")?,
+                op: need(op, "cmp", "NFTA_CMP_OP")?,
+                data: need(d, "cmp", "NFTA_CMP_DATA")?,
+            }
+        }
+        Expressions::Bitwise(attrs) => {
+            let (mut sreg, mut dreg, mut len, mut mask, mut xor) = (None, None, None, None, None);
+            for a in attrs {
+                match a {
+                    Bitwise::SourceRegister(r) => sreg = Some(*r),
+                    Bitwise::DestinationRegister(r) => dreg = Some(*r),
+                    Bitwise::Length(l) => len = Some(*l),
+                    Bitwise::Mask(x) => mask = Some(value(x, "bitwise")?),
+                    Bitwise::Xor(x) => xor = Some(value(x, "bitwise")?),
+                    // Shifts (NFT_BITWISE_LSHIFT/RSHIFT) are not wgmesh's.
+                    Bitwise::Op(op) if *op != 0 => return Ok(other()),
+                    _ => {}
+                }
+            }
+            Expr::Bitwise {
+                sreg: register(sreg, "bitwise", "NFTA_BITWISE_SREG")?,
+                dreg: register(dreg, "bitwise", "NFTA_BITWISE_DREG")?,
+                len: need(len, "bitwise", "NFTA_BITWISE_LEN")?,
+                mask: need(mask, "bitwise", "NFTA_BITWISE_MASK")?,
+                xor: need(xor, "bitwise", "NFTA_BITWISE_XOR")?,
+            }
+        }
+        Expressions::Payload(attrs) => {
+            let (mut dreg, mut base, mut offset, mut len) = (None, None, None, None);
+            for a in attrs {
+                match a {
+                    Payload::DestinationRegister(r) => dreg = Some(*r),
+                    Payload::Base(b) => base = Some(*b),
+                    Payload::Offset(o) => offset = Some(*o),
+                    Payload::Len(l) => len = Some(*l),
+                    // A payload write (`SREG`) is not wgmesh's.
+                    Payload::SourceRegister(_) => return Ok(other()),
+                    _ => {}
+                }
+            }
+            Expr::Payload {
+                dreg: register(dreg, "payload", "NFTA_PAYLOAD_DREG")?,
+                base: need(base, "payload", "NFTA_PAYLOAD_BASE")?,
+                offset: need(offset, "payload", "NFTA_PAYLOAD_OFFSET")?,
+                len: need(len, "payload", "NFTA_PAYLOAD_LEN")?,
+            }
+        }
+        Expressions::Immediate(attrs) => {
+            let (mut dreg, mut code) = (None, None);
+            for a in attrs {
+                match a {
+                    Immediate::DestinationRegister(r) => dreg = Some(u32::from(*r)),
+                    Immediate::Data(DataAttribute::Verdict(v)) => {
+                        for x in v {
+                            if let VerdictAttribute::Code(c) = x {
+                                code = Some(u32::from(*c) as i32);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            match (dreg, code) {
+                (Some(REG_VERDICT), Some(code)) => Expr::Verdict { code },
+                // Loads of data into a register are not wgmesh's.
+                _ => other(),
+            }
+        }
+        _ => other(),
+    })
+}
+
+/// A `NEWRULE` as `(family, table, chain, expressions)`.
+pub(crate) fn decode_rule(
+    m: &NetfilterMessage,
+) -> Result<(u8, String, String, Vec<Expr>), DecodeError> {
+    let NfTablesMessage::NewRule(r) = tables_message(m)? else {
+        return Err(DecodeError::invalid("nf_tables answer", "not a NEWRULE"));
+    };
+    let (mut table, mut chain, mut exprs) = (String::new(), String::new(), Vec::new());
+    for a in &r.attributes {
+        match a {
+            RuleAttribute::Table(t) => table = t.clone(),
+            RuleAttribute::Chain(c) => chain = c.clone(),
+            RuleAttribute::Expressions(list) => {
+                for elem in list {
+                    let ListAttribute::Element(attrs) = elem else {
+                        continue;
+                    };
+                    let mut name = String::new();
+                    let mut data = None;
+                    for x in attrs {
+                        match x {
+                            ExpressionAttribute::Name(n) => name = n.clone(),
+                            ExpressionAttribute::Data(d) => data = Some(d),
+                            _ => {}
+                        }
+                    }
+                    exprs.push(match data {
+                        Some(d) => decode_expr(&name, d)?,
+                        None => Expr::Other { name },
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((m.header.family.into(), table, chain, exprs))
+}

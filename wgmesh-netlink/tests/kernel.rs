@@ -1,0 +1,273 @@
+//! The executor against the message-level fake kernel: what the bytes on the wire do —
+//! pipelining and the receive buffer, refusals at every message and the kernel's
+//! explanations, the two kernels' allowed-IP quirks, split dumps of big devices. No
+//! privileges needed.
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+use wgmesh_core::{
+    Cluster, Event, Family, IncrementalPlanner, MeshConfig, NodePlan, Rule, plan_node,
+};
+use wgmesh_netlink::testing::{FakeKernel, KernelVersion};
+use wgmesh_netlink::{
+    Backend, Dataplane, Error, Linux, LinuxConfig, Operation, Ownership, Reconciler,
+};
+
+#[path = "common/big.rs"]
+mod big;
+mod common;
+use big::big_cluster;
+use common::{four_nodes, ring};
+
+fn linux(kernel: FakeKernel) -> Linux<FakeKernel> {
+    Linux::with_kernel(kernel, LinuxConfig::with_backend(Backend::Kernel))
+        .expect("the fake kernel resolves the wireguard family")
+}
+
+fn own() -> Ownership {
+    Ownership::from_mesh(&MeshConfig::default())
+}
+
+fn small() -> Cluster {
+    four_nodes(r#""host_encryption": true, "persistent_keepalive": 25"#)
+}
+
+/// Applies `plan` from scratch, reads the device back through the kernel's (split) dumps and
+/// checks every peer and allowed IP; a second reconcile does nothing.
+fn apply_and_read_back(kernel: FakeKernel, plan: &NodePlan) -> Linux<FakeKernel> {
+    let mut r = Reconciler::new(linux(kernel), own(), ring());
+    r.reconcile(plan).unwrap();
+    let s = r.dataplane_mut().read(&own(), &[]).unwrap();
+    let i = &plan.interfaces[0];
+    let dev = &s.devices[&i.name];
+    assert_eq!(dev.peers.len(), i.peers.len());
+    for p in &i.peers {
+        let want: BTreeSet<IpNet> = p.allowed_ips.iter().copied().collect();
+        assert_eq!(dev.peers[&p.public_key].allowed_ips, want);
+    }
+    assert_eq!(
+        s.routes.len(),
+        plan.routes.iter().filter(|r| r.table == 1).count()
+    );
+    assert!(r.reconcile(plan).unwrap().is_noop());
+    r.into_dataplane()
+}
+
+#[test]
+fn five_thousand_peers_apply_and_read_back_through_split_dumps() {
+    let plan = plan_node(&big_cluster(5_000, 1), "a").unwrap();
+    let mut k = FakeKernel::new();
+    // Small dump messages, as a 4 KiB receive buffer gets them: many parts.
+    k.dump_message_size = 4096;
+    let l = apply_and_read_back(k, &plan);
+    assert!(l.kernel().messages_received() > 5_000);
+}
+
+#[test]
+fn one_peer_with_100k_allowed_ips_applies_and_reads_back() {
+    let plan = plan_node(&big_cluster(2, 100_000), "a").unwrap();
+    let mut k = FakeKernel::new();
+    k.dump_message_size = 4096;
+    // The peer's allowed IPs span hundreds of dump messages, each continuing the peer with
+    // its key and more IPs.
+    apply_and_read_back(k, &plan);
+}
+
+#[test]
+fn pipelining_packs_many_messages_per_datagram_and_bounds_unread_answers() {
+    let plan = plan_node(&big_cluster(400, 5), "a").unwrap();
+    let mut r = Reconciler::new(linux(FakeKernel::new()), own(), ring());
+    let report = r.reconcile(&plan).unwrap();
+    let k = r.dataplane().kernel();
+    assert!(report.messages > 400, "{}", report.messages);
+    // 32 acknowledged requests per datagram at most, and no more than 64 in flight: the
+    // socket never holds more than 64 acknowledgements (36 bytes each, capped) unread.
+    let per_datagram = k.messages_received() as f64 / k.datagrams_received() as f64;
+    assert!(
+        per_datagram > 10.0,
+        "{per_datagram:.1} messages per datagram"
+    );
+    assert!(
+        k.most_unread() <= 64 * 36,
+        "{} bytes unread",
+        k.most_unread()
+    );
+}
+
+#[test]
+fn an_overflowing_receive_buffer_is_an_error_not_a_hang() {
+    let plan = plan_node(&big_cluster(400, 5), "a").unwrap();
+    let mut k = FakeKernel::new();
+    // Smaller than a window of acknowledgements: the kernel drops answers (ENOBUFS).
+    k.receive_buffer = 1000;
+    let mut r = Reconciler::new(linux(k), own(), ring());
+    let e = r.reconcile(&plan).unwrap_err();
+    assert_eq!(e.errno(), Some(105), "{e}");
+    // With room again, the next reconcile repairs.
+    r.dataplane_mut().kernel_mut().receive_buffer = 4 << 20;
+    r.reconcile(&plan).unwrap();
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+}
+
+/// Every request of a fresh apply, refused in turn (`EINVAL` with an explanation): the
+/// error names the operation and carries the kernel's words, and the next reconcile
+/// converges — also when the refused message sat in the middle of a pipelined datagram
+/// whose later messages the kernel did apply.
+#[test]
+fn a_refusal_at_every_message_is_repaired_by_the_next_reconcile() {
+    let plan = plan_node(&small(), "a").unwrap();
+    let total = {
+        let mut r = Reconciler::new(linux(FakeKernel::new()), own(), ring());
+        let before = r.dataplane().kernel().messages_received();
+        r.reconcile(&plan).unwrap();
+        r.dataplane().kernel().messages_received() - before
+    };
+    assert!(total > 20, "{total}");
+    let mut refused_all = false;
+    for n in 0..total {
+        let mut r = Reconciler::new(linux(FakeKernel::new()), own(), ring());
+        r.dataplane_mut()
+            .kernel_mut()
+            .refuse_request(n, 22, Some("injected by the test"));
+        match r.reconcile(&plan) {
+            Err(e) => {
+                assert_eq!(e.root().errno(), Some(22), "n={n}: {e}");
+                assert_eq!(e.kernel_message(), Some("injected by the test"), "n={n}");
+                assert!(
+                    e.to_string()
+                        .contains("the kernel says: injected by the test")
+                );
+                assert!(!r.dataplane().kernel().refusal_pending());
+            }
+            // Past the last request: the two nf_tables batch delimiters are not refused.
+            Ok(_) => {
+                assert!(r.dataplane().kernel().refusal_pending(), "n={n}: unnoticed");
+                assert!(n >= total - 2, "n={n} of {total}");
+                refused_all = true;
+                continue;
+            }
+        }
+        r.reconcile(&plan).unwrap();
+        assert!(r.reconcile(&plan).unwrap().is_noop(), "n={n}");
+    }
+    assert!(refused_all);
+}
+
+fn workload_ip_removal(version: KernelVersion) -> (usize, Option<bool>, Linux<FakeKernel>) {
+    let c = four_nodes(r#""route_source": "workload_ips""#);
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let mut r = Reconciler::new(
+        linux(FakeKernel::new().with_version(version)),
+        own(),
+        ring(),
+    );
+    r.reconcile(&planner.plan()).unwrap();
+    let b = c.node("b").unwrap().clone();
+    let mut messages = 0;
+    for ip in ["10.66.0.1", "10.66.0.2"] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let d = planner
+            .apply(Event::WorkloadIpAdded {
+                node: "b".into(),
+                ip,
+            })
+            .unwrap();
+        r.apply_delta(&d).unwrap();
+        let d = planner
+            .apply(Event::WorkloadIpRemoved {
+                node: "b".into(),
+                ip,
+            })
+            .unwrap();
+        let report = r.apply_delta(&d).unwrap();
+        assert!(
+            report
+                .operations
+                .iter()
+                .any(|o| matches!(o, Operation::RemoveAllowedIps { .. })),
+            "{:#?}",
+            report.operations
+        );
+        // The second removal: after the capability was probed.
+        messages = report.messages;
+    }
+    assert!(r.resync().unwrap().is_noop());
+    let state = r.dataplane_mut().read(&own(), &[]).unwrap();
+    let dev = &state.devices["wireguard.cali"];
+    let peer = &dev.peers[&b.wireguard.as_ref().unwrap().key(Family::V4).unwrap()];
+    assert!(!peer.allowed_ips.contains(&"10.66.0.2/32".parse().unwrap()));
+    assert!(peer.allowed_ips.contains(&"10.65.0.5/32".parse().unwrap()));
+    assert_eq!(dev.peers.len(), 2, "no throwaway peer is left");
+    (
+        messages,
+        state.remove_allowed_ip_supported,
+        r.into_dataplane(),
+    )
+}
+
+#[test]
+fn linux_6_12_removes_an_allowed_ip_in_one_message_and_6_1_through_a_throwaway_peer() {
+    // One route delete and one peer update on 6.12…
+    let (m, supported, _) = workload_ip_removal(KernelVersion::Linux6_12);
+    assert_eq!((m, supported), (2, Some(true)));
+    // …and on 6.1, which refuses the per-IP flag, the IP moves to a throwaway peer that is
+    // removed right after: two peer updates.
+    let (m, supported, _) = workload_ip_removal(KernelVersion::Linux6_1);
+    assert_eq!((m, supported), (3, Some(false)));
+}
+
+#[test]
+fn kernel_errors_name_the_operation() {
+    let mut l = linux(FakeKernel::new());
+    l.kernel_mut().add_link("wg0", Some("dummy"), 1500, true);
+    let e = l
+        .execute(
+            &[Operation::CreateLink {
+                interface: "wg0".into(),
+                kind: wgmesh_netlink::LinkKind::Wireguard,
+                mtu: 1420,
+            }],
+            &ring(),
+        )
+        .unwrap_err();
+    assert_eq!(e.root().errno(), Some(17), "{e}");
+    assert!(e.to_string().contains("create link wg0"), "{e}");
+    let rule = Rule {
+        family: Family::V6,
+        priority: 7,
+        table: 7,
+        firewall_mark: 1,
+        firewall_mask: 1,
+        invert: false,
+    };
+    let e = l
+        .execute(
+            &[
+                Operation::AddRule { rule: rule.clone() },
+                Operation::AddRule { rule },
+            ],
+            &ring(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Operation { index: 1, .. }) && e.root().errno() == Some(17),
+        "{e}"
+    );
+}
+
+#[test]
+fn without_the_wireguard_module_auto_picks_userspace_and_kernel_is_refused() {
+    let mut k = FakeKernel::new();
+    k.wireguard = false;
+    let e = Linux::with_kernel(k.clone(), LinuxConfig::with_backend(Backend::Kernel)).unwrap_err();
+    assert!(matches!(e, Error::NoKernelWireGuard { .. }), "{e}");
+    let l = Linux::with_kernel(k, LinuxConfig::with_backend(Backend::Auto)).unwrap();
+    assert!(!l.is_kernel());
+    assert!(
+        l.backend_description()
+            .contains("auto found no kernel WireGuard (generic netlink family lookup: errno 2)"),
+        "{}",
+        l.backend_description()
+    );
+}
