@@ -26,8 +26,11 @@ scripts/ensure-deps.sh wg:wireguard-tools wireguard-go:wireguard-go nft:nftables
 out=target/e2e
 mkdir -p "$out"
 
-step "build the e2e test binary and the netns-demo example"
+step "build the e2e test binary, the wgmesh CLI (its \`why\` judges every flow) and the netns-demo example"
 cargo build --example netns-demo
+cargo build --features cli --bin wgmesh
+why="$PWD/target/debug/wgmesh"
+export WGMESH_WHY="$why"
 bin=$(cargo test -p wgmesh-e2e --test e2e --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for l in sys.stdin:
@@ -43,6 +46,7 @@ stale=$(left_behind)
 step "kernel WireGuard in the VM (background) and userspace WireGuard on the host"
 scripts/vm/prepare.sh >/dev/null
 scripts/vm/run.sh --timeout 900 --strip-debug --env WGMESH_E2E_BACKEND=kernel \
+  --file "$why" --env WGMESH_WHY="$why" \
   "$bin" --ignored --test-threads=1 --nocapture --skip changes_workload_ips >"$out/kernel.log" 2>&1 &
 vm=$!
 set +e

@@ -1,13 +1,17 @@
 //! `wgmesh apply`: bad input exits with code 2 and one line (never a panic); as root, a first
-//! run applies, a second reports 0 operations, and `--dry-run` changes nothing.
+//! run applies, a second reports 0 operations, and `--dry-run` changes nothing; `status` and
+//! `why --live` find the host matching its plan, then name drift made by hand.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
+    wgmesh(&[&["apply"], args].concat())
+}
+
+fn wgmesh(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wgmesh"))
-        .arg("apply")
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         // Only the arguments count: no fallbacks from the environment the tests run in.
@@ -146,6 +150,7 @@ fn second_run_reports_zero_and_dry_run_changes_nothing() {
     );
     let second = json(&base);
     assert_eq!(second["operations"], 0);
+    status_and_why_live_name_hand_made_drift(k);
     let secret = std::fs::read_to_string(&key).unwrap();
     assert!(
         !first.to_string().contains(secret.trim()),
@@ -173,4 +178,132 @@ fn second_run_reports_zero_and_dry_run_changes_nothing() {
     ]);
     assert!(down["operations"].as_u64().unwrap() > 0);
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// On a host programmed with `NODE`'s plan: `status` and `why --live` report no drift and
+/// exit 0; after an MTU change and a peer removed by hand (ip, wg), both exit 3 and name
+/// each; an apply repairs it.
+fn status_and_why_live_name_hand_made_drift(key: &str) {
+    let live = [
+        "--cluster",
+        CLUSTER,
+        "--node",
+        NODE,
+        "--private-key",
+        key,
+        "--backend",
+        "userspace",
+        "--format",
+        "json",
+    ];
+    let check = |args: &[&str], code: i32| -> serde_json::Value {
+        let out = wgmesh(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let status = check(&[&["status"], &live[..]].concat(), 0);
+    assert_eq!(status["drift"], serde_json::json!([]));
+    assert_eq!(status["healthy"], true);
+    let mut peers: Vec<(String, String)> = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["node"].as_str().unwrap().to_owned(),
+                p["endpoint"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    peers.sort();
+    assert_eq!(
+        peers,
+        [
+            (
+                "aks-nodepool1-19852467-vmss000001".to_owned(),
+                "10.240.0.35:51820".to_owned()
+            ),
+            (
+                "aks-nodepool1-19852467-vmss000002".to_owned(),
+                "10.240.0.64:51820".to_owned()
+            )
+        ]
+    );
+    let why = [
+        "why",
+        "10.240.0.5",
+        "10.240.0.65",
+        "--live",
+        "--cluster",
+        CLUSTER,
+        "--node",
+        NODE,
+        "--private-key",
+        key,
+        "--backend",
+        "userspace",
+        "--format",
+        "json",
+    ];
+    let w = check(&why, 0);
+    assert_eq!(w["verdict"], "encrypted");
+    assert_eq!(w["drift"], serde_json::json!([]));
+
+    // Drift by hand.
+    let sh = |cmd: &[&str]| {
+        let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&["ip", "link", "set", "wireguard.cali", "mtu", "1300"]);
+    sh(&[
+        "wg",
+        "set",
+        "wireguard.cali",
+        "peer",
+        "bbcKpAY+Q9VpmIRLT+yPaaOALxqnonxBuk5LRlvKClA=",
+        "remove",
+    ]);
+    let status = check(&[&["status"], &live[..]].concat(), 3);
+    assert_eq!(status["healthy"], false);
+    let drift: Vec<String> = status["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        drift
+            .iter()
+            .any(|d| d.contains("mtu") && d.contains("1440")),
+        "{drift:?}"
+    );
+    assert!(drift.iter().any(|d| d.contains("bbcKpAY+")), "{drift:?}");
+    assert_eq!(
+        status["missing_peers"],
+        serde_json::json!(["aks-nodepool1-19852467-vmss000001 (wireguard.cali)"])
+    );
+    let w = check(&why, 3);
+    assert_eq!(w["drift"].as_array().unwrap().len(), drift.len());
+    // Text: the drift lines and the summary.
+    let out = wgmesh(&[&["status"], &live[..live.len() - 2]].concat());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("drift: "), "{text}");
+    assert!(text.contains("1 peers, "), "{text}");
+    // An apply repairs it.
+    let out = run(&live);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check(&[&["status"], &live[..]].concat(), 0);
 }

@@ -19,6 +19,7 @@
 //! | [`claims`] | the trust rules: what a node may claim, and what happens to disputed claims |
 //! | [`diagnostics`] | why a node is plain, which keys or prefixes clash, which claims are refused |
 //! | [`sim`] | a packet-path simulator that checks plans against the design's promises |
+//! | [`graph`] | the mesh as a picture (DOT, SVG): node states and the simulator's verdict per pair |
 //!
 //! ## Trust
 //!
@@ -60,6 +61,7 @@ pub mod claims;
 pub mod delta;
 pub mod diagnostics;
 pub mod error;
+pub mod graph;
 pub mod incremental;
 pub mod key;
 pub mod model;

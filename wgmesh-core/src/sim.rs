@@ -367,7 +367,14 @@ impl Walk<'_> {
             .iter()
             .any(|s| s.key == SRC_VALID_MARK && s.value == "1");
         let mark = if valid_mark { mark } else { 0 };
+        let before = self.hops.len();
         let back = self.lookup(node, src, mark);
+        // The reverse lookup's steps are the check's, not the packet's path.
+        for hop in &mut self.hops[before..] {
+            if let Some((name, rest)) = hop.split_once(": ") {
+                *hop = format!("{name}: reverse-path check of {src}: {rest}");
+            }
+        }
         match (back, iface) {
             (Some(Next::Dev(d)), Iface::Mesh(m)) => d == *m,
             (Some(Next::Workload(ip)), Iface::Workload(w)) => ip == *w,
@@ -443,7 +450,10 @@ impl Walk<'_> {
                 }
                 self.hop(
                     node,
-                    format!("plaintext on the underlay to {}", self.sim.name(to)),
+                    format!(
+                        "main table: plaintext on the underlay to {}",
+                        self.sim.name(to)
+                    ),
                 );
                 self.receive_plain(to, src, dst)
             }

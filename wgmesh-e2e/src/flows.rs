@@ -4,7 +4,9 @@
 //! - **expected**, from the design's rules ([`expected`]): same node → local; a node without
 //!   WireGuard at either end → plain; host traffic → encrypted iff host encryption; pods on
 //!   two WireGuard nodes → encrypted;
-//! - **simulated**, from wgmesh-core's packet-path simulator over the same cluster;
+//! - **simulated**, from wgmesh-core's packet-path simulator over the same cluster, and, when
+//!   `WGMESH_WHY` names a `wgmesh` binary (scripts/test-e2e.sh sets it), the operator's
+//!   `wgmesh why` over the same cluster written to a file (echo flows);
 //! - **observed**, from real packets: echo requests sent through the kernel, replies counted,
 //!   and the nftables counters of every node's underlay ([`crate::count`]) read.
 //!
@@ -110,6 +112,9 @@ pub struct Row {
     pub expected: Verdict,
     /// The simulator's verdict (`None` when it cannot tell: a node outside the cluster).
     pub simulated: Option<Verdict>,
+    /// `wgmesh why`'s verdict (`None`: `WGMESH_WHY` unset, a probe it does not judge, or a
+    /// node outside the cluster).
+    pub why: Option<Verdict>,
     /// What the packets showed.
     pub observed: Verdict,
     /// Requests sent / replies received / refused locally.
@@ -223,6 +228,51 @@ fn simulated(model: &Model, flow: &Flow, r: &Resolved<'_>) -> Option<Verdict> {
     Some(verdict)
 }
 
+/// `wgmesh why`'s verdict for an echo flow, from the binary `WGMESH_WHY` names, over `model`
+/// written to a file; `None` without it, for probes it does not judge (MTU), and for nodes
+/// outside the cluster.
+fn why(model: &Model, flow: &Flow, r: &Resolved<'_>) -> Result<Option<Verdict>> {
+    let Some(bin) = std::env::var_os("WGMESH_WHY") else {
+        return Ok(None);
+    };
+    if flow.probe != Probe::Echo
+        || model.node(&r.src_node).is_none()
+        || model.node(&r.dst_node).is_none()
+    {
+        return Ok(None);
+    }
+    let file = std::env::temp_dir().join(format!("wgmesh-e2e-why-{}.json", std::process::id()));
+    let text =
+        serde_json::to_string(model).map_err(|e| Error::new(format!("cluster as JSON: {e}")))?;
+    std::fs::write(&file, text).map_err(|e| Error::new(format!("{}: {e}", file.display())))?;
+    let src = match &flow.src {
+        End::Pod(_) => r.src_ip.to_string(),
+        End::Host(n) => n.clone(),
+    };
+    let out = std::process::Command::new(&bin)
+        .args(["why", &src, &r.dst_ip.to_string(), "--cluster"])
+        .arg(&file)
+        .args(["--format", "json", "--family", flow.family.as_str()])
+        .output()
+        .map_err(|e| Error::new(format!("WGMESH_WHY {}: {e}", bin.to_string_lossy())))?;
+    let _ = std::fs::remove_file(&file);
+    if !out.status.success() {
+        return Err(Error::new(format!(
+            "wgmesh why {src} {}: {}",
+            r.dst_ip,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::new(format!("wgmesh why's answer: {e}")))?;
+    Ok(Some(match answer["verdict"].as_str() {
+        Some("local") => Verdict::Local,
+        Some("encrypted") => Verdict::Encrypted,
+        Some("plain") => Verdict::Plain,
+        other => Verdict::Other(format!("why: {other:?} {}", answer["reason"])),
+    }))
+}
+
 /// What the source node's plan does with a packet to `dst`.
 fn path(plan: &NodePlan, flow: &Flow, dst: IpAddr, local: bool) -> String {
     let last = if local { "veth" } else { "eth0" };
@@ -314,6 +364,7 @@ pub fn run(cluster: &Cluster, flow: &Flow) -> Result<Row> {
     let model = cluster.model()?;
     let expected = expected(&model, flow, &r.src_node, &r.dst_node);
     let simulated = simulated(&model, flow, &r);
+    let why = why(&model, flow, &r)?;
     let plan = cluster.plan(&r.src_node)?;
     let path = path(&plan, flow, r.dst_ip, r.src_node == r.dst_node);
     let nodes = cluster.node_names();
@@ -391,7 +442,9 @@ pub fn run(cluster: &Cluster, flow: &Flow) -> Result<Row> {
             "mixed: src {src:?} dst {dst:?}, plaintext {plain_total}, wg {wg_out}"
         ))
     };
-    let pass = observed == expected && simulated.as_ref().is_none_or(|s| *s == expected);
+    let pass = observed == expected
+        && simulated.as_ref().is_none_or(|s| *s == expected)
+        && why.as_ref().is_none_or(|w| *w == expected);
     let suffix = match flow.probe {
         Probe::Echo => String::new(),
         Probe::DfAtMtu => format!(", DF {len} B"),
@@ -406,6 +459,7 @@ pub fn run(cluster: &Cluster, flow: &Flow) -> Result<Row> {
         path,
         expected,
         simulated,
+        why,
         observed,
         echo: (stats.sent, stats.received, stats.too_big),
         wire: (plain_out, wg_out),
@@ -421,18 +475,19 @@ pub fn run_all(cluster: &Cluster, flows: &[Flow]) -> Result<Vec<Row>> {
 /// The rows as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| flow | path (source node's plan) | expected | simulated | observed | echo sent/replies | on the wire: plaintext / WireGuard data | pass |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| flow | path (source node's plan) | expected | simulated | `wgmesh why` | observed | echo sent/replies | on the wire: plaintext / WireGuard data | pass |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {}/{} | {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {}/{} | {} / {} | {} |\n",
             r.label,
             r.path,
             r.expected,
             r.simulated
                 .as_ref()
                 .map_or("–".to_owned(), ToString::to_string),
+            r.why.as_ref().map_or("–".to_owned(), ToString::to_string),
             r.observed,
             r.echo.0,
             r.echo.1,
@@ -451,12 +506,13 @@ pub fn check(rows: &[Row]) -> Result<()> {
         .filter(|r| !r.pass)
         .map(|r| {
             format!(
-                "{}: expected {}, simulated {}, observed {}",
+                "{}: expected {}, simulated {}, why {}, observed {}",
                 r.label,
                 r.expected,
                 r.simulated
                     .as_ref()
                     .map_or("–".to_owned(), ToString::to_string),
+                r.why.as_ref().map_or("–".to_owned(), ToString::to_string),
                 r.observed
             )
         })

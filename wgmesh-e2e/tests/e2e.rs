@@ -55,6 +55,18 @@ fn check_flows(cluster: &Cluster, title: &str) {
     if let Err(e) = flows::check(&rows) {
         panic!("{title}: {e}");
     }
+    // scripts/test-e2e.sh names the wgmesh binary: then `wgmesh why` judged every echo flow.
+    if std::env::var_os("WGMESH_WHY").is_some() {
+        let judged = rows.iter().filter(|r| r.why.is_some()).count();
+        let echoes = rows
+            .iter()
+            .filter(|r| r.flow.probe == flows::Probe::Echo)
+            .count();
+        assert_eq!(
+            judged, echoes,
+            "{title}: wgmesh why judged {judged} of {echoes} echo flows"
+        );
+    }
 }
 
 fn flows_for(route_source: RouteSource) {

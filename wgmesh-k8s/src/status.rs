@@ -222,6 +222,8 @@ pub struct PublishedCondition {
     pub condition: MeshCondition,
     /// `lastTransitionTime`.
     pub since: Option<Time>,
+    /// `lastHeartbeatTime`: the agent's latest write; an old one means a silent agent.
+    pub heartbeat: Option<Time>,
 }
 
 /// wgmesh's condition on a Node, if it carries one.
@@ -240,6 +242,7 @@ pub fn published_condition(node: &K8sNode) -> Option<PublishedCondition> {
             message: c.message.clone().unwrap_or_default(),
         },
         since: c.last_transition_time.clone(),
+        heartbeat: c.last_heartbeat_time.clone(),
     })
 }
 

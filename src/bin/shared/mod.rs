@@ -21,7 +21,14 @@ pub(crate) enum Failure {
     Input(String),
     /// The work itself failed (netlink, the API server): exit code 1.
     Runtime(String),
+    /// A check ran and found the mesh unhealthy (`wgmesh status`, `why --live`): exit code
+    /// [`UNHEALTHY`], after the report was printed.
+    #[allow(dead_code)] // the agent binary shares this module and never reports it
+    Unhealthy(String),
 }
+
+/// The exit code of a check that found the mesh unhealthy.
+pub(crate) const UNHEALTHY: u8 = 3;
 
 impl Failure {
     /// Prints `error: …` on one line and returns the exit code.
@@ -34,6 +41,10 @@ impl Failure {
             Failure::Runtime(e) => {
                 say(&format!("error: {e}"));
                 ExitCode::FAILURE
+            }
+            Failure::Unhealthy(e) => {
+                say(&format!("unhealthy: {e}"));
+                ExitCode::from(UNHEALTHY)
             }
         }
     }

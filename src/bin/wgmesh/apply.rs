@@ -11,6 +11,7 @@ use wgmesh::netlink::keys::{DEFAULT_PRIVATE_KEY_FILE, KeyOrigin, load, load_or_g
 use wgmesh::netlink::{Backend, KeyRing, Linux, LinuxConfig, Ownership, Reconciler, Report};
 
 use crate::emit;
+use crate::live::parse_backend;
 use crate::shared::{Failure, emit_json, say};
 use crate::source::ClusterSource;
 
@@ -41,10 +42,6 @@ pub(crate) struct Args {
     /// The output format.
     #[arg(long, short, value_enum, default_value_t = Format::Text)]
     format: Format,
-}
-
-fn parse_backend(text: &str) -> Result<Backend, String> {
-    text.parse().map_err(String::from)
 }
 
 fn print(report: &Report, backend: &str, format: Format) -> Result<(), Failure> {

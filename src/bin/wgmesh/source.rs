@@ -4,6 +4,8 @@
 //! (`wgmesh_k8s::snapshot`), with the mesh settings of the agent's configuration file
 //! (`--agent-config`), so they show what the agents would program.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use wgmesh::core::Cluster;
@@ -37,14 +39,44 @@ pub(crate) struct Loaded {
     pub(crate) cluster: Cluster,
     /// Objects or values the adapter left out, one line each.
     pub(crate) warnings: Vec<String>,
+    /// Pods holding workload addresses, by `namespace/name` (Kubernetes sources only).
+    pub(crate) pods: BTreeMap<String, Pod>,
+    /// What each agent reports on its Node (`--kubeconfig` and `--from-kubectl` only).
+    #[cfg(feature = "agent")]
+    pub(crate) conditions: BTreeMap<String, wgmesh::k8s::status::PublishedCondition>,
+    /// Whether the cluster came from Kubernetes objects (not a cluster file).
+    pub(crate) from_kubernetes: bool,
+}
+
+/// A pod of a Kubernetes source.
+pub(crate) struct Pod {
+    /// The node it runs on.
+    pub(crate) node: String,
+    /// Its addresses.
+    pub(crate) ips: Vec<IpAddr>,
 }
 
 const SOURCES: &str = "--cluster FILE, --from-kubectl FILE... or --kubeconfig [PATH]";
 
 impl ClusterSource {
+    /// Whether a Kubernetes source (`--from-kubectl`, `--kubeconfig`) was given.
+    #[cfg(feature = "netlink")]
+    pub(crate) fn is_kubernetes(&self) -> bool {
+        #[cfg(feature = "agent")]
+        return !self.from_kubectl.is_empty() || self.kubeconfig.is_some();
+        #[cfg(not(feature = "agent"))]
+        false
+    }
+
+    /// Whether any source was given.
+    #[cfg(feature = "netlink")]
+    pub(crate) fn is_given(&self) -> bool {
+        self.cluster.is_some() || self.is_kubernetes()
+    }
+
     pub(crate) fn load(&self) -> Result<Loaded, Failure> {
         #[cfg(feature = "agent")]
-        if !self.from_kubectl.is_empty() || self.kubeconfig.is_some() {
+        if self.is_kubernetes() {
             return self.load_from_kubernetes();
         }
         let path = self
@@ -56,6 +88,10 @@ impl ClusterSource {
         Ok(Loaded {
             cluster,
             warnings: Vec::new(),
+            pods: BTreeMap::new(),
+            #[cfg(feature = "agent")]
+            conditions: BTreeMap::new(),
+            from_kubernetes: false,
         })
     }
 
@@ -102,6 +138,21 @@ impl ClusterSource {
         Ok(Loaded {
             cluster: snap.cluster,
             warnings: snap.warnings.iter().map(ToString::to_string).collect(),
+            pods: snap
+                .pods
+                .into_values()
+                .map(|p| {
+                    (
+                        p.name,
+                        Pod {
+                            node: p.node,
+                            ips: p.ips,
+                        },
+                    )
+                })
+                .collect(),
+            conditions: snap.conditions,
+            from_kubernetes: true,
         })
     }
 }
