@@ -82,7 +82,7 @@ fn finish<T: Serialize>(
         Format::Text => emit(&text)?,
     }
     if problems > 0 {
-        Err(Failure::Unhealthy(format!("{problems} problems found")))
+        Err(Failure::Unhealthy(format!("problems found: {problems}")))
     } else {
         Ok(())
     }
@@ -212,27 +212,54 @@ mod node {
 
     fn text(r: &Report, keepalive: bool) -> String {
         let mut out = format!("backend: {}\n", r.backend);
-        out.push_str(&format!(
-            "{:<10} {:<24} {:<24} {:>10} {:>12} {:>12}\n",
-            "interface", "peer", "endpoint", "handshake", "rx bytes", "tx bytes"
-        ));
-        for p in &r.peers {
-            let name = p
-                .node
-                .clone()
-                .unwrap_or_else(|| format!("{}…", &p.public_key[..8.min(p.public_key.len())]));
-            let hs = p
-                .handshake_age_seconds
-                .map(|s| format!("{} ago", human(Duration::from_secs(s))))
-                .unwrap_or_else(|| "never".into());
+        let rows: Vec<[String; 6]> = r
+            .peers
+            .iter()
+            .map(|p| {
+                [
+                    p.interface.clone(),
+                    p.node.clone().unwrap_or_else(|| {
+                        format!("{}…", p.public_key.chars().take(8).collect::<String>())
+                    }),
+                    p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                    p.handshake_age_seconds
+                        .map(|s| format!("{} ago", human(Duration::from_secs(s))))
+                        .unwrap_or_else(|| "never".into()),
+                    p.rx_bytes.to_string(),
+                    p.tx_bytes.to_string(),
+                ]
+            })
+            .collect();
+        let head = [
+            "interface",
+            "peer",
+            "endpoint",
+            "handshake",
+            "rx bytes",
+            "tx bytes",
+        ]
+        .map(str::to_owned);
+        let mut w = head.clone().map(|h| h.chars().count());
+        for row in &rows {
+            for (i, cell) in row.iter().enumerate() {
+                w[i] = w[i].max(cell.chars().count());
+            }
+        }
+        for row in std::iter::once(&head).chain(&rows) {
             out.push_str(&format!(
-                "{:<10} {:<24} {:<24} {:>10} {:>12} {:>12}\n",
-                p.interface,
-                name,
-                p.endpoint.as_deref().unwrap_or("-"),
-                hs,
-                p.rx_bytes,
-                p.tx_bytes
+                "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}  {:>w5$}\n",
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                w0 = w[0],
+                w1 = w[1],
+                w2 = w[2],
+                w3 = w[3],
+                w4 = w[4],
+                w5 = w[5]
             ));
         }
         for m in &r.missing_peers {
