@@ -234,22 +234,7 @@ fn status_and_why_live_name_hand_made_drift(key: &str) {
             )
         ]
     );
-    let why = [
-        "why",
-        "10.240.0.5",
-        "10.240.0.65",
-        "--live",
-        "--cluster",
-        CLUSTER,
-        "--node",
-        NODE,
-        "--private-key",
-        key,
-        "--backend",
-        "userspace",
-        "--format",
-        "json",
-    ];
+    let why = [&["why", "10.240.0.5", "10.240.0.65", "--live"], &live[..]].concat();
     let w = check(&why, 0);
     assert_eq!(w["verdict"], "encrypted");
     assert_eq!(w["drift"], serde_json::json!([]));

@@ -4,33 +4,21 @@
 //! AKS fixtures), and from the loopback API server, where nothing but lists may be sent.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/loopback_api.rs"]
 mod loopback_api;
 
-const NODES: &str = "wgmesh-k8s/tests/fixtures/aks-azure-cni-nodes.json";
-const PODS: &str = "wgmesh-k8s/tests/fixtures/aks-azure-cni-pods.json";
-const CONFIG: &str = "deploy/agent.yaml";
+use cli::{CONFIG, NODES, PODS, wgmesh};
+
 const AKS: &str = "examples/clusters/aks-azure-cni.json";
 const MIXED: &str = "examples/clusters/mixed-dual-stack.yaml";
 const N0: &str = "aks-nodepool1-19852467-vmss000000";
 const N1: &str = "aks-nodepool1-19852467-vmss000001";
 const N2: &str = "aks-nodepool1-19852467-vmss000002";
-
-fn wgmesh(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgmesh"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("KUBECONFIG")
-        .env_remove("WGMESH_CLUSTER")
-        .env_remove("NODE_NAME")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .unwrap()
-}
 
 fn json_out(args: &[&str], code: i32) -> Value {
     let out = wgmesh(args);
@@ -215,15 +203,7 @@ fn plan_all_summarises_every_node_and_its_state() {
     );
     // A duplicate key excludes both nodes, and says so.
     let dir = tempdir("dup");
-    let file = dir.join("dup.json");
-    std::fs::write(
-        &file,
-        r#"{"nodes": [
-          {"name": "a", "addresses": ["10.0.0.1"], "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
-          {"name": "b", "addresses": ["10.0.0.2"], "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
-          {"name": "c", "addresses": ["10.0.0.3"], "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#,
-    )
-    .unwrap();
+    let file = duplicate_key_cluster(&dir);
     let out = wgmesh(&["plan", "--all", "-c", file.to_str().unwrap()]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
@@ -234,6 +214,20 @@ fn plan_all_summarises_every_node_and_its_state() {
     assert!(text.contains("ipv4: duplicate key"), "{text}");
     assert!(text.contains("finding: "), "{text}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A cluster file in `dir` where nodes a and b publish one key.
+fn duplicate_key_cluster(dir: &std::path::Path) -> std::path::PathBuf {
+    let file = dir.join("dup.json");
+    std::fs::write(
+        &file,
+        r#"{"nodes": [
+          {"name": "a", "addresses": ["10.0.0.1"], "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+          {"name": "b", "addresses": ["10.0.0.2"], "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+          {"name": "c", "addresses": ["10.0.0.3"], "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#,
+    )
+    .unwrap();
+    file
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
@@ -343,15 +337,7 @@ fn graph_svg_has_every_node_and_edge_in_the_right_colours() {
 
     // Excluded nodes (a duplicate key) are orange, and hostile names stay text.
     let dir = tempdir("graph");
-    let file = dir.join("dup.json");
-    std::fs::write(
-        &file,
-        r#"{"nodes": [
-          {"name": "a", "addresses": ["10.0.0.1"], "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
-          {"name": "b", "addresses": ["10.0.0.2"], "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
-          {"name": "c", "addresses": ["10.0.0.3"], "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#,
-    )
-    .unwrap();
+    let file = duplicate_key_cluster(&dir);
     let p = svg(&["graph", "-c", file.to_str().unwrap()]);
     assert_eq!(p.nodes["a"], ("excluded".into(), ORANGE_NODE.into()));
     assert_eq!(p.nodes["c"], ("mesh".into(), GREEN_NODE.into()));

@@ -2,28 +2,18 @@
 //! output (`--from-kubectl`) and a live API server, read-only (`--kubeconfig`), through the
 //! agent's own adapter with the agent's configuration (`--agent-config`).
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::{Value, json};
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/loopback_api.rs"]
 mod loopback_api;
 
-const NODES: &str = "wgmesh-k8s/tests/fixtures/aks-azure-cni-nodes.json";
-const PODS: &str = "wgmesh-k8s/tests/fixtures/aks-azure-cni-pods.json";
-const CONFIG: &str = "deploy/agent.yaml";
-const NODE: &str = "aks-nodepool1-19852467-vmss000000";
+use cli::{CONFIG, NODES, PODS, wgmesh};
 
-fn wgmesh(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgmesh"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("KUBECONFIG")
-        .env_remove("WGMESH_CLUSTER")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .unwrap()
-}
+const NODE: &str = "aks-nodepool1-19852467-vmss000000";
 
 fn json_plan(args: &[&str]) -> Value {
     let out = wgmesh(args);
