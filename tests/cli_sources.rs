@@ -2,8 +2,6 @@
 //! output (`--from-kubectl`) and a live API server, read-only (`--kubeconfig`), through the
 //! agent's own adapter with the agent's configuration (`--agent-config`).
 
-use std::process::Output;
-
 use serde_json::{Value, json};
 
 #[path = "support/cli.rs"]
