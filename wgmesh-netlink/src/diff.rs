@@ -106,7 +106,43 @@ fn same_endpoint(a: Option<SocketAddr>, b: SocketAddr) -> bool {
     a.is_some_and(|a| a.ip() == b.ip() && a.port() == b.port())
 }
 
+/// Refuses a state in which a link with one of wgmesh's interface names (or a planned one) is
+/// not wgmesh's ([`ActualLink::foreign`](crate::ActualLink::foreign)): `eth0`, a veth, `lo`,
+/// somebody's own WireGuard link. [`Reconciler`](crate::Reconciler) calls it before
+/// [`diff`], so neither a dry run nor a reconcile plans anything against such a host. Pure.
+///
+/// ```
+/// use wgmesh_netlink::{check_ownership, ActualLink, ActualState, Error, Ownership};
+/// let own = Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
+/// let mut actual = ActualState::default();
+/// actual.links.insert("wireguard.cali".into(), ActualLink {
+///     index: 2, kind: Some("veth".into()), mtu: 1500, up: true, alias: None, addresses: vec![],
+/// });
+/// let e = check_ownership(&actual, &own, ["wireguard.cali"]).unwrap_err();
+/// assert!(matches!(&e, Error::ForeignLink { interface, .. } if interface == "wireguard.cali"));
+/// assert!(e.to_string().contains("\"veth\" link"));
+/// ```
+pub fn check_ownership<'a>(
+    actual: &ActualState,
+    own: &'a Ownership,
+    planned: impl IntoIterator<Item = &'a str>,
+) -> crate::Result<()> {
+    let mut names: BTreeSet<&str> = own.interfaces.iter().map(String::as_str).collect();
+    names.extend(planned);
+    for name in names {
+        if let Some(reason) = actual.links.get(name).and_then(|l| l.foreign()) {
+            return Err(crate::Error::ForeignLink {
+                interface: name.to_owned(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The operations that make `actual` match `plan`, in execution order. Pure.
+///
+/// Links that are not wgmesh's ([`check_ownership`]) get no operation at all.
 ///
 /// Owned objects that the plan does not want are removed: links with the owned interface
 /// names, routes of the mesh table, rules that point at it, the nftables table. Everything
@@ -145,10 +181,16 @@ pub fn diff(
     let mut names: BTreeSet<&str> = own.interfaces.iter().map(String::as_str).collect();
     names.extend(planned.keys().copied());
 
-    // Links that go away (not planned, or of the wrong kind / not a working device).
+    // Links that go away (not planned, or of the wrong kind / not a working device). A link
+    // that is not wgmesh's is never touched (see `check_ownership`).
     let mut gone: HashSet<&str> = HashSet::new();
+    let foreign: HashSet<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| actual.links.get(*n).is_some_and(|l| l.foreign().is_some()))
+        .collect();
     for name in &names {
-        let Some(link) = actual.links.get(*name) else {
+        let Some(link) = actual.links.get(*name).filter(|_| !foreign.contains(name)) else {
             continue;
         };
         let wrong = link.kind.as_deref() != Some(opts.link_kind.as_str())
@@ -245,6 +287,9 @@ pub fn diff(
 
     // Links, devices and peers of planned interfaces.
     for (name, p) in &planned {
+        if foreign.contains(name) {
+            continue;
+        }
         let key = opts.public_keys[p.family.index()];
         let existing = actual
             .links

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use wgmesh_core::{NodePlan, PlanDelta};
 
-use crate::diff::{DiffOptions, delta_operations, diff};
+use crate::diff::{DiffOptions, check_ownership, delta_operations, diff};
 use crate::error::{Error, Result};
 use crate::keys::KeyRing;
 use crate::op::Operation;
@@ -180,6 +180,11 @@ impl<D: Dataplane> Reconciler<D> {
     pub fn plan_operations(&mut self, plan: &NodePlan) -> Result<Vec<Operation>> {
         let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
         let actual = self.dataplane.read(&self.ownership, &sysctls)?;
+        check_ownership(
+            &actual,
+            &self.ownership,
+            plan.interfaces.iter().map(|i| i.name.as_str()),
+        )?;
         Ok(diff(plan, &actual, &self.ownership, &self.options()).into_operations())
     }
 

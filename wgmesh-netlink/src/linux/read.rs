@@ -103,6 +103,24 @@ impl<K: KernelIo> Linux<K> {
                 Err(r) => return Err(r.error(doing)),
             }
         }
+        if !links.is_empty() {
+            // Whether a link is wgmesh's depends on its addresses too (it has none).
+            let by_index: HashMap<u32, String> =
+                links.iter().map(|(n, l)| (l.index, n.clone())).collect();
+            let doing = "dump addresses";
+            for r in self.dump(route::address_dump(), doing)?.unwrap_or_default() {
+                let RouteNetlinkMessage::NewAddress(m) = parse(&r, "RTM_NEWADDR", doing)? else {
+                    continue;
+                };
+                if let Some((index, net)) =
+                    route::parse_address(&m).map_err(|e| Error::decode(doing, e))?
+                {
+                    if let Some(l) = by_index.get(&index).and_then(|n| links.get_mut(n)) {
+                        l.addresses.push(net);
+                    }
+                }
+            }
+        }
         Ok(links)
     }
 
