@@ -367,6 +367,52 @@ fn links_wgmesh_did_not_create_are_refused_and_untouched() {
     reset();
 }
 
+/// Issue 11, section 5: a foreign nftables table of 5,000 rules is neither read nor changed
+/// by a no-op reconcile (wgmesh dumps only its own tables' rules). The time of the no-op
+/// reconcile is printed (a measure, not an assertion; BENCHMARKS.md).
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_big_foreign_nftables_table_is_not_read() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&plan).unwrap();
+    let noop = |r: &mut Reconciler<Linux>| {
+        let runs = 20;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            assert!(r.reconcile(&plan).unwrap().is_noop());
+        }
+        start.elapsed() / runs
+    };
+    let without = noop(&mut r);
+    let mut script = String::from("add table inet other\nadd chain inet other c\n");
+    for i in 0..5_000 {
+        script.push_str(&format!(
+            "add rule inet other c ip daddr 10.{}.{}.1 counter\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let path = std::env::temp_dir().join("wgmesh-foreign-5000.nft");
+    std::fs::write(&path, script).unwrap();
+    sh(&format!("nft -f {}", path.display()));
+    let before = sh("nft list table inet other | sha256sum");
+    let with = noop(&mut r);
+    assert_eq!(sh("nft list table inet other | sha256sum"), before);
+    assert_eq!(
+        sh("nft list table inet other | grep -c counter").trim(),
+        "5000"
+    );
+    println!(
+        "no-op reconcile: {without:?} without, {with:?} with a foreign table of 5,000 rules ({})",
+        r.dataplane().backend_description()
+    );
+    let _ = std::fs::remove_file(path);
+    reset();
+}
+
 #[test]
 #[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
 fn a_hand_made_rule_beside_wgmeshs_goes_in_one_reconcile_and_wgmeshs_stays() {

@@ -170,33 +170,34 @@ impl<K: KernelIo> Linux<K> {
                 Err(r) => return Err(r.error(doing)),
             }
         }
-        if tables.is_empty() {
-            return Ok(tables);
-        }
-        // One dump at a time per socket; dumps of family 0 cover every family.
-        let replies = self
-            .nft(nft::dump_chains(), &doing)?
-            .map_err(|r| r.error(&doing))?;
-        for r in replies {
-            let m: NetfilterMessage = parse(&r, "NEWCHAIN", &doing)?;
-            let (fam, tbl, c) = nft::decode_chain(&m).map_err(|e| Error::decode(&doing, e))?;
-            if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
-                t.chains.push(c);
+        // Only wgmesh's tables: chains of their families (Linux filters chain dumps by family
+        // only), rules of their table (filtered by the kernel). One dump at a time per socket.
+        let families: Vec<u8> = tables.iter().map(|t| t.family).collect();
+        for family in families {
+            let replies = self
+                .nft(nft::dump_chains(family, table), &doing)?
+                .map_err(|r| r.error(&doing))?;
+            for r in replies {
+                let m: NetfilterMessage = parse(&r, "NEWCHAIN", &doing)?;
+                let (fam, tbl, c) = nft::decode_chain(&m).map_err(|e| Error::decode(&doing, e))?;
+                if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
+                    t.chains.push(c);
+                }
             }
-        }
-        let replies = self
-            .nft(nft::dump_rules(), &doing)?
-            .map_err(|r| r.error(&doing))?;
-        for r in replies {
-            let m: NetfilterMessage = parse(&r, "NEWRULE", &doing)?;
-            let (fam, tbl, chain, exprs) =
-                nft::decode_rule(&m).map_err(|e| Error::decode(&doing, e))?;
-            if let Some(c) = tables
-                .iter_mut()
-                .find(|t| t.family == fam && tbl == table)
-                .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
-            {
-                c.rules.push(exprs);
+            let replies = self
+                .nft(nft::dump_rules(family, table), &doing)?
+                .map_err(|r| r.error(&doing))?;
+            for r in replies {
+                let m: NetfilterMessage = parse(&r, "NEWRULE", &doing)?;
+                let (fam, tbl, chain, exprs) =
+                    nft::decode_rule(&m).map_err(|e| Error::decode(&doing, e))?;
+                if let Some(c) = tables
+                    .iter_mut()
+                    .find(|t| t.family == fam && tbl == table)
+                    .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
+                {
+                    c.rules.push(exprs);
+                }
             }
         }
         Ok(tables)

@@ -12,7 +12,7 @@ use netlink_packet_generic::GenlMessage;
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_netfilter::nftables::{
-    GenAttribute, GenMessage, NfTablesMessage, TableAttribute,
+    GenAttribute, GenMessage, NfTablesMessage, RuleAttribute as NftRuleAttribute, TableAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner};
@@ -1463,11 +1463,16 @@ impl FakeKernel {
                 self.dump(Protocol::Netfilter, h.seq, messages);
                 return Ok(None);
             }
-            NfTablesMessage::GetRule(_) if dump => {
+            NfTablesMessage::GetRule(q) if dump => {
+                // Linux filters rule dumps by table and chain when asked.
+                let table = q.attributes.iter().find_map(|a| match a {
+                    NftRuleAttribute::Table(t) => Some(t.as_str()),
+                    _ => None,
+                });
                 let messages = self
                     .nft
                     .values()
-                    .filter(|t| of_family(t))
+                    .filter(|t| of_family(t) && table.is_none_or(|n| n == t.name))
                     .flat_map(|t| {
                         t.chains.iter().flat_map(move |c| {
                             c.rules.iter().map(move |r| {
