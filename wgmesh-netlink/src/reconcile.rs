@@ -177,6 +177,9 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// Reads the dataplane and returns what [`Self::reconcile`] would do, changing nothing.
+    /// A link under one of the mesh's (or the plan's) interface names that wgmesh did not
+    /// make is refused ([`check_ownership`]: [`Error::ForeignLink`]), here and in
+    /// [`Self::dry_run`] and [`Self::reconcile`].
     pub fn plan_operations(&mut self, plan: &NodePlan) -> Result<Vec<Operation>> {
         let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
         let actual = self.dataplane.read(&self.ownership, &sysctls)?;
