@@ -222,6 +222,8 @@ impl<K: KernelIo> Linux<K> {
         self.ifindex = links.iter().map(|(n, l)| (n.clone(), l.index)).collect();
         let by_index: HashMap<u32, String> =
             links.iter().map(|(n, l)| (l.index, n.clone())).collect();
+        // In name order: the same state is read with the same requests in the same order.
+        let links: BTreeMap<String, ActualLink> = links.into_iter().collect();
         for (name, l) in &links {
             let dev = match &self.wg {
                 Driver::Kernel { family_id } if l.kind.as_deref() == Some("wireguard") => {
@@ -235,7 +237,7 @@ impl<K: KernelIo> Linux<K> {
                 s.devices.insert(name.clone(), d);
             }
         }
-        s.links = links.into_iter().collect();
+        s.links = links;
         // One dump at a time per socket (the kernel answers EBUSY otherwise).
         for family in [Family::V4, Family::V6] {
             for r in self
