@@ -946,7 +946,8 @@ proptest! {
 #[test]
 fn links_wgmesh_did_not_create_are_refused_never_deleted() {
     type Setup = fn(&mut FakeKernel, &str);
-    let cases: [(&str, Setup, fn(&ForeignLink) -> bool); 5] = [
+    type Reason = fn(&ForeignLink) -> bool;
+    let cases: [(&str, Setup, Reason); 5] = [
         (
             "eth0",
             |k, n| {
