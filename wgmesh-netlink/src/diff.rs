@@ -130,7 +130,7 @@ pub fn check_ownership<'a>(
     let mut names: BTreeSet<&str> = own.interfaces.iter().map(String::as_str).collect();
     names.extend(planned);
     for name in names {
-        if let Some(reason) = actual.links.get(name).and_then(|l| l.foreign()) {
+        if let Some(reason) = foreign(actual, name) {
             return Err(crate::Error::ForeignLink {
                 interface: name.to_owned(),
                 reason,
@@ -138,6 +138,23 @@ pub fn check_ownership<'a>(
         }
     }
     Ok(())
+}
+
+/// Why the link `name` is not wgmesh's (`None`: it is, or there is none). A WireGuard or TUN
+/// device without the marker whose device is blank — no private key, no peer, no mark, no
+/// address — is taken for one wgmesh made and could not mark (the marking request failed, or
+/// the agent stopped between the two): it is remade, so a run that fails there is repaired
+/// by the next. Such a device carries no traffic, so remaking it costs nobody anything.
+fn foreign(actual: &ActualState, name: &str) -> Option<crate::ForeignLink> {
+    let reason = actual.links.get(name)?.foreign()?;
+    let blank = actual
+        .devices
+        .get(name)
+        .is_some_and(|d| d.public_key.is_none() && d.peers.is_empty() && d.firewall_mark == 0);
+    match reason {
+        crate::ForeignLink::Unmarked { .. } if blank => None,
+        other => Some(other),
+    }
 }
 
 /// The operations that make `actual` match `plan`, in execution order. Pure.
@@ -187,14 +204,16 @@ pub fn diff(
     let foreign: HashSet<&str> = names
         .iter()
         .copied()
-        .filter(|n| actual.links.get(*n).is_some_and(|l| l.foreign().is_some()))
+        .filter(|n| foreign(actual, n).is_some())
         .collect();
     for name in &names {
         let Some(link) = actual.links.get(*name).filter(|_| !foreign.contains(name)) else {
             continue;
         };
+        // Of the wrong kind, not a working device, or one wgmesh could not mark.
         let wrong = link.kind.as_deref() != Some(opts.link_kind.as_str())
-            || !actual.devices.contains_key(*name);
+            || !actual.devices.contains_key(*name)
+            || link.alias.as_deref() != Some(crate::LINK_MARKER);
         if !planned.contains_key(name) || wrong {
             ops.push(Operation::DeleteLink {
                 interface: (*name).to_owned(),

@@ -114,6 +114,9 @@ impl ActualLink {
     /// A link is wgmesh's only if it is a WireGuard device or a TUN device (userspace
     /// WireGuard), carries [`LINK_MARKER`] as its alias, and has no address. Anything else —
     /// `eth0`, a veth, `lo`, somebody's own WireGuard link — is never deleted or changed.
+    /// (One exception, decided with the device's configuration by
+    /// [`check_ownership`](crate::check_ownership): an unmarked device that is blank — no
+    /// private key, no peer — is one wgmesh made and could not mark, and is remade.)
     ///
     /// ```
     /// use wgmesh_netlink::{ActualLink, ForeignLink, LINK_MARKER};

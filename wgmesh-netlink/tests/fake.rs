@@ -966,7 +966,9 @@ fn links_wgmesh_did_not_create_are_refused_never_deleted() {
         (
             "wg0",
             |k, n| {
+                // Somebody's configured WireGuard link.
                 k.add_link(n, Some("wireguard"), 1420, true);
+                k.devices.get_mut(n).unwrap().private_key = Some(key(50));
             },
             |r| matches!(r, ForeignLink::Unmarked { alias: None }),
         ),
@@ -975,6 +977,7 @@ fn links_wgmesh_did_not_create_are_refused_never_deleted() {
             |k, n| {
                 k.add_link(n, Some("wireguard"), 1420, true);
                 k.links.get_mut(n).unwrap().alias = Some("vpn".into());
+                k.devices.get_mut(n).unwrap().firewall_mark = 7;
             },
             |r| matches!(r, ForeignLink::Unmarked { alias: Some(a) } if a == "vpn"),
         ),
@@ -1059,4 +1062,19 @@ fn links_wgmesh_made_are_marked_and_stay_its_own_across_restarts() {
             .iter()
             .all(|i| !k.links.contains_key(&i.name))
     );
+}
+
+/// A device wgmesh made but could not mark (the marking request was refused, or the agent
+/// stopped right after creating it) is blank — no key, no peer — and is remade by the next
+/// reconcile, marked; a blank device is all such a link can be, so nothing else is taken.
+#[test]
+fn a_blank_unmarked_device_is_one_wgmesh_could_not_mark_and_is_remade() {
+    let (plan, mut r) = setup(true);
+    let k = r.dataplane_mut().kernel_mut();
+    k.add_link("wireguard.cali", Some("wireguard"), 1420, true);
+    let index = k.links["wireguard.cali"].index;
+    converge(&mut r, &plan);
+    let link = &r.dataplane().kernel().links["wireguard.cali"];
+    assert_eq!(link.alias.as_deref(), Some(LINK_MARKER));
+    assert_ne!(link.index, index, "remade");
 }
