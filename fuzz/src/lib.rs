@@ -8,7 +8,8 @@
 //! `fuzz/artifacts/<target>/` and the run fails, naming it.
 //!
 //! Targets live in [`targets`]; each has a test in `fuzz/tests/` and a corpus in
-//! `fuzz/corpus/<target>/`. A new target (the netlink dump parsers, say) is a check
+//! `fuzz/corpus/<target>/`: `cluster` (the cluster description parser) and `netlink` (every
+//! kernel answer the Linux dataplane parses). A new target is a check
 //! function, a dictionary, a corpus directory and a three-line test.
 //!
 //! ```text

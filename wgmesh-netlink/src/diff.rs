@@ -106,7 +106,60 @@ fn same_endpoint(a: Option<SocketAddr>, b: SocketAddr) -> bool {
     a.is_some_and(|a| a.ip() == b.ip() && a.port() == b.port())
 }
 
+/// Refuses a state in which a link with one of wgmesh's interface names (or a planned one) is
+/// not wgmesh's ([`ActualLink::foreign`](crate::ActualLink::foreign)): `eth0`, a veth, `lo`,
+/// somebody's own WireGuard link. [`Reconciler`](crate::Reconciler) calls it before
+/// [`diff`], so neither a dry run nor a reconcile plans anything against such a host. Pure.
+///
+/// ```
+/// use wgmesh_netlink::{check_ownership, ActualLink, ActualState, Error, Ownership};
+/// let own = Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
+/// let mut actual = ActualState::default();
+/// actual.links.insert("wireguard.cali".into(), ActualLink {
+///     index: 2, kind: Some("veth".into()), mtu: 1500, up: true, alias: None, addresses: vec![],
+/// });
+/// let e = check_ownership(&actual, &own, ["wireguard.cali"]).unwrap_err();
+/// assert!(matches!(&e, Error::ForeignLink { interface, .. } if interface == "wireguard.cali"));
+/// assert!(e.to_string().contains("\"veth\" link"));
+/// ```
+pub fn check_ownership<'a>(
+    actual: &ActualState,
+    own: &'a Ownership,
+    planned: impl IntoIterator<Item = &'a str>,
+) -> crate::Result<()> {
+    let mut names: BTreeSet<&str> = own.interfaces.iter().map(String::as_str).collect();
+    names.extend(planned);
+    for name in names {
+        if let Some(reason) = foreign(actual, name) {
+            return Err(crate::Error::ForeignLink {
+                interface: name.to_owned(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Why the link `name` is not wgmesh's (`None`: it is, or there is none). A WireGuard or TUN
+/// device without the marker whose device is blank — no private key, no peer, no mark, no
+/// address — is taken for one wgmesh made and could not mark (the marking request failed, or
+/// the agent stopped between the two): it is remade, so a run that fails there is repaired
+/// by the next. Such a device carries no traffic, so remaking it costs nobody anything.
+fn foreign(actual: &ActualState, name: &str) -> Option<crate::ForeignLink> {
+    let reason = actual.links.get(name)?.foreign()?;
+    let blank = actual
+        .devices
+        .get(name)
+        .is_some_and(|d| d.public_key.is_none() && d.peers.is_empty() && d.firewall_mark == 0);
+    match reason {
+        crate::ForeignLink::Unmarked { .. } if blank => None,
+        other => Some(other),
+    }
+}
+
 /// The operations that make `actual` match `plan`, in execution order. Pure.
+///
+/// Links that are not wgmesh's ([`check_ownership`]) get no operation at all.
 ///
 /// Owned objects that the plan does not want are removed: links with the owned interface
 /// names, routes of the mesh table, rules that point at it, the nftables table. Everything
@@ -145,14 +198,22 @@ pub fn diff(
     let mut names: BTreeSet<&str> = own.interfaces.iter().map(String::as_str).collect();
     names.extend(planned.keys().copied());
 
-    // Links that go away (not planned, or of the wrong kind / not a working device).
+    // Links that go away (not planned, or of the wrong kind / not a working device). A link
+    // that is not wgmesh's is never touched (see `check_ownership`).
     let mut gone: HashSet<&str> = HashSet::new();
+    let foreign: HashSet<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| foreign(actual, n).is_some())
+        .collect();
     for name in &names {
-        let Some(link) = actual.links.get(*name) else {
+        let Some(link) = actual.links.get(*name).filter(|_| !foreign.contains(name)) else {
             continue;
         };
+        // Of the wrong kind, not a working device, or one wgmesh could not mark.
         let wrong = link.kind.as_deref() != Some(opts.link_kind.as_str())
-            || !actual.devices.contains_key(*name);
+            || !actual.devices.contains_key(*name)
+            || link.alias.as_deref() != Some(crate::LINK_MARKER);
         if !planned.contains_key(name) || wrong {
             ops.push(Operation::DeleteLink {
                 interface: (*name).to_owned(),
@@ -245,6 +306,9 @@ pub fn diff(
 
     // Links, devices and peers of planned interfaces.
     for (name, p) in &planned {
+        if foreign.contains(name) {
+            continue;
+        }
         let key = opts.public_keys[p.family.index()];
         let existing = actual
             .links

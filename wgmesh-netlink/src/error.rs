@@ -114,6 +114,27 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A link has one of wgmesh's interface names but is not wgmesh's (see
+    /// [`ActualLink::foreign`](crate::ActualLink::foreign)): nothing was changed, and nothing
+    /// will be until the name is changed in the mesh settings or the link is removed.
+    #[error(
+        "interface {interface}: refusing to touch a link wgmesh does not own: {reason}; choose another interface name, or delete the link if it is a leftover"
+    )]
+    ForeignLink {
+        /// The interface name.
+        interface: String,
+        /// Why it is not wgmesh's.
+        reason: crate::ForeignLink,
+    },
+    /// An interface name that must not reach a program or the kernel (empty, longer than
+    /// 15 bytes, starting with `-`, or holding `/`, whitespace, `:` or a control character).
+    #[error("invalid interface name {name:?}: {problem}")]
+    InvalidInterfaceName {
+        /// The name (cut to 64 characters).
+        name: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// A fault injected by `testing::FailingDataplane`.
     #[error("{doing}: injected fault")]
     Injected {
@@ -168,6 +189,8 @@ impl Error {
             | Self::UnknownInterface { .. }
             | Self::MessageTooSmall { .. }
             | Self::NoBasePlan
+            | Self::ForeignLink { .. }
+            | Self::InvalidInterfaceName { .. }
             | Self::Injected { .. } => None,
         }
     }
@@ -281,6 +304,44 @@ pub const EAFNOSUPPORT: i32 = 97;
 pub const EPROTONOSUPPORT: i32 = 93;
 /// `ECHILD`.
 pub const ECHILD: i32 = 10;
+
+/// `text` cut to 64 characters, for messages that echo a value found on the host.
+pub(crate) fn cut(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+/// Whether `name` may be given to the kernel or to a userspace WireGuard daemon as an
+/// interface name: what Linux accepts (`dev_valid_name`: 1 to 15 bytes, no `/`, `:` or
+/// whitespace, not `.` or `..`), minus control characters, and never a leading `-` (a
+/// daemon would take it for a flag).
+pub(crate) fn check_interface_name(name: &str) -> Result<()> {
+    let problem = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > 15 {
+        Some("longer than 15 bytes")
+    } else if name.starts_with('-') {
+        Some("starts with '-' (a program would read it as a flag)")
+    } else if name == "." || name == ".." {
+        Some("not a name")
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Some("holds '/', ':', whitespace or a control character")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(Error::InvalidInterfaceName {
+            name: cut(name),
+            problem,
+        }),
+        None => Ok(()),
+    }
+}
 
 fn kernel_says(message: Option<&str>) -> String {
     match message {

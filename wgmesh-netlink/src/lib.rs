@@ -62,7 +62,7 @@ mod uapi;
 mod userspace;
 mod wire;
 
-pub use diff::{DiffOptions, delta_operations, diff, route_metric};
+pub use diff::{DiffOptions, check_ownership, delta_operations, diff, route_metric};
 pub use error::{DecodeError, Error, Result};
 pub use io::{KernelIo, Sockets};
 pub use keys::KeyRing;
@@ -71,7 +71,7 @@ pub use op::{ChangeSet, Operation, Phase};
 pub use reconcile::{Dataplane, Reconciler, Report};
 pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,
-    LinkKind, Ownership, PeerStats, RawRule,
+    ForeignLink, LINK_MARKER, LinkKind, Ownership, PeerStats, RawRule,
 };
 pub use wgmesh_core;
 pub use wire::Protocol;

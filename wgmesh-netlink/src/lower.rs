@@ -247,15 +247,18 @@ pub(crate) fn lower(
             kind,
             mtu,
         } => match caps.wireguard {
-            WireGuard::Kernel { .. } => {
-                vec![Request::Route(route::link_create(interface, *kind, *mtu))]
-            }
-            // The daemon makes the TUN device; then it gets its MTU and goes up.
+            // Made, then marked as wgmesh's (see `LINK_MARKER`).
+            WireGuard::Kernel { .. } => vec![
+                Request::Route(route::link_create(interface, *kind, *mtu)),
+                Request::Route(route::link_mark(interface)),
+            ],
+            // The daemon makes the TUN device; then it gets its MTU, goes up and is marked.
             WireGuard::Userspace => vec![
                 Request::StartDaemon {
                     interface: interface.clone(),
                 },
                 Request::Route(route::link_set(interface, Some(*mtu), true)),
+                Request::Route(route::link_mark(interface)),
             ],
         },
         Operation::DeleteLink { interface } => {

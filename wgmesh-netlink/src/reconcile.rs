@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use wgmesh_core::{NodePlan, PlanDelta};
 
-use crate::diff::{DiffOptions, delta_operations, diff};
+use crate::diff::{DiffOptions, check_ownership, delta_operations, diff};
 use crate::error::{Error, Result};
 use crate::keys::KeyRing;
 use crate::op::Operation;
@@ -177,9 +177,17 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// Reads the dataplane and returns what [`Self::reconcile`] would do, changing nothing.
+    /// A link under one of the mesh's (or the plan's) interface names that wgmesh did not
+    /// make is refused ([`check_ownership`]: [`Error::ForeignLink`]), here and in
+    /// [`Self::dry_run`] and [`Self::reconcile`].
     pub fn plan_operations(&mut self, plan: &NodePlan) -> Result<Vec<Operation>> {
         let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
         let actual = self.dataplane.read(&self.ownership, &sysctls)?;
+        check_ownership(
+            &actual,
+            &self.ownership,
+            plan.interfaces.iter().map(|i| i.name.as_str()),
+        )?;
         Ok(diff(plan, &actual, &self.ownership, &self.options()).into_operations())
     }
 

@@ -83,6 +83,11 @@ impl LinkKind {
     }
 }
 
+/// The alias (`IFLA_IFALIAS`, `ip link set NAME alias …`) wgmesh gives every link it creates.
+/// It lives in the kernel with the link, so it survives agent restarts: a link with one of
+/// wgmesh's names is wgmesh's only if it carries it (see [`ActualLink::foreign`]).
+pub const LINK_MARKER: &str = "wgmesh";
+
 /// A link with one of wgmesh's interface names, as found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActualLink {
@@ -94,6 +99,111 @@ pub struct ActualLink {
     pub mtu: u32,
     /// Administratively up (`IFF_UP`).
     pub up: bool,
+    /// `IFLA_IFALIAS`, when set ([`LINK_MARKER`] on the links wgmesh made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// The link's addresses, except IPv6 link-local ones (the kernel gives those itself).
+    /// wgmesh never puts an address on its links.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpNet>,
+}
+
+impl ActualLink {
+    /// Why this link, found under one of wgmesh's names, is not wgmesh's (`None`: it is).
+    ///
+    /// A link is wgmesh's only if it is a WireGuard device or a TUN device (userspace
+    /// WireGuard), carries [`LINK_MARKER`] as its alias, and has no address. Anything else —
+    /// `eth0`, a veth, `lo`, somebody's own WireGuard link — is never deleted or changed.
+    /// (One exception, decided with the device's configuration by
+    /// [`check_ownership`](crate::check_ownership): an unmarked device that is blank — no
+    /// private key, no peer — is one wgmesh made and could not mark, and is remade.)
+    ///
+    /// ```
+    /// use wgmesh_netlink::{ActualLink, ForeignLink, LINK_MARKER};
+    /// let mut link = ActualLink {
+    ///     index: 2, kind: Some("veth".into()), mtu: 1500, up: true,
+    ///     alias: None, addresses: vec!["10.0.0.1/24".parse()?],
+    /// };
+    /// assert!(matches!(link.foreign(), Some(ForeignLink::NotWireGuard { .. })));
+    /// link.kind = Some("wireguard".into());
+    /// assert!(matches!(link.foreign(), Some(ForeignLink::Unmarked { .. })));
+    /// link.alias = Some(LINK_MARKER.into());
+    /// assert!(matches!(link.foreign(), Some(ForeignLink::HasAddresses { .. })));
+    /// link.addresses.clear();
+    /// assert!(link.foreign().is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn foreign(&self) -> Option<ForeignLink> {
+        if !matches!(self.kind.as_deref(), Some("wireguard" | "tun")) {
+            return Some(ForeignLink::NotWireGuard {
+                kind: self.kind.clone(),
+            });
+        }
+        if self.alias.as_deref() != Some(LINK_MARKER) {
+            return Some(ForeignLink::Unmarked {
+                alias: self.alias.clone(),
+            });
+        }
+        if !self.addresses.is_empty() {
+            return Some(ForeignLink::HasAddresses {
+                addresses: self.addresses.clone(),
+            });
+        }
+        None
+    }
+}
+
+/// Why a link with one of wgmesh's names is not wgmesh's ([`ActualLink::foreign`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ForeignLink {
+    /// Neither a WireGuard nor a TUN device.
+    NotWireGuard {
+        /// Its `IFLA_INFO_KIND` (`None`: a kindless link such as a physical NIC or `lo`).
+        kind: Option<String>,
+    },
+    /// A WireGuard or TUN device that wgmesh did not create: it lacks [`LINK_MARKER`].
+    Unmarked {
+        /// The alias it has instead.
+        alias: Option<String>,
+    },
+    /// A device carrying wgmesh's marker that somebody gave addresses.
+    HasAddresses {
+        /// The addresses (IPv6 link-local ones left out).
+        addresses: Vec<IpNet>,
+    },
+}
+
+impl std::fmt::Display for ForeignLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotWireGuard { kind: Some(k) } => {
+                write!(f, "it is a {k:?} link, not a WireGuard or TUN device")
+            }
+            Self::NotWireGuard { kind: None } => {
+                f.write_str("it is a kindless link (a NIC or lo), not a WireGuard or TUN device")
+            }
+            Self::Unmarked { alias } => write!(
+                f,
+                "it does not carry wgmesh's marker (alias {LINK_MARKER:?}; it has {}): wgmesh did not create it",
+                match alias {
+                    Some(a) => format!("{:?}", crate::error::cut(a)),
+                    None => "none".to_owned(),
+                }
+            ),
+            Self::HasAddresses { addresses } => {
+                write!(f, "it has addresses wgmesh did not put there (")?;
+                for (i, a) in addresses.iter().take(4).enumerate() {
+                    write!(f, "{}{a}", if i > 0 { ", " } else { "" })?;
+                }
+                if addresses.len() > 4 {
+                    write!(f, ", and {} more", addresses.len() - 4)?;
+                }
+                f.write_str(")")
+            }
+        }
+    }
 }
 
 /// A WireGuard device's configuration, as found. Private keys are never kept: only the public

@@ -106,6 +106,8 @@ impl Userspace {
 
     /// Starts the daemon of `ifname` and waits for its socket to answer.
     pub(crate) fn start(&self, ifname: &str) -> Result<()> {
+        // The name is the daemon's only argument: never let it read as a flag.
+        crate::error::check_interface_name(ifname)?;
         let doing = format!("start {} {ifname}", self.program.display());
         // The daemon forks into the background; its banner and errors are kept for the
         // error message only.
@@ -147,5 +149,38 @@ impl Userspace {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name starting with `-` never reaches the daemon as a flag (nor do other names the
+    /// kernel would refuse): the program is not even run (here it does not exist, so running
+    /// it would be an `Io` error instead).
+    #[test]
+    fn names_that_read_as_flags_never_reach_the_daemon() {
+        let u = Userspace {
+            program: PathBuf::from("/nonexistent/wireguard-go"),
+            socket_dir: PathBuf::from("/nonexistent"),
+            daemon_timeout: Duration::from_millis(10),
+            reply_timeout: Duration::from_millis(10),
+        };
+        for name in [
+            "-f",
+            "--foreground",
+            "-",
+            "",
+            "a/b",
+            "a b",
+            "sixteen-bytes-xx",
+        ] {
+            match u.start(name) {
+                Err(Error::InvalidInterfaceName { .. }) => {}
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(u.start("wg0"), Err(Error::Io { .. })));
     }
 }

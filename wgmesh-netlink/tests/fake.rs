@@ -13,8 +13,8 @@ use wgmesh_core::{
 };
 use wgmesh_netlink::testing::{FailingDataplane, FakeKernel, FakeRule, route};
 use wgmesh_netlink::{
-    ActualPeer, ActualRouteKind, Backend, Dataplane, Linux, LinuxConfig, Operation, Ownership,
-    Reconciler,
+    ActualPeer, ActualRouteKind, Backend, Dataplane, Error, ForeignLink, LINK_MARKER, Linux,
+    LinuxConfig, Operation, Ownership, Reconciler,
 };
 
 mod common;
@@ -149,6 +149,12 @@ fn assert_matches_plan(k: &FakeKernel, plan: &NodePlan, own: &Ownership) {
         .map(wgmesh_netlink::marking::compile)
         .unwrap_or_default();
     assert_eq!(got, want.iter().collect::<Vec<_>>());
+}
+
+/// Adds a link carrying wgmesh's marker, as wgmesh makes them.
+fn marked(k: &mut FakeKernel, name: &str, kind: Option<&str>) {
+    k.add_link(name, kind, 1500, false);
+    k.links.get_mut(name).unwrap().alias = Some(LINK_MARKER.into());
 }
 
 fn converge(r: &mut Reconciler<Fake>, plan: &NodePlan) {
@@ -349,8 +355,10 @@ fn converges_from_each_named_drift() {
         (
             "wrong link type",
             Box::new(|k| {
+                // wgmesh's own link of the other backend (a TUN device it made with
+                // wireguard-go): replaced.
                 k.remove_link("wireguard.cali").unwrap();
-                k.add_link("wireguard.cali", Some("dummy"), 1500, true);
+                marked(k, "wireguard.cali", Some("tun"));
             }),
         ),
     ];
@@ -882,7 +890,7 @@ fn apply_drift(k: &mut FakeKernel, d: &Drift) {
         Drift::LinkGone | Drift::WrongType => {
             k.remove_link(n).unwrap();
             if matches!(d, Drift::WrongType) {
-                k.add_link(n, Some("dummy"), 1500, false);
+                marked(k, n, Some("tun"));
             }
         }
         Drift::Sysctl => {
@@ -928,4 +936,145 @@ proptest! {
             prop_assert!(r.resync().unwrap().is_noop());
         }
     }
+}
+
+/// Issue 11, section 3: with `interface_name: eth0` (or the name of a veth, or of somebody's
+/// own WireGuard link), a dry run planned `delete link eth0`. A link is wgmesh's only if it is
+/// a WireGuard or TUN device carrying wgmesh's marker and no address: anything else is
+/// refused with a typed error naming it and why, and nothing on the host changes — neither
+/// for the plan nor for an empty plan (which removes only what wgmesh owns).
+#[test]
+fn links_wgmesh_did_not_create_are_refused_never_deleted() {
+    type Setup = fn(&mut FakeKernel, &str);
+    type Reason = fn(&ForeignLink) -> bool;
+    let cases: [(&str, Setup, Reason); 5] = [
+        (
+            "eth0",
+            |k, n| {
+                k.add_link(n, None, 1500, true);
+                k.links.get_mut(n).unwrap().addresses = vec!["10.0.0.1/24".parse().unwrap()];
+            },
+            |r| matches!(r, ForeignLink::NotWireGuard { kind: None }),
+        ),
+        (
+            "veth0",
+            |k, n| {
+                k.add_link(n, Some("veth"), 1500, true);
+            },
+            |r| matches!(r, ForeignLink::NotWireGuard { kind: Some(k) } if k == "veth"),
+        ),
+        (
+            "wg0",
+            |k, n| {
+                // Somebody's configured WireGuard link.
+                k.add_link(n, Some("wireguard"), 1420, true);
+                k.devices.get_mut(n).unwrap().private_key = Some(key(50));
+            },
+            |r| matches!(r, ForeignLink::Unmarked { alias: None }),
+        ),
+        (
+            "wg1",
+            |k, n| {
+                k.add_link(n, Some("wireguard"), 1420, true);
+                k.links.get_mut(n).unwrap().alias = Some("vpn".into());
+                k.devices.get_mut(n).unwrap().firewall_mark = 7;
+            },
+            |r| matches!(r, ForeignLink::Unmarked { alias: Some(a) } if a == "vpn"),
+        ),
+        (
+            "wg2",
+            |k, n| {
+                marked(k, n, Some("wireguard"));
+                k.links.get_mut(n).unwrap().addresses = vec!["192.0.2.1/24".parse().unwrap()];
+            },
+            |r| matches!(r, ForeignLink::HasAddresses { addresses } if addresses.len() == 1),
+        ),
+    ];
+    for (name, setup, reason) in cases {
+        let cluster = four_nodes(&format!(r#""interface_name": "{name}""#));
+        let plan = plan_node(&cluster, "a").unwrap();
+        let mut k = FakeKernel::new();
+        setup(&mut k, name);
+        let before = k.clone();
+        let mut r = Reconciler::new(linux(k), Ownership::from_mesh(cluster.mesh()), ring());
+        let refused = |e: Error| match e {
+            Error::ForeignLink {
+                interface,
+                reason: why,
+            } => {
+                assert_eq!(interface, name);
+                assert!(reason(&why), "{name}: {why:?}");
+                let text = Error::ForeignLink {
+                    interface,
+                    reason: why,
+                }
+                .to_string();
+                assert!(
+                    text.starts_with(&format!("interface {name}: refusing")),
+                    "{text}"
+                );
+            }
+            other => panic!("{name}: {other}"),
+        };
+        refused(r.dry_run(&plan).unwrap_err());
+        refused(r.reconcile(&plan).unwrap_err());
+        refused(r.reconcile(&NodePlan::empty("a")).unwrap_err());
+        let k = r.dataplane().kernel();
+        assert_eq!(k.links, before.links, "{name}: links changed");
+        assert_eq!(k.routes, before.routes, "{name}: routes changed");
+        assert_eq!(k.rules, before.rules, "{name}: rules changed");
+        assert!(k.nft.is_empty(), "{name}: nftables changed");
+        // `diff` alone (without the check) plans nothing against the link either.
+        let actual = r
+            .dataplane_mut()
+            .read(&Ownership::from_mesh(cluster.mesh()), &[])
+            .unwrap();
+        let ops = wgmesh_netlink::diff(
+            &plan,
+            &actual,
+            &Ownership::from_mesh(cluster.mesh()),
+            &wgmesh_netlink::DiffOptions::default(),
+        )
+        .into_operations();
+        assert!(
+            ops.iter().all(|o| o.interface() != Some(name)),
+            "{name}: {ops:?}"
+        );
+    }
+}
+
+/// The links wgmesh makes carry its marker, so a restarted agent (a new reconciler, nothing
+/// remembered) still knows them as its own and removes them with an empty plan.
+#[test]
+fn links_wgmesh_made_are_marked_and_stay_its_own_across_restarts() {
+    let (plan, mut r) = setup(true);
+    converge(&mut r, &plan);
+    let k = r.into_dataplane().kernel().clone();
+    for i in &plan.interfaces {
+        assert_eq!(k.links[&i.name].alias.as_deref(), Some(LINK_MARKER));
+    }
+    let mut r = Reconciler::new(linux(k), Ownership::from_mesh(cluster(true).mesh()), ring());
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    r.reconcile(&NodePlan::empty("a")).unwrap();
+    let k = r.dataplane().kernel();
+    assert!(
+        plan.interfaces
+            .iter()
+            .all(|i| !k.links.contains_key(&i.name))
+    );
+}
+
+/// A device wgmesh made but could not mark (the marking request was refused, or the agent
+/// stopped right after creating it) is blank — no key, no peer — and is remade by the next
+/// reconcile, marked; a blank device is all such a link can be, so nothing else is taken.
+#[test]
+fn a_blank_unmarked_device_is_one_wgmesh_could_not_mark_and_is_remade() {
+    let (plan, mut r) = setup(true);
+    let k = r.dataplane_mut().kernel_mut();
+    k.add_link("wireguard.cali", Some("wireguard"), 1420, true);
+    let index = k.links["wireguard.cali"].index;
+    converge(&mut r, &plan);
+    let link = &r.dataplane().kernel().links["wireguard.cali"];
+    assert_eq!(link.alias.as_deref(), Some(LINK_MARKER));
+    assert_ne!(link.index, index, "remade");
 }

@@ -312,6 +312,113 @@ fn foreign_objects_are_untouched() {
     reset();
 }
 
+/// Issue 11, section 3: a link with the mesh's interface name that wgmesh did not make — a
+/// veth with an address, a TUN device without wgmesh's marker, a marked one somebody gave an
+/// address — is refused by a dry run and a reconcile (full or empty plan) with an error that
+/// names it, and stays exactly as it was.
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn links_wgmesh_did_not_create_are_refused_and_untouched() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let cases = [
+        (
+            "dummy-foreign",
+            "ip link add dummy-foreign type veth peer name dummy-foreign2 && ip addr add 10.203.0.1/24 dev dummy-foreign && ip link set dummy-foreign up",
+            "\"veth\" link",
+        ),
+        (
+            "wg-foreign",
+            "ip tuntap add wg-foreign mode tun",
+            "does not carry wgmesh's marker",
+        ),
+        (
+            "wg-foreign",
+            "ip tuntap add wg-foreign mode tun && ip link set wg-foreign alias wgmesh && ip addr add 10.204.0.1/24 dev wg-foreign",
+            "addresses wgmesh did not put there (10.204.0.1/24)",
+        ),
+    ];
+    for (name, make, why) in cases {
+        sh(make);
+        let snapshot = || {
+            sh(&format!(
+                "ip -d link show {name} | grep -v 'link/'; ip addr show dev {name}; ip rule show; nft list ruleset"
+            ))
+        };
+        let before = snapshot();
+        let cluster = four_nodes(&format!(r#""interface_name": "{name}""#));
+        let plan = plan_node(&cluster, "a").unwrap();
+        let mut r = Reconciler::new(open(), Ownership::from_mesh(cluster.mesh()), ring());
+        for e in [
+            r.dry_run(&plan).unwrap_err(),
+            r.reconcile(&plan).unwrap_err(),
+            r.reconcile(&NodePlan::empty("a")).unwrap_err(),
+        ] {
+            let text = e.to_string();
+            assert!(
+                matches!(&e, wgmesh_netlink::Error::ForeignLink { interface, .. } if interface == name),
+                "{text}"
+            );
+            assert!(text.contains(why), "{text}");
+        }
+        assert_eq!(snapshot(), before, "{name} changed");
+        sh_ok(&format!("ip link del {name}"));
+    }
+    reset();
+}
+
+/// Issue 11, section 5: a foreign nftables table of 5,000 rules (`WGMESH_FOREIGN_RULES`) is
+/// neither read nor changed
+/// by a no-op reconcile (wgmesh dumps only its own tables' rules). The time of the no-op
+/// reconcile is printed (a measure, not an assertion; BENCHMARKS.md).
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_big_foreign_nftables_table_is_not_read() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    r.reconcile(&plan).unwrap();
+    let noop = |r: &mut Reconciler<Linux>| {
+        let runs = 20;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            assert!(r.reconcile(&plan).unwrap().is_noop());
+        }
+        start.elapsed() / runs
+    };
+    let without = noop(&mut r);
+    // WGMESH_FOREIGN_RULES sets the size for a measurement (BENCHMARKS.md).
+    let rules: u32 = std::env::var("WGMESH_FOREIGN_RULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    let mut script = String::from("add table inet other\nadd chain inet other c\n");
+    for i in 0..rules {
+        script.push_str(&format!(
+            "add rule inet other c ip daddr 10.{}.{}.1 counter\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let path = std::env::temp_dir().join("wgmesh-foreign-rules.nft");
+    std::fs::write(&path, script).unwrap();
+    sh(&format!("nft -f {}", path.display()));
+    let before = sh("nft list table inet other | sha256sum");
+    let with = noop(&mut r);
+    assert_eq!(sh("nft list table inet other | sha256sum"), before);
+    assert_eq!(
+        sh("nft list table inet other | grep -c counter").trim(),
+        rules.to_string()
+    );
+    println!(
+        "no-op reconcile: {without:?} without, {with:?} with a foreign table of {rules} rules ({})",
+        r.dataplane().backend_description()
+    );
+    let _ = std::fs::remove_file(path);
+    reset();
+}
+
 #[test]
 #[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
 fn a_hand_made_rule_beside_wgmeshs_goes_in_one_reconcile_and_wgmeshs_stays() {
@@ -431,7 +538,11 @@ fn apply_drift(d: &Drift) {
         Drift::NftGone => "nft delete table inet wgmesh".into(),
         Drift::NftAltered => "nft add rule inet wgmesh prerouting counter".into(),
         Drift::LinkGone => format!("ip link del {i}"),
-        Drift::WrongType => format!("ip link del {i} && ip link add {i} type dummy"),
+        // wgmesh's own link of the other kind (a TUN device it made for wireguard-go, or,
+        // on the userspace backend, one whose daemon is gone): replaced.
+        Drift::WrongType => {
+            format!("ip link del {i}; ip tuntap add {i} mode tun && ip link set {i} alias wgmesh")
+        }
         Drift::Sysctl => "echo 0 > /proc/sys/net/ipv4/conf/all/src_valid_mark".into(),
     };
     // A drift may not apply after an earlier one (the link is gone): that is fine.

@@ -103,6 +103,24 @@ impl<K: KernelIo> Linux<K> {
                 Err(r) => return Err(r.error(doing)),
             }
         }
+        if !links.is_empty() {
+            // Whether a link is wgmesh's depends on its addresses too (it has none).
+            let by_index: HashMap<u32, String> =
+                links.iter().map(|(n, l)| (l.index, n.clone())).collect();
+            let doing = "dump addresses";
+            for r in self.dump(route::address_dump(), doing)?.unwrap_or_default() {
+                let RouteNetlinkMessage::NewAddress(m) = parse(&r, "RTM_NEWADDR", doing)? else {
+                    continue;
+                };
+                if let Some((index, net)) =
+                    route::parse_address(&m).map_err(|e| Error::decode(doing, e))?
+                {
+                    if let Some(l) = by_index.get(&index).and_then(|n| links.get_mut(n)) {
+                        l.addresses.push(net);
+                    }
+                }
+            }
+        }
         Ok(links)
     }
 
@@ -152,33 +170,34 @@ impl<K: KernelIo> Linux<K> {
                 Err(r) => return Err(r.error(doing)),
             }
         }
-        if tables.is_empty() {
-            return Ok(tables);
-        }
-        // One dump at a time per socket; dumps of family 0 cover every family.
-        let replies = self
-            .nft(nft::dump_chains(), &doing)?
-            .map_err(|r| r.error(&doing))?;
-        for r in replies {
-            let m: NetfilterMessage = parse(&r, "NEWCHAIN", &doing)?;
-            let (fam, tbl, c) = nft::decode_chain(&m).map_err(|e| Error::decode(&doing, e))?;
-            if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
-                t.chains.push(c);
+        // Only wgmesh's tables: chains of their families (Linux filters chain dumps by family
+        // only), rules of their table (filtered by the kernel). One dump at a time per socket.
+        let families: Vec<u8> = tables.iter().map(|t| t.family).collect();
+        for family in families {
+            let replies = self
+                .nft(nft::dump_chains(family, table), &doing)?
+                .map_err(|r| r.error(&doing))?;
+            for r in replies {
+                let m: NetfilterMessage = parse(&r, "NEWCHAIN", &doing)?;
+                let (fam, tbl, c) = nft::decode_chain(&m).map_err(|e| Error::decode(&doing, e))?;
+                if let Some(t) = tables.iter_mut().find(|t| t.family == fam && tbl == table) {
+                    t.chains.push(c);
+                }
             }
-        }
-        let replies = self
-            .nft(nft::dump_rules(), &doing)?
-            .map_err(|r| r.error(&doing))?;
-        for r in replies {
-            let m: NetfilterMessage = parse(&r, "NEWRULE", &doing)?;
-            let (fam, tbl, chain, exprs) =
-                nft::decode_rule(&m).map_err(|e| Error::decode(&doing, e))?;
-            if let Some(c) = tables
-                .iter_mut()
-                .find(|t| t.family == fam && tbl == table)
-                .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
-            {
-                c.rules.push(exprs);
+            let replies = self
+                .nft(nft::dump_rules(family, table), &doing)?
+                .map_err(|r| r.error(&doing))?;
+            for r in replies {
+                let m: NetfilterMessage = parse(&r, "NEWRULE", &doing)?;
+                let (fam, tbl, chain, exprs) =
+                    nft::decode_rule(&m).map_err(|e| Error::decode(&doing, e))?;
+                if let Some(c) = tables
+                    .iter_mut()
+                    .find(|t| t.family == fam && tbl == table)
+                    .and_then(|t| t.chains.iter_mut().find(|c| c.name == chain))
+                {
+                    c.rules.push(exprs);
+                }
             }
         }
         Ok(tables)
@@ -203,6 +222,8 @@ impl<K: KernelIo> Linux<K> {
         self.ifindex = links.iter().map(|(n, l)| (n.clone(), l.index)).collect();
         let by_index: HashMap<u32, String> =
             links.iter().map(|(n, l)| (l.index, n.clone())).collect();
+        // In name order: the same state is read with the same requests in the same order.
+        let links: BTreeMap<String, ActualLink> = links.into_iter().collect();
         for (name, l) in &links {
             let dev = match &self.wg {
                 Driver::Kernel { family_id } if l.kind.as_deref() == Some("wireguard") => {
@@ -216,7 +237,7 @@ impl<K: KernelIo> Linux<K> {
                 s.devices.insert(name.clone(), d);
             }
         }
-        s.links = links.into_iter().collect();
+        s.links = links;
         // One dump at a time per socket (the kernel answers EBUSY otherwise).
         for family in [Family::V4, Family::V6] {
             for r in self

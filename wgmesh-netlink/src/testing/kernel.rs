@@ -12,10 +12,11 @@ use netlink_packet_generic::GenlMessage;
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_netfilter::nftables::{
-    GenAttribute, GenMessage, NfTablesMessage, TableAttribute,
+    GenAttribute, GenMessage, NfTablesMessage, RuleAttribute as NftRuleAttribute, TableAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType as RtType,
@@ -270,6 +271,13 @@ fn family_of(af: AddressFamily) -> Option<Family> {
     }
 }
 
+fn family_of_net(a: &IpNet) -> Family {
+    match a {
+        IpNet::V4(_) => Family::V4,
+        IpNet::V6(_) => Family::V6,
+    }
+}
+
 fn address_family(f: Family) -> AddressFamily {
     match f {
         Family::V4 => AddressFamily::Inet,
@@ -426,6 +434,8 @@ impl FakeKernel {
                 kind: kind.map(str::to_owned),
                 mtu,
                 up,
+                alias: None,
+                addresses: Vec::new(),
             },
         );
         if kind == Some("wireguard") {
@@ -611,6 +621,10 @@ impl FakeKernel {
                 self.dump_rules(h, &r);
                 return;
             }
+            RouteNetlinkMessage::GetAddress(a) if dump => {
+                self.dump_addresses(h, &a);
+                return;
+            }
             RouteNetlinkMessage::NewRule(r) => self.new_rule(h, &r),
             RouteNetlinkMessage::DelRule(r) => self.del_rule(&r),
             _ => Err(refuse(EOPNOTSUPP)),
@@ -640,6 +654,9 @@ impl FakeKernel {
         }
         m.attributes.push(LinkAttribute::IfName(name.to_owned()));
         m.attributes.push(LinkAttribute::Mtu(l.mtu));
+        if let Some(a) = &l.alias {
+            m.attributes.push(LinkAttribute::IfAlias(a.clone()));
+        }
         if let Some(k) = &l.kind {
             m.attributes
                 .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
@@ -647,6 +664,29 @@ impl FakeKernel {
                 )]));
         }
         RouteNetlinkMessage::NewLink(m)
+    }
+
+    /// Every address of every link (of one family, or both for `AF_UNSPEC`), link by link.
+    fn dump_addresses(&mut self, h: &Header, q: &AddressMessage) {
+        let want = family_of(q.header.family);
+        let messages = self
+            .links
+            .values()
+            .flat_map(|l| l.addresses.iter().map(move |a| (l.index, a)))
+            .filter(|(_, a)| want.is_none_or(|f| f == family_of_net(a)))
+            .map(|(index, a)| {
+                let mut m = AddressMessage::default();
+                m.header.family = address_family(family_of_net(a));
+                m.header.prefix_len = a.prefix_len();
+                m.header.index = index;
+                m.attributes.push(AddressAttribute::Address(a.addr()));
+                if a.addr().is_ipv4() {
+                    m.attributes.push(AddressAttribute::Local(a.addr()));
+                }
+                wire::serialize(&RouteNetlinkMessage::NewAddress(m), 0, h.seq)
+            })
+            .collect();
+        self.dump(Protocol::Route, h.seq, messages);
     }
 
     fn get_link(&mut self, h: &Header, l: &LinkMessage) -> Result<(), Refused> {
@@ -668,6 +708,10 @@ impl FakeKernel {
             }),
             _ => None,
         });
+        let alias = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfAlias(a) => Some(a.clone()),
+            _ => None,
+        });
         let up_change = l.header.change_mask.contains(IFF_UP_BIT);
         let up = l.header.flags.contains(IFF_UP_BIT);
         if let Some(name) = self.find_link(l) {
@@ -680,6 +724,10 @@ impl FakeKernel {
             }
             if up_change {
                 link.up = up;
+            }
+            // An empty alias removes it, as in Linux.
+            if let Some(a) = alias {
+                link.alias = (!a.is_empty()).then_some(a);
             }
             return Ok(());
         }
@@ -1415,11 +1463,16 @@ impl FakeKernel {
                 self.dump(Protocol::Netfilter, h.seq, messages);
                 return Ok(None);
             }
-            NfTablesMessage::GetRule(_) if dump => {
+            NfTablesMessage::GetRule(q) if dump => {
+                // Linux filters rule dumps by table and chain when asked.
+                let table = q.attributes.iter().find_map(|a| match a {
+                    NftRuleAttribute::Table(t) => Some(t.as_str()),
+                    _ => None,
+                });
                 let messages = self
                     .nft
                     .values()
-                    .filter(|t| of_family(t))
+                    .filter(|t| of_family(t) && table.is_none_or(|n| n == t.name))
                     .flat_map(|t| {
                         t.chains.iter().flat_map(move |c| {
                             c.rules.iter().map(move |r| {

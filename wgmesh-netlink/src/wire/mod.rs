@@ -85,7 +85,22 @@ pub(crate) fn parse<I: NetlinkDeserializable>(
     bytes: &[u8],
     what: &'static str,
 ) -> Result<(NetlinkHeader, I), DecodeError> {
-    let m = NetlinkMessage::<I>::deserialize(bytes).map_err(|e| DecodeError::message(what, e))?;
+    // The rust-netlink parsers index some attribute values without checking their length
+    // (netlink-packet-netfilter 0.4's nested data of a `cmp` expression, found by the
+    // `netlink` fuzz target): a malformed answer must be an error, not a panic.
+    let m = std::panic::catch_unwind(|| NetlinkMessage::<I>::deserialize(bytes))
+        .map_err(|panic| DecodeError::Invalid {
+            what,
+            detail: format!(
+                "the message parser failed ({})",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("panic")
+            ),
+        })?
+        .map_err(|e| DecodeError::message(what, e))?;
     match m.payload {
         NetlinkPayload::InnerMessage(i) => Ok((m.header, i)),
         _ => Err(DecodeError::Invalid {

@@ -202,30 +202,60 @@ pub(crate) fn get_table(family: u8, name: &str) -> NftRequest {
     )
 }
 
-/// A dump of every chain of every family.
-pub(crate) fn dump_chains() -> NftRequest {
+/// A dump of the chains of one family. Linux does not filter chain dumps by table (the
+/// table attribute is ignored), only by family: the caller keeps its table's chains.
+pub(crate) fn dump_chains(family: u8, table: &str) -> NftRequest {
     (
         NLM_F_REQUEST | NLM_F_DUMP,
         message(
-            0,
+            family,
             NfTablesMessage::GetChain(ChainMessage {
-                attributes: Vec::new(),
+                attributes: vec![ChainAttribute::Table(table.to_owned())],
             }),
         ),
     )
 }
 
-/// A dump of every rule of every family.
-pub(crate) fn dump_rules() -> NftRequest {
+/// A dump of the rules of one table (Linux filters rule dumps by family and by
+/// `NFTA_RULE_TABLE`): a foreign table's rules are never sent.
+pub(crate) fn dump_rules(family: u8, table: &str) -> NftRequest {
     (
         NLM_F_REQUEST | NLM_F_DUMP,
         message(
-            0,
+            family,
             NfTablesMessage::GetRule(RuleMessage {
-                attributes: Vec::new(),
+                attributes: vec![RuleAttribute::Table(table.to_owned())],
             }),
         ),
     )
+}
+
+/// The whole-ruleset dumps (every chain, then every rule, of every family) that wgmesh sent
+/// before it read its own tables only; the golden capture recorded them, and the fake kernel
+/// still answers them as Linux did.
+#[cfg(test)]
+pub(crate) fn dump_ruleset() -> [NftRequest; 2] {
+    let dump = NLM_F_REQUEST | NLM_F_DUMP;
+    [
+        (
+            dump,
+            message(
+                0,
+                NfTablesMessage::GetChain(ChainMessage {
+                    attributes: Vec::new(),
+                }),
+            ),
+        ),
+        (
+            dump,
+            message(
+                0,
+                NfTablesMessage::GetRule(RuleMessage {
+                    attributes: Vec::new(),
+                }),
+            ),
+        ),
+    ]
 }
 
 /// `GETGEN`: answered once every earlier message of the socket has been processed.

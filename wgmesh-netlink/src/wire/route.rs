@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType as RtType,
@@ -66,6 +67,15 @@ pub(crate) fn link_create(name: &str, kind: LinkKind, mtu: u32) -> RtRequest {
     )
 }
 
+/// `RTM_NEWLINK` marking a link wgmesh just made as its own (`IFLA_IFALIAS`; Linux takes an
+/// alias only on an existing link, not in the request that creates it).
+pub(crate) fn link_mark(name: &str) -> RtRequest {
+    let mut m = link_by_name(name);
+    m.attributes
+        .push(LinkAttribute::IfAlias(crate::state::LINK_MARKER.to_owned()));
+    (ACKED, RouteNetlinkMessage::NewLink(m))
+}
+
 /// `RTM_NEWLINK` changing an existing link (found by name): MTU and/or up.
 pub(crate) fn link_set(name: &str, mtu: Option<u32>, up: bool) -> RtRequest {
     let mut m = link_by_name(name);
@@ -87,10 +97,11 @@ pub(crate) fn link_delete(name: &str) -> RtRequest {
 /// A link as wgmesh models it: `(name, link)`.
 pub(crate) fn parse_link(m: &LinkMessage) -> Result<(String, ActualLink), DecodeError> {
     let mut name = None;
-    let (mut mtu, mut kind) = (0, None);
+    let (mut mtu, mut kind, mut alias) = (0, None, None);
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => alias = Some(a.clone()),
             LinkAttribute::Mtu(v) => mtu = *v,
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
@@ -113,8 +124,47 @@ pub(crate) fn parse_link(m: &LinkMessage) -> Result<(String, ActualLink), Decode
             kind,
             mtu,
             up: m.header.flags.contains(LinkFlags::Up),
+            alias,
+            addresses: Vec::new(),
         },
     ))
+}
+
+/// `RTM_GETADDR` dump of every address of both families.
+pub(crate) fn address_dump() -> RtRequest {
+    (
+        NLM_F_REQUEST | NLM_F_DUMP,
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+    )
+}
+
+/// An address as `(interface index, prefix)`; `None` for IPv6 link-local addresses (the
+/// kernel's own) and families other than IPv4 and IPv6.
+pub(crate) fn parse_address(m: &AddressMessage) -> Result<Option<(u32, IpNet)>, DecodeError> {
+    if family_of(m.header.family).is_none() {
+        return Ok(None);
+    }
+    // A point-to-point address has its own side in IFA_LOCAL and the peer in IFA_ADDRESS.
+    let mut address = None;
+    for a in &m.attributes {
+        match a {
+            AddressAttribute::Local(ip) => address = Some(*ip),
+            AddressAttribute::Address(ip) if address.is_none() => address = Some(*ip),
+            _ => {}
+        }
+    }
+    let ip = address.ok_or(DecodeError::Missing {
+        what: "RTM_NEWADDR",
+        missing: "IFA_ADDRESS",
+    })?;
+    if let IpAddr::V6(v6) = ip {
+        if v6.is_unicast_link_local() {
+            return Ok(None);
+        }
+    }
+    let net = IpNet::new(ip, m.header.prefix_len)
+        .map_err(|e| DecodeError::invalid("RTM_NEWADDR prefix length", e))?;
+    Ok(Some((m.header.index, net)))
 }
 
 /// `RTM_GETROUTE` dump of a family (every table; filtered when parsed).
