@@ -98,7 +98,7 @@ fn route_matches(a: &ActualRoute, r: &Route) -> bool {
         && match r.kind {
             RouteType::Unicast => a.device.is_some() && a.device == r.device,
             // The kernel hangs IPv6 throw routes on `lo`; which device a throw has is moot.
-            RouteType::Throw => true,
+            RouteType::Throw | RouteType::Blackhole => true,
         }
 }
 

@@ -241,7 +241,7 @@ fn endpoint_rule(ep: &SocketAddr, destination: bool, mark: u32) -> Vec<Expr> {
 /// use wgmesh_core::Marking;
 /// let m = Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
 ///     skip_interfaces: vec!["lo".into()], skip_interface_prefixes: vec!["cali".into()],
-///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![] };
+///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![], strict: None };
 /// let t = compile(&m);
 /// assert_eq!(t.len(), 2); // inet and arp
 /// assert_eq!(t[0].chains.len(), 2);
@@ -330,6 +330,7 @@ mod tests {
             mark_arp: true,
             mark_output: output,
             plain_tcp_endpoints: eps,
+            strict: None,
         }
     }
 

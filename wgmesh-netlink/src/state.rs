@@ -186,7 +186,9 @@ pub enum ActualRouteKind {
     Unicast,
     /// `RTN_THROW`.
     Throw,
-    /// Anything else (blackhole, prohibit, …), by its `RTN_*` number.
+    /// `RTN_BLACKHOLE` (strict mode).
+    Blackhole,
+    /// Anything else (prohibit, unreachable, …), by its `RTN_*` number.
     Other(u8),
 }
 
@@ -195,6 +197,7 @@ impl From<RouteType> for ActualRouteKind {
         match t {
             RouteType::Unicast => Self::Unicast,
             RouteType::Throw => Self::Throw,
+            RouteType::Blackhole => Self::Blackhole,
         }
     }
 }

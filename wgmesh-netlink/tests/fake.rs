@@ -294,7 +294,7 @@ fn converges_from_each_named_drift() {
             "blackhole route",
             Box::new(|k| {
                 let r = k.routes.values_mut().find(|r| r.table == 1).unwrap();
-                r.kind = ActualRouteKind::Other(6);
+                r.kind = ActualRouteKind::Blackhole;
                 r.oif = None;
             }),
         ),

@@ -159,8 +159,8 @@ fn check_with_tools(plan: &NodePlan) {
         let mut got: BTreeSet<(String, String)> = BTreeSet::new();
         for line in table.lines() {
             let w: Vec<&str> = line.split_whitespace().collect();
-            let (kind, dst, rest) = if w[0] == "throw" {
-                ("throw", w[1], &w[2..])
+            let (kind, dst, rest) = if w[0] == "throw" || w[0] == "blackhole" {
+                (w[0], w[1], &w[2..])
             } else {
                 ("unicast", w[0], &w[1..])
             };
@@ -176,8 +176,8 @@ fn check_with_tools(plan: &NodePlan) {
                 .unwrap_or("");
             got.insert((
                 dst,
-                if kind == "throw" {
-                    "throw".into()
+                if kind == "throw" || kind == "blackhole" {
+                    kind.into()
                 } else {
                     dev.to_owned()
                 },
@@ -192,6 +192,7 @@ fn check_with_tools(plan: &NodePlan) {
                     r.destination.to_string(),
                     match r.kind {
                         RouteType::Throw => "throw".to_owned(),
+                        RouteType::Blackhole => "blackhole".to_owned(),
                         RouteType::Unicast => r.device.clone().unwrap_or_default(),
                     },
                 )

@@ -162,6 +162,7 @@ pub(crate) fn route_replace(route: &Route, oif: Option<u32>) -> RtRequest {
         (RouteType::Unicast, Family::V4) => (RouteScope::Link, RtType::Unicast),
         (RouteType::Unicast, Family::V6) => (RouteScope::Universe, RtType::Unicast),
         (RouteType::Throw, _) => (RouteScope::Universe, RtType::Throw),
+        (RouteType::Blackhole, _) => (RouteScope::Universe, RtType::BlackHole),
     };
     (
         ACKED | NLM_F_CREATE | NLM_F_REPLACE,
@@ -183,6 +184,7 @@ pub(crate) fn route_delete(route: &ActualRoute) -> RtRequest {
     m.header.kind = match route.kind {
         ActualRouteKind::Unicast => RtType::Unicast,
         ActualRouteKind::Throw => RtType::Throw,
+        ActualRouteKind::Blackhole => RtType::BlackHole,
         ActualRouteKind::Other(n) => RtType::from(n),
     };
     (ACKED, RouteNetlinkMessage::DelRoute(m))
@@ -243,6 +245,7 @@ pub(crate) fn parse_route(
         kind: match m.header.kind {
             RtType::Unicast => ActualRouteKind::Unicast,
             RtType::Throw => ActualRouteKind::Throw,
+            RtType::BlackHole => ActualRouteKind::Blackhole,
             other => ActualRouteKind::Other(u8::from(other)),
         },
         device: None,

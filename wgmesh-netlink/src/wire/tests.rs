@@ -619,6 +619,7 @@ fn marking_batches_round_trip() {
             "10.0.0.1:6443".parse().unwrap(),
             "[fd00::1]:443".parse().unwrap(),
         ],
+        strict: None,
     };
     let tables = crate::marking::compile(&m);
     let batch = nft::replace_batch("wgmesh", &tables);
