@@ -309,7 +309,7 @@ pub struct Marking {
 
 /// Strict mode's ingress filter: a packet that arrives from the underlay (any interface the
 /// marking does not skip: not loopback, not the mesh interfaces, not a workload interface)
-/// is dropped and counted (one counter per family, [`strict_counter`]) when the mesh table
+/// is dropped and counted (one rule and counter per family, [`strict_counter`]) when the mesh table
 /// routes its source into the family's WireGuard interface: its source lies inside a
 /// participating peer's destinations, and no more specific route (a plain node's borrowed
 /// address, say) makes an exception. The filter asks the routing tables (nftables `fib saddr
@@ -329,7 +329,8 @@ pub struct StrictFilter {
 }
 
 /// The name of strict mode's drop counter for a direction (`ingress` or `egress`) and a
-/// family, in the marking table.
+/// family: its name in metrics and APIs (in the marking table it is the counter of the
+/// family's drop rule).
 ///
 /// ```
 /// use wgmesh_core::{Family, plan::strict_counter};
@@ -412,12 +413,6 @@ impl Marking {
             s.push_str("\t}\n");
         }
         if let Some(strict) = &self.strict {
-            for family in Family::ALL {
-                s.push_str(&format!(
-                    "\tcounter {} {{\n\t}}\n",
-                    strict_counter("ingress", family)
-                ));
-            }
             s.push_str(
                 "\tchain strict_ingress {\n\t\ttype filter hook prerouting priority raw; policy accept;\n",
             );
@@ -435,15 +430,14 @@ impl Marking {
                 let (a, p) = (ep.ip(), ep.port());
                 s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} return\n"));
             }
-            for (family, proto, dev) in [
-                (Family::V4, "ipv4", &strict.interface_v4),
-                (Family::V6, "ipv6", &strict.interface_v6),
+            for (proto, dev) in [
+                ("ipv4", &strict.interface_v4),
+                ("ipv6", &strict.interface_v6),
             ] {
                 if let Some(dev) = dev {
                     s.push_str(&format!(
-                        "\t\tmeta nfproto {proto} fib saddr oifname \"{}\" counter name \"{}\" drop\n",
+                        "\t\tmeta nfproto {proto} fib saddr oifname \"{}\" counter drop\n",
                         nft_escape(dev),
-                        strict_counter("ingress", family)
                     ));
                 }
             }

@@ -381,7 +381,9 @@ pub fn diff(
     );
     let wanted_marking = plan.marking.as_ref().map(marking::compile);
     match &wanted_marking {
-        Some(w) if *w != actual.marking => ops.push(Operation::SetMarking { tables: w.clone() }),
+        Some(w) if *w != marking::without_counts(&actual.marking) => {
+            ops.push(Operation::SetMarking { tables: w.clone() })
+        }
         None if !actual.marking.is_empty() => ops.push(Operation::DeleteMarking {
             table: own.nft_table.clone(),
         }),

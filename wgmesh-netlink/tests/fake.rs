@@ -929,3 +929,60 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn strict_mode_blackholes_filters_and_its_counts_are_not_drift() {
+    use wgmesh_netlink::marking::{Expr, STRICT_CHAIN, StrictDrops};
+    let c = four_nodes(r#""strict_mode": true, "cluster_cidrs": ["10.65.0.0/16", "10.0.0.0/24"]"#);
+    let plan = plan_node(&c, "a").unwrap();
+    let mut r = Reconciler::new(fake(), Ownership::from_mesh(c.mesh()), ring());
+    converge(&mut r, &plan);
+    let k = r.dataplane().kernel();
+    // The plain node without WireGuard settings and the unknown cluster space: blackholes.
+    let blackholes: BTreeSet<String> = k
+        .routes
+        .values()
+        .filter(|x| x.table == 1 && x.kind == ActualRouteKind::Blackhole)
+        .map(|x| x.destination.to_string())
+        .collect();
+    assert!(blackholes.contains("10.65.0.192/26"), "{blackholes:?}");
+    assert!(blackholes.contains("10.65.0.0/16"), "{blackholes:?}");
+    assert_eq!(r.strict_drops().unwrap(), Some(StrictDrops::default()));
+    // The kernel counts drops: they are read back, and they are not drift.
+    for t in r.dataplane_mut().kernel_mut().nft.values_mut() {
+        for chain in t.chains.iter_mut().filter(|c| c.name == STRICT_CHAIN) {
+            for rule in &mut chain.rules {
+                let v4 = rule.contains(&Expr::Cmp {
+                    sreg: 1,
+                    op: 0,
+                    data: vec![2],
+                });
+                for e in rule.iter_mut() {
+                    if let Expr::Counter { packets, bytes } = e {
+                        (*packets, *bytes) = if v4 { (7, 420) } else { (3, 240) };
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        r.strict_drops().unwrap(),
+        Some(StrictDrops {
+            ingress_v4: 7,
+            ingress_v6: 3
+        })
+    );
+    let again = r.reconcile(&plan).unwrap();
+    assert!(again.is_noop(), "{:?}", again.operations);
+    // Strict mode off: the filter and the blackholes go.
+    let off = plan_node(&four_nodes(""), "a").unwrap();
+    converge(&mut r, &off);
+    assert_eq!(r.strict_drops().unwrap(), None);
+    assert!(
+        !r.dataplane()
+            .kernel()
+            .routes
+            .values()
+            .any(|x| x.kind == ActualRouteKind::Blackhole)
+    );
+}

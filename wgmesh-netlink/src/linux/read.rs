@@ -128,7 +128,7 @@ impl<K: KernelIo> Linux<K> {
     }
 
     /// wgmesh's nftables tables named `table`, with their chains and rules.
-    fn read_nft(&mut self, table: &str) -> Result<Vec<NftTable>> {
+    pub(super) fn read_nft(&mut self, table: &str) -> Result<Vec<NftTable>> {
         let doing = format!("read nftables tables {table}");
         let mut tables = Vec::new();
         for family in FAMILIES {
