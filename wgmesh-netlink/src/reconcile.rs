@@ -194,6 +194,19 @@ impl<D: Dataplane> Reconciler<D> {
     pub fn plan_operations(&mut self, plan: &NodePlan) -> Result<Vec<Operation>> {
         let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
         let actual = self.dataplane.read(&self.ownership, &sysctls)?;
+        // Before touching anything: nobody else may use wgmesh's mark, table or priority.
+        if let Some(rule) = plan.rules.first()
+            && let Some(collision) = crate::neighbours::collisions(
+                rule.firewall_mark,
+                rule.priority,
+                rule.table,
+                &actual.foreign_rules,
+            )
+            .into_iter()
+            .next()
+        {
+            return Err(Error::Collision { collision });
+        }
         Ok(diff(plan, &actual, &self.ownership, &self.options()).into_operations())
     }
 

@@ -187,9 +187,11 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
         ActualRouteKind::Throw,
         None,
     ));
-    let mut other_rule = FakeRule::lookup(Family::V4, 99, 7);
-    other_rule.firewall_mark = 0x100000;
-    other_rule.firewall_mask = 0x100000;
+    // Another program's rule that shares neither wgmesh's priority nor its mark bits (one
+    // that does is refused: a_neighbours_mark_or_priority_is_refused_naming_it).
+    let mut other_rule = FakeRule::lookup(Family::V4, 98, 7);
+    other_rule.firewall_mark = 0x1;
+    other_rule.firewall_mask = 0x1;
     other_rule.invert = true;
     k.rules.insert(1, other_rule.clone());
     k.nft.insert(
@@ -985,4 +987,40 @@ fn strict_mode_blackholes_filters_and_its_counts_are_not_drift() {
             .values()
             .any(|x| x.kind == ActualRouteKind::Blackhole)
     );
+}
+
+/// Another program's rule on wgmesh's mark bits (Tailscale's bypass rule) or priority:
+/// wgmesh refuses with one line naming it and changes nothing; a rule that shares nothing is
+/// no obstacle.
+#[test]
+fn a_neighbours_mark_or_priority_is_refused_naming_it() {
+    let (plan, mut r) = setup(false);
+    let mut tailscale = FakeRule::lookup(Family::V4, 5210, 254);
+    tailscale.firewall_mark = 0x80000;
+    tailscale.firewall_mask = 0xff0000;
+    add_rule(&mut r, tailscale);
+    let before = r.dataplane().kernel().links.len();
+    let e = r.reconcile(&plan).unwrap_err();
+    assert!(matches!(e, wgmesh_netlink::Error::Collision { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "fwmark bits 0x100000 are used by Tailscale (`5210: from all fwmark 0x80000/0xff0000 lookup 254`): set mesh.firewall_mark to bits nobody else uses; wgmesh changes nothing while it collides"
+    );
+    assert_eq!(r.dataplane().kernel().links.len(), before);
+    // Cilium's proxy table at wgmesh's priority.
+    let (plan, mut r) = setup(false);
+    add_rule(&mut r, FakeRule::lookup(Family::V6, 99, 2005));
+    let e = r.reconcile(&plan).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("rule priority 99 is taken by Cilium"),
+        "{e}"
+    );
+    // A neighbour that shares nothing.
+    let (plan, mut r) = setup(false);
+    let mut other = FakeRule::lookup(Family::V4, 5210, 52);
+    other.firewall_mark = 0x80000;
+    other.firewall_mask = 0x80000;
+    add_rule(&mut r, other);
+    converge(&mut r, &plan);
 }

@@ -94,6 +94,8 @@ fn reset() {
         sh_ok(&format!("ip link del {l}"));
     }
     sh_ok("while ip rule del pref 99 table 2 2>/dev/null; do :; done");
+    sh_ok("while ip rule del pref 98 table 2 2>/dev/null; do :; done");
+    sh_ok("while ip rule del pref 5210 table 254 2>/dev/null; do :; done");
     sh_ok("nft delete table inet other; nft delete table ip wgmesh; ip route flush table 2");
 }
 
@@ -285,6 +287,29 @@ fn create_configure_read_back_and_tear_down() {
     assert!(r.reconcile(&off).unwrap().is_noop());
 }
 
+/// A neighbour on wgmesh's mark bits (Tailscale's bypass rule, as Tailscale installs it) is
+/// refused with one line naming it, before anything changes.
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_neighbour_on_wgmeshs_mark_bits_is_refused() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    sh("ip rule add pref 5210 fwmark 0x80000/0xff0000 lookup main");
+    let before = sh("ip link show; ip rule show; ip route show table 1");
+    let plan = plan_node(&cluster(false), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    let e = r.reconcile(&plan).unwrap_err().to_string();
+    assert!(
+        e.starts_with("fwmark bits 0x100000 are used by Tailscale (`5210: from all fwmark 0x80000/0xff0000 lookup 254`)"),
+        "{e}"
+    );
+    assert_eq!(
+        sh("ip link show; ip rule show; ip route show table 1"),
+        before
+    );
+    reset();
+}
+
 /// Strict mode on a real kernel: blackhole routes in both families, the ingress filter
 /// (`fib saddr oifname`, counted per family) in wgmesh's table, its counters read back, and
 /// off again.
@@ -344,7 +369,8 @@ fn foreign_objects_are_untouched() {
     sh(
         "ip route add 10.203.0.0/16 dev dummy-foreign && ip route add throw 10.65.0.0/26 table 2 && ip route add 10.202.0.0/16 dev dummy-foreign table 2",
     );
-    sh("ip rule add pref 99 fwmark 0x100000/0x100000 lookup 2");
+    // Shares neither wgmesh's priority nor its mark bits (a rule that does is refused).
+    sh("ip rule add pref 98 fwmark 0x1/0x1 lookup 2");
     sh(
         "nft add table inet other && nft add chain inet other c '{ type filter hook input priority 0; }' && nft add table ip wgmesh",
     );

@@ -239,7 +239,10 @@ impl<K: KernelIo> Linux<K> {
                 .unwrap_or_default()
             {
                 if let RouteNetlinkMessage::NewRule(m) = parse(&r, "RTM_NEWRULE", "dump rules")? {
-                    s.rules.extend(route::parse_rule(&m, own.table));
+                    match route::parse_rule(&m, own.table) {
+                        Some(rule) => s.rules.push(rule),
+                        None => s.foreign_rules.extend(route::parse_foreign_rule(&m)),
+                    }
                 }
             }
         }

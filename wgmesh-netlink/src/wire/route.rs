@@ -351,3 +351,18 @@ pub(crate) fn parse_rule(m: &RuleMessage, table: u32) -> Option<ActualRule> {
     r.raw = RawRule::new(m.clone());
     Some(r)
 }
+
+/// Any rule, whatever table it points at (a foreign one: its raw form is not kept).
+pub(crate) fn parse_foreign_rule(m: &RuleMessage) -> Option<ActualRule> {
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    let mut r = parse_rule(m, table)?;
+    r.raw = RawRule::default();
+    Some(r)
+}
