@@ -267,10 +267,8 @@ fn verdict(code: i32) -> Expr {
     Expr::Verdict { code }
 }
 
-/// Strict mode's ingress filter (see [`wgmesh_core::StrictFilter`]): skip the interfaces that
-/// are not underlay, WireGuard's UDP and the control plane; then, per family, drop and count
-/// what the routing tables send back into the family's WireGuard interface.
-fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr>> {
+/// `iifname … return` for each interface that is not underlay (exact names, then prefixes).
+fn skip_rules(m: &Marking) -> Vec<Vec<Expr>> {
     let mut rules = Vec::new();
     for name in &m.skip_interfaces {
         let mut data = name.as_bytes().to_vec();
@@ -280,6 +278,14 @@ fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr
     for prefix in &m.skip_interface_prefixes {
         rules.push(iifname_return(prefix.as_bytes().to_vec()));
     }
+    rules
+}
+
+/// Strict mode's ingress filter (see [`wgmesh_core::StrictFilter`]): skip the interfaces that
+/// are not underlay, WireGuard's UDP and the control plane; then, per family, drop and count
+/// what the routing tables send back into the family's WireGuard interface.
+fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr>> {
+    let mut rules = skip_rules(m);
     for port in &strict.exempt_udp_ports {
         rules.push(vec![
             Expr::Meta {
@@ -413,15 +419,7 @@ pub fn strict_drops(tables: &[NftTable]) -> Option<StrictDrops> {
 /// ```
 pub fn compile(m: &Marking) -> Vec<NftTable> {
     let input_rules = || {
-        let mut pre = Vec::new();
-        for name in &m.skip_interfaces {
-            let mut data = name.as_bytes().to_vec();
-            data.resize(IFNAMSIZ, 0);
-            pre.push(iifname_return(data));
-        }
-        for prefix in &m.skip_interface_prefixes {
-            pre.push(iifname_return(prefix.as_bytes().to_vec()));
-        }
+        let mut pre = skip_rules(m);
         pre.push(mark_rule(m.firewall_mark));
         pre
     };
