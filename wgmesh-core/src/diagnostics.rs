@@ -13,7 +13,7 @@ use std::fmt;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::claims::{ClaimField, Ledger, Refusal, over_limit};
+use crate::claims::{ClaimField, Ledger, Refusal, over_limit, static_refusal};
 use crate::key::PublicKey;
 use crate::model::{Cluster, Family};
 use crate::plan::takes_part;
@@ -117,6 +117,47 @@ pub enum Diagnostic {
         /// The family.
         family: Family,
     },
+    /// Strict mode drops traffic (blackhole routes) that the default mode would send in
+    /// plaintext.
+    StrictBlackhole {
+        /// The family.
+        family: Family,
+        /// What is dropped, and why.
+        target: Blackholed,
+    },
+}
+
+/// What strict mode blackholes, and why (see [`Diagnostic::StrictBlackhole`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "what", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Blackholed {
+    /// Every destination of a node that should encrypt but does not take part.
+    Node {
+        /// The node.
+        node: String,
+        /// Why it does not take part.
+        reason: PlainReason,
+    },
+    /// A prefix that several nodes claim.
+    Clash {
+        /// The prefix.
+        destination: IpNet,
+        /// The nodes, sorted.
+        nodes: Vec<String>,
+    },
+    /// A refused claim on cluster space that collides with another node's.
+    Refused {
+        /// The node that made the claim.
+        node: String,
+        /// The claim.
+        claim: IpNet,
+    },
+    /// The addresses of a `cluster_cidrs` range that no node claims, until one does.
+    UnknownClusterSpace {
+        /// The range.
+        cidr: IpNet,
+    },
 }
 
 impl Diagnostic {
@@ -131,6 +172,7 @@ impl Diagnostic {
             Self::MtuBelowFloor { .. } => "mtu_below_floor",
             Self::MtuAboveUnderlay { .. } => "mtu_above_underlay",
             Self::NoClusterCidrs { .. } => "no_cluster_cidrs",
+            Self::StrictBlackhole { .. } => "strict_blackhole",
         }
     }
 
@@ -163,6 +205,11 @@ impl Diagnostic {
                 .chain(reason.other_node())
                 .collect(),
             Self::NoClusterCidrs { .. } => Vec::new(),
+            Self::StrictBlackhole { target, .. } => match target {
+                Blackholed::Node { node, .. } | Blackholed::Refused { node, .. } => vec![node],
+                Blackholed::Clash { nodes, .. } => nodes.iter().map(String::as_str).collect(),
+                Blackholed::UnknownClusterSpace { .. } => Vec::new(),
+            },
         }
     }
 
@@ -242,6 +289,32 @@ impl fmt::Display for Diagnostic {
                 "mesh.mtu {mtu} does not fit the {family} underlay MTU {underlay_mtu} of node {node:?} (the tunnel adds {} bytes)",
                 family.wireguard_overhead()
             ),
+            Self::StrictBlackhole { family, target } => match target {
+                Blackholed::Node { node, reason } => write!(
+                    f,
+                    "strict mode drops {family} traffic to node {node:?} (blackhole): it should encrypt but {}",
+                    match reason {
+                        PlainReason::WireGuardDisabled =>
+                            "it has no WireGuard settings (only wireguard.enabled: false opts out)",
+                        PlainReason::NoPublicKey => "it has published no key",
+                        PlainReason::DuplicatePublicKey => "another node publishes the same key",
+                        PlainReason::NoAddress => "it has no address of this family",
+                    }
+                ),
+                Blackholed::Clash { destination, nodes } => write!(
+                    f,
+                    "strict mode drops traffic to {destination} (blackhole): it is claimed by {}",
+                    nodes.join(", ")
+                ),
+                Blackholed::Refused { node, claim } => write!(
+                    f,
+                    "strict mode drops traffic to {claim} (blackhole): node {node:?} claims it and is refused"
+                ),
+                Blackholed::UnknownClusterSpace { cidr } => write!(
+                    f,
+                    "strict mode drops traffic to addresses of {cidr} that no node claims (blackhole), until one does"
+                ),
+            },
             Self::NoClusterCidrs { family } => write!(
                 f,
                 "mesh.cluster_cidrs has no {family} range: a node can claim any outside {family} address, and pull its traffic into the node's tunnel"
@@ -389,5 +462,74 @@ pub fn diagnose(cluster: &Cluster) -> Vec<Diagnostic> {
             }
         }
     }
+    if mesh.strict_mode {
+        let strict = strict_findings(cluster, &out);
+        out.extend(strict);
+    }
+    out
+}
+
+/// What strict mode blackholes, from the other findings (the rules of
+/// [`crate::plan`]'s strict mode).
+fn strict_findings(cluster: &Cluster, found: &[Diagnostic]) -> Vec<Diagnostic> {
+    let mesh = cluster.mesh();
+    let plain = |name: &str| cluster.node(name).is_some_and(|n| n.explicitly_plain());
+    let node_address = |net: &IpNet| {
+        net.prefix_len() == Family::of_net(net).host_prefix_len()
+            && cluster
+                .nodes()
+                .iter()
+                .any(|n| n.addresses.contains(&net.addr()))
+    };
+    let mut out = Vec::new();
+    for d in found {
+        let (family, target) = match d {
+            Diagnostic::Plain {
+                node,
+                family,
+                reason,
+            } if !plain(node) => (
+                *family,
+                Blackholed::Node {
+                    node: node.clone(),
+                    reason: *reason,
+                },
+            ),
+            Diagnostic::Clash { destination, nodes }
+                if !nodes.iter().all(|n| plain(n))
+                    && (mesh.host_encryption || !node_address(destination)) =>
+            {
+                (
+                    Family::of_net(destination),
+                    Blackholed::Clash {
+                        destination: *destination,
+                        nodes: nodes.clone(),
+                    },
+                )
+            }
+            Diagnostic::Refused { node, claim, .. }
+                if static_refusal(mesh, claim).is_none()
+                    && (mesh.host_encryption || !node_address(claim)) =>
+            {
+                (
+                    Family::of_net(claim),
+                    Blackholed::Refused {
+                        node: node.clone(),
+                        claim: *claim,
+                    },
+                )
+            }
+            _ => continue,
+        };
+        out.push(Diagnostic::StrictBlackhole { family, target });
+    }
+    out.extend(
+        mesh.cluster_cidrs
+            .iter()
+            .map(|cidr| Diagnostic::StrictBlackhole {
+                family: Family::of_net(cidr),
+                target: Blackholed::UnknownClusterSpace { cidr: *cidr },
+            }),
+    );
     out
 }

@@ -31,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::claims::{
-    ADDRESS, BLOCK, Cover, REFUSED, WORKLOAD, counted_addresses, is_host, owner, prefix_of, settle,
+    ADDRESS, BLOCK, Cover, REFUSED, WORKLOAD, counted_addresses, is_host, prefix_of, settle,
     static_refusal,
 };
 use crate::delta::{PeerAdded, PeerRef, PeerUpdate, PlanDelta, diff};
@@ -42,7 +42,8 @@ use crate::model::{
     Cluster, Family, MeshConfig, Node, NodeWireGuard, RouteSource, check_node, host_net,
 };
 use crate::plan::{
-    self, Decision, NodePlan, PeerPlan, Route, RouteType, counted_mtu, decide, takes_part,
+    self, Decision, NodePlan, PeerPlan, Route, RouteType, counted_mtu, decide_claims, route_type,
+    routes_active, strict_static, takes_part,
 };
 
 /// A change to the cluster.
@@ -521,20 +522,27 @@ impl IncrementalPlanner {
     /// The whole current plan (time proportional to the plan).
     pub fn plan(&self) -> NodePlan {
         let mut plan = self.header();
-        let Some(local) = self.local_id() else {
+        if self.local_id().is_none() {
             return plan;
-        };
+        }
         let mut routes = Vec::new();
         for iface in &mut plan.interfaces {
             let family = iface.family;
             let f = family.index();
-            if !self.state(local).part[f] {
+            if self.local_routes(family).is_none() {
                 continue;
             }
             let fam = &self.fams[f];
             routes.reserve(fam.claims.len());
             for dest in fam.claims.keys() {
                 if let Some(route) = self.route(family, *dest, self.decision(family, dest)) {
+                    routes.push(route);
+                }
+            }
+            for (dest, _) in strict_static(&self.mesh, family) {
+                if !fam.claims.contains_key(&dest)
+                    && let Some(route) = self.route(family, dest, self.decision(family, &dest))
+                {
                     routes.push(route);
                 }
             }
@@ -969,6 +977,15 @@ impl IncrementalPlanner {
         let old = self.state(id).node.clone();
         let mut new = old.clone();
         new.wireguard = wg;
+        if self.mesh.strict_mode && old.explicitly_plain() != new.explicitly_plain() && j.is_some()
+        {
+            // Whether a claim is blackholed depends on its claimant being explicitly plain.
+            for family in Family::ALL {
+                for dest in self.state(id).prefixes(&self.mesh, family) {
+                    self.touch_dest(j, dest);
+                }
+            }
+        }
         let mut affected: Vec<(Family, Id)> = vec![(Family::V4, id), (Family::V6, id)];
         for family in Family::ALL {
             let (ok, nk) = (old.key(family), new.key(family));
@@ -1068,19 +1085,44 @@ impl IncrementalPlanner {
             .filter(|id| self.state(*id).part[family.index()])
     }
 
+    /// The local node, when it programs routes in a family (it takes part, or strict mode).
+    fn local_routes(&self, family: Family) -> Option<Id> {
+        let id = self.local_id()?;
+        let state = self.state(id);
+        routes_active(&self.mesh, &state.node, family, state.part[family.index()]).then_some(id)
+    }
+
     /// How a destination is routed now; `None` when it has no route.
     fn decision(&self, family: Family, dest: &IpNet) -> Option<Decision<Id>> {
-        let local = self.local_part(family)?;
-        let claim = self.fams[family.index()].claims.get(dest)?;
-        let sole = owner(claim.as_slice().iter().copied())?;
-        Some(decide(local, sole, |n| self.state(n).part[family.index()]))
+        self.local_routes(family)?;
+        self.claim_decision(family, dest).or_else(|| {
+            strict_static(&self.mesh, family)
+                .into_iter()
+                .find(|(p, _)| p == dest)
+                .map(|(_, d)| match d {
+                    Decision::Blackhole => Decision::Blackhole,
+                    _ => Decision::Throw,
+                })
+        })
+    }
+
+    /// How the claims on a destination route it now; `None` when they give it no route.
+    fn claim_decision(&self, family: Family, dest: &IpNet) -> Option<Decision<Id>> {
+        let local = self.local_routes(family)?;
+        let f = family.index();
+        let claim = self.fams[f].claims.get(dest)?;
+        decide_claims(
+            &self.mesh,
+            (local, self.state(local).part[f]),
+            dest,
+            claim.as_slice().iter().copied(),
+            |n| self.state(n).part[f],
+            |n| self.state(n).node.explicitly_plain(),
+        )
     }
 
     fn route(&self, family: Family, dest: IpNet, decision: Option<Decision<Id>>) -> Option<Route> {
-        let kind = match decision? {
-            Decision::Peer(_) => RouteType::Unicast,
-            Decision::Throw => RouteType::Throw,
-        };
+        let kind = route_type(decision?);
         Some(Route {
             family,
             table: self.mesh.routing_table,
@@ -1138,7 +1180,9 @@ impl IncrementalPlanner {
             plan.interfaces
                 .push(plan::interface(&self.mesh, &state.node, family, min));
         }
-        plan::finish(&self.mesh, &mut plan, state.part);
+        let active =
+            Family::ALL.map(|f| routes_active(&self.mesh, &state.node, f, state.part[f.index()]));
+        plan::finish(&self.mesh, &mut plan, active);
         plan
     }
 

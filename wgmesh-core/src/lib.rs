@@ -79,5 +79,5 @@ pub use key::{KeyError, PrivateKey, PublicKey};
 pub use model::{Cluster, Family, MeshConfig, Node, NodeWireGuard, RouteSource};
 pub use plan::{
     InterfacePlan, Marking, NodePlan, PLAN_SCHEMA_VERSION, PeerPlan, Route, RouteType, Rule,
-    Sysctl, plan_all, plan_node,
+    StrictFilter, Sysctl, plan_all, plan_node,
 };

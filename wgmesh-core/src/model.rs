@@ -192,6 +192,14 @@ pub struct MeshConfig {
     pub max_node_pod_cidrs: usize,
     /// At most this many workload addresses of a node count (the smallest ones).
     pub max_node_workload_ips: usize,
+    /// Strict mode: rather drop than send in plaintext between WireGuard nodes. Every node
+    /// that is not explicitly plain ([`Node::explicitly_plain`]) is expected to encrypt: the
+    /// destinations of one that does not take part, and destinations claimed by several
+    /// nodes, get blackhole routes instead of throw routes; unknown addresses inside
+    /// `cluster_cidrs` are blackholed until a node claims them; and an ingress filter drops
+    /// plaintext that arrives from the underlay with a participating peer's source (see
+    /// [`crate::plan`]). Default `false` (Calico's behaviour: fall back to plaintext).
+    pub strict_mode: bool,
 }
 
 impl Default for MeshConfig {
@@ -218,6 +226,7 @@ impl Default for MeshConfig {
             max_node_addresses: DEFAULT_MAX_NODE_ADDRESSES,
             max_node_pod_cidrs: DEFAULT_MAX_NODE_POD_CIDRS,
             max_node_workload_ips: DEFAULT_MAX_NODE_WORKLOAD_IPS,
+            strict_mode: false,
         }
     }
 }
@@ -610,6 +619,23 @@ impl Node {
     /// Whether WireGuard is enabled on the node.
     pub fn wireguard_enabled(&self) -> bool {
         self.wireguard.as_ref().is_some_and(|w| w.enabled)
+    }
+
+    /// Whether the operator opted the node out of the mesh (`wireguard.enabled: false`): in
+    /// strict mode it is the only kind of node that stays reachable in plaintext. A node
+    /// without WireGuard settings at all is not explicitly plain.
+    ///
+    /// ```
+    /// use wgmesh_core::{Node, NodeWireGuard};
+    /// let mut node = Node::new("a");
+    /// assert!(!node.explicitly_plain());
+    /// let mut wireguard = NodeWireGuard::new(None, None);
+    /// wireguard.enabled = false;
+    /// node.wireguard = Some(wireguard);
+    /// assert!(node.explicitly_plain());
+    /// ```
+    pub fn explicitly_plain(&self) -> bool {
+        self.wireguard.as_ref().is_some_and(|w| !w.enabled)
     }
 
     /// The published key of a family, if WireGuard is enabled.

@@ -44,6 +44,30 @@
 //! not accept node addresses as sources), so locally generated packets are marked too and skip
 //! the mesh table; their replies arrive plain and pass the reverse-path check by the same mark.
 //!
+//! **Strict mode** (`mesh.strict_mode`) would rather drop than send in plaintext between
+//! nodes that should encrypt: every node except the explicitly plain ones
+//! (`wireguard.enabled: false`, the operator's opt-out). On a node whose WireGuard is
+//! enabled (it routes even before it takes part, so it never sends in plaintext while its
+//! key is unknown):
+//!
+//! - the destinations of a node that does not take part (no key, a duplicate key, no
+//!   address of the family — a malformed key never gets into the model, so it is no key), and
+//!   a prefix claimed by several nodes or whose only claim collides with another node's, get
+//!   **blackhole** routes instead of throw routes — except the local node's own, a node
+//!   address without host encryption, a claim refused for lying outside the cluster (a
+//!   special address, too short a prefix, outside `cluster_cidrs`: nobody can blackhole the
+//!   world by claiming it), prefixes claimed only by explicitly plain nodes, and the
+//!   control-plane endpoints;
+//! - each of `cluster_cidrs` gets a blackhole route (addresses nobody has claimed yet, such as
+//!   a new pod's), with throw routes for every node address inside (without host encryption)
+//!   and for the control-plane endpoints: longest-prefix match keeps them reachable;
+//! - the [`Marking`] carries a [`StrictFilter`]: plaintext from the underlay whose source the
+//!   mesh table routes into the tunnel is dropped and counted.
+//!
+//! WireGuard's own UDP never meets a blackhole: it carries the device mark, and the rule
+//! skips the mesh table for it. Host traffic to the control plane is marked too (all host
+//! traffic without host encryption, the endpoints' TCP with it).
+//!
 //! **MTU.** WireGuard sends its UDP packets with DF set, so an inner packet that does not fit
 //! the smallest underlay MTU on its path is dropped, not fragmented. The automatic MTU is
 //! therefore the smallest underlay MTU among the nodes taking part (the local one included)
@@ -65,7 +89,8 @@
 //! structs follow the schema, so adding a field is also a Rust-level change for code that
 //! builds them with struct literals: start from [`NodePlan::empty`] or `Default` and set
 //! fields (`..Default::default()`). `tests/schema.rs` holds the schema's field list, so no
-//! field changes unnoticed.
+//! field changes unnoticed. Version 1 grew, compatibly: `marking.strict` and the route type
+//! `blackhole`, which only strict mode's plans carry.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -74,7 +99,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::claims::{Ledger, owner};
+use crate::claims::{ADDRESS, Ledger, REFUSED, owner, static_refusal};
 use crate::error::Error;
 use crate::key::PublicKey;
 use crate::model::{Cluster, Family, MeshConfig, Node};
@@ -129,6 +154,34 @@ impl NodePlan {
     pub fn interface(&self, family: Family) -> Option<&InterfacePlan> {
         self.interfaces.iter().find(|i| i.family == family)
     }
+
+    /// Whether strict mode's ingress filter drops a packet from `source` that arrives in
+    /// plaintext from the underlay: the mesh table routes `source` into a WireGuard interface
+    /// (longest prefix), so it may only arrive through the tunnel. Always `false` when strict
+    /// mode is off.
+    ///
+    /// ```
+    /// use wgmesh_core::{plan_node, spec::parse_cluster};
+    /// let cluster = parse_cluster(r#"{"mesh": {"strict_mode": true}, "nodes": [
+    ///   {"name": "a", "addresses": ["10.0.0.1"], "pod_cidrs": ["10.65.0.0/26"],
+    ///    "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+    ///   {"name": "b", "addresses": ["10.0.0.2"], "pod_cidrs": ["10.65.0.64/26"],
+    ///    "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
+    /// let plan = plan_node(&cluster, "a")?;
+    /// assert!(plan.must_arrive_encrypted("10.65.0.70".parse()?));
+    /// assert!(!plan.must_arrive_encrypted("10.0.0.2".parse()?)); // no host encryption
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn must_arrive_encrypted(&self, source: std::net::IpAddr) -> bool {
+        if self.marking.as_ref().is_none_or(|m| m.strict.is_none()) {
+            return false;
+        }
+        self.routes
+            .iter()
+            .filter(|r| r.destination.contains(&source))
+            .max_by_key(|r| r.destination.prefix_len())
+            .is_some_and(|r| r.kind == RouteType::Unicast)
+    }
 }
 
 /// One WireGuard interface of a node.
@@ -173,6 +226,8 @@ pub enum RouteType {
     Unicast,
     /// Back to the rule list, and so to the main table.
     Throw,
+    /// Dropped (strict mode: rather drop than send in plaintext).
+    Blackhole,
 }
 
 /// One route of the mesh table.
@@ -184,7 +239,7 @@ pub struct Route {
     pub table: u32,
     /// The destination prefix.
     pub destination: IpNet,
-    /// Unicast into the tunnel or throw.
+    /// Unicast into the tunnel, throw, or blackhole.
     #[serde(rename = "type")]
     pub kind: RouteType,
     /// The WireGuard interface, for unicast routes.
@@ -247,6 +302,46 @@ pub struct Marking {
     /// Mark locally generated TCP packets to and from these endpoints (the API server), so
     /// they stay out of the tunnel even with host encryption.
     pub plain_tcp_endpoints: Vec<SocketAddr>,
+    /// Strict mode's ingress filter, when strict mode is on.
+    #[serde(default)]
+    pub strict: Option<StrictFilter>,
+}
+
+/// Strict mode's ingress filter: a packet that arrives from the underlay (any interface the
+/// marking does not skip: not loopback, not the mesh interfaces, not a workload interface)
+/// is dropped and counted (one rule and counter per family, [`strict_counter`]) when the mesh table
+/// routes its source into the family's WireGuard interface: its source lies inside a
+/// participating peer's destinations, and no more specific route (a plain node's borrowed
+/// address, say) makes an exception. The filter asks the routing tables (nftables `fib saddr
+/// oifname`), so it follows the routes without a list of its own;
+/// [`NodePlan::must_arrive_encrypted`] is the same check on the plan. WireGuard's own UDP (to
+/// the listening ports) and the control plane's TCP (from the endpoints) are exempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StrictFilter {
+    /// The IPv4 WireGuard interface, when the node routes IPv4.
+    pub interface_v4: Option<String>,
+    /// The IPv6 WireGuard interface, when the node routes IPv6.
+    pub interface_v6: Option<String>,
+    /// UDP destination ports that are never dropped: the WireGuard listening ports.
+    pub exempt_udp_ports: Vec<u16>,
+    /// TCP endpoints whose packets (from them) are never dropped: the control plane.
+    pub exempt_tcp_endpoints: Vec<SocketAddr>,
+}
+
+/// The name of strict mode's drop counter for a direction (`ingress` or `egress`) and a
+/// family: its name in metrics and APIs (in the marking table it is the counter of the
+/// family's drop rule).
+///
+/// ```
+/// use wgmesh_core::{Family, plan::strict_counter};
+/// assert_eq!(strict_counter("ingress", Family::V6), "strict_ingress_v6");
+/// ```
+pub fn strict_counter(direction: &str, family: Family) -> String {
+    let f = match family {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    };
+    format!("strict_{direction}_{f}")
 }
 
 impl Marking {
@@ -276,6 +371,7 @@ impl Marking {
     ///     mark_arp: false,
     ///     mark_output: false,
     ///     plain_tcp_endpoints: vec![],
+    ///     strict: None,
     /// };
     /// assert!(marking.nft_script().contains(r#"iifname "a\" accept; \\" return"#));
     /// ```
@@ -312,6 +408,37 @@ impl Marking {
                     let (a, p) = (ep.ip(), ep.port());
                     s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} {mark}\n"));
                     s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} {mark}\n"));
+                }
+            }
+            s.push_str("\t}\n");
+        }
+        if let Some(strict) = &self.strict {
+            s.push_str(
+                "\tchain strict_ingress {\n\t\ttype filter hook prerouting priority raw; policy accept;\n",
+            );
+            for name in &self.skip_interfaces {
+                s.push_str(&format!("\t\tiifname \"{}\" return\n", nft_escape(name)));
+            }
+            for prefix in &self.skip_interface_prefixes {
+                s.push_str(&format!("\t\tiifname \"{}*\" return\n", nft_escape(prefix)));
+            }
+            for port in &strict.exempt_udp_ports {
+                s.push_str(&format!("\t\tudp dport {port} return\n"));
+            }
+            for ep in &strict.exempt_tcp_endpoints {
+                let ip = if ep.is_ipv4() { "ip" } else { "ip6" };
+                let (a, p) = (ep.ip(), ep.port());
+                s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} return\n"));
+            }
+            for (proto, dev) in [
+                ("ipv4", &strict.interface_v4),
+                ("ipv6", &strict.interface_v6),
+            ] {
+                if let Some(dev) = dev {
+                    s.push_str(&format!(
+                        "\t\tmeta nfproto {proto} fib saddr oifname \"{}\" counter drop\n",
+                        nft_escape(dev),
+                    ));
                 }
             }
             s.push_str("\t}\n");
@@ -356,6 +483,9 @@ impl fmt::Display for Route {
             ),
             (RouteType::Unicast, None) => write!(f, "{} table {}", self.destination, self.table),
             (RouteType::Throw, _) => write!(f, "throw {} table {}", self.destination, self.table),
+            (RouteType::Blackhole, _) => {
+                write!(f, "blackhole {} table {}", self.destination, self.table)
+            }
         }
     }
 }
@@ -426,7 +556,17 @@ pub(crate) fn rule(mesh: &MeshConfig, family: Family) -> Rule {
     }
 }
 
-/// Rules, sysctls and marking, given the interfaces and the families the local node takes part in.
+/// Whether the local node programs routes in a family: when it takes part, and in strict
+/// mode whenever its WireGuard is enabled and it has an address of the family (it then
+/// blackholes what it cannot encrypt, instead of sending it in plaintext).
+pub(crate) fn routes_active(mesh: &MeshConfig, local: &Node, family: Family, part: bool) -> bool {
+    part || (mesh.strict_mode
+        && mesh.enabled
+        && local.wireguard_enabled()
+        && local.address(family).is_some())
+}
+
+/// Rules, sysctls and marking, given the interfaces and the families the local node routes.
 pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) {
     plan.rules = Family::ALL
         .iter()
@@ -455,6 +595,18 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) 
         } else {
             Vec::new()
         },
+        strict: mesh.strict_mode.then(|| StrictFilter {
+            interface_v4: plan
+                .interface(Family::V4)
+                .map(|i| i.name.clone())
+                .filter(|_| active[0]),
+            interface_v6: plan
+                .interface(Family::V6)
+                .map(|i| i.name.clone())
+                .filter(|_| active[1]),
+            exempt_udp_ports: plan.interfaces.iter().map(|i| i.listen_port).collect(),
+            exempt_tcp_endpoints: mesh.control_plane_endpoints.clone(),
+        }),
     });
 }
 
@@ -465,6 +617,8 @@ pub(crate) enum Decision<N> {
     Peer(N),
     /// Back to the main table.
     Throw,
+    /// Dropped (strict mode).
+    Blackhole,
 }
 
 /// The underlay MTU with which a node counts for the mesh MTU of a family: its own, when it
@@ -488,6 +642,81 @@ pub(crate) fn decide<N: PartialEq + Copy>(
         Some(n) if n != local && takes_part(n) => Decision::Peer(n),
         _ => Decision::Throw,
     }
+}
+
+/// The routing decision for a destination from its claims `(node, flags)`; `None` when it gets
+/// no route. `local_part` says whether the local node takes part (it then has peers).
+///
+/// Strict mode turns a throw into a blackhole when the destination is cluster space that an
+/// encrypting node should have: it is not the local node's, not refused for being outside
+/// the cluster (a special address, too short a prefix, outside `cluster_cidrs`: a hostile
+/// claim must not blackhole the world), not a node address without host encryption, not
+/// only claimed (unrefused) by explicitly plain nodes, and not a control-plane endpoint.
+/// Without a claim that asks for a route, a node address inside `cluster_cidrs` gets a throw
+/// route in strict mode: the exception to the blackholed unknown cluster space.
+pub(crate) fn decide_claims<N: PartialEq + Copy>(
+    mesh: &MeshConfig,
+    (local, local_part): (N, bool),
+    dest: &IpNet,
+    claims: impl Iterator<Item = (N, u8)> + Clone,
+    part: impl Fn(N) -> bool,
+    plain: impl Fn(N) -> bool,
+) -> Option<Decision<N>> {
+    let Some(sole) = owner(claims.clone()) else {
+        let address = claims.clone().any(|(_, f)| f & ADDRESS != 0);
+        return (mesh.strict_mode && address && in_cluster_cidrs(mesh, dest))
+            .then_some(Decision::Throw);
+    };
+    let decision = decide(local, sole, |n| local_part && part(n));
+    if !mesh.strict_mode || decision != Decision::Throw {
+        return Some(decision);
+    }
+    let mut claims = claims;
+    let throw = claims.clone().any(|(n, _)| n == local)
+        || static_refusal(mesh, dest).is_some()
+        || (!mesh.host_encryption && claims.clone().any(|(_, f)| f & ADDRESS != 0))
+        || claims.all(|(n, f)| plain(n) && f & REFUSED == 0)
+        || is_control_plane(mesh, dest);
+    Some(if throw {
+        Decision::Throw
+    } else {
+        Decision::Blackhole
+    })
+}
+
+fn in_cluster_cidrs(mesh: &MeshConfig, dest: &IpNet) -> bool {
+    mesh.cluster_cidrs.iter().any(|c| c.contains(dest))
+}
+
+fn is_control_plane(mesh: &MeshConfig, dest: &IpNet) -> bool {
+    crate::claims::is_host(dest)
+        && mesh
+            .control_plane_endpoints
+            .iter()
+            .any(|e| e.ip() == dest.addr())
+}
+
+/// Strict mode's routes that come from the settings, not from claims: a throw route for each
+/// control-plane endpoint and a blackhole for each of `cluster_cidrs` (unknown cluster space),
+/// in a family; a claim's decision on the same prefix wins. Empty when strict mode is off.
+pub(crate) fn strict_static(mesh: &MeshConfig, family: Family) -> Vec<(IpNet, Decision<()>)> {
+    if !mesh.strict_mode {
+        return Vec::new();
+    }
+    let mut out: Vec<(IpNet, Decision<()>)> = mesh
+        .control_plane_endpoints
+        .iter()
+        .filter(|e| Family::of(&e.ip()) == family)
+        .map(|e| (crate::model::host_net(e.ip()), Decision::Throw))
+        .collect();
+    for c in &mesh.cluster_cidrs {
+        if Family::of_net(c) == family && !out.iter().any(|(p, _)| p == c) {
+            out.push((*c, Decision::Blackhole));
+        }
+    }
+    out.sort_unstable_by_key(|(p, _)| *p);
+    out.dedup_by_key(|(p, _)| *p);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,11 +781,13 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
             .filter_map(|(n, p)| counted_mtu(mesh, n, family, *p))
             .min();
         let mut iface = interface(mesh, local, family, min_mtu);
-        if !part[local_idx] {
+        let local_part = part[local_idx];
+        if !routes_active(mesh, local, family, local_part) {
             plan.interfaces.push(iface);
             continue;
         }
         active[family.index()] = true;
+        let first = routes.len();
 
         // Every settled claim, sorted by prefix: the claims of one prefix are next to each
         // other, routes come out in order, and each peer's allowed IPs too.
@@ -564,17 +795,39 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         let mut allowed: Vec<Vec<IpNet>> = vec![Vec::new(); nodes.len()];
         routes.reserve(ledger.entries.len());
         for group in ledger.entries.chunk_by(|a, b| a.prefix == b.prefix) {
-            let Some(sole) = owner(group.iter().map(|e| (e.node, e.flags))) else {
+            let dest = group[0].prefix;
+            let Some(decision) = decide_claims(
+                mesh,
+                (local_idx, local_part),
+                &dest,
+                group.iter().map(|e| (e.node, e.flags)),
+                |n| part[n],
+                |n| nodes[n].explicitly_plain(),
+            ) else {
                 continue;
             };
-            let dest = group[0].prefix;
-            match decide(local_idx, sole, |n| part[n]) {
+            match decision {
                 Decision::Peer(n) => {
                     allowed[n].push(dest);
                     routes.push((dest, RouteType::Unicast));
                 }
                 Decision::Throw => routes.push((dest, RouteType::Throw)),
+                Decision::Blackhole => routes.push((dest, RouteType::Blackhole)),
             }
+        }
+        let extra = strict_static(mesh, family);
+        if !extra.is_empty() {
+            let missing: Vec<(IpNet, RouteType)> = extra
+                .into_iter()
+                .filter(|(dest, _)| routes[first..].binary_search_by_key(dest, |r| r.0).is_err())
+                .map(|(dest, decision)| (dest, route_type(decision)))
+                .collect();
+            routes.extend(missing);
+            routes[first..].sort_unstable_by_key(|r| r.0);
+        }
+        if !local_part {
+            plan.interfaces.push(iface);
+            continue;
         }
         let keepalive = mesh.persistent_keepalive;
         for (i, n) in nodes.iter().enumerate() {
@@ -612,6 +865,15 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         .collect();
     finish(mesh, &mut plan, active);
     Ok(plan)
+}
+
+/// The route type of a decision.
+pub(crate) fn route_type<N>(decision: Decision<N>) -> RouteType {
+    match decision {
+        Decision::Peer(_) => RouteType::Unicast,
+        Decision::Throw => RouteType::Throw,
+        Decision::Blackhole => RouteType::Blackhole,
+    }
 }
 
 /// Plans every node of the cluster, in the cluster's order.

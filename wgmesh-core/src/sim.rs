@@ -127,6 +127,21 @@ pub enum Drop {
         /// The node.
         node: String,
     },
+    /// A blackhole route of the mesh table dropped it (strict mode).
+    Blackhole {
+        /// The node.
+        node: String,
+        /// The route's destination.
+        destination: IpNet,
+    },
+    /// Strict mode's ingress filter dropped it: it arrived in plaintext from the underlay
+    /// with a participating peer's source.
+    StrictIngress {
+        /// The receiving node.
+        node: String,
+        /// The source.
+        source: IpAddr,
+    },
 }
 
 impl fmt::Display for Outcome {
@@ -161,6 +176,7 @@ enum Iface {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Next {
+    Blackhole(IpNet),
     Local,
     Workload(IpAddr),
     Underlay(usize),
@@ -220,6 +236,42 @@ impl Simulator {
     /// A simulator with every node's plan computed by [`plan_all`].
     pub fn from_cluster(cluster: &Cluster) -> Self {
         Self::new(cluster, plan_all(cluster))
+    }
+
+    /// Walks one plaintext packet that node `from` puts on the underlay with any source (a
+    /// spoofed one, say) toward the node that owns `to`, as an attacker on the underlay
+    /// would; the receiver's filters decide. `None` when `from` is unknown or nobody owns
+    /// `to`.
+    ///
+    /// ```
+    /// use wgmesh_core::{sim::{Drop, Outcome, Simulator}, spec::parse_cluster};
+    /// let cluster = parse_cluster(r#"{"mesh": {"strict_mode": true}, "nodes": [
+    ///   {"name": "a", "addresses": ["10.0.0.1"], "workload_ips": ["10.65.0.1"], "pod_cidrs": ["10.65.0.0/26"],
+    ///    "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+    ///   {"name": "b", "addresses": ["10.0.0.2"], "pod_cidrs": ["10.65.0.64/26"],
+    ///    "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}},
+    ///   {"name": "x", "addresses": ["10.0.0.9"]}]}"#)?;
+    /// let sim = Simulator::from_cluster(&cluster);
+    /// // x forges b's pod address: a drops it.
+    /// let trace = sim.inject("x", "10.65.0.70".parse()?, "10.65.0.1".parse()?).unwrap();
+    /// assert!(matches!(trace.outcome, Outcome::Dropped(Drop::StrictIngress { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn inject(&self, from: &str, src: IpAddr, to: IpAddr) -> Option<Trace> {
+        let node = self.cluster.nodes().iter().position(|n| n.name == from)?;
+        let (Owner::Host(target) | Owner::Pod(target)) = *self.owners.get(&to)?;
+        let mut walk = Walk {
+            sim: self,
+            hops: Vec::new(),
+            tunnels: Vec::new(),
+        };
+        walk.hop(node, format!("plaintext {src} → {to} put on the underlay"));
+        let outcome = walk.receive_plain(target, src, to);
+        Some(Trace {
+            outcome,
+            hops: walk.hops,
+            tunnels: walk.tunnels,
+        })
     }
 
     /// Walks one packet from `from` to `to`.
@@ -339,6 +391,16 @@ impl Walk<'_> {
                     );
                     return Some(Next::Dev(dev));
                 }
+                Some((net, r)) if r.kind == RouteType::Blackhole => {
+                    self.hop(
+                        node,
+                        format!(
+                            "rule {} → table {}: blackhole {net}",
+                            rule.priority, rule.table
+                        ),
+                    );
+                    return Some(Next::Blackhole(net));
+                }
                 Some((net, _)) => {
                     self.hop(
                         node,
@@ -355,6 +417,17 @@ impl Walk<'_> {
             Some(Owner::Host(o) | Owner::Pod(o)) if *o != node => Some(Next::Underlay(*o)),
             _ => None,
         }
+    }
+
+    /// Whether strict mode's ingress filter of `node` drops a plaintext packet from `src`
+    /// arriving from the underlay (not WireGuard's UDP, which is exempt).
+    fn strict_drops(&self, node: usize, src: IpAddr) -> bool {
+        let plan = &self.sim.plans[node];
+        let underlay = self.iface_name(&Iface::Underlay);
+        plan.marking
+            .as_ref()
+            .is_some_and(|m| m.strict.is_some() && m.marks_input(&underlay))
+            && plan.must_arrive_encrypted(src)
     }
 
     /// Strict reverse-path filtering of `src` arriving on `iface` (IPv4 only, as in Linux).
@@ -436,6 +509,10 @@ impl Walk<'_> {
         let name = self.sim.name(node).to_owned();
         match self.lookup(node, dst, mark) {
             None => Outcome::Dropped(Drop::NoRoute { node: name }),
+            Some(Next::Blackhole(destination)) => Outcome::Dropped(Drop::Blackhole {
+                node: name,
+                destination,
+            }),
             Some(Next::Local) => {
                 self.hop(node, format!("delivered to the host ({dst})"));
                 Outcome::Local
@@ -462,6 +539,16 @@ impl Walk<'_> {
     }
 
     fn receive_plain(&mut self, node: usize, src: IpAddr, dst: IpAddr) -> Outcome {
+        if self.strict_drops(node, src) {
+            self.hop(
+                node,
+                format!("strict ingress filter: {src} must arrive encrypted"),
+            );
+            return Outcome::Dropped(Drop::StrictIngress {
+                node: self.sim.name(node).to_owned(),
+                source: src,
+            });
+        }
         let mark = self.prerouting_mark(node, &Iface::Underlay, 0);
         if !self.rpf_ok(node, src, &Iface::Underlay, mark) {
             return self.rpf_drop(node, src, &Iface::Underlay);

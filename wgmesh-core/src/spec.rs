@@ -63,6 +63,7 @@ pub struct MeshSpec {
     pub max_node_addresses: Option<i64>,
     pub max_node_pod_cidrs: Option<i64>,
     pub max_node_workload_ips: Option<i64>,
+    pub strict_mode: Option<bool>,
 }
 
 /// A node as written.
@@ -261,6 +262,7 @@ impl MeshSpec {
                 d.max_node_workload_ips,
                 "max_node_workload_ips",
             )?,
+            strict_mode: self.strict_mode.unwrap_or(d.strict_mode),
         };
         mesh.validate()?;
         Ok(mesh)

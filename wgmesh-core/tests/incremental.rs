@@ -170,13 +170,43 @@ proptest! {
         local in 0usize..MAX_NODES,
         ops in proptest::collection::vec(op(), 1..40),
     ) {
+        check_incremental(build(&shape), local, &ops)?;
+    }
+
+    /// The same in strict mode (blackholes, the ingress filter, unknown cluster space).
+    #[test]
+    fn incremental_equals_full_recompute_in_strict_mode(
+        shape in cluster_shape(),
+        trust in trust_shape(),
+        local in 0usize..MAX_NODES,
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
         let cluster = build(&shape);
+        let mut mesh = cluster.mesh().clone();
+        mesh.strict_mode = true;
+        mesh.control_plane_endpoints = vec!["192.168.0.3:6443".parse().unwrap()];
+        trust.apply(&mut mesh);
+        let Ok(cluster) = wgmesh_core::Cluster::new(mesh, cluster.nodes().to_vec()) else {
+            return Ok(());
+        };
+        check_incremental(cluster, local, &ops)?;
+    }
+}
+
+fn check_incremental(
+    cluster: wgmesh_core::Cluster,
+    local: usize,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    {
         let local = name(local % cluster.nodes().len());
         let mut planner = IncrementalPlanner::new(&cluster, &local);
         let mut before = planner.plan();
         prop_assert_eq!(&before, &plan_node(&cluster, &local).unwrap());
-        for op in &ops {
-            let Some(event) = event(&planner, op) else { continue };
+        for op in ops {
+            let Some(event) = event(&planner, op) else {
+                continue;
+            };
             let delta = match planner.apply(event.clone()) {
                 Ok(delta) => delta,
                 Err(e) => {
@@ -191,12 +221,22 @@ proptest! {
                 .iter()
                 .filter(|d| d.kind() == "refused")
                 .count();
-            prop_assert_eq!(planner.refused_claims(), refused, "refused claims after {:?}", event);
+            prop_assert_eq!(
+                planner.refused_claims(),
+                refused,
+                "refused claims after {:?}",
+                event
+            );
             let clashes = diagnose(&planner.cluster().unwrap())
                 .iter()
                 .filter(|d| d.kind() == "clash")
                 .count();
-            prop_assert_eq!(planner.disputed_prefixes(), clashes, "disputes after {:?}", event);
+            prop_assert_eq!(
+                planner.disputed_prefixes(),
+                clashes,
+                "disputes after {:?}",
+                event
+            );
             prop_assert_eq!(&delta, &diff(&before, &after), "delta of {:?}", event);
             let mut patched = before.clone();
             patched.apply_delta(&delta);
@@ -204,6 +244,7 @@ proptest! {
             before = after;
         }
     }
+    Ok(())
 }
 
 #[test]

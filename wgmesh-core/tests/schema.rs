@@ -97,6 +97,24 @@ fn the_plan_schema_is_the_committed_one() {
         &serde_json::to_value(diff(&plan, &plan_node(&other, "a").unwrap())).unwrap(),
         &mut fields,
     );
+    // Strict mode: the ingress filter in the marking, blackhole routes.
+    let strict = parse_cluster(&CLUSTER.replace(
+        "{\"host_encryption\": true,",
+        "{\"strict_mode\": true, \"control_plane_endpoints\": [\"10.0.0.9:6443\"], \"host_encryption\": true,",
+    ))
+    .unwrap();
+    let strict_plan = plan_node(&strict, "a").unwrap();
+    assert!(strict_plan.marking.as_ref().unwrap().strict.is_some());
+    paths(
+        "plan",
+        &serde_json::to_value(&strict_plan).unwrap(),
+        &mut fields,
+    );
+    paths(
+        "delta",
+        &serde_json::to_value(diff(&plan, &strict_plan)).unwrap(),
+        &mut fields,
+    );
     let text: String = fields.iter().map(|f| format!("{f}\n")).collect();
     let file = format!(
         "{}/tests/schema/v{PLAN_SCHEMA_VERSION}.txt",

@@ -12,6 +12,7 @@
 //! | annotation `wgmesh.io/public-key` (`-v6`) | `wireguard.public_key` (`_v6`) |
 //! | annotation `projectcalico.org/WireguardPublicKey` (`V6`), if enabled | the same, when wgmesh's is absent |
 //! | annotation `wgmesh.io/underlay-mtu` | `underlay_mtu` (default 1500) |
+//! | label `node-restriction.kubernetes.io/wgmesh-plain` (any value but `false`) | `wireguard.enabled: false`: explicitly plain, the opt-out of strict mode |
 //! | Pods' `status.podIPs` by `spec.nodeName`, without host-network and finished pods | `workload_ips` |
 //!
 //! Bad values never fail a conversion: a malformed key annotation makes the node plain, a bad
@@ -37,6 +38,10 @@ pub const UNDERLAY_MTU_ANNOTATION: &str = "wgmesh.io/underlay-mtu";
 pub const CALICO_PUBLIC_KEY_ANNOTATION: &str = "projectcalico.org/WireguardPublicKey";
 /// Calico's annotation for a node's IPv6 WireGuard public key.
 pub const CALICO_PUBLIC_KEY_V6_ANNOTATION: &str = "projectcalico.org/WireguardPublicKeyV6";
+/// The label that makes a node explicitly plain (`wireguard.enabled: false`), the operator's
+/// opt-out of strict mode. Its prefix is one that the NodeRestriction admission plugin keeps
+/// kubelets from setting, so a node cannot opt itself out; any value but `false` counts.
+pub const PLAIN_LABEL: &str = "node-restriction.kubernetes.io/wgmesh-plain";
 /// The label kubeadm puts on control-plane nodes.
 pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
 
@@ -468,6 +473,20 @@ pub fn node_info(
     }
     if !malformed && keys.iter().any(Option::is_some) {
         node.wireguard = Some(NodeWireGuard::new(keys[0], keys[1]));
+    }
+    let plain = k8s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(PLAIN_LABEL))
+        .is_some_and(|v| v.trim() != "false");
+    if plain {
+        let mut wireguard = node
+            .wireguard
+            .take()
+            .unwrap_or_else(|| NodeWireGuard::new(None, None));
+        wireguard.enabled = false;
+        node.wireguard = Some(wireguard);
     }
 
     // Underlay MTU.

@@ -851,6 +851,13 @@ impl<D: Dataplane> Agent<D> {
             .map(|i| (i.name.clone(), i.peers.len()))
             .collect();
         self.metrics.set_peers(self.interfaces.iter().cloned());
+        match self.dataplane.strict_drops() {
+            Ok(drops) => self.metrics.set_strict_drops(drops),
+            Err(e) => {
+                self.metrics.set_strict_drops(None);
+                warn!(error = %e, "reading strict mode's drop counters failed");
+            }
+        }
         match self.dataplane.peer_stats() {
             Ok(Some(stats)) => {
                 self.fresh_handshakes = Some(fresh_handshakes(&stats, (self.wall_clock)()));

@@ -9,6 +9,9 @@
 //!   route_source: workload_ips
 //!   host_encryption: true
 //!   control_plane_endpoints: ["10.0.0.100:6443"]
+//!   strict_mode: false             # true: drop rather than send plaintext between WireGuard
+//!                                  # nodes (opt a node out with the label
+//!                                  # node-restriction.kubernetes.io/wgmesh-plain)
 //! private_key_file: /var/lib/wgmesh/private-key
 //! calico_annotations: false        # also read projectcalico.org/WireguardPublicKey(V6)
 //! watch_pods: auto                 # auto (iff route_source is workload_ips) | true | false

@@ -101,6 +101,14 @@ pub trait Dataplane {
     fn peer_stats(&mut self) -> Result<Option<Vec<PeerStats>>, DataplaneError> {
         Ok(None)
     }
+
+    /// Strict mode's drop counters, if this dataplane can read them and the filter is
+    /// installed (`None` otherwise).
+    fn strict_drops(
+        &mut self,
+    ) -> Result<Option<wgmesh_netlink::marking::StrictDrops>, DataplaneError> {
+        Ok(None)
+    }
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -115,6 +123,11 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn peer_stats(&mut self) -> Result<Option<Vec<PeerStats>>, DataplaneError> {
         (**self).peer_stats()
+    }
+    fn strict_drops(
+        &mut self,
+    ) -> Result<Option<wgmesh_netlink::marking::StrictDrops>, DataplaneError> {
+        (**self).strict_drops()
     }
 }
 

@@ -13,6 +13,7 @@
 //! | `wgmesh_warnings_total` | counter | — |
 //! | `wgmesh_findings` | gauge | `kind` (`refused`, `clash`, `duplicate_key`, `over_limit`, `mtu_below_floor`, …) |
 //! | `wgmesh_refused_claims`, `wgmesh_disputed_prefixes` | gauge | — |
+//! | `wgmesh_strict_dropped_packets_total` | counter: packets strict mode's ingress filter dropped (while it is installed) | `direction` (`ingress`), `family` (`ipv4`, `ipv6`) |
 //! | `wgmesh_nodes`, `wgmesh_workload_pods` | gauge | — |
 //! | `wgmesh_key_published` | gauge: 1 when the node's published keys are the ones it uses | — |
 //! | `wgmesh_bootstrap_guard` | gauge: 1 while host traffic is kept outside the tunnel | — |
@@ -138,6 +139,7 @@ struct Inner {
     hide_peers: bool,
     peers: BTreeMap<String, usize>,
     peer_rows: Vec<PeerRow>,
+    strict_drops: Option<wgmesh_netlink::marking::StrictDrops>,
     reconciles: BTreeMap<(ApplyKind, bool), u64>,
     durations: BTreeMap<ApplyKind, Histogram>,
     errors: BTreeMap<&'static str, u64>,
@@ -252,6 +254,12 @@ impl Metrics {
     /// Sets the number of peers per interface.
     pub fn set_peers(&self, peers: impl IntoIterator<Item = (String, usize)>) {
         self.lock().peers = peers.into_iter().collect();
+    }
+
+    /// Sets strict mode's drop counters (`None`: strict mode's filter is not installed, and
+    /// the series are not exported).
+    pub fn set_strict_drops(&self, drops: Option<wgmesh_netlink::marking::StrictDrops>) {
+        self.lock().strict_drops = drops;
     }
 
     /// Sets the per-peer counters.
@@ -460,6 +468,20 @@ impl Metrics {
         );
         for (kind, n) in &m.findings {
             let _ = writeln!(out, "wgmesh_findings{{kind=\"{kind}\"}} {n}");
+        }
+        if let Some(d) = m.strict_drops {
+            head(
+                &mut out,
+                "wgmesh_strict_dropped_packets_total",
+                "counter",
+                "Packets strict mode dropped instead of letting them in or out in plaintext.",
+            );
+            for (family, n) in [("ipv4", d.ingress_v4), ("ipv6", d.ingress_v6)] {
+                let _ = writeln!(
+                    out,
+                    "wgmesh_strict_dropped_packets_total{{direction=\"ingress\",family=\"{family}\"}} {n}"
+                );
+            }
         }
 
         let gauges: [(&str, &str, &str, u64); 9] = [

@@ -89,4 +89,13 @@ impl<D: wgmesh_netlink::Dataplane> Dataplane for NetlinkDataplane<D> {
             .map(Some)
             .map_err(|e| DataplaneError::new("netlink peer counters", e))
     }
+
+    /// Read from wgmesh's nftables table alone.
+    fn strict_drops(
+        &mut self,
+    ) -> Result<Option<wgmesh_netlink::marking::StrictDrops>, DataplaneError> {
+        self.reconciler
+            .strict_drops()
+            .map_err(|e| DataplaneError::new("netlink strict drop counters", e))
+    }
 }

@@ -383,3 +383,52 @@ fn a_fixed_mtu_below_1280_leaves_ipv6_out_instead_of_failing() {
         assert!(n.address(Family::V6).is_none());
     }
 }
+
+/// Strict mode on AKS with Azure CNI: the VNet subnet is `cluster_cidrs`; a node labelled
+/// `node-restriction.kubernetes.io/wgmesh-plain` is explicitly plain and stays reachable in
+/// plaintext, while a node whose key annotation was removed is blackholed, and so is the
+/// unknown part of the subnet (a pod not seen yet).
+#[test]
+fn aks_strict_mode_with_a_plain_label_and_a_removed_key() {
+    let mut k8s = nodes(AKS_NODES);
+    k8s[1]
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(wgmesh_k8s::adapter::PLAIN_LABEL.into(), "true".into());
+    k8s[2]
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .remove("wgmesh.io/public-key");
+    let mut mesh = aks_mesh();
+    mesh.strict_mode = true;
+    mesh.cluster_cidrs = nets(&["10.240.0.0/16"]);
+    let input = cluster_input(&mesh, &k8s, &pods(AKS_PODS), &AdapterOptions::default()).unwrap();
+    let plain = node(&input, "aks-nodepool1-19852467-vmss000001");
+    assert!(plain.explicitly_plain());
+    assert!(!node(&input, "aks-nodepool1-19852467-vmss000002").explicitly_plain());
+    let plan = plan_node(&input.cluster, "aks-nodepool1-19852467-vmss000000").unwrap();
+    let kind = |dest: &str| {
+        let dest: IpNet = dest.parse().unwrap();
+        plan.routes
+            .iter()
+            .find(|r| r.destination == dest)
+            .map(|r| r.kind)
+    };
+    assert_eq!(kind("10.240.0.36/32"), Some(RouteType::Throw));
+    assert_eq!(kind("10.240.0.35/32"), Some(RouteType::Throw));
+    assert_eq!(kind("10.240.0.65/32"), Some(RouteType::Blackhole));
+    assert_eq!(kind("10.240.0.64/32"), Some(RouteType::Blackhole));
+    assert_eq!(kind("10.240.0.0/16"), Some(RouteType::Blackhole));
+    // `false` is no opt-out.
+    let mut k8s = nodes(AKS_NODES);
+    k8s[1]
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(wgmesh_k8s::adapter::PLAIN_LABEL.into(), "false".into());
+    let input = cluster_input(&mesh, &k8s, &pods(AKS_PODS), &AdapterOptions::default()).unwrap();
+    assert!(!node(&input, "aks-nodepool1-19852467-vmss000001").explicitly_plain());
+}

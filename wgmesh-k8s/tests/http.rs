@@ -160,3 +160,26 @@ async fn idle_connections_cannot_starve_the_probe() {
     }
     server.abort();
 }
+
+#[test]
+fn strict_drop_counters_are_rendered_per_direction_and_family_while_installed() {
+    let metrics = Metrics::new();
+    assert!(!metrics.render().contains("wgmesh_strict_dropped"));
+    metrics.set_strict_drops(Some(wgmesh_netlink::marking::StrictDrops {
+        ingress_v4: 7,
+        ingress_v6: 2,
+    }));
+    let text = metrics.render();
+    assert!(
+        text.contains("# TYPE wgmesh_strict_dropped_packets_total counter\n"),
+        "{text}"
+    );
+    assert!(text.contains(
+        "wgmesh_strict_dropped_packets_total{direction=\"ingress\",family=\"ipv4\"} 7\n"
+    ));
+    assert!(text.contains(
+        "wgmesh_strict_dropped_packets_total{direction=\"ingress\",family=\"ipv6\"} 2\n"
+    ));
+    metrics.set_strict_drops(None);
+    assert!(!metrics.render().contains("wgmesh_strict_dropped"));
+}

@@ -98,7 +98,7 @@ fn route_matches(a: &ActualRoute, r: &Route) -> bool {
         && match r.kind {
             RouteType::Unicast => a.device.is_some() && a.device == r.device,
             // The kernel hangs IPv6 throw routes on `lo`; which device a throw has is moot.
-            RouteType::Throw => true,
+            RouteType::Throw | RouteType::Blackhole => true,
         }
 }
 
@@ -445,7 +445,9 @@ pub fn diff(
     );
     let wanted_marking = plan.marking.as_ref().map(marking::compile);
     match &wanted_marking {
-        Some(w) if *w != actual.marking => ops.push(Operation::SetMarking { tables: w.clone() }),
+        Some(w) if *w != marking::without_counts(&actual.marking) => {
+            ops.push(Operation::SetMarking { tables: w.clone() })
+        }
         None if !actual.marking.is_empty() => ops.push(Operation::DeleteMarking {
             table: own.nft_table.clone(),
         }),

@@ -60,6 +60,13 @@ pub enum Error {
         #[source]
         source: DecodeError,
     },
+    /// Another program's rule collides with wgmesh's mark bits, table or rule priority
+    /// ([`crate::neighbours`]); wgmesh refuses rather than take them over.
+    #[error("{collision}; wgmesh changes nothing while it collides")]
+    Collision {
+        /// The collision, naming the other owner.
+        collision: crate::neighbours::Collision,
+    },
     /// The private key file is unusable (wrong mode, wrong content, not a file).
     #[error("private key {}: {problem}", path.display())]
     KeyFile {
@@ -191,6 +198,7 @@ impl Error {
             | Self::NoBasePlan
             | Self::ForeignLink { .. }
             | Self::InvalidInterfaceName { .. }
+            | Self::Collision { .. }
             | Self::Injected { .. } => None,
         }
     }

@@ -53,6 +53,7 @@ pub mod keys;
 mod linux;
 mod lower;
 pub mod marking;
+pub mod neighbours;
 pub mod op;
 pub mod reconcile;
 pub mod state;

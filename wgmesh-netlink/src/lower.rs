@@ -138,7 +138,7 @@ pub(crate) fn needs_index(op: &Operation) -> Option<&str> {
     match op {
         Operation::AddRoute { route } => match route.kind {
             RouteType::Unicast => route.device.as_deref(),
-            RouteType::Throw => None,
+            RouteType::Throw | RouteType::Blackhole => None,
         },
         Operation::CreateLink { .. }
         | Operation::DeleteLink { .. }

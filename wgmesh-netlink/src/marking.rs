@@ -43,6 +43,14 @@ pub const REG_VERDICT: u32 = 0;
 pub const REG_1: u32 = 1;
 /// `NFT_RETURN`.
 pub const VERDICT_RETURN: i32 = -5;
+/// `NF_DROP`.
+pub const VERDICT_DROP: i32 = 0;
+/// `NFTA_FIB_F_SADDR`: look the source address up.
+pub const FIB_F_SADDR: u32 = 1;
+/// `NFT_FIB_RESULT_OIFNAME`: the name of the output interface.
+pub const FIB_RESULT_OIFNAME: u32 = 2;
+/// The chain of strict mode's ingress filter.
+pub const STRICT_CHAIN: &str = "strict_ingress";
 /// `NF_INET_PRE_ROUTING`.
 pub const HOOK_PREROUTING: u32 = 0;
 /// `NF_ARP_IN`.
@@ -140,6 +148,23 @@ pub enum Expr {
         /// Length.
         len: u32,
     },
+    /// A routing lookup (`fib`), its result into a register.
+    Fib {
+        /// `NFTA_FIB_F_*` flags.
+        flags: u32,
+        /// `NFT_FIB_RESULT_*`.
+        result: u32,
+        /// Destination register.
+        dreg: u32,
+    },
+    /// An anonymous counter. Its values are what the kernel counted (zero when compiled);
+    /// [`without_counts`] zeroes them to compare tables.
+    Counter {
+        /// Packets counted.
+        packets: u64,
+        /// Bytes counted.
+        bytes: u64,
+    },
     /// A verdict.
     Verdict {
         /// Verdict code (`NFT_RETURN` = -5, …).
@@ -198,12 +223,19 @@ fn cmp(data: Vec<u8>) -> Expr {
 }
 
 fn endpoint_rule(ep: &SocketAddr, destination: bool, mark: u32) -> Vec<Expr> {
+    let mut v = endpoint_match(ep, destination);
+    v.extend(mark_rule(mark));
+    v
+}
+
+/// TCP to (`destination`) or from an endpoint.
+fn endpoint_match(ep: &SocketAddr, destination: bool) -> Vec<Expr> {
     let (proto, addr, off) = match ep.ip() {
         IpAddr::V4(a) => (2u8, a.octets().to_vec(), if destination { 16 } else { 12 }),
         IpAddr::V6(a) => (10u8, a.octets().to_vec(), if destination { 24 } else { 8 }),
     };
     let alen = addr.len() as u32;
-    let mut v = vec![
+    vec![
         Expr::Meta {
             key: META_NFPROTO,
             dreg: REG_1,
@@ -228,9 +260,147 @@ fn endpoint_rule(ep: &SocketAddr, destination: bool, mark: u32) -> Vec<Expr> {
             len: 2,
         },
         cmp(ep.port().to_be_bytes().to_vec()),
-    ];
-    v.extend(mark_rule(mark));
-    v
+    ]
+}
+
+fn verdict(code: i32) -> Expr {
+    Expr::Verdict { code }
+}
+
+/// `iifname … return` for each interface that is not underlay (exact names, then prefixes).
+fn skip_rules(m: &Marking) -> Vec<Vec<Expr>> {
+    let mut rules = Vec::new();
+    for name in &m.skip_interfaces {
+        let mut data = name.as_bytes().to_vec();
+        data.resize(IFNAMSIZ, 0);
+        rules.push(iifname_return(data));
+    }
+    for prefix in &m.skip_interface_prefixes {
+        rules.push(iifname_return(prefix.as_bytes().to_vec()));
+    }
+    rules
+}
+
+/// Strict mode's ingress filter (see [`wgmesh_core::StrictFilter`]): skip the interfaces that
+/// are not underlay, WireGuard's UDP and the control plane; then, per family, drop and count
+/// what the routing tables send back into the family's WireGuard interface.
+fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr>> {
+    let mut rules = skip_rules(m);
+    for port in &strict.exempt_udp_ports {
+        rules.push(vec![
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG_1,
+            },
+            cmp(vec![17]),
+            Expr::Payload {
+                dreg: REG_1,
+                base: NFT_PAYLOAD_TRANSPORT_HEADER,
+                offset: 2,
+                len: 2,
+            },
+            cmp(port.to_be_bytes().to_vec()),
+            verdict(VERDICT_RETURN),
+        ]);
+    }
+    for ep in &strict.exempt_tcp_endpoints {
+        let mut rule = endpoint_match(ep, false);
+        rule.push(verdict(VERDICT_RETURN));
+        rules.push(rule);
+    }
+    for (proto, dev) in [(2u8, &strict.interface_v4), (10u8, &strict.interface_v6)] {
+        let Some(dev) = dev else { continue };
+        let mut name = dev.as_bytes().to_vec();
+        name.resize(IFNAMSIZ, 0);
+        rules.push(vec![
+            Expr::Meta {
+                key: META_NFPROTO,
+                dreg: REG_1,
+            },
+            cmp(vec![proto]),
+            Expr::Fib {
+                flags: FIB_F_SADDR,
+                result: FIB_RESULT_OIFNAME,
+                dreg: REG_1,
+            },
+            cmp(name),
+            Expr::Counter {
+                packets: 0,
+                bytes: 0,
+            },
+            verdict(VERDICT_DROP),
+        ]);
+    }
+    rules
+}
+
+/// The tables with every counter at zero: what [`compile`] makes, so that counting never
+/// looks like drift.
+pub fn without_counts(tables: &[NftTable]) -> Vec<NftTable> {
+    let mut tables = tables.to_vec();
+    for e in tables
+        .iter_mut()
+        .flat_map(|t| t.chains.iter_mut())
+        .flat_map(|c| c.rules.iter_mut())
+        .flatten()
+    {
+        if let Expr::Counter { packets, bytes } = e {
+            (*packets, *bytes) = (0, 0);
+        }
+    }
+    tables
+}
+
+/// Packets dropped by strict mode's ingress filter, per family, as counted by the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StrictDrops {
+    /// IPv4 packets dropped on ingress.
+    pub ingress_v4: u64,
+    /// IPv6 packets dropped on ingress.
+    pub ingress_v6: u64,
+}
+
+/// Reads strict mode's drop counters from wgmesh's tables as read from the kernel.
+///
+/// ```
+/// use wgmesh_netlink::marking::{compile, strict_drops, StrictDrops};
+/// let mut m = wgmesh_core::Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
+///     skip_interfaces: vec!["lo".into()], skip_interface_prefixes: vec![],
+///     mark_arp: false, mark_output: true, plain_tcp_endpoints: vec![], strict: None };
+/// assert_eq!(strict_drops(&compile(&m)), None);
+/// let mut filter = wgmesh_core::StrictFilter::default();
+/// filter.interface_v4 = Some("wg0".into());
+/// m.strict = Some(filter);
+/// assert_eq!(strict_drops(&compile(&m)), Some(StrictDrops::default()));
+/// ```
+pub fn strict_drops(tables: &[NftTable]) -> Option<StrictDrops> {
+    let chain = tables
+        .iter()
+        .filter(|t| t.family == NFPROTO_INET)
+        .flat_map(|t| &t.chains)
+        .find(|c| c.name == STRICT_CHAIN)?;
+    let mut drops = StrictDrops::default();
+    for rule in &chain.rules {
+        let proto = rule.windows(2).find_map(|w| match w {
+            [
+                Expr::Meta {
+                    key: META_NFPROTO, ..
+                },
+                Expr::Cmp { data, .. },
+            ] => data.first().copied(),
+            _ => None,
+        });
+        let packets = rule.iter().find_map(|e| match e {
+            Expr::Counter { packets, .. } => Some(*packets),
+            _ => None,
+        });
+        match (proto, packets) {
+            (Some(2), Some(p)) => drops.ingress_v4 += p,
+            (Some(10), Some(p)) => drops.ingress_v6 += p,
+            _ => {}
+        }
+    }
+    Some(drops)
 }
 
 /// Compiles a plan's marking into the tables it describes (see [`Marking::nft_script`]):
@@ -241,7 +411,7 @@ fn endpoint_rule(ep: &SocketAddr, destination: bool, mark: u32) -> Vec<Expr> {
 /// use wgmesh_core::Marking;
 /// let m = Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
 ///     skip_interfaces: vec!["lo".into()], skip_interface_prefixes: vec!["cali".into()],
-///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![] };
+///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![], strict: None };
 /// let t = compile(&m);
 /// assert_eq!(t.len(), 2); // inet and arp
 /// assert_eq!(t[0].chains.len(), 2);
@@ -249,15 +419,7 @@ fn endpoint_rule(ep: &SocketAddr, destination: bool, mark: u32) -> Vec<Expr> {
 /// ```
 pub fn compile(m: &Marking) -> Vec<NftTable> {
     let input_rules = || {
-        let mut pre = Vec::new();
-        for name in &m.skip_interfaces {
-            let mut data = name.as_bytes().to_vec();
-            data.resize(IFNAMSIZ, 0);
-            pre.push(iifname_return(data));
-        }
-        for prefix in &m.skip_interface_prefixes {
-            pre.push(iifname_return(prefix.as_bytes().to_vec()));
-        }
+        let mut pre = skip_rules(m);
         pre.push(mark_rule(m.firewall_mark));
         pre
     };
@@ -291,6 +453,16 @@ pub fn compile(m: &Marking) -> Vec<NftTable> {
             priority: Some(PRIORITY_MANGLE),
             policy: Some(1),
             rules,
+        });
+    }
+    if let Some(strict) = &m.strict {
+        chains.push(NftChain {
+            name: STRICT_CHAIN.into(),
+            kind: Some("filter".into()),
+            hook: Some(HOOK_PREROUTING),
+            priority: Some(PRIORITY_RAW),
+            policy: Some(1),
+            rules: strict_rules(m, strict),
         });
     }
     let mut tables = vec![NftTable {
@@ -330,6 +502,7 @@ mod tests {
             mark_arp: true,
             mark_output: output,
             plain_tcp_endpoints: eps,
+            strict: None,
         }
     }
 

@@ -442,6 +442,7 @@ impl fmt::Display for Operation {
                 write!(f, "delete route ")?;
                 match route.kind {
                     crate::state::ActualRouteKind::Throw => write!(f, "throw ")?,
+                    crate::state::ActualRouteKind::Blackhole => write!(f, "blackhole ")?,
                     crate::state::ActualRouteKind::Other(n) => write!(f, "type {n} ")?,
                     crate::state::ActualRouteKind::Unicast => {}
                 }

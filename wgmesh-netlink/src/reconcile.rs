@@ -8,6 +8,7 @@ use wgmesh_core::{NodePlan, PlanDelta};
 use crate::diff::{DiffOptions, check_ownership, delta_operations, diff};
 use crate::error::{Error, Result};
 use crate::keys::KeyRing;
+use crate::marking::StrictDrops;
 use crate::op::Operation;
 use crate::state::{ActualState, LinkKind, Ownership, PeerStats};
 
@@ -31,6 +32,13 @@ pub trait Dataplane {
     /// `own` names (devices that do not exist have none). Reads only the devices: no routes,
     /// rules or nftables, so it is cheap enough for a metrics scrape.
     fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>>;
+
+    /// Strict mode's drop counters in the nftables table `own` names: `None` when the table
+    /// has no strict filter (or the dataplane has no tables). Reads only that table.
+    fn strict_drops(&mut self, own: &Ownership) -> Result<Option<StrictDrops>> {
+        let _ = own;
+        Ok(None)
+    }
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -46,6 +54,9 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
         (**self).peer_stats(own)
     }
+    fn strict_drops(&mut self, own: &Ownership) -> Result<Option<StrictDrops>> {
+        (**self).strict_drops(own)
+    }
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for &mut D {
@@ -60,6 +71,9 @@ impl<D: Dataplane + ?Sized> Dataplane for &mut D {
     }
     fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
         (**self).peer_stats(own)
+    }
+    fn strict_drops(&mut self, own: &Ownership) -> Result<Option<StrictDrops>> {
+        (**self).strict_drops(own)
     }
 }
 
@@ -183,6 +197,19 @@ impl<D: Dataplane> Reconciler<D> {
     pub fn plan_operations(&mut self, plan: &NodePlan) -> Result<Vec<Operation>> {
         let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
         let actual = self.dataplane.read(&self.ownership, &sysctls)?;
+        // Before touching anything: nobody else may use wgmesh's mark, table or priority.
+        if let Some(rule) = plan.rules.first()
+            && let Some(collision) = crate::neighbours::collisions(
+                rule.firewall_mark,
+                rule.priority,
+                rule.table,
+                &actual.foreign_rules,
+            )
+            .into_iter()
+            .next()
+        {
+            return Err(Error::Collision { collision });
+        }
         check_ownership(
             &actual,
             &self.ownership,
@@ -271,6 +298,12 @@ impl<D: Dataplane> Reconciler<D> {
     /// bytes received and sent), read from the devices alone: no reconcile, no diff.
     pub fn peer_stats(&mut self) -> Result<Vec<PeerStats>> {
         self.dataplane.peer_stats(&self.ownership)
+    }
+
+    /// Strict mode's drop counters (packets dropped by the ingress filter, per family), read
+    /// from wgmesh's nftables table alone; `None` when strict mode's filter is not installed.
+    pub fn strict_drops(&mut self) -> Result<Option<StrictDrops>> {
+        self.dataplane.strict_drops(&self.ownership)
     }
 
     /// Gives the dataplane back.

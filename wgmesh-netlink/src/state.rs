@@ -296,7 +296,9 @@ pub enum ActualRouteKind {
     Unicast,
     /// `RTN_THROW`.
     Throw,
-    /// Anything else (blackhole, prohibit, …), by its `RTN_*` number.
+    /// `RTN_BLACKHOLE` (strict mode).
+    Blackhole,
+    /// Anything else (prohibit, unreachable, …), by its `RTN_*` number.
     Other(u8),
 }
 
@@ -305,6 +307,7 @@ impl From<RouteType> for ActualRouteKind {
         match t {
             RouteType::Unicast => Self::Unicast,
             RouteType::Throw => Self::Throw,
+            RouteType::Blackhole => Self::Blackhole,
         }
     }
 }
@@ -362,6 +365,28 @@ pub struct ActualRule {
 }
 
 impl ActualRule {
+    /// A plain lookup rule (`from all lookup TABLE`) at a priority, without marks: a start
+    /// for building the rules another program has.
+    ///
+    /// ```
+    /// use wgmesh_netlink::state::ActualRule;
+    /// let r = ActualRule::lookup(wgmesh_core::Family::V4, 5210, 52);
+    /// assert_eq!((r.priority, r.table, r.firewall_mark), (5210, 52, None));
+    /// ```
+    pub fn lookup(family: Family, priority: u32, table: u32) -> Self {
+        Self {
+            family,
+            priority,
+            table,
+            firewall_mark: None,
+            firewall_mask: None,
+            invert: false,
+            action: 1,
+            other_selectors: false,
+            raw: RawRule::default(),
+        }
+    }
+
     /// Whether the modelled fields (everything but [`ActualRule::raw`]) are equal: the same
     /// rule read twice, or read and planned.
     pub fn same_fields(&self, other: &ActualRule) -> bool {
@@ -442,6 +467,10 @@ pub struct ActualState {
     pub routes: Vec<ActualRoute>,
     /// Every rule that points at the mesh table, both families.
     pub rules: Vec<ActualRule>,
+    /// Every other rule, both families: other programs' (read to detect collisions with
+    /// wgmesh's mark, table and priority, [`crate::neighbours`]; never changed).
+    #[serde(default)]
+    pub foreign_rules: Vec<ActualRule>,
     /// Current values of the sysctls asked about (the plan's).
     pub sysctls: BTreeMap<String, String>,
     /// wgmesh's nftables tables that exist (`inet`, `arp`), in family order.

@@ -91,6 +91,13 @@ fn baseline_files(plan: &NodePlan, dir: &std::path::Path) {
                     r.destination, r.table
                 )
             }
+            RouteType::Blackhole => {
+                writeln!(
+                    b,
+                    "route replace blackhole {} table {} proto static",
+                    r.destination, r.table
+                )
+            }
         }
         .unwrap();
     }

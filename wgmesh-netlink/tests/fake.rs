@@ -193,9 +193,11 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
         ActualRouteKind::Throw,
         None,
     ));
-    let mut other_rule = FakeRule::lookup(Family::V4, 99, 7);
-    other_rule.firewall_mark = 0x100000;
-    other_rule.firewall_mask = 0x100000;
+    // Another program's rule that shares neither wgmesh's priority nor its mark bits (one
+    // that does is refused: a_neighbours_mark_or_priority_is_refused_naming_it).
+    let mut other_rule = FakeRule::lookup(Family::V4, 98, 7);
+    other_rule.firewall_mark = 0x1;
+    other_rule.firewall_mask = 0x1;
     other_rule.invert = true;
     k.rules.insert(1, other_rule.clone());
     k.nft.insert(
@@ -300,7 +302,7 @@ fn converges_from_each_named_drift() {
             "blackhole route",
             Box::new(|k| {
                 let r = k.routes.values_mut().find(|r| r.table == 1).unwrap();
-                r.kind = ActualRouteKind::Other(6);
+                r.kind = ActualRouteKind::Blackhole;
                 r.oif = None;
             }),
         ),
@@ -1077,4 +1079,97 @@ fn a_blank_unmarked_device_is_one_wgmesh_could_not_mark_and_is_remade() {
     let link = &r.dataplane().kernel().links["wireguard.cali"];
     assert_eq!(link.alias.as_deref(), Some(LINK_MARKER));
     assert_ne!(link.index, index, "remade");
+}
+
+#[test]
+fn strict_mode_blackholes_filters_and_its_counts_are_not_drift() {
+    use wgmesh_netlink::marking::{Expr, STRICT_CHAIN, StrictDrops};
+    let c = four_nodes(r#""strict_mode": true, "cluster_cidrs": ["10.65.0.0/16", "10.0.0.0/24"]"#);
+    let plan = plan_node(&c, "a").unwrap();
+    let mut r = Reconciler::new(fake(), Ownership::from_mesh(c.mesh()), ring());
+    converge(&mut r, &plan);
+    let k = r.dataplane().kernel();
+    // The plain node without WireGuard settings and the unknown cluster space: blackholes.
+    let blackholes: BTreeSet<String> = k
+        .routes
+        .values()
+        .filter(|x| x.table == 1 && x.kind == ActualRouteKind::Blackhole)
+        .map(|x| x.destination.to_string())
+        .collect();
+    assert!(blackholes.contains("10.65.0.192/26"), "{blackholes:?}");
+    assert!(blackholes.contains("10.65.0.0/16"), "{blackholes:?}");
+    assert_eq!(r.strict_drops().unwrap(), Some(StrictDrops::default()));
+    // The kernel counts drops: they are read back, and they are not drift.
+    for t in r.dataplane_mut().kernel_mut().nft.values_mut() {
+        for chain in t.chains.iter_mut().filter(|c| c.name == STRICT_CHAIN) {
+            for rule in &mut chain.rules {
+                let v4 = rule.contains(&Expr::Cmp {
+                    sreg: 1,
+                    op: 0,
+                    data: vec![2],
+                });
+                for e in rule.iter_mut() {
+                    if let Expr::Counter { packets, bytes } = e {
+                        (*packets, *bytes) = if v4 { (7, 420) } else { (3, 240) };
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        r.strict_drops().unwrap(),
+        Some(StrictDrops {
+            ingress_v4: 7,
+            ingress_v6: 3
+        })
+    );
+    let again = r.reconcile(&plan).unwrap();
+    assert!(again.is_noop(), "{:?}", again.operations);
+    // Strict mode off: the filter and the blackholes go.
+    let off = plan_node(&four_nodes(""), "a").unwrap();
+    converge(&mut r, &off);
+    assert_eq!(r.strict_drops().unwrap(), None);
+    assert!(
+        !r.dataplane()
+            .kernel()
+            .routes
+            .values()
+            .any(|x| x.kind == ActualRouteKind::Blackhole)
+    );
+}
+
+/// Another program's rule on wgmesh's mark bits (Tailscale's bypass rule) or priority:
+/// wgmesh refuses with one line naming it and changes nothing; a rule that shares nothing is
+/// no obstacle.
+#[test]
+fn a_neighbours_mark_or_priority_is_refused_naming_it() {
+    let (plan, mut r) = setup(false);
+    let mut tailscale = FakeRule::lookup(Family::V4, 5210, 254);
+    tailscale.firewall_mark = 0x80000;
+    tailscale.firewall_mask = 0xff0000;
+    add_rule(&mut r, tailscale);
+    let before = r.dataplane().kernel().links.len();
+    let e = r.reconcile(&plan).unwrap_err();
+    assert!(matches!(e, wgmesh_netlink::Error::Collision { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "fwmark bits 0x100000 are used by Tailscale (`5210: from all fwmark 0x80000/0xff0000 lookup 254`): set mesh.firewall_mark to bits nobody else uses; wgmesh changes nothing while it collides"
+    );
+    assert_eq!(r.dataplane().kernel().links.len(), before);
+    // Cilium's proxy table at wgmesh's priority.
+    let (plan, mut r) = setup(false);
+    add_rule(&mut r, FakeRule::lookup(Family::V6, 99, 2005));
+    let e = r.reconcile(&plan).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("rule priority 99 is taken by Cilium"),
+        "{e}"
+    );
+    // A neighbour that shares nothing.
+    let (plan, mut r) = setup(false);
+    let mut other = FakeRule::lookup(Family::V4, 5210, 52);
+    other.firewall_mark = 0x80000;
+    other.firewall_mask = 0x80000;
+    add_rule(&mut r, other);
+    converge(&mut r, &plan);
 }

@@ -94,6 +94,8 @@ fn reset() {
         sh_ok(&format!("ip link del {l}"));
     }
     sh_ok("while ip rule del pref 99 table 2 2>/dev/null; do :; done");
+    sh_ok("while ip rule del pref 98 table 2 2>/dev/null; do :; done");
+    sh_ok("while ip rule del pref 5210 table 254 2>/dev/null; do :; done");
     sh_ok("nft delete table inet other; nft delete table ip wgmesh; ip route flush table 2");
 }
 
@@ -159,8 +161,8 @@ fn check_with_tools(plan: &NodePlan) {
         let mut got: BTreeSet<(String, String)> = BTreeSet::new();
         for line in table.lines() {
             let w: Vec<&str> = line.split_whitespace().collect();
-            let (kind, dst, rest) = if w[0] == "throw" {
-                ("throw", w[1], &w[2..])
+            let (kind, dst, rest) = if w[0] == "throw" || w[0] == "blackhole" {
+                (w[0], w[1], &w[2..])
             } else {
                 ("unicast", w[0], &w[1..])
             };
@@ -176,8 +178,8 @@ fn check_with_tools(plan: &NodePlan) {
                 .unwrap_or("");
             got.insert((
                 dst,
-                if kind == "throw" {
-                    "throw".into()
+                if kind == "throw" || kind == "blackhole" {
+                    kind.into()
                 } else {
                     dev.to_owned()
                 },
@@ -192,6 +194,7 @@ fn check_with_tools(plan: &NodePlan) {
                     r.destination.to_string(),
                     match r.kind {
                         RouteType::Throw => "throw".to_owned(),
+                        RouteType::Blackhole => "blackhole".to_owned(),
                         RouteType::Unicast => r.device.clone().unwrap_or_default(),
                     },
                 )
@@ -223,7 +226,19 @@ fn check_with_tools(plan: &NodePlan) {
             "{ruleset}"
         ),
         Some(m) => {
-            let listed: BTreeSet<String> = ruleset.lines().map(|l| l.trim().to_owned()).collect();
+            // Counters list what they counted: compare without the counts.
+            let uncounted = |l: &str| match l.find("counter packets ") {
+                Some(i) => {
+                    let rest = &l[i..];
+                    let end = rest.find(" bytes ").map_or(rest.len(), |b| {
+                        let after = &rest[b + 7..];
+                        b + 7 + after.find(' ').unwrap_or(after.len())
+                    });
+                    format!("{}counter{}", &l[..i], &rest[end..])
+                }
+                None => l.to_owned(),
+            };
+            let listed: BTreeSet<String> = ruleset.lines().map(|l| uncounted(l.trim())).collect();
             for line in m.nft_script().lines() {
                 let line = line.trim().replace(
                     &format!("| {:#x}", m.firewall_mark),
@@ -272,6 +287,72 @@ fn create_configure_read_back_and_tear_down() {
     assert!(r.reconcile(&off).unwrap().is_noop());
 }
 
+/// A neighbour on wgmesh's mark bits (Tailscale's bypass rule, as Tailscale installs it) is
+/// refused with one line naming it, before anything changes.
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_neighbour_on_wgmeshs_mark_bits_is_refused() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    sh("ip rule add pref 5210 fwmark 0x80000/0xff0000 lookup main");
+    let before = sh("ip link show; ip rule show; ip route show table 1");
+    let plan = plan_node(&cluster(false), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    let e = r.reconcile(&plan).unwrap_err().to_string();
+    assert!(
+        e.starts_with("fwmark bits 0x100000 are used by Tailscale (`5210: from all fwmark 0x80000/0xff0000 lookup 254`)"),
+        "{e}"
+    );
+    assert_eq!(
+        sh("ip link show; ip rule show; ip route show table 1"),
+        before
+    );
+    reset();
+}
+
+/// Strict mode on a real kernel: blackhole routes in both families, the ingress filter
+/// (`fib saddr oifname`, counted per family) in wgmesh's table, its counters read back, and
+/// off again.
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn strict_mode_blackholes_and_filters_and_counts() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let strict = four_nodes(
+        r#""strict_mode": true, "cluster_cidrs": ["10.65.0.0/16", "10.0.0.0/24", "fd10::/64"],
+            "control_plane_endpoints": ["10.0.0.9:6443"]"#,
+    );
+    let plan = plan_node(&strict, "a").unwrap();
+    for family in [Family::V4, Family::V6] {
+        assert!(
+            plan.routes
+                .iter()
+                .any(|r| r.family == family && r.kind == RouteType::Blackhole),
+            "{family}"
+        );
+    }
+    let mut r = Reconciler::new(open(), own(), ring());
+    converge(&mut r, &plan);
+    let table = sh("ip route show table 1; ip -6 route show table 1");
+    assert!(table.contains("blackhole 10.65.0.192/26"), "{table}");
+    assert!(table.contains("blackhole fd10::/64"), "{table}");
+    let nft = sh("nft list table inet wgmesh");
+    assert!(
+        nft.contains(
+            r#"meta nfproto ipv6 fib saddr oifname "wg-v6.cali" counter packets 0 bytes 0 drop"#
+        ),
+        "{nft}"
+    );
+    assert_eq!(
+        r.strict_drops().unwrap(),
+        Some(wgmesh_netlink::marking::StrictDrops::default())
+    );
+    let off = plan_node(&cluster(false), "a").unwrap();
+    converge(&mut r, &off);
+    assert_eq!(r.strict_drops().unwrap(), None);
+    r.reconcile(&NodePlan::empty("a")).unwrap();
+}
+
 #[test]
 #[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
 fn foreign_objects_are_untouched() {
@@ -288,7 +369,8 @@ fn foreign_objects_are_untouched() {
     sh(
         "ip route add 10.203.0.0/16 dev dummy-foreign && ip route add throw 10.65.0.0/26 table 2 && ip route add 10.202.0.0/16 dev dummy-foreign table 2",
     );
-    sh("ip rule add pref 99 fwmark 0x100000/0x100000 lookup 2");
+    // Shares neither wgmesh's priority nor its mark bits (a rule that does is refused).
+    sh("ip rule add pref 98 fwmark 0x1/0x1 lookup 2");
     sh(
         "nft add table inet other && nft add chain inet other c '{ type filter hook input priority 0; }' && nft add table ip wgmesh",
     );

@@ -320,4 +320,9 @@ impl<K: KernelIo> Dataplane for Linux<K> {
     fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
         self.read_peer_stats(own)
     }
+
+    fn strict_drops(&mut self, own: &Ownership) -> Result<Option<crate::marking::StrictDrops>> {
+        let tables = self.read_nft(&own.nft_table)?;
+        Ok(crate::marking::strict_drops(&tables))
+    }
 }

@@ -146,7 +146,7 @@ impl<K: KernelIo> Linux<K> {
     }
 
     /// wgmesh's nftables tables named `table`, with their chains and rules.
-    fn read_nft(&mut self, table: &str) -> Result<Vec<NftTable>> {
+    pub(super) fn read_nft(&mut self, table: &str) -> Result<Vec<NftTable>> {
         let doing = format!("read nftables tables {table}");
         let mut tables = Vec::new();
         for family in FAMILIES {
@@ -260,7 +260,10 @@ impl<K: KernelIo> Linux<K> {
                 .unwrap_or_default()
             {
                 if let RouteNetlinkMessage::NewRule(m) = parse(&r, "RTM_NEWRULE", "dump rules")? {
-                    s.rules.extend(route::parse_rule(&m, own.table));
+                    match route::parse_rule(&m, own.table) {
+                        Some(rule) => s.rules.push(rule),
+                        None => s.foreign_rules.extend(route::parse_foreign_rule(&m)),
+                    }
                 }
             }
         }

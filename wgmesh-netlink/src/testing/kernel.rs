@@ -770,6 +770,7 @@ impl FakeKernel {
             kind: match m.header.kind {
                 RtType::Unicast => ActualRouteKind::Unicast,
                 RtType::Throw => ActualRouteKind::Throw,
+                RtType::BlackHole => ActualRouteKind::Blackhole,
                 other => ActualRouteKind::Other(u8::from(other)),
             },
             device: None,
@@ -862,6 +863,7 @@ impl FakeKernel {
         m.header.kind = match r.kind {
             ActualRouteKind::Unicast => RtType::Unicast,
             ActualRouteKind::Throw => RtType::Throw,
+            ActualRouteKind::Blackhole => RtType::BlackHole,
             ActualRouteKind::Other(n) => RtType::from(n),
         };
         m.attributes.push(RouteAttribute::Table(r.table));

@@ -116,6 +116,10 @@ impl<D: Dataplane> Dataplane for FailingDataplane<D> {
     fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
         self.inner.peer_stats(own)
     }
+
+    fn strict_drops(&mut self, own: &Ownership) -> Result<Option<crate::marking::StrictDrops>> {
+        self.inner.strict_drops(own)
+    }
 }
 
 /// Wraps a dataplane and records every operation it carried out, in order (of a run that
@@ -184,6 +188,10 @@ impl<D: Dataplane> Dataplane for Recording<D> {
 
     fn peer_stats(&mut self, own: &Ownership) -> Result<Vec<PeerStats>> {
         self.inner.peer_stats(own)
+    }
+
+    fn strict_drops(&mut self, own: &Ownership) -> Result<Option<crate::marking::StrictDrops>> {
+        self.inner.strict_drops(own)
     }
 }
 

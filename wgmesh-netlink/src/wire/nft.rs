@@ -5,6 +5,7 @@
 //! `bitwise`, `payload` and `immediate` expressions, batch delimiters, the generation
 //! barrier — so there is no hand codec for nf_tables.
 
+use netlink_packet_core::{DefaultNla, Nla};
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
     GenMessage, Hook, HookNumber, Immediate, ListAttribute, Meta, MetaKey, NfTablesMessage,
@@ -91,11 +92,47 @@ fn expression(e: &Expr) -> Expressions {
                 Verdict::from(*code as u32),
             )])),
         ]),
+        // The crate has no fib or counter expression: their attributes, as the kernel's
+        // uapi spells them (`NFTA_FIB_*`, `NFTA_COUNTER_*`, big-endian).
+        Expr::Fib {
+            flags,
+            result,
+            dreg,
+        } => Expressions::Other {
+            expression_type: "fib".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_FIB_DREG, dreg.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_FIB_RESULT, result.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_FIB_FLAGS, flags.to_be_bytes().to_vec()),
+            ],
+        },
+        Expr::Counter { packets, bytes } => Expressions::Other {
+            expression_type: "counter".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_COUNTER_BYTES, bytes.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_COUNTER_PACKETS, packets.to_be_bytes().to_vec()),
+            ],
+        },
         Expr::Other { name } => Expressions::Other {
             expression_type: name.clone(),
             attributes: Vec::new(),
         },
     }
+}
+
+const NFTA_FIB_DREG: u16 = 1;
+const NFTA_FIB_RESULT: u16 = 2;
+const NFTA_FIB_FLAGS: u16 = 3;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+
+/// A big-endian integer attribute of `attrs`.
+fn be_attr<const N: usize>(attrs: &[DefaultNla], kind: u16) -> Option<[u8; N]> {
+    attrs.iter().find(|a| a.kind() == kind).and_then(|a| {
+        let mut buf = vec![0u8; a.value_len()];
+        a.emit_value(&mut buf);
+        buf.try_into().ok()
+    })
 }
 
 /// `NEWTABLE` (with `NLM_F_CREATE`: an existing table is left as it is, flags aside).
@@ -462,6 +499,26 @@ fn decode_expr(name: &str, data: &Expressions) -> Result<Expr, DecodeError> {
                 _ => other(),
             }
         }
+        Expressions::Other {
+            expression_type,
+            attributes,
+        } if expression_type == "fib" => {
+            let get = |kind, missing| {
+                need(be_attr::<4>(attributes, kind), "fib", missing).map(u32::from_be_bytes)
+            };
+            Expr::Fib {
+                dreg: get(NFTA_FIB_DREG, "NFTA_FIB_DREG")?,
+                result: get(NFTA_FIB_RESULT, "NFTA_FIB_RESULT")?,
+                flags: get(NFTA_FIB_FLAGS, "NFTA_FIB_FLAGS")?,
+            }
+        }
+        Expressions::Other {
+            expression_type,
+            attributes,
+        } if expression_type == "counter" => Expr::Counter {
+            bytes: be_attr::<8>(attributes, NFTA_COUNTER_BYTES).map_or(0, u64::from_be_bytes),
+            packets: be_attr::<8>(attributes, NFTA_COUNTER_PACKETS).map_or(0, u64::from_be_bytes),
+        },
         _ => other(),
     })
 }

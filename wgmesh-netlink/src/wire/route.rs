@@ -212,6 +212,7 @@ pub(crate) fn route_replace(route: &Route, oif: Option<u32>) -> RtRequest {
         (RouteType::Unicast, Family::V4) => (RouteScope::Link, RtType::Unicast),
         (RouteType::Unicast, Family::V6) => (RouteScope::Universe, RtType::Unicast),
         (RouteType::Throw, _) => (RouteScope::Universe, RtType::Throw),
+        (RouteType::Blackhole, _) => (RouteScope::Universe, RtType::BlackHole),
     };
     (
         ACKED | NLM_F_CREATE | NLM_F_REPLACE,
@@ -233,6 +234,7 @@ pub(crate) fn route_delete(route: &ActualRoute) -> RtRequest {
     m.header.kind = match route.kind {
         ActualRouteKind::Unicast => RtType::Unicast,
         ActualRouteKind::Throw => RtType::Throw,
+        ActualRouteKind::Blackhole => RtType::BlackHole,
         ActualRouteKind::Other(n) => RtType::from(n),
     };
     (ACKED, RouteNetlinkMessage::DelRoute(m))
@@ -293,6 +295,7 @@ pub(crate) fn parse_route(
         kind: match m.header.kind {
             RtType::Unicast => ActualRouteKind::Unicast,
             RtType::Throw => ActualRouteKind::Throw,
+            RtType::BlackHole => ActualRouteKind::Blackhole,
             other => ActualRouteKind::Other(u8::from(other)),
         },
         device: None,
@@ -396,5 +399,20 @@ pub(crate) fn parse_rule(m: &RuleMessage, table: u32) -> Option<ActualRule> {
         return None;
     }
     r.raw = RawRule::new(m.clone());
+    Some(r)
+}
+
+/// Any rule, whatever table it points at (a foreign one: its raw form is not kept).
+pub(crate) fn parse_foreign_rule(m: &RuleMessage) -> Option<ActualRule> {
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    let mut r = parse_rule(m, table)?;
+    r.raw = RawRule::default();
     Some(r)
 }

@@ -619,6 +619,7 @@ fn marking_batches_round_trip() {
             "10.0.0.1:6443".parse().unwrap(),
             "[fd00::1]:443".parse().unwrap(),
         ],
+        strict: None,
     };
     let tables = crate::marking::compile(&m);
     let batch = nft::replace_batch("wgmesh", &tables);
@@ -670,4 +671,54 @@ fn parsers_refuse_garbage_without_panicking() {
         let _ = super::messages(bytes).count();
     }
     assert!(parse::<RouteNetlinkMessage>(&[1, 2, 3], "garbage").is_err());
+}
+
+/// Strict mode's `fib saddr oifname` and `counter` expressions, which the netfilter crate does
+/// not model: their attributes as the kernel's uapi numbers them (`NFTA_FIB_DREG` 1,
+/// `_RESULT` 2, `_FLAGS` 3; `NFTA_COUNTER_BYTES` 1, `_PACKETS` 2; big-endian), and back.
+#[test]
+fn fib_and_counter_expressions_encode_as_the_uapi_says() {
+    use crate::marking::{Expr, FIB_F_SADDR, FIB_RESULT_OIFNAME, NFPROTO_INET};
+    let rule = vec![
+        Expr::Fib {
+            flags: FIB_F_SADDR,
+            result: FIB_RESULT_OIFNAME,
+            dreg: 1,
+        },
+        Expr::Counter {
+            packets: 0,
+            bytes: 0,
+        },
+    ];
+    let m = nft::new_rule(NFPROTO_INET, "t", "c", &rule);
+    let bytes = serialize(&m, 0x0c05, 8);
+    let want: Vec<u8> = [
+        // nlmsghdr: len 124, NEWRULE, REQUEST|ACK|CREATE|APPEND, seq 8
+        &[124, 0, 0, 0, 0x06, 0x0a, 0x05, 0x0c, 8, 0, 0, 0, 0, 0, 0, 0][..],
+        &[1, 0, 0, 0],
+        &[6, 0, 1, 0, b't', 0, 0, 0],
+        &[6, 0, 2, 0, b'c', 0, 0, 0],
+        &[88, 0, 4, 0x80], // NFTA_RULE_EXPRESSIONS
+        &[40, 0, 1, 0x80], // elem: fib
+        &[8, 0, 1, 0, b'f', b'i', b'b', 0],
+        &[28, 0, 2, 0x80],
+        &[8, 0, 1, 0, 0, 0, 0, 1], // dreg 1
+        &[8, 0, 2, 0, 0, 0, 0, 2], // result OIFNAME
+        &[8, 0, 3, 0, 0, 0, 0, 1], // flags SADDR
+        &[44, 0, 1, 0x80],         // elem: counter
+        &[12, 0, 1, 0, b'c', b'o', b'u', b'n', b't', b'e', b'r', 0],
+        &[28, 0, 2, 0x80],
+        &[12, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0], // bytes
+        &[12, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0], // packets
+    ]
+    .concat();
+    assert_eq!(bytes, want);
+    assert_eq!(nft::decode_rule(&m).unwrap().3, rule);
+    // A dump's counts come back.
+    let counted = vec![Expr::Counter {
+        packets: 7,
+        bytes: 1 << 40,
+    }];
+    let m = nft::new_rule(NFPROTO_INET, "t", "c", &counted);
+    assert_eq!(nft::decode_rule(&m).unwrap().3, counted);
 }
