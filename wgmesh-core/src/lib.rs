@@ -63,6 +63,7 @@ pub mod error;
 pub mod incremental;
 pub mod key;
 pub mod model;
+mod netfmt;
 pub mod plan;
 pub mod render;
 pub mod sim;

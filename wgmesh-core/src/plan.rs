@@ -160,6 +160,7 @@ pub struct PeerPlan {
     /// Its first address of the family, with the mesh port.
     pub endpoint: SocketAddr,
     /// Its destinations, sorted.
+    #[serde(serialize_with = "crate::netfmt::nets")]
     pub allowed_ips: Vec<IpNet>,
     /// Keepalive interval in seconds.
     pub persistent_keepalive: Option<u16>,
@@ -183,6 +184,7 @@ pub struct Route {
     /// The mesh table.
     pub table: u32,
     /// The destination prefix.
+    #[serde(serialize_with = "crate::netfmt::net")]
     pub destination: IpNet,
     /// Unicast into the tunnel or throw.
     #[serde(rename = "type")]
