@@ -218,39 +218,6 @@ pub struct FakeKernel {
     datagrams: usize,
     most_unread: usize,
     fault: Option<Fault>,
-    owners: BTreeMap<String, Owners>,
-}
-
-/// Which peer of a device holds each allowed IP: adding an allowed IP moves it from its
-/// holder in O(log n) instead of a search of every peer (quadratic at 5,000 peers × 110
-/// addresses). Tests may write `devices` directly, so the index is checked against a
-/// fingerprint of the device (peers, allowed IPs) before each message and rebuilt when it
-/// differs.
-#[derive(Debug, Clone, Default)]
-struct Owners {
-    fingerprint: (usize, usize),
-    holder: std::collections::HashMap<IpNet, PublicKey>,
-}
-
-impl Owners {
-    fn fingerprint(dev: &FakeDevice) -> (usize, usize) {
-        (
-            dev.peers.len(),
-            dev.peers.values().map(|p| p.allowed_ips.len()).sum(),
-        )
-    }
-
-    fn of(dev: &FakeDevice) -> Self {
-        let holder = dev
-            .peers
-            .iter()
-            .flat_map(|(k, p)| p.allowed_ips.iter().map(move |n| (*n, *k)))
-            .collect();
-        Self {
-            fingerprint: Self::fingerprint(dev),
-            holder,
-        }
-    }
 }
 
 /// A refusal injected into the request stream.
@@ -434,7 +401,6 @@ impl FakeKernel {
             datagrams: 0,
             most_unread: 0,
             fault: None,
-            owners: BTreeMap::new(),
         };
         k.add_link("lo", None, 65536, true);
         k.sysctls
@@ -1050,25 +1016,6 @@ impl FakeKernel {
 
     fn set_device(&mut self, w: &WireguardMessage) -> Result<(), Refused> {
         let name = self.device_name(w)?;
-        if let Some(dev) = self.devices.get(&name) {
-            let fresh = Owners::fingerprint(dev);
-            if self
-                .owners
-                .get(&name)
-                .is_none_or(|o| o.fingerprint != fresh)
-            {
-                self.owners.insert(name.clone(), Owners::of(dev));
-            }
-        }
-        let result = self.set_device_attributes(&name, w);
-        if let (Some(dev), Some(o)) = (self.devices.get(&name), self.owners.get_mut(&name)) {
-            o.fingerprint = Owners::fingerprint(dev);
-        }
-        result
-    }
-
-    fn set_device_attributes(&mut self, name: &str, w: &WireguardMessage) -> Result<(), Refused> {
-        let name = name.to_owned();
         for a in &w.attributes {
             let dev = self.devices.get_mut(&name).ok_or(refuse(ENODEV))?;
             match a {
@@ -1175,16 +1122,13 @@ impl FakeKernel {
             return Ok(());
         }
         // An allowed IP belongs to one peer: adding it to this one moves it.
-        let owners = self.owners.entry(name.to_owned()).or_default();
-        if let Some(holder) = owners.holder.get(&net)
-            && *holder != key
-            && let Some(p) = dev.peers.get_mut(holder)
-        {
-            p.allowed_ips.remove(&net);
+        for (k, p) in dev.peers.iter_mut() {
+            if *k != key {
+                p.allowed_ips.remove(&net);
+            }
         }
         if let Some(p) = dev.peers.get_mut(&key) {
             p.allowed_ips.insert(net);
-            owners.holder.insert(net, key);
         }
         Ok(())
     }
