@@ -68,6 +68,9 @@ struct PodEntry {
     ips: Vec<IpAddr>,
 }
 
+/// What a listed pod contributes, and what was wrong with it.
+type Staged = (Option<PodEntry>, Vec<AdapterWarning>);
+
 /// The cluster as known from the API server.
 ///
 /// ```
@@ -103,7 +106,7 @@ pub struct ClusterView {
     pod_warnings: HashMap<String, Vec<AdapterWarning>>,
     /// A relist in progress: what each listed pod contributes, kept in compact form (the
     /// agent keeps no copy of the Pod objects themselves).
-    staged: Option<HashMap<String, (Option<PodEntry>, Vec<AdapterWarning>)>>,
+    staged: Option<HashMap<String, Staged>>,
     /// Workload addresses per node, with the number of pods holding each (an address can be
     /// held by a terminating pod and its successor for a moment).
     workload: HashMap<String, HashMap<IpAddr, u32>>,
