@@ -65,6 +65,7 @@ pub mod graph;
 pub mod incremental;
 pub mod key;
 pub mod model;
+mod netfmt;
 pub mod plan;
 pub mod render;
 pub mod sim;

@@ -213,6 +213,7 @@ pub struct PeerPlan {
     /// Its first address of the family, with the mesh port.
     pub endpoint: SocketAddr,
     /// Its destinations, sorted.
+    #[serde(serialize_with = "crate::netfmt::nets")]
     pub allowed_ips: Vec<IpNet>,
     /// Keepalive interval in seconds.
     pub persistent_keepalive: Option<u16>,
@@ -238,6 +239,7 @@ pub struct Route {
     /// The mesh table.
     pub table: u32,
     /// The destination prefix.
+    #[serde(serialize_with = "crate::netfmt::net")]
     pub destination: IpNet,
     /// Unicast into the tunnel, throw, or blackhole.
     #[serde(rename = "type")]

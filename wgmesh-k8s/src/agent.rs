@@ -4,10 +4,10 @@
 //!
 //! ```text
 //!  watcher::Event<Node> ─► reflector store ─► ClusterView ─► core Events ─► IncrementalPlanner
-//!  watcher::Event<Pod>  ─┘   (relists, resync)  (adapter)                         │ PlanDelta
-//!                                                                                 ▼
+//!  watcher::Event<Pod>  ─► (relists staged  ─┘  (adapter)                         │ PlanDelta
+//!                           as node + IPs)                                        ▼
 //!   poll(now): debounce ─► guard (bootstrap) ─► Dataplane::apply_delta / reconcile
-//!              resync timer ─► rebuild from the stores ─► full reconcile
+//!              resync timer ─► rebuild from the node store and the view ─► full reconcile
 //!              publication ─► Publication (the async shell patches the Node) ─► on_published
 //! ```
 //!
@@ -67,6 +67,30 @@ impl Backoff {
         let factor = 1u32.checked_shl(failures - 1).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
+
+    /// [`Self::delay`] with a jitter of up to half of it, drawn from `seed` (the node's name)
+    /// and `failures`: agents that fail together (an API server outage) retry apart, and one
+    /// agent's schedule stays reproducible.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wgmesh_k8s::agent::Backoff;
+    /// let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    /// let d = b.jittered(3, "node-a");
+    /// assert!(d > Duration::from_secs(2) && d <= Duration::from_secs(4));
+    /// assert_eq!(d, b.jittered(3, "node-a"));
+    /// assert_ne!(d, b.jittered(3, "node-b"));
+    /// ```
+    pub fn jittered(&self, failures: u32, seed: &str) -> Duration {
+        let full = self.delay(failures);
+        // FNV-1a over the seed and the attempt: no randomness source in the state machine.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in seed.bytes().chain(failures.to_le_bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let fraction = (h >> 11) as f64 / (1u64 << 53) as f64;
+        full.mul_f64(1.0 - fraction / 2.0)
+    }
 }
 
 /// Everything the agent needs to know, with the core's and Calico's defaults.
@@ -116,7 +140,7 @@ pub struct AgentSettings {
 
 impl AgentSettings {
     /// Settings for node `node_name` with mesh `mesh` and every default: debounce 100 ms (at
-    /// most 1 s), resync every 90 s, publication backoff 1 s to 60 s, dataplane backoff 1 s
+    /// most 200 ms while changes keep coming; up to 4,096 pending deltas), resync every 90 s, publication backoff 1 s to 60 s, dataplane backoff 1 s
     /// to 30 s, pods watched iff the route source is `workload_ips`.
     pub fn new(node_name: impl Into<String>, mesh: MeshConfig) -> Self {
         let watch_pods = mesh.route_source == wgmesh_core::RouteSource::WorkloadIps;
@@ -127,13 +151,13 @@ impl AgentSettings {
             watch_pods,
             control_plane: ControlPlaneEndpoints::default(),
             debounce: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
+            max_delay: Duration::from_millis(200),
             resync_interval: Duration::from_secs(90),
             publish_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             echo_timeout: Duration::from_secs(10),
             apply_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
             stats_interval: Duration::from_secs(15),
-            max_pending_deltas: 256,
+            max_pending_deltas: 4096,
             underlay_mtu: None,
             per_peer_metrics: true,
             status_min_interval: Duration::from_secs(10),
@@ -200,7 +224,6 @@ pub struct Agent<D> {
     settings: AgentSettings,
     view: ClusterView,
     nodes: Writer<K8sNode>,
-    pods: Writer<Pod>,
     nodes_synced: bool,
     pods_synced: bool,
     planner: Option<IncrementalPlanner>,
@@ -246,7 +269,6 @@ impl<D: Dataplane> Agent<D> {
         let agent = Self {
             view,
             nodes: Writer::default(),
-            pods: Writer::default(),
             nodes_synced: false,
             pods_synced: !settings.watch_pods,
             planner: None,
@@ -307,11 +329,6 @@ impl<D: Dataplane> Agent<D> {
     /// The Node cache (a kube-runtime reflector store).
     pub fn nodes_store(&self) -> Store<K8sNode> {
         self.nodes.as_reader()
-    }
-
-    /// The Pod cache.
-    pub fn pods_store(&self) -> Store<Pod> {
-        self.pods.as_reader()
     }
 
     /// The metrics.
@@ -388,14 +405,19 @@ impl<D: Dataplane> Agent<D> {
         if !self.settings.watch_pods {
             return;
         }
-        self.pods.apply_watcher_event(&event);
         let changes = match event {
             watcher::Event::Apply(pod) => self.view.apply_pod(&pod),
             watcher::Event::Delete(pod) => self.view.delete_pod(&pod),
-            watcher::Event::Init | watcher::Event::InitApply(_) => Changes::default(),
+            watcher::Event::Init => {
+                self.view.begin_pod_relist();
+                Changes::default()
+            }
+            watcher::Event::InitApply(pod) => {
+                self.view.stage_pod(&pod);
+                Changes::default()
+            }
             watcher::Event::InitDone => {
-                let list = self.pods.as_reader().state();
-                let changes = self.view.replace_pods(list.iter().map(AsRef::as_ref));
+                let changes = self.view.finish_pod_relist();
                 if !self.pods_synced {
                     info!(pods = self.view.pod_count(), "pods listed");
                 }
@@ -419,7 +441,12 @@ impl<D: Dataplane> Agent<D> {
     /// The outcome of the last [`Publication`].
     pub fn on_published(&mut self, result: Result<(), String>, now: Instant) {
         self.publish_attempts = self.publish_attempts.saturating_add(1);
-        self.next_publish = Some(now + self.settings.publish_backoff.delay(self.publish_attempts));
+        self.next_publish = Some(
+            now + self
+                .settings
+                .publish_backoff
+                .jittered(self.publish_attempts, &self.settings.node_name),
+        );
         let publication = self.publishing.take();
         match result {
             Ok(()) => {
@@ -433,7 +460,7 @@ impl<D: Dataplane> Agent<D> {
                 }
             }
             Err(e) => {
-                warn!(node = %self.settings.node_name, error = %e, retry_in = ?self.settings.publish_backoff.delay(self.publish_attempts), "publishing the node's keys failed");
+                warn!(node = %self.settings.node_name, error = %e, retry_in = ?self.settings.publish_backoff.jittered(self.publish_attempts, &self.settings.node_name), "publishing the node's keys failed");
                 self.metrics.published(false);
                 self.metrics.error("publish");
                 self.publish = PublishState::Idle;
@@ -646,18 +673,14 @@ impl<D: Dataplane> Agent<D> {
         }
     }
 
-    /// A full resync: the view is rebuilt from the reflector stores (the watch caches), the
-    /// planner from the view, and the whole plan is reconciled, which repairs drift on the node.
+    /// A full resync: the view's nodes are rebuilt from the Node reflector store (the watch
+    /// cache), the planner from the view, and the whole plan is reconciled, which repairs
+    /// drift on the node. Pods have no second cache: the view keeps only what each pod
+    /// contributes (its node and addresses), not 550,000 Pod objects of a large cluster.
     fn resync(&mut self, now: Instant) {
         self.next_resync = Some(now + self.settings.resync_interval);
         let nodes = self.nodes.as_reader().state();
-        let mut changes = self.view.replace_nodes(nodes.iter().map(AsRef::as_ref));
-        if self.settings.watch_pods {
-            let pods = self.pods.as_reader().state();
-            let more = self.view.replace_pods(pods.iter().map(AsRef::as_ref));
-            changes.events.extend(more.events);
-            changes.warnings.extend(more.warnings);
-        }
+        let changes = self.view.replace_nodes(nodes.iter().map(AsRef::as_ref));
         if !changes.events.is_empty() {
             warn!(
                 events = changes.events.len(),
@@ -984,9 +1007,12 @@ impl<D: Dataplane> Agent<D> {
         self.view.node(&self.settings.node_name)?;
         let desired = self.condition();
         let earliest = |since: Option<Instant>, gap: Duration| since.map_or(now, |t| t + gap);
-        let retry = s
-            .last_attempt
-            .map(|t| t + self.settings.publish_backoff.delay(s.failures));
+        let retry = s.last_attempt.map(|t| {
+            t + self
+                .settings
+                .publish_backoff
+                .jittered(s.failures, &self.settings.node_name)
+        });
         let due = match &s.written {
             None => s.first_due.unwrap_or(now),
             Some(w) if w.status != desired.status => {

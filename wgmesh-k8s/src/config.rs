@@ -21,7 +21,7 @@
 //!   port: 6443                     # the API server's port on control-plane nodes
 //! underlay_mtu: null               # publish this node's underlay MTU
 //! debounce_ms: 100
-//! max_delay_ms: 1000
+//! max_delay_ms: 200
 //! resync_seconds: 90
 //! publish_backoff_max_seconds: 60
 //! health_address: 127.0.0.1:9469   # /healthz, /readyz and /metrics for the host; "" turns it off
@@ -341,7 +341,7 @@ impl ConfigSpec {
         settings.debounce =
             Duration::from_millis(ranged("debounce_ms", self.debounce_ms, 100, 0, 60_000)?);
         settings.max_delay =
-            Duration::from_millis(ranged("max_delay_ms", self.max_delay_ms, 1000, 0, 600_000)?);
+            Duration::from_millis(ranged("max_delay_ms", self.max_delay_ms, 200, 0, 600_000)?);
         if settings.max_delay < settings.debounce {
             return Err(invalid(
                 "max_delay_ms",

@@ -68,6 +68,9 @@ struct PodEntry {
     ips: Vec<IpAddr>,
 }
 
+/// What a listed pod contributes, and what was wrong with it.
+type Staged = (Option<PodEntry>, Vec<AdapterWarning>);
+
 /// The cluster as known from the API server.
 ///
 /// ```
@@ -101,6 +104,9 @@ pub struct ClusterView {
     node_warnings: HashMap<String, Vec<AdapterWarning>>,
     pods: HashMap<String, PodEntry>,
     pod_warnings: HashMap<String, Vec<AdapterWarning>>,
+    /// A relist in progress: what each listed pod contributes, kept in compact form (the
+    /// agent keeps no copy of the Pod objects themselves).
+    staged: Option<HashMap<String, Staged>>,
     /// Workload addresses per node, with the number of pods holding each (an address can be
     /// held by a terminating pod and its successor for a moment).
     workload: HashMap<String, HashMap<IpAddr, u32>>,
@@ -126,6 +132,7 @@ impl ClusterView {
             node_warnings: HashMap::new(),
             pods: HashMap::new(),
             pod_warnings: HashMap::new(),
+            staged: None,
             workload: HashMap::new(),
         };
         view.mesh = view.derive_mesh();
@@ -392,17 +399,30 @@ impl ClusterView {
         changes
     }
 
-    /// A Pod was added or modified.
-    pub fn apply_pod(&mut self, pod: &Pod) -> Changes {
-        if !self.track_pods {
-            return Changes::default();
-        }
-        let key = pod_key(pod);
+    fn entry(pod: &Pod) -> (Option<PodEntry>, Vec<AdapterWarning>) {
         let mut warnings = Vec::new();
         let entry = match pod_workload(pod, &mut warnings) {
             PodWorkload::Ips { node, ips } => Some(PodEntry { node, ips }),
             PodWorkload::Excluded(_) => None,
         };
+        (entry, warnings)
+    }
+
+    /// A Pod was added or modified.
+    pub fn apply_pod(&mut self, pod: &Pod) -> Changes {
+        if !self.track_pods {
+            return Changes::default();
+        }
+        let (entry, warnings) = Self::entry(pod);
+        self.set_pod_with_warnings(pod_key(pod), entry, warnings)
+    }
+
+    fn set_pod_with_warnings(
+        &mut self,
+        key: String,
+        entry: Option<PodEntry>,
+        warnings: Vec<AdapterWarning>,
+    ) -> Changes {
         let mut changes = self.set_pod(key.clone(), entry);
         if self.pod_warnings.get(&key) != Some(&warnings) {
             if !warnings.is_empty() {
@@ -427,24 +447,51 @@ impl ClusterView {
 
     /// Replaces every pod (a relist after a watch restart): pods not listed are deleted.
     pub fn replace_pods<'a>(&mut self, list: impl IntoIterator<Item = &'a Pod>) -> Changes {
-        let mut changes = Changes::default();
-        if !self.track_pods {
-            return changes;
+        self.begin_pod_relist();
+        for pod in list {
+            self.stage_pod(pod);
         }
-        let list: Vec<&Pod> = list.into_iter().collect();
-        let listed: BTreeSet<String> = list.iter().map(|p| pod_key(p)).collect();
+        self.finish_pod_relist()
+    }
+
+    /// A relist of the pods begins (kube-runtime's `Init`): pods are staged with
+    /// [`Self::stage_pod`] and replace the known ones at [`Self::finish_pod_relist`]. Only
+    /// what each pod contributes is kept (node and addresses), never the object.
+    pub fn begin_pod_relist(&mut self) {
+        self.staged = self.track_pods.then(HashMap::new);
+    }
+
+    /// One pod of the relist in progress (kube-runtime's `InitApply`); without
+    /// [`Self::begin_pod_relist`], one begins.
+    pub fn stage_pod(&mut self, pod: &Pod) {
+        if !self.track_pods {
+            return;
+        }
+        let entry = Self::entry(pod);
+        self.staged
+            .get_or_insert_with(HashMap::new)
+            .insert(pod_key(pod), entry);
+    }
+
+    /// The relist is complete (kube-runtime's `InitDone`): the staged pods replace the known
+    /// ones; pods not listed are deleted.
+    pub fn finish_pod_relist(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        let Some(listed) = self.staged.take() else {
+            return changes;
+        };
         let gone: Vec<String> = self
             .pods
             .keys()
-            .filter(|k| !listed.contains(*k))
+            .filter(|k| !listed.contains_key(*k))
             .cloned()
             .collect();
         for key in gone {
             self.pod_warnings.remove(&key);
             changes.extend(self.set_pod(key, None));
         }
-        for pod in list {
-            changes.extend(self.apply_pod(pod));
+        for (key, (entry, warnings)) in listed {
+            changes.extend(self.set_pod_with_warnings(key, entry, warnings));
         }
         changes
     }

@@ -30,7 +30,7 @@ fn defaults_in_a_pod() {
     assert!(!s.watch_pods, "cidr_blocks: no pods");
     assert_eq!(s.resync_interval, Duration::from_secs(90));
     assert_eq!(s.debounce, Duration::from_millis(100));
-    assert_eq!(s.max_delay, Duration::from_secs(1));
+    assert_eq!(s.max_delay, Duration::from_millis(200));
     assert_eq!(s.publish_backoff.max, Duration::from_secs(60));
     assert_eq!(s.control_plane.fixed, ["10.0.0.1:443".parse().unwrap()]);
     assert_eq!(s.control_plane.node_port, Some(6443));

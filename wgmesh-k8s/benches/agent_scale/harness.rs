@@ -1,0 +1,1204 @@
+//! The agent at cluster scale (issue 15): the agent library with its real async shell
+//! (`wgmesh_k8s::run::run`: kube-runtime watchers, reflector stores, debounce, planner) over a
+//! real `kube::Client`, against an in-process mock API server of `nodes` Nodes and
+//! `nodes × pods` Pods shaped like the recorded AKS fixtures, programming wgmesh-netlink's
+//! message-level fake kernel.
+//!
+//! The mock runs on a runtime of its own (one thread) so that its CPU time can be subtracted
+//! from the process's; the agent runs on a two-thread runtime, as in `wgmesh-agent`.
+//! Latency is measured from the moment the mock hands a watch event to the agent's stream to
+//! the moment the dataplane call that sends the corresponding netlink messages returns (the
+//! fake kernel has then taken and acknowledged every message).
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use wgmesh_core::{Family, MeshConfig, NodePlan, PlanDelta, PrivateKey, PublicKey, RouteSource};
+use wgmesh_k8s::agent::AgentSettings;
+use wgmesh_k8s::dataplane::{ApplyReport, Dataplane, DataplaneError};
+use wgmesh_k8s::metrics::Metrics;
+use wgmesh_k8s::netlink::NetlinkDataplane;
+use wgmesh_netlink::testing::FakeKernel;
+use wgmesh_netlink::{Backend, KeyRing, Linux, LinuxConfig};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// IP slots per node (pods occupy `pods` of them; churn moves pods between them).
+const SLOTS: usize = 128;
+/// Watch events kept for replay; a watch from before them gets `410 Gone` (a relist).
+const LOG_CAP: usize = 200_000;
+
+// ---------------------------------------------------------------------------------------
+// The cluster's shape
+
+fn node_name(n: usize) -> String {
+    format!("aks-nodepool1-19852467-vmss{n:06}")
+}
+
+fn node_v4(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200 + (n / 256) as u8, (n % 256) as u8, 4)
+}
+
+/// Pod slot `s` of node `n`: 10.(64 + n / 256).(n % 256).(2 + s), in the node's pod CIDR.
+pub fn pod_ip(n: usize, s: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 64 + (n / 256) as u8, (n % 256) as u8, 2 + s as u8)
+}
+
+/// Node `n`'s public key: distinct bytes (public keys are not checked against the curve).
+fn node_key(n: usize) -> String {
+    let mut b = [0x5au8; 32];
+    b[..8].copy_from_slice(&(n as u64 + 1).to_le_bytes());
+    PublicKey::from_bytes(b).unwrap().to_base64()
+}
+
+/// The agent's own private key (node 0 carries its public key: a restart, not a first boot).
+pub fn agent_key() -> PrivateKey {
+    PrivateKey::from_bytes([7u8; 32]).unwrap()
+}
+
+/// The mesh the agent runs: Azure CNI style, dual-stack nodes, host encryption.
+pub fn mesh() -> MeshConfig {
+    let mut mesh = MeshConfig::default();
+    mesh.route_source = RouteSource::WorkloadIps;
+    mesh.host_encryption = true;
+    mesh.cluster_cidrs = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+    mesh
+}
+
+fn fixture(name: &str) -> Value {
+    let text = match name {
+        "nodes" => include_str!("../../tests/fixtures/aks-azure-cni-nodes.json"),
+        _ => include_str!("../../tests/fixtures/aks-azure-cni-pods.json"),
+    };
+    let list: Value = serde_json::from_str(text).unwrap();
+    list["items"][0].clone()
+}
+
+/// A recorded AKS Node, renamed and re-addressed: dual stack, both keys, both pod CIDRs.
+fn node_object(template: &Value, n: usize, key: &str) -> Value {
+    let mut node = template.clone();
+    let name = node_name(n);
+    node["metadata"]["name"] = json!(name);
+    node["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{n:012}"));
+    node["metadata"]["labels"]["kubernetes.io/hostname"] = json!(name);
+    node["metadata"]["annotations"]["wgmesh.io/public-key"] = json!(key);
+    node["metadata"]["annotations"]["wgmesh.io/public-key-v6"] = json!(key);
+    node["spec"]["podCIDR"] = json!(format!("10.{}.{}.0/24", 64 + n / 256, n % 256));
+    node["spec"]["podCIDRs"] = json!([
+        format!("10.{}.{}.0/24", 64 + n / 256, n % 256),
+        format!("fd00:10:244:{n:x}::/64")
+    ]);
+    node["status"]["addresses"] = json!([
+        {"address": name, "type": "Hostname"},
+        {"address": node_v4(n).to_string(), "type": "InternalIP"},
+        {"address": format!("fd00:240::{n:x}"), "type": "InternalIP"},
+    ]);
+    node
+}
+
+/// A recorded AKS Pod serialized once with placeholders, then spliced per pod (the mock must
+/// not be the bottleneck of a 550,000-pod list).
+struct PodTemplate {
+    parts: Vec<Vec<u8>>,
+    slots: Vec<u8>,
+}
+
+impl PodTemplate {
+    fn new() -> Self {
+        let mut pod = fixture("pods");
+        pod["metadata"]["name"] = json!("@N@");
+        pod["metadata"]["namespace"] = json!("default");
+        pod["metadata"]["uid"] = json!("@U@");
+        pod["metadata"]["resourceVersion"] = json!("@R@");
+        pod["spec"]["nodeName"] = json!("@H@");
+        pod["status"]["podIP"] = json!("@I@");
+        pod["status"]["podIPs"] = json!([{"ip": "@I@"}]);
+        pod["status"]["hostIP"] = json!("@A@");
+        pod["status"]["hostIPs"] = json!([{"ip": "@A@"}]);
+        let text = serde_json::to_vec(&pod).unwrap();
+        let (mut parts, mut slots, mut at) = (Vec::new(), Vec::new(), 0);
+        let mut i = 0;
+        while i + 2 < text.len() {
+            if text[i] == b'@' && text[i + 2] == b'@' {
+                parts.push(text[at..i].to_vec());
+                slots.push(text[i + 1]);
+                i += 3;
+                at = i;
+            } else {
+                i += 1;
+            }
+        }
+        parts.push(text[at..].to_vec());
+        Self { parts, slots }
+    }
+
+    fn write(&self, out: &mut Vec<u8>, id: u32, n: usize, s: usize, rv: u64) {
+        use std::io::Write;
+        for (part, slot) in self.parts.iter().zip(&self.slots) {
+            out.extend_from_slice(part);
+            let _ = match slot {
+                b'N' => write!(out, "p{id}"),
+                b'U' => write!(out, "10000000-0000-4000-8000-{id:012}"),
+                b'R' => write!(out, "{rv}"),
+                b'H' => out.write_all(node_name(n).as_bytes()),
+                b'I' => write!(out, "{}", pod_ip(n, s)),
+                _ => write!(out, "{}", node_v4(n)),
+            };
+        }
+        out.extend_from_slice(self.parts.last().unwrap());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the dataplane saw: the latency join
+
+/// Events the mock emitted and the dataplane has not carried out yet, and what was measured.
+#[derive(Default)]
+pub struct Tracker {
+    /// (pod IP, added) → emission times not yet carried out.
+    outstanding: HashMap<(Ipv4Addr, bool), Vec<Instant>>,
+    pub outstanding_count: usize,
+    /// (emitted, carried out).
+    pub latencies: Vec<(Instant, Instant)>,
+    /// Public keys of nodes expected to become peers.
+    pub want_peers: HashSet<PublicKey>,
+    pub peers_done_at: Option<Instant>,
+    /// Full reconciles: (start, end, peers, routes).
+    pub reconciles: Vec<(Instant, Instant, usize, usize)>,
+    pub deltas: usize,
+    pub errors: Vec<String>,
+}
+
+impl Tracker {
+    fn emitted(&mut self, ip: Ipv4Addr, added: bool, at: Instant) {
+        // A later event for the same address supersedes an earlier one not carried out yet.
+        if let Some(v) = self.outstanding.remove(&(ip, !added)) {
+            self.outstanding_count -= v.len();
+        }
+        self.outstanding.entry((ip, added)).or_default().push(at);
+        self.outstanding_count += 1;
+    }
+
+    fn done(&mut self, ip: Ipv4Addr, added: bool, at: Instant) {
+        if let Some(v) = self.outstanding.remove(&(ip, added)) {
+            self.outstanding_count -= v.len();
+            self.latencies.extend(v.into_iter().map(|t| (t, at)));
+        }
+    }
+
+    fn peer_done(&mut self, key: &PublicKey, at: Instant) {
+        if self.want_peers.remove(key) && self.want_peers.is_empty() {
+            self.peers_done_at = Some(at);
+        }
+    }
+}
+
+fn host_v4(net: &IpNet) -> Option<Ipv4Addr> {
+    match net {
+        IpNet::V4(n) if n.prefix_len() == 32 => Some(n.addr()),
+        _ => None,
+    }
+}
+
+/// The real netlink dataplane over the fake kernel, with the measuring hook around it.
+pub struct Timed {
+    inner: NetlinkDataplane<Linux<FakeKernel>>,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl Dataplane for Timed {
+    fn public_key(&self, family: Family) -> Option<PublicKey> {
+        self.inner.public_key(family)
+    }
+
+    fn reconcile(&mut self, plan: &NodePlan) -> Result<ApplyReport, DataplaneError> {
+        let start = Instant::now();
+        let r = self.inner.reconcile(plan);
+        let end = Instant::now();
+        let mut t = self.tracker.lock().unwrap();
+        if let Err(e) = &r {
+            t.errors.push(e.to_string());
+            return r;
+        }
+        let peers = plan.interfaces.iter().map(|i| i.peers.len()).sum();
+        t.reconciles.push((start, end, peers, plan.routes.len()));
+        // Everything outstanding that the plan now reflects is carried out.
+        if t.outstanding_count > 0 {
+            let present: HashSet<Ipv4Addr> = plan
+                .routes
+                .iter()
+                .filter_map(|r| host_v4(&r.destination))
+                .collect();
+            let keys: Vec<(Ipv4Addr, bool)> = t.outstanding.keys().copied().collect();
+            for (ip, added) in keys {
+                if present.contains(&ip) == added {
+                    t.done(ip, added, end);
+                }
+            }
+        }
+        if !t.want_peers.is_empty() {
+            for p in plan.interfaces.iter().flat_map(|i| &i.peers) {
+                t.peer_done(&p.public_key, end);
+            }
+        }
+        r
+    }
+
+    fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
+        let r = self.inner.apply_delta(delta);
+        let end = Instant::now();
+        let mut t = self.tracker.lock().unwrap();
+        if let Err(e) = &r {
+            t.errors.push(e.to_string());
+            return r;
+        }
+        t.deltas += 1;
+        for route in &delta.routes_added {
+            if let Some(ip) = host_v4(&route.destination) {
+                t.done(ip, true, end);
+            }
+        }
+        for route in &delta.routes_removed {
+            if let Some(ip) = host_v4(&route.destination) {
+                t.done(ip, false, end);
+            }
+        }
+        for p in &delta.peers_added {
+            t.peer_done(&p.peer.public_key, end);
+        }
+        r
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The mock API server
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Node,
+    Pod,
+}
+
+#[derive(Clone)]
+enum Obj {
+    Node(Arc<Value>),
+    Pod { id: u32, node: u32, slot: u8 },
+}
+
+struct Watcher {
+    kind: Kind,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+/// One request as the mock saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub watch: bool,
+    pub status: u16,
+}
+
+struct State {
+    rv: u64,
+    nodes: Vec<Arc<Value>>,
+    /// Per node, per IP slot: the pod there.
+    slots: Vec<[Option<u32>; SLOTS]>,
+    next_pod: u32,
+    log: VecDeque<(u64, Kind, &'static str, Obj)>,
+    /// The oldest resource version a watch may start from.
+    log_floor: u64,
+    watchers: Vec<Watcher>,
+    requests: Vec<Recorded>,
+    down: bool,
+    rng: u64,
+    template: PodTemplate,
+    node_template: Value,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl State {
+    fn rand(&mut self, below: usize) -> usize {
+        // xorshift64*: deterministic runs.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below
+    }
+
+    fn line(&self, event: &str, obj: &Obj, rv: u64) -> Bytes {
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(b"\",\"object\":");
+        self.write_obj(&mut out, obj, rv);
+        out.extend_from_slice(b"}\n");
+        Bytes::from(out)
+    }
+
+    fn write_obj(&self, out: &mut Vec<u8>, obj: &Obj, rv: u64) {
+        match obj {
+            Obj::Node(v) => serde_json::to_writer(&mut *out, &**v).unwrap(),
+            Obj::Pod { id, node, slot } => {
+                self.template
+                    .write(out, *id, *node as usize, *slot as usize, rv)
+            }
+        }
+    }
+
+    fn emit(&mut self, kind: Kind, event: &'static str, obj: Obj) {
+        self.rv += 1;
+        let rv = self.rv;
+        if !self.watchers.is_empty() {
+            let line = self.line(event, &obj, rv);
+            self.watchers
+                .retain(|w| w.kind != kind || w.tx.send(line.clone()).is_ok());
+        }
+        self.log.push_back((rv, kind, event, obj));
+        if self.log.len() > LOG_CAP {
+            self.log.pop_front();
+            self.log_floor = self.log.front().map_or(self.rv, |e| e.0 - 1);
+        }
+    }
+
+    /// One pod event: a creation, a deletion or an IP move, in turn.
+    fn churn_one(&mut self, turn: u64) {
+        let now = Instant::now();
+        let n = self.rand(self.slots.len());
+        let pick = |st: &mut Self, occupied: bool| loop {
+            let s = st.rand(SLOTS);
+            if st.slots[n][s].is_some() == occupied {
+                return s;
+            }
+        };
+        match turn % 3 {
+            0 => {
+                let s = pick(self, false);
+                let id = self.next_pod;
+                self.next_pod += 1;
+                self.slots[n][s] = Some(id);
+                self.tracker
+                    .lock()
+                    .unwrap()
+                    .emitted(pod_ip(n, s), true, now);
+                let obj = Obj::Pod {
+                    id,
+                    node: n as u32,
+                    slot: s as u8,
+                };
+                self.emit(Kind::Pod, "ADDED", obj);
+            }
+            1 => {
+                let s = pick(self, true);
+                let id = self.slots[n][s].take().unwrap();
+                self.tracker
+                    .lock()
+                    .unwrap()
+                    .emitted(pod_ip(n, s), false, now);
+                let obj = Obj::Pod {
+                    id,
+                    node: n as u32,
+                    slot: s as u8,
+                };
+                self.emit(Kind::Pod, "DELETED", obj);
+            }
+            _ => {
+                let from = pick(self, true);
+                let to = pick(self, false);
+                let id = self.slots[n][from].take().unwrap();
+                self.slots[n][to] = Some(id);
+                {
+                    let mut t = self.tracker.lock().unwrap();
+                    t.emitted(pod_ip(n, from), false, now);
+                    t.emitted(pod_ip(n, to), true, now);
+                }
+                let obj = Obj::Pod {
+                    id,
+                    node: n as u32,
+                    slot: to as u8,
+                };
+                self.emit(Kind::Pod, "MODIFIED", obj);
+            }
+        }
+    }
+
+    fn add_node(&mut self, pods: usize) {
+        let n = self.nodes.len();
+        let key = node_key(n);
+        let node = Arc::new(node_object(&self.node_template, n, &key));
+        self.nodes.push(node.clone());
+        self.slots.push([None; SLOTS]);
+        self.tracker
+            .lock()
+            .unwrap()
+            .want_peers
+            .insert(PublicKey::from_base64(&key).unwrap());
+        self.emit(Kind::Node, "ADDED", Obj::Node(node));
+        for s in 0..pods {
+            let id = self.next_pod;
+            self.next_pod += 1;
+            self.slots[n][s] = Some(id);
+            let obj = Obj::Pod {
+                id,
+                node: n as u32,
+                slot: s as u8,
+            };
+            self.emit(Kind::Pod, "ADDED", obj);
+        }
+    }
+
+    /// A page of a list: `limit` objects from `offset` (node index, or node × SLOTS + slot).
+    fn list(&self, kind: Kind, limit: usize, token: Option<&str>) -> Vec<u8> {
+        let (rv, mut at) = token
+            .and_then(|t| t.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .unwrap_or((self.rv, 0usize));
+        let mut out = Vec::with_capacity(limit * 3000);
+        let list_kind = if kind == Kind::Node {
+            "NodeList"
+        } else {
+            "PodList"
+        };
+        out.extend_from_slice(
+            format!("{{\"kind\":\"{list_kind}\",\"apiVersion\":\"v1\",\"items\":[").as_bytes(),
+        );
+        let mut count = 0;
+        let end = match kind {
+            Kind::Node => self.nodes.len(),
+            Kind::Pod => self.slots.len() * SLOTS,
+        };
+        while at < end && count < limit {
+            let obj = match kind {
+                Kind::Node => Some(Obj::Node(self.nodes[at].clone())),
+                Kind::Pod => self.slots[at / SLOTS][at % SLOTS].map(|id| Obj::Pod {
+                    id,
+                    node: (at / SLOTS) as u32,
+                    slot: (at % SLOTS) as u8,
+                }),
+            };
+            at += 1;
+            if let Some(obj) = obj {
+                if count > 0 {
+                    out.push(b',');
+                }
+                self.write_obj(&mut out, &obj, rv);
+                count += 1;
+            }
+        }
+        let more = match kind {
+            Kind::Node => at < end,
+            Kind::Pod => (at..end).any(|i| self.slots[i / SLOTS][i % SLOTS].is_some()),
+        };
+        let cont = if more {
+            format!(",\"continue\":\"{rv}-{at}\"")
+        } else {
+            String::new()
+        };
+        out.extend_from_slice(
+            format!("],\"metadata\":{{\"resourceVersion\":\"{rv}\"{cont}}}}}").as_bytes(),
+        );
+        out
+    }
+}
+
+/// The mock API server. Cloning shares it.
+#[derive(Clone)]
+pub struct MockApi {
+    state: Arc<Mutex<State>>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn full(code: u16, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(body.into())
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        )
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str) -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": reason, "reason": reason, "code": code});
+    full(code, serde_json::to_vec(&body).unwrap())
+}
+
+fn query_map(query: &str) -> HashMap<&str, &str> {
+    query.split('&').filter_map(|p| p.split_once('=')).collect()
+}
+
+impl MockApi {
+    /// A cluster of `nodes` nodes with `pods` pods each, on the runtime of `runtime`.
+    pub fn new(nodes: usize, pods: usize, runtime: tokio::runtime::Handle) -> Self {
+        assert!(pods <= SLOTS);
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let node_template = fixture("nodes");
+        let agent_public = agent_key().public_key().to_base64();
+        let node_list = (0..nodes)
+            .map(|n| {
+                let key = if n == 0 {
+                    agent_public.clone()
+                } else {
+                    node_key(n)
+                };
+                Arc::new(node_object(&node_template, n, &key))
+            })
+            .collect();
+        let mut next_pod = 0;
+        let slots = (0..nodes)
+            .map(|_| {
+                let mut s = [None; SLOTS];
+                for slot in s.iter_mut().take(pods) {
+                    *slot = Some(next_pod);
+                    next_pod += 1;
+                }
+                s
+            })
+            .collect();
+        let state = State {
+            rv: 1000,
+            nodes: node_list,
+            slots,
+            next_pod,
+            log: VecDeque::new(),
+            log_floor: 1000,
+            watchers: Vec::new(),
+            requests: Vec::new(),
+            down: false,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            template: PodTemplate::new(),
+            node_template,
+            tracker,
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            runtime,
+        }
+    }
+
+    pub fn tracker(&self) -> Arc<Mutex<Tracker>> {
+        self.state.lock().unwrap().tracker.clone()
+    }
+
+    pub fn client(&self) -> kube::Client {
+        kube::Client::new(self.clone(), "default")
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    pub fn watchers(&self) -> usize {
+        self.state.lock().unwrap().watchers.len()
+    }
+
+    /// The API server goes down (every request fails with 503, watches end) or comes back;
+    /// coming back, its watch cache has been compacted: watches resume with `410 Gone`.
+    pub fn set_down(&self, down: bool) {
+        let mut s = self.state.lock().unwrap();
+        s.down = down;
+        if down {
+            s.watchers.clear();
+        } else {
+            s.log.clear();
+            s.log_floor = s.rv;
+        }
+    }
+
+    /// `count` pod events (creations, deletions, IP moves in turn) spread evenly over one
+    /// second's ticks at `rate` per second, until `until`.
+    pub async fn churn(&self, rate: usize, until: Instant) {
+        let tick = Duration::from_millis(5);
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            interval.tick().await;
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            let mut s = self.state.lock().unwrap();
+            while sent < due {
+                s.churn_one(sent);
+                sent += 1;
+            }
+        }
+    }
+
+    /// A node pool of `count` nodes joins at once, with `pods` pods each.
+    pub fn burst(&self, count: usize, pods: usize) {
+        let mut s = self.state.lock().unwrap();
+        for _ in 0..count {
+            s.add_node(pods);
+        }
+    }
+
+    fn handle(&self, method: String, path: String, query: String, body: Bytes) -> Response<Body> {
+        let q = query_map(&query);
+        let watch = q.get("watch") == Some(&"true");
+        let mut s = self.state.lock().unwrap();
+        let code = |s: &mut State, code: u16| {
+            s.requests.push(Recorded {
+                at: Instant::now(),
+                method: method.clone(),
+                path: path.clone(),
+                watch,
+                status: code,
+            });
+        };
+        if s.down {
+            code(&mut s, 503);
+            return status(503, "ServiceUnavailable");
+        }
+        let kind = match path.as_str() {
+            "/api/v1/nodes" => Some(Kind::Node),
+            "/api/v1/pods" => Some(Kind::Pod),
+            _ => None,
+        };
+        match (method.as_str(), kind) {
+            ("GET", Some(kind)) if !watch => {
+                code(&mut s, 200);
+                let limit = q
+                    .get("limit")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(usize::MAX);
+                let token = q.get("continue").copied();
+                let body = s.list(kind, limit, token);
+                drop(s);
+                full(200, body)
+            }
+            ("GET", Some(kind)) => {
+                let since: u64 = q
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                code(&mut s, 200);
+                let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+                if since < s.log_floor {
+                    let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                        "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                        "message": "too old resource version"}});
+                    let mut line = serde_json::to_vec(&gone).unwrap();
+                    line.push(b'\n');
+                    let _ = tx.send(Bytes::from(line));
+                    drop(tx);
+                } else {
+                    for (rv, k, ev, obj) in &s.log {
+                        if *k == kind && *rv > since {
+                            let _ = tx.send(s.line(ev, obj, *rv));
+                        }
+                    }
+                    s.watchers.push(Watcher { kind, tx });
+                }
+                let timeout: u64 = q
+                    .get("timeoutSeconds")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(290);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+                let stream = futures::stream::unfold(rx, move |mut rx| async move {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(b)) => Some((Ok::<_, Infallible>(Frame::data(b)), rx)),
+                        _ => None,
+                    }
+                });
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(StreamBody::new(stream).boxed_unsync())
+                    .unwrap()
+            }
+            ("PATCH", None) if path.starts_with("/api/v1/nodes/") => {
+                code(&mut s, 200);
+                let name = path.trim_start_matches("/api/v1/nodes/");
+                let (name, status_sub) = match name.strip_suffix("/status") {
+                    Some(n) => (n.to_owned(), true),
+                    None => (name.to_owned(), false),
+                };
+                let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let Some(i) = s
+                    .nodes
+                    .iter()
+                    .position(|n| n["metadata"]["name"] == name.as_str())
+                else {
+                    return status(404, "NotFound");
+                };
+                let mut node = (*s.nodes[i]).clone();
+                if status_sub {
+                    node["status"]["conditions"] = patch["status"]["conditions"].clone();
+                } else if let Some(ann) = patch["metadata"]["annotations"].as_object() {
+                    for (k, v) in ann {
+                        node["metadata"]["annotations"][k] = v.clone();
+                    }
+                }
+                let node = Arc::new(node);
+                s.nodes[i] = node.clone();
+                s.emit(Kind::Node, "MODIFIED", Obj::Node(node.clone()));
+                full(200, serde_json::to_vec(&*node).unwrap())
+            }
+            ("POST", None) if path.ends_with("/events") => {
+                code(&mut s, 201);
+                full(201, body)
+            }
+            _ => {
+                code(&mut s, 404);
+                status(404, "NotFound")
+            }
+        }
+    }
+}
+
+impl tower::Service<Request<kube::client::Body>> for MockApi {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<kube::client::Body>) -> Self::Future {
+        let api = self.clone();
+        let (parts, body) = req.into_parts();
+        let method = parts.method.to_string();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        // The mock's work runs on its own runtime (its CPU is not the agent's).
+        let task = self.runtime.spawn(async move {
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            api.handle(method, path, query, body)
+        });
+        Box::pin(async move { Ok(task.await.unwrap_or_else(|_| status(500, "InternalError"))) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Process measurements
+
+/// CPU seconds (user + system) of the threads in `tids`, from /proc.
+pub fn threads_cpu(tids: &[i32]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    tids.iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok())
+        .filter_map(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / tick
+}
+
+/// CPU seconds (user + system) of the whole process.
+pub fn process_cpu() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = s.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (get(11) + get(12)) / 100.0
+}
+
+/// (current RSS, peak RSS) of the process, in MB.
+pub fn rss_mb() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the peak RSS to the current RSS (Linux ≥ 4.0).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+// ---------------------------------------------------------------------------------------
+// The run
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub nodes: usize,
+    pub pods: usize,
+    pub rates: Vec<usize>,
+    pub churn_secs: u64,
+    pub burst: usize,
+    pub outage_secs: u64,
+    pub outage_rate: usize,
+    pub steady_secs: u64,
+    /// Give up waiting for a convergence after this long.
+    pub patience: Duration,
+}
+
+impl Params {
+    pub fn full() -> Self {
+        Self {
+            nodes: 5000,
+            pods: 110,
+            rates: vec![100, 1000, 5000],
+            churn_secs: 30,
+            burst: 100,
+            outage_secs: 60,
+            outage_rate: 100,
+            steady_secs: 120,
+            patience: Duration::from_secs(120),
+        }
+    }
+
+    pub fn smoke() -> Self {
+        Self {
+            nodes: 50,
+            pods: 20,
+            rates: vec![200],
+            churn_secs: 1,
+            burst: 5,
+            outage_secs: 1,
+            outage_rate: 50,
+            steady_secs: 1,
+            patience: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ChurnFigures {
+    pub rate: usize,
+    pub events: usize,
+    pub agent_cpu: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    pub unresolved: usize,
+    pub queue_max: usize,
+    pub queue_mean: f64,
+    pub reconciles: usize,
+    pub deltas: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub mock_rss_mb: f64,
+    pub restart: Duration,
+    pub first_peers: usize,
+    pub first_routes: usize,
+    pub restart_rss_peak_mb: f64,
+    pub churn: Vec<ChurnFigures>,
+    pub burst: Option<Duration>,
+    pub steady_requests: usize,
+    pub steady_secs: f64,
+    pub outage_requests: usize,
+    pub outage_request_offsets: Vec<(f64, String)>,
+    pub reconverged: Option<Duration>,
+    pub recovery_requests: usize,
+    pub peak_rss_mb: f64,
+    pub errors: Vec<String>,
+}
+
+async fn wait_for(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let give_up = Instant::now() + patience;
+    while !done() {
+        if Instant::now() > give_up {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+/// Runs every phase; `log` gets one line per phase as it finishes.
+pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
+    let mock_tids = Arc::new(Mutex::new(Vec::new()));
+    let t = mock_tids.clone();
+    let mock_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("mock")
+        .on_thread_start(move || {
+            t.lock()
+                .unwrap()
+                .push(rustix::thread::gettid().as_raw_nonzero().get())
+        })
+        .enable_all()
+        .build()
+        .unwrap();
+    let agent_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("agent")
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut report = Report::default();
+    let api = MockApi::new(p.nodes, p.pods, mock_rt.handle().clone());
+    let tracker = api.tracker();
+    report.mock_rss_mb = rss_mb().0;
+    reset_peak_rss();
+    let agent_cpu = {
+        let mock_tids = mock_tids.clone();
+        let main_start = process_cpu();
+        move || process_cpu() - main_start - threads_cpu(&mock_tids.lock().unwrap())
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let dataplane = Timed {
+        inner: NetlinkDataplane::new(
+            Linux::with_kernel(
+                FakeKernel::new(),
+                LinuxConfig::with_backend(Backend::Kernel),
+            )
+            .unwrap(),
+            &mesh(),
+            KeyRing::single(agent_key()),
+        ),
+        tracker: tracker.clone(),
+    };
+    let mut settings = AgentSettings::new(node_name(0), mesh());
+    settings.watch_pods = true;
+    let client = {
+        let _guard = agent_rt.enter();
+        api.client()
+    };
+
+    // Restart to first full apply.
+    let start = Instant::now();
+    let agent = agent_rt.spawn(wgmesh_k8s::run::run(
+        client,
+        settings,
+        dataplane,
+        Metrics::new(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let expected_peers = 2 * (p.nodes - 1);
+    let expected_routes = (p.nodes - 1) * (p.pods + 1);
+    let ok = agent_rt.block_on(wait_for(p.patience * 2, || {
+        tracker
+            .lock()
+            .unwrap()
+            .reconciles
+            .iter()
+            .any(|r| r.2 >= expected_peers && r.3 >= expected_routes)
+    }));
+    {
+        let t = tracker.lock().unwrap();
+        if let Some(r) = t.reconciles.iter().find(|r| r.2 >= expected_peers) {
+            report.restart = r.1 - start;
+            report.first_peers = r.2;
+            report.first_routes = r.3;
+        } else {
+            report.errors.push(format!(
+                "no full apply within {:?} (ok {ok})",
+                p.patience * 2
+            ));
+        }
+    }
+    report.restart_rss_peak_mb = rss_mb().1;
+    log(&format!(
+        "restart → first full apply: {:.2} s, {} peers, {} routes; peak RSS {:.0} MB (mock {:.0} MB before the agent)",
+        report.restart.as_secs_f64(),
+        report.first_peers,
+        report.first_routes,
+        report.restart_rss_peak_mb,
+        report.mock_rss_mb
+    ));
+    // Let the start settle (status write, Events).
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Steady churn at each rate.
+    for &rate in &p.rates {
+        let (r0, d0) = {
+            let mut t = tracker.lock().unwrap();
+            t.latencies.clear();
+            (t.reconciles.len(), t.deltas)
+        };
+        let cpu0 = agent_cpu();
+        let begin = Instant::now();
+        let until = begin + Duration::from_secs(p.churn_secs);
+        let churner = {
+            let api = api.clone();
+            mock_rt.spawn(async move { api.churn(rate, until).await })
+        };
+        let mut samples = Vec::new();
+        while !churner.is_finished() {
+            samples.push(tracker.lock().unwrap().outstanding_count);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let wall = begin.elapsed().as_secs_f64();
+        let cpu = agent_cpu() - cpu0;
+        // Drain: what was sent gets carried out.
+        agent_rt.block_on(wait_for(p.patience, || {
+            tracker.lock().unwrap().outstanding_count == 0
+        }));
+        let t = tracker.lock().unwrap();
+        let mut lat: Vec<Duration> = t
+            .latencies
+            .iter()
+            .map(|(a, b)| b.saturating_duration_since(*a))
+            .collect();
+        lat.sort();
+        let f = ChurnFigures {
+            rate,
+            events: lat.len(),
+            agent_cpu: cpu / wall,
+            p50: percentile(&lat, 0.5),
+            p99: percentile(&lat, 0.99),
+            max: lat.last().copied().unwrap_or_default(),
+            unresolved: t.outstanding_count,
+            queue_max: samples.iter().copied().max().unwrap_or(0),
+            queue_mean: samples.iter().sum::<usize>() as f64 / samples.len().max(1) as f64,
+            reconciles: t.reconciles.len() - r0,
+            deltas: t.deltas - d0,
+        };
+        log(&format!(
+            "churn {rate}/s for {wall:.0} s: agent CPU {:.2} cores, event → netlink p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} address changes, {} unresolved); queue max {}, mean {:.1}; {} full reconciles, {} deltas",
+            f.agent_cpu,
+            ms(f.p50),
+            ms(f.p99),
+            ms(f.max),
+            f.events,
+            f.unresolved,
+            f.queue_max,
+            f.queue_mean,
+            f.reconciles,
+            f.deltas
+        ));
+        report.churn.push(f);
+    }
+
+    // A node pool joins.
+    if p.burst > 0 {
+        let begin = Instant::now();
+        api.burst(p.burst, p.pods);
+        let done = agent_rt.block_on(wait_for(p.patience, || {
+            tracker.lock().unwrap().peers_done_at.is_some()
+        }));
+        report.burst = done.then(|| tracker.lock().unwrap().peers_done_at.unwrap() - begin);
+        log(&format!(
+            "burst of {} nodes ({} pods): all peers after {:?}",
+            p.burst,
+            p.burst * p.pods,
+            report.burst
+        ));
+        // Their pods settle.
+        agent_rt.block_on(wait_for(p.patience, || {
+            tracker.lock().unwrap().outstanding_count == 0
+        }));
+    }
+
+    // Steady state: no churn; what the agent asks of the API server.
+    let n0 = api.requests().len();
+    let begin = Instant::now();
+    std::thread::sleep(Duration::from_secs(p.steady_secs));
+    report.steady_secs = begin.elapsed().as_secs_f64();
+    report.steady_requests = api.requests().len() - n0;
+    log(&format!(
+        "steady state: {} requests in {:.0} s ({:.0} per hour at that rate)",
+        report.steady_requests,
+        report.steady_secs,
+        report.steady_requests as f64 * 3600.0 / report.steady_secs
+    ));
+
+    // The outage: the API server is down, the cluster keeps changing; then relists.
+    let n0 = api.requests().len();
+    let down_at = Instant::now();
+    api.set_down(true);
+    let until = down_at + Duration::from_secs(p.outage_secs);
+    let churner = {
+        let api = api.clone();
+        let rate = p.outage_rate;
+        mock_rt.spawn(async move { api.churn(rate, until).await })
+    };
+    while !churner.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let back_at = Instant::now();
+    api.set_down(false);
+    let converged = agent_rt.block_on(wait_for(p.patience, || {
+        tracker.lock().unwrap().outstanding_count == 0
+    }));
+    let requests = api.requests();
+    let during: Vec<&Recorded> = requests[n0..].iter().filter(|r| r.at < back_at).collect();
+    report.outage_requests = during.len();
+    report.outage_request_offsets = during
+        .iter()
+        .map(|r| {
+            (
+                (r.at - down_at).as_secs_f64(),
+                format!(
+                    "{} {}{}",
+                    r.method,
+                    r.path,
+                    if r.watch { " watch" } else { "" }
+                ),
+            )
+        })
+        .collect();
+    if converged {
+        let t = tracker.lock().unwrap();
+        let last = t.latencies.iter().map(|l| l.1).max().unwrap_or(back_at);
+        report.reconverged = Some(last.saturating_duration_since(back_at));
+    }
+    let after = back_at + report.reconverged.unwrap_or(p.patience);
+    report.recovery_requests = requests[n0..]
+        .iter()
+        .filter(|r| r.at >= back_at && r.at <= after)
+        .count();
+    log(&format!(
+        "outage {} s: {} requests while down ({}); re-converged {:?} after it ended, with {} requests",
+        p.outage_secs,
+        report.outage_requests,
+        report
+            .outage_request_offsets
+            .iter()
+            .map(|(t, w)| format!("{t:.1}s {w}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        report.reconverged,
+        report.recovery_requests
+    ));
+
+    report.peak_rss_mb = rss_mb().1.max(report.restart_rss_peak_mb);
+    report
+        .errors
+        .extend(tracker.lock().unwrap().errors.iter().cloned());
+    let _ = stop_tx.send(());
+    let _ = agent_rt.block_on(agent);
+    agent_rt.shutdown_background();
+    mock_rt.shutdown_background();
+    report
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
