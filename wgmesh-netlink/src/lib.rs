@@ -60,6 +60,7 @@ pub mod state;
 pub mod testing;
 mod uapi;
 mod userspace;
+pub mod watchdog;
 mod wire;
 
 pub use diff::{DiffOptions, delta_operations, diff, route_metric};
@@ -73,5 +74,6 @@ pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,
     LinkKind, Ownership, PeerStats, RawRule,
 };
+pub use watchdog::HandshakeWatchdog;
 pub use wgmesh_core;
 pub use wire::Protocol;
