@@ -320,7 +320,14 @@ impl<D: Dataplane> Reconciler<D> {
         if self.watchdog.is_empty() {
             return Ok(Report::default());
         }
-        let stats = self.dataplane.peer_stats(&self.ownership)?;
+        let stats = match self.dataplane.peer_stats(&self.ownership) {
+            Ok(s) => s,
+            Err(e) => {
+                // Give up on these peers rather than retry at once, again and again.
+                self.watchdog = HandshakeWatchdog::new(self.watchdog.timeout());
+                return Err(e);
+            }
+        };
         let readds = self.watchdog.poll(now, &stats);
         let operations = match &self.current {
             Some(plan) => readd_operations(plan, &readds),
