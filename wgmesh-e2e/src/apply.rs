@@ -71,7 +71,16 @@ pub trait NodeApplier {
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<Applied>;
     /// Which implementation it drives, and why.
     fn describe(&self) -> String;
+    /// The agent's periodic work between changes, called about every [`TICK`] on the node's
+    /// worker thread (the netlink applier: the crossing-initiation watchdog). Returns the
+    /// peers it repaired; the default does nothing.
+    fn tick(&mut self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
+
+/// How often a node's worker calls [`NodeApplier::tick`].
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Makes a [`NodeApplier`] per node.
 pub trait ApplierFactory: Send + Sync {

@@ -242,6 +242,22 @@ pub struct AgentState {
     applier: Box<dyn NodeApplier>,
 }
 
+/// A node worker's periodic work: the applier's tick; what it repaired goes to the log (the
+/// change tables count stalls, the log says which repair ran).
+fn agent_tick(a: &mut AgentState) {
+    match a.applier.tick() {
+        Ok(repaired) => {
+            for p in repaired {
+                eprintln!(
+                    "wgmesh-e2e: {}: watchdog re-added peer {p} (no handshake 1 s after it was added)",
+                    a.planner.plan().node
+                );
+            }
+        }
+        Err(e) => eprintln!("wgmesh-e2e: {}: watchdog: {e}", a.planner.plan().node),
+    }
+}
+
 struct NodeRt {
     spec: NodeSpec,
     ns: Netns,
@@ -559,13 +575,17 @@ impl Cluster {
         let factory = self.factory.clone();
         let node_name = name.to_owned();
         let ns = &self.nodes[name].ns;
-        let worker = Worker::start(ns, move || {
-            let applier = factory.open(&ctx)?;
-            Ok(AgentState {
-                planner: IncrementalPlanner::new(&node_model, &node_name),
-                applier,
-            })
-        })?;
+        let worker = Worker::start_ticking(
+            ns,
+            move || {
+                let applier = factory.open(&ctx)?;
+                Ok(AgentState {
+                    planner: IncrementalPlanner::new(&node_model, &node_name),
+                    applier,
+                })
+            },
+            Some((crate::apply::TICK, agent_tick)),
+        )?;
         self.agents.insert(name.to_owned(), worker);
         Ok(())
     }

@@ -7,7 +7,9 @@
 //! worker thread, so it runs in the node's namespace).
 
 use wgmesh_core::{NodePlan, PlanDelta};
-use wgmesh_netlink::{Backend, KeyRing, Linux, LinuxConfig, Ownership, Reconciler, Report, keys};
+use wgmesh_netlink::{
+    Backend, KeyRing, Linux, LinuxConfig, Operation, Ownership, Reconciler, Report, keys,
+};
 
 use crate::apply::{Applied, ApplierFactory, NodeApplier, NodeContext, WgImpl};
 use crate::{Error, Result};
@@ -51,6 +53,15 @@ impl NetlinkFactory {
 
 struct NetlinkApplier {
     reconciler: Reconciler<Linux>,
+    /// Whether [`NodeApplier::tick`] runs the crossing-initiation watchdog
+    /// (`WGMESH_E2E_WATCHDOG=off` turns it off, to measure without it).
+    watchdog: bool,
+}
+
+/// Whether the agents run the crossing-initiation watchdog: yes unless
+/// `WGMESH_E2E_WATCHDOG=off` (BENCHMARKS.md measures the change table both ways).
+pub fn watchdog_enabled() -> bool {
+    std::env::var("WGMESH_E2E_WATCHDOG").map_or(true, |v| v != "off")
 }
 
 fn applied(report: &Report) -> Applied {
@@ -78,6 +89,27 @@ impl NodeApplier for NetlinkApplier {
     fn describe(&self) -> String {
         self.reconciler.dataplane().backend_description().to_owned()
     }
+
+    fn tick(&mut self) -> Result<Vec<String>> {
+        if !self.watchdog || self.reconciler.next_handshake_check().is_none() {
+            return Ok(Vec::new());
+        }
+        let report = self
+            .reconciler
+            .check_handshakes()
+            .map_err(|e| Error::new(e.to_string()))?;
+        Ok(report
+            .operations
+            .iter()
+            .filter_map(|o| match o {
+                Operation::RemovePeer {
+                    interface,
+                    public_key,
+                } => Some(format!("{interface} {public_key}")),
+                _ => None,
+            })
+            .collect())
+    }
 }
 
 impl ApplierFactory for NetlinkFactory {
@@ -104,6 +136,7 @@ impl ApplierFactory for NetlinkFactory {
         let ring = KeyRing::per_family(load(0)?, load(1)?);
         Ok(Box::new(NetlinkApplier {
             reconciler: Reconciler::new(linux, Ownership::from_mesh(&ctx.mesh), ring),
+            watchdog: watchdog_enabled(),
         }))
     }
 }

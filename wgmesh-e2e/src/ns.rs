@@ -346,6 +346,9 @@ fn enter_path(path: &Path) -> Result<()> {
 
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
+/// A worker's periodic work: how often, and what.
+pub type Tick<S> = (Duration, fn(&mut S));
+
 /// A thread that lives in one namespace and owns a state `S` built there (a node's
 /// reconciler: its sockets, the daemons it spawns and the sysctls it writes all belong to the
 /// namespace). Jobs run one at a time, in order.
@@ -358,6 +361,16 @@ pub struct Worker<S> {
 impl<S: 'static> Worker<S> {
     /// Starts the thread in `ns` and builds the state there with `init`.
     pub fn start(ns: &Netns, init: impl FnOnce() -> Result<S> + Send + 'static) -> Result<Self> {
+        Self::start_ticking(ns, init, None)
+    }
+
+    /// Like [`Self::start`], and between jobs calls `tick` on the state about every `period`
+    /// (an agent's timers: the crossing-initiation watchdog).
+    pub fn start_ticking(
+        ns: &Netns,
+        init: impl FnOnce() -> Result<S> + Send + 'static,
+        tick: Option<Tick<S>>,
+    ) -> Result<Self> {
         let path = ns.path();
         let (tx, rx) = mpsc::channel::<Job<S>>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
@@ -375,8 +388,23 @@ impl<S: 'static> Worker<S> {
                         return;
                     }
                 };
-                for job in rx {
-                    job(&mut state);
+                let Some((period, tick)) = tick else {
+                    for job in rx {
+                        job(&mut state);
+                    }
+                    return;
+                };
+                let mut last = Instant::now();
+                loop {
+                    match rx.recv_timeout(period.saturating_sub(last.elapsed())) {
+                        Ok(job) => job(&mut state),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    if last.elapsed() >= period {
+                        tick(&mut state);
+                        last = Instant::now();
+                    }
                 }
             })
             .map_err(|e| Error::new(format!("spawning a thread: {e}")))?;

@@ -118,10 +118,15 @@ fn changes_for(route_source: RouteSource, host_encryption: bool) {
     cluster.wait_mesh(handshake_timeout()).expect("handshakes");
     let reports = changes::standard_sequence(&mut cluster).expect("changes");
     println!(
-        "\n### Changes under continuous ping — {}, host encryption {}, {} WireGuard\n\n{}",
+        "\n### Changes under continuous ping — {}, host encryption {}, {} WireGuard, handshake watchdog {}\n\n{}",
         route_source.as_str(),
         if host_encryption { "on" } else { "off" },
         cluster.wg().as_str(),
+        if wgmesh_e2e::netlink::watchdog_enabled() {
+            "on"
+        } else {
+            "off"
+        },
         changes::table(&reports)
     );
     let mut failures = Vec::new();

@@ -580,6 +580,7 @@ impl<D: Dataplane> Agent<D> {
         }
         at(self.next_resync);
         at(self.next_stats);
+        at(self.dataplane.next_handshake_check().map(|d| now + d));
         at(self.status_due(now));
         if self.publication().is_some() {
             match self.publish {
@@ -638,6 +639,13 @@ impl<D: Dataplane> Agent<D> {
         }
         if self.findings_stale {
             self.review_findings();
+        }
+        if self
+            .dataplane
+            .next_handshake_check()
+            .is_some_and(|d| d.is_zero())
+        {
+            self.check_handshakes();
         }
         if self.next_stats.is_some_and(|t| now >= t) {
             self.refresh_stats();
@@ -861,6 +869,17 @@ impl<D: Dataplane> Agent<D> {
             self.push_notice(n);
         }
         self.findings = current;
+    }
+
+    /// The crossing-initiation watchdog's turn (see [`Dataplane::check_handshakes`]).
+    fn check_handshakes(&mut self) {
+        match self.dataplane.check_handshakes() {
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.error("dataplane");
+                warn!(error = %e, "handshake watchdog failed");
+            }
+        }
     }
 
     fn refresh_stats(&mut self) {

@@ -11,6 +11,7 @@
 //! may leave a half-applied state behind.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use wgmesh_core::{Family, NodePlan, PlanDelta, PublicKey, diff};
 use wgmesh_netlink::{DiffOptions, LinkKind, Operation, delta_operations};
@@ -109,6 +110,19 @@ pub trait Dataplane {
     ) -> Result<Option<wgmesh_netlink::marking::StrictDrops>, DataplaneError> {
         Ok(None)
     }
+
+    /// How long until [`Self::check_handshakes`] is due (zero when overdue), or `None` when
+    /// nothing waits for it. The netlink dataplane's crossing-initiation watchdog
+    /// (`wgmesh_netlink::watchdog`) watches the peers its deltas added.
+    fn next_handshake_check(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Re-adds, once, each peer a delta added that has completed no handshake in time, on
+    /// the side of the pair whose key is the smaller (`wgmesh_netlink::watchdog`).
+    fn check_handshakes(&mut self) -> Result<ApplyReport, DataplaneError> {
+        Ok(ApplyReport::default())
+    }
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -128,6 +142,13 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
         &mut self,
     ) -> Result<Option<wgmesh_netlink::marking::StrictDrops>, DataplaneError> {
         (**self).strict_drops()
+    }
+
+    fn next_handshake_check(&self) -> Option<Duration> {
+        (**self).next_handshake_check()
+    }
+    fn check_handshakes(&mut self) -> Result<ApplyReport, DataplaneError> {
+        (**self).check_handshakes()
     }
 }
 

@@ -19,6 +19,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::time::Duration;
+
 use wgmesh_core::{Family, MeshConfig, NodePlan, PlanDelta, PublicKey};
 use wgmesh_netlink::{KeyRing, Ownership, Reconciler, Report};
 
@@ -97,5 +99,26 @@ impl<D: wgmesh_netlink::Dataplane> Dataplane for NetlinkDataplane<D> {
         self.reconciler
             .strict_drops()
             .map_err(|e| DataplaneError::new("netlink strict drop counters", e))
+    }
+
+    fn next_handshake_check(&self) -> Option<Duration> {
+        self.reconciler.next_handshake_check()
+    }
+
+    fn check_handshakes(&mut self) -> Result<ApplyReport, DataplaneError> {
+        let r = self
+            .reconciler
+            .check_handshakes()
+            .map_err(|e| DataplaneError::new("netlink handshake watchdog", e))?;
+        for op in &r.operations {
+            if let wgmesh_netlink::Operation::RemovePeer {
+                interface,
+                public_key,
+            } = op
+            {
+                tracing::info!(%interface, peer = %public_key, "no handshake 1 s after the peer was added: re-added it (crossing initiations)");
+            }
+        }
+        Ok(report(r))
     }
 }

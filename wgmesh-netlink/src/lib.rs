@@ -61,6 +61,7 @@ pub mod state;
 pub mod testing;
 mod uapi;
 mod userspace;
+pub mod watchdog;
 mod wire;
 
 pub use diff::{DiffOptions, check_ownership, delta_operations, diff, route_metric};
@@ -74,5 +75,6 @@ pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,
     ForeignLink, LINK_MARKER, LinkKind, Ownership, PeerStats, RawRule,
 };
+pub use watchdog::HandshakeWatchdog;
 pub use wgmesh_core;
 pub use wire::Protocol;

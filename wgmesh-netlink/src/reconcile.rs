@@ -11,6 +11,7 @@ use crate::keys::KeyRing;
 use crate::marking::StrictDrops;
 use crate::op::Operation;
 use crate::state::{ActualState, LinkKind, Ownership, PeerStats};
+use crate::watchdog::{HandshakeWatchdog, Readd};
 
 /// Where operations are carried out: [`crate::Linux`] over the host's kernel (or, with the
 /// `testing` feature, over the message-level fake kernel `testing::FakeKernel`), or a wrapper
@@ -130,6 +131,8 @@ pub struct Reconciler<D> {
     keys: KeyRing,
     current: Option<NodePlan>,
     dirty: bool,
+    watchdog: HandshakeWatchdog,
+    origin: Instant,
 }
 
 impl<D: Dataplane> Reconciler<D> {
@@ -141,7 +144,21 @@ impl<D: Dataplane> Reconciler<D> {
             keys,
             current: None,
             dirty: true,
+            watchdog: HandshakeWatchdog::default(),
+            origin: Instant::now(),
         }
+    }
+
+    /// Replaces the crossing-initiation watchdog (for example one with another timeout);
+    /// peers watched so far are forgotten. See [`Self::check_handshakes`].
+    pub fn set_watchdog(&mut self, watchdog: HandshakeWatchdog) {
+        self.watchdog = watchdog;
+    }
+
+    /// The crossing-initiation watchdog: the peers added by deltas that wait for a first
+    /// handshake, on the side that acts for them.
+    pub fn watchdog(&self) -> &HandshakeWatchdog {
+        &self.watchdog
     }
 
     /// The dataplane.
@@ -270,6 +287,21 @@ impl<D: Dataplane> Reconciler<D> {
         };
         // Fold the delta in place (no copy of a big plan), whatever happened.
         current.apply_delta(delta);
+        let now = self.origin.elapsed();
+        for i in &delta.interfaces_removed {
+            self.watchdog.forget_interface(&i.name);
+        }
+        for p in &delta.peers_removed {
+            self.watchdog.forget(&p.interface, &p.public_key);
+        }
+        if result.is_ok() {
+            for p in &delta.peers_added {
+                if let Some(own) = options.public_keys[p.family.index()] {
+                    self.watchdog
+                        .watch(&p.interface, &own, &p.peer.public_key, now);
+                }
+            }
+        }
         match result {
             Ok(messages) => Ok(Report {
                 operations,
@@ -306,8 +338,94 @@ impl<D: Dataplane> Reconciler<D> {
         self.dataplane.strict_drops(&self.ownership)
     }
 
+    /// The crossing-initiation repair (see [`crate::watchdog`]): for every peer a delta added
+    /// that has had no completed handshake for the watchdog's timeout, and for which this
+    /// node acts (its key is the smaller), removes the peer and adds it again as planned,
+    /// then starts a handshake (when its keepalive is off) — once per add. Call it about
+    /// every 100 ms while [`Self::next_handshake_check`] is `Some`; with nothing watched it
+    /// returns an empty report without touching the dataplane.
+    pub fn check_handshakes(&mut self) -> Result<Report> {
+        let now = self.origin.elapsed();
+        self.check_handshakes_at(now)
+    }
+
+    /// How long until the watchdog's next deadline (zero when overdue), or `None` when no
+    /// peer is watched.
+    pub fn next_handshake_check(&self) -> Option<Duration> {
+        let now = self.origin.elapsed();
+        self.watchdog.next_deadline().map(|d| d.saturating_sub(now))
+    }
+
+    fn check_handshakes_at(&mut self, now: Duration) -> Result<Report> {
+        let start = Instant::now();
+        if self.watchdog.is_empty() {
+            return Ok(Report::default());
+        }
+        let stats = match self.dataplane.peer_stats(&self.ownership) {
+            Ok(s) => s,
+            Err(e) => {
+                // Give up on these peers rather than retry at once, again and again.
+                self.watchdog = HandshakeWatchdog::new(self.watchdog.timeout());
+                return Err(e);
+            }
+        };
+        let readds = self.watchdog.poll(now, &stats);
+        let operations = match &self.current {
+            Some(plan) => readd_operations(plan, &readds),
+            None => Vec::new(),
+        };
+        let messages = if operations.is_empty() {
+            0
+        } else {
+            self.dataplane.execute(&operations, &self.keys)?
+        };
+        Ok(Report {
+            operations,
+            messages,
+            dry_run: false,
+            micros: start.elapsed().as_micros() as u64,
+            warnings: Vec::new(),
+        })
+    }
+
     /// Gives the dataplane back.
     pub fn into_dataplane(self) -> D {
         self.dataplane
     }
+}
+
+/// Remove, add as planned, start a handshake: the repair of each peer in `readds` that `plan`
+/// still has.
+fn readd_operations(plan: &NodePlan, readds: &[Readd]) -> Vec<Operation> {
+    let mut ops = Vec::new();
+    for r in readds {
+        let Some(peer) = plan
+            .interfaces
+            .iter()
+            .filter(|i| i.name == r.interface)
+            .flat_map(|i| i.peers.iter())
+            .find(|p| p.public_key == r.public_key)
+        else {
+            continue;
+        };
+        let keepalive = peer.persistent_keepalive.unwrap_or(0);
+        ops.push(Operation::RemovePeer {
+            interface: r.interface.clone(),
+            public_key: r.public_key,
+        });
+        ops.push(Operation::SetPeer {
+            interface: r.interface.clone(),
+            public_key: r.public_key,
+            endpoint: Some(peer.endpoint),
+            persistent_keepalive: Some(keepalive),
+            allowed_ips: peer.allowed_ips.clone(),
+        });
+        if keepalive == 0 {
+            ops.push(Operation::StartHandshake {
+                interface: r.interface.clone(),
+                public_key: r.public_key,
+            });
+        }
+    }
+    ops
 }
