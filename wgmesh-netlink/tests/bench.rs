@@ -74,6 +74,15 @@ fn baseline_files(plan: &NodePlan, dir: &std::path::Path) {
     let mut link = std::fs::File::create(dir.join("link.batch")).unwrap();
     writeln!(link, "link add {} type wireguard", i.name).unwrap();
     writeln!(link, "link set {} mtu {} up", i.name, i.mtu).unwrap();
+    // The marker wgmesh sets on the links it makes: without it the tools' link is somebody
+    // else's, and wgmesh refuses to touch it (ForeignLink).
+    writeln!(
+        link,
+        "link set {} alias {}",
+        i.name,
+        wgmesh_netlink::LINK_MARKER
+    )
+    .unwrap();
     let mut b = std::fs::File::create(dir.join("routes.batch")).unwrap();
     for r in &plan.routes {
         match r.kind {
