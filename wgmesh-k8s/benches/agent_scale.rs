@@ -10,12 +10,17 @@
 //! Options: `--nodes N` (5000), `--pods P` per node (110), `--rates R,R,…` (100,1000,5000
 //! pod events per second), `--churn-secs S` (30), `--burst N` (100), `--outage-secs S` (60),
 //! `--outage-rate R` (100 events per second during the outage), `--steady-secs S` (120),
-//! `--smoke` (the small scale of the test).
+//! `--resync-secs S` (the agent's resync interval; its default is 90), `--smoke` (the small
+//! scale of the test).
 
 #[path = "agent_scale/harness.rs"]
 mod harness;
 
 use std::process::ExitCode;
+
+/// Counts live heap bytes by part (agent, mock, fake kernel); see `harness::heap`.
+#[global_allocator]
+static HEAP: harness::heap::Tagged = harness::heap::Tagged;
 
 fn parse(params: &mut harness::Params) -> Result<(), String> {
     let mut args = std::env::args().skip(1);
@@ -47,6 +52,7 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
             "--outage-secs" => params.outage_secs = number(&value)? as u64,
             "--outage-rate" => params.outage_rate = number(&value)?,
             "--steady-secs" => params.steady_secs = number(&value)? as u64,
+            "--resync-secs" => params.resync_secs = Some(number(&value)?.max(1) as u64),
             _ => return Err(format!("unknown option {arg}")),
         }
     }

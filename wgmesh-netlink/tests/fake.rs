@@ -409,6 +409,41 @@ fn allowed_ip_changes_never_clear_or_remove_a_kept_peer() {
     assert_matches_plan(r.dataplane().kernel(), &plan2, &own);
 }
 
+/// The fake kernel's allowed-IP index (for benchmarks) moves an allowed IP between peers as
+/// the search over every peer does: the same messages leave the same devices.
+#[test]
+fn the_allowed_ip_index_moves_allowed_ips_as_the_search_does() {
+    let c = cluster(false);
+    let plan = plan_node(&c, "a").unwrap();
+    let mut nodes = c.nodes().to_vec();
+    nodes[1].workload_ips.clear();
+    nodes[2].workload_ips.push("10.65.0.5".parse().unwrap());
+    let plan2 = plan_node(&Cluster::new(c.mesh().clone(), nodes).unwrap(), "a").unwrap();
+    let run = |index: bool| {
+        let mut k = FakeKernel::new();
+        k.index_allowed_ips = index;
+        let mut r = Reconciler::new(linux(k), Ownership::from_mesh(c.mesh()), ring());
+        converge(&mut r, &plan);
+        // Back and forth: the address moves to c, then back to b.
+        r.reconcile(&plan2).unwrap();
+        let moved = r.dataplane().kernel().devices.clone();
+        r.reconcile(&plan).unwrap();
+        let own = r.ownership().clone();
+        assert_matches_plan(r.dataplane().kernel(), &plan, &own);
+        (moved, r.dataplane().kernel().devices.clone())
+    };
+    let (searched, indexed) = (run(false), run(true));
+    assert_eq!(indexed, searched);
+    let moved_to_c = indexed.0.values().any(|d| {
+        d.peers
+            .values()
+            .filter(|p| p.allowed_ips.contains(&"10.65.0.5/32".parse().unwrap()))
+            .count()
+            == 1
+    });
+    assert!(moved_to_c, "the address is held by exactly one peer");
+}
+
 #[test]
 fn key_change_is_remove_old_then_add_new() {
     let (plan, mut r) = setup(false);

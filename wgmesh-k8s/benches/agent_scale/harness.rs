@@ -34,7 +34,7 @@ use wgmesh_k8s::dataplane::{ApplyReport, Dataplane, DataplaneError};
 use wgmesh_k8s::metrics::Metrics;
 use wgmesh_k8s::netlink::NetlinkDataplane;
 use wgmesh_netlink::testing::FakeKernel;
-use wgmesh_netlink::{Backend, KeyRing, Linux, LinuxConfig};
+use wgmesh_netlink::{Backend, KernelIo, KeyRing, Linux, LinuxConfig, Protocol};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -165,6 +165,193 @@ impl PodTemplate {
 }
 
 // ---------------------------------------------------------------------------------------
+// Heap by part: the agent, the mock API server, the fake kernel
+
+/// Live heap bytes by the part of the process that allocated them, when the bench installs
+/// [`heap::Tagged`] as its global allocator (the smoke test does not: figures read zero).
+///
+/// Each allocation carries a 16-byte header with the part that made it (the thread's current
+/// part: the mock's runtime threads are the mock, code inside the fake kernel's `send` and
+/// `recv` is the kernel, everything else the agent), so a free is charged to the part that
+/// allocated, wherever it happens. The headers themselves are not counted (but are in RSS).
+pub mod heap {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering::Relaxed};
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Part {
+        Agent = 0,
+        Mock = 1,
+        Kernel = 2,
+    }
+
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    static LIVE: [AtomicIsize; 3] = [const { AtomicIsize::new(0) }; 3];
+    static PEAK: [AtomicIsize; 3] = [const { AtomicIsize::new(0) }; 3];
+    static TOTAL: AtomicIsize = AtomicIsize::new(0);
+    static TOTAL_PEAK: AtomicIsize = AtomicIsize::new(0);
+
+    thread_local! {
+        static CURRENT: Cell<u8> = const { Cell::new(0) };
+    }
+
+    /// Makes `part` the current thread's part; returns the previous one.
+    pub fn enter(part: Part) -> u8 {
+        CURRENT.with(|c| c.replace(part as u8))
+    }
+
+    /// Restores what [`enter`] returned.
+    pub fn leave(previous: u8) {
+        CURRENT.with(|c| c.set(previous));
+    }
+
+    /// [`enter`] until the guard is dropped.
+    pub fn within(part: Part) -> Within {
+        Within(enter(part))
+    }
+
+    pub struct Within(u8);
+
+    impl Drop for Within {
+        fn drop(&mut self) {
+            leave(self.0);
+        }
+    }
+
+    /// Whether the allocator is installed (the figures mean something).
+    pub fn installed() -> bool {
+        INSTALLED.load(Relaxed)
+    }
+
+    /// (live, peak since [`reset_peaks`]) in MB for agent, mock, kernel, and the total.
+    pub fn figures() -> [(f64, f64); 4] {
+        let mb = |v: isize| v as f64 / (1024.0 * 1024.0);
+        let part = |i: usize| (mb(LIVE[i].load(Relaxed)), mb(PEAK[i].load(Relaxed)));
+        [
+            part(0),
+            part(1),
+            part(2),
+            (mb(TOTAL.load(Relaxed)), mb(TOTAL_PEAK.load(Relaxed))),
+        ]
+    }
+
+    pub fn reset_peaks() {
+        for i in 0..3 {
+            PEAK[i].store(LIVE[i].load(Relaxed), Relaxed);
+        }
+        TOTAL_PEAK.store(TOTAL.load(Relaxed), Relaxed);
+    }
+
+    fn account(tag: u8, bytes: isize) {
+        let i = usize::from(tag.min(2));
+        let live = LIVE[i].fetch_add(bytes, Relaxed) + bytes;
+        PEAK[i].fetch_max(live, Relaxed);
+        let total = TOTAL.fetch_add(bytes, Relaxed) + bytes;
+        TOTAL_PEAK.fetch_max(total, Relaxed);
+    }
+
+    const HEADER: usize = 16;
+
+    fn outer(l: &Layout, size: usize) -> Option<(Layout, usize)> {
+        let offset = l.align().max(HEADER);
+        Layout::from_size_align(size.checked_add(offset)?, offset)
+            .ok()
+            .map(|o| (o, offset))
+    }
+
+    pub struct Tagged;
+
+    // SAFETY: every block handed out is `offset` bytes into a block of `System` of the
+    // outer layout, which is recomputed from the caller's layout at free and realloc; the
+    // tag byte sits at the start of the outer block.
+    #[allow(unsafe_code)]
+    unsafe impl GlobalAlloc for Tagged {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            INSTALLED.store(true, Relaxed);
+            let Some((o, offset)) = outer(&l, l.size()) else {
+                return std::ptr::null_mut();
+            };
+            // SAFETY: `o` has a non-zero size.
+            let base = unsafe { System.alloc(o) };
+            if base.is_null() {
+                return base;
+            }
+            let tag = CURRENT.try_with(Cell::get).unwrap_or(0);
+            // SAFETY: the block is at least `offset` ≥ 16 bytes long.
+            unsafe {
+                base.write(tag);
+                account(tag, l.size() as isize);
+                base.add(offset)
+            }
+        }
+
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            let Some((o, offset)) = outer(&l, l.size()) else {
+                return;
+            };
+            // SAFETY: `p` came from `alloc` or `realloc` with this layout.
+            unsafe {
+                let base = p.sub(offset);
+                account(*base, -(l.size() as isize));
+                System.dealloc(base, o);
+            }
+        }
+
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+            let (Some((o, offset)), Some(_)) = (outer(&l, l.size()), outer(&l, new_size)) else {
+                return std::ptr::null_mut();
+            };
+            // SAFETY: `p` came from `alloc` or `realloc` with layout `l`; the header moves
+            // with the block.
+            unsafe {
+                let base = p.sub(offset);
+                let tag = *base;
+                let nb = System.realloc(base, o, new_size + offset);
+                if nb.is_null() {
+                    return nb;
+                }
+                account(tag, new_size as isize - l.size() as isize);
+                nb.add(offset)
+            }
+        }
+    }
+}
+
+/// The fake kernel with a stopwatch and the heap's `Kernel` tag around every call: what the
+/// kernel itself costs, apart from the agent and wgmesh-netlink that drive it.
+pub struct TimedKernel {
+    pub inner: FakeKernel,
+    pub spent: Arc<Mutex<Duration>>,
+}
+
+impl TimedKernel {
+    fn timed<T>(&mut self, f: impl FnOnce(&mut FakeKernel) -> T) -> T {
+        let previous = heap::enter(heap::Part::Kernel);
+        let start = Instant::now();
+        let r = f(&mut self.inner);
+        *self.spent.lock().unwrap() += start.elapsed();
+        heap::leave(previous);
+        r
+    }
+}
+
+impl KernelIo for TimedKernel {
+    fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> std::io::Result<()> {
+        self.timed(|k| k.send(protocol, datagram))
+    }
+    fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        self.timed(|k| k.recv(protocol, buf))
+    }
+    fn read_sysctl(&mut self, key: &str) -> std::io::Result<Option<String>> {
+        self.timed(|k| k.read_sysctl(key))
+    }
+    fn write_sysctl(&mut self, key: &str, value: &str) -> std::io::Result<()> {
+        self.timed(|k| k.write_sysctl(key, value))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // What the dataplane saw: the latency join
 
 /// Events the mock emitted and the dataplane has not carried out yet, and what was measured.
@@ -217,7 +404,7 @@ fn host_v4(net: &IpNet) -> Option<Ipv4Addr> {
 
 /// The real netlink dataplane over the fake kernel, with the measuring hook around it.
 pub struct Timed {
-    inner: NetlinkDataplane<Linux<FakeKernel>>,
+    inner: NetlinkDataplane<Linux<TimedKernel>>,
     tracker: Arc<Mutex<Tracker>>,
 }
 
@@ -230,6 +417,8 @@ impl Dataplane for Timed {
         let start = Instant::now();
         let r = self.inner.reconcile(plan);
         let end = Instant::now();
+        // The measuring is the harness's, not the agent's.
+        let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
         if let Err(e) = &r {
             t.errors.push(e.to_string());
@@ -262,6 +451,7 @@ impl Dataplane for Timed {
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
         let r = self.inner.apply_delta(delta);
         let end = Instant::now();
+        let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
         if let Err(e) = &r {
             t.errors.push(e.to_string());
@@ -859,6 +1049,8 @@ pub struct Params {
     pub outage_secs: u64,
     pub outage_rate: usize,
     pub steady_secs: u64,
+    /// The agent's resync interval (`None`: its default, 90 s).
+    pub resync_secs: Option<u64>,
     /// Give up waiting for a convergence after this long.
     pub patience: Duration,
 }
@@ -874,6 +1066,7 @@ impl Params {
             outage_secs: 60,
             outage_rate: 100,
             steady_secs: 120,
+            resync_secs: None,
             patience: Duration::from_secs(120),
         }
     }
@@ -888,6 +1081,7 @@ impl Params {
             outage_secs: 1,
             outage_rate: 50,
             steady_secs: 1,
+            resync_secs: None,
             patience: Duration::from_secs(60),
         }
     }
@@ -898,6 +1092,9 @@ pub struct ChurnFigures {
     pub rate: usize,
     pub events: usize,
     pub agent_cpu: f64,
+    /// Of `agent_cpu`, the share spent inside the fake kernel (wall time in its calls, per
+    /// second).
+    pub kernel_cpu: f64,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
@@ -905,6 +1102,8 @@ pub struct ChurnFigures {
     pub queue_max: usize,
     pub queue_mean: f64,
     pub reconciles: usize,
+    /// The longest full reconcile (a resync) during the phase.
+    pub longest_reconcile: Duration,
     pub deltas: usize,
 }
 
@@ -915,6 +1114,10 @@ pub struct Report {
     pub first_peers: usize,
     pub first_routes: usize,
     pub restart_rss_peak_mb: f64,
+    /// Time spent inside the fake kernel until the first full apply.
+    pub restart_kernel_time: Duration,
+    /// `heap::figures()` at the first full apply.
+    pub restart_heap: [(f64, f64); 4],
     pub churn: Vec<ChurnFigures>,
     pub burst: Option<Duration>,
     pub steady_requests: usize,
@@ -946,6 +1149,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         .worker_threads(1)
         .thread_name("mock")
         .on_thread_start(move || {
+            heap::enter(heap::Part::Mock);
             t.lock()
                 .unwrap()
                 .push(rustix::thread::gettid().as_raw_nonzero().get())
@@ -960,20 +1164,33 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         .build()
         .unwrap();
     let mut report = Report::default();
+    let main_part = heap::enter(heap::Part::Mock);
     let api = MockApi::new(p.nodes, p.pods, mock_rt.handle().clone());
+    heap::leave(main_part);
     let tracker = api.tracker();
     report.mock_rss_mb = rss_mb().0;
     reset_peak_rss();
+    heap::reset_peaks();
     let agent_cpu = {
         let mock_tids = mock_tids.clone();
         let main_start = process_cpu();
         move || process_cpu() - main_start - threads_cpu(&mock_tids.lock().unwrap())
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let kernel_time = Arc::new(Mutex::new(Duration::ZERO));
     let dataplane = Timed {
         inner: NetlinkDataplane::new(
             Linux::with_kernel(
-                FakeKernel::new(),
+                {
+                    // Only messages change it here: its allowed-IP index is sound, and the
+                    // search it replaces is quadratic at this scale.
+                    let mut kernel = FakeKernel::new();
+                    kernel.index_allowed_ips = true;
+                    TimedKernel {
+                        inner: kernel,
+                        spent: kernel_time.clone(),
+                    }
+                },
                 LinuxConfig::with_backend(Backend::Kernel),
             )
             .unwrap(),
@@ -984,6 +1201,9 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     };
     let mut settings = AgentSettings::new(node_name(0), mesh());
     settings.watch_pods = true;
+    if let Some(s) = p.resync_secs {
+        settings.resync_interval = Duration::from_secs(s);
+    }
     let client = {
         let _guard = agent_rt.enter();
         api.client()
@@ -1024,14 +1244,24 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         }
     }
     report.restart_rss_peak_mb = rss_mb().1;
+    report.restart_kernel_time = *kernel_time.lock().unwrap();
+    report.restart_heap = heap::figures();
     log(&format!(
-        "restart → first full apply: {:.2} s, {} peers, {} routes; peak RSS {:.0} MB (mock {:.0} MB before the agent)",
+        "restart → first full apply: {:.2} s, {} peers, {} routes, of which {:.2} s inside the fake kernel; peak RSS {:.0} MB (mock {:.0} MB before the agent)",
         report.restart.as_secs_f64(),
         report.first_peers,
         report.first_routes,
+        report.restart_kernel_time.as_secs_f64(),
         report.restart_rss_peak_mb,
         report.mock_rss_mb
     ));
+    if heap::installed() {
+        let [a, m, k, t] = report.restart_heap;
+        log(&format!(
+            "heap by part (live / peak MB): agent {:.0} / {:.0}, fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
+            a.0, a.1, k.0, k.1, m.0, m.1, t.0, t.1
+        ));
+    }
     // Let the start settle (status write, Events).
     std::thread::sleep(Duration::from_secs(2));
 
@@ -1043,6 +1273,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             (t.reconciles.len(), t.deltas)
         };
         let cpu0 = agent_cpu();
+        let k0 = *kernel_time.lock().unwrap();
         let begin = Instant::now();
         let until = begin + Duration::from_secs(p.churn_secs);
         let churner = {
@@ -1056,6 +1287,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         }
         let wall = begin.elapsed().as_secs_f64();
         let cpu = agent_cpu() - cpu0;
+        let kernel = (*kernel_time.lock().unwrap() - k0).as_secs_f64();
         // Drain: what was sent gets carried out.
         agent_rt.block_on(wait_for(p.patience, || {
             tracker.lock().unwrap().outstanding_count == 0
@@ -1071,6 +1303,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             rate,
             events: lat.len(),
             agent_cpu: cpu / wall,
+            kernel_cpu: kernel / wall,
             p50: percentile(&lat, 0.5),
             p99: percentile(&lat, 0.99),
             max: lat.last().copied().unwrap_or_default(),
@@ -1078,11 +1311,17 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             queue_max: samples.iter().copied().max().unwrap_or(0),
             queue_mean: samples.iter().sum::<usize>() as f64 / samples.len().max(1) as f64,
             reconciles: t.reconciles.len() - r0,
+            longest_reconcile: t.reconciles[r0..]
+                .iter()
+                .map(|r| r.1 - r.0)
+                .max()
+                .unwrap_or_default(),
             deltas: t.deltas - d0,
         };
         log(&format!(
-            "churn {rate}/s for {wall:.0} s: agent CPU {:.2} cores, event → netlink p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} address changes, {} unresolved); queue max {}, mean {:.1}; {} full reconciles, {} deltas",
+            "churn {rate}/s for {wall:.0} s: agent CPU {:.2} cores ({:.2} in the fake kernel), event → netlink p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} address changes, {} unresolved); queue max {}, mean {:.1}; {} full reconciles (longest {:.0} ms), {} deltas",
             f.agent_cpu,
+            f.kernel_cpu,
             ms(f.p50),
             ms(f.p99),
             ms(f.max),
@@ -1091,6 +1330,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             f.queue_max,
             f.queue_mean,
             f.reconciles,
+            ms(f.longest_reconcile),
             f.deltas
         ));
         report.churn.push(f);
