@@ -9,8 +9,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Node as K8sNode, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::core::v1::{
+    Node as K8sNode, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -87,6 +89,146 @@ pub fn strip_pod(pod: &mut Pod) {
     });
 }
 
+/// A Pod as the agent reads it from its watch: the fields [`strip_pod`] keeps, and no others
+/// (`metadata` keeps its name, namespace, uid, resource version and deletion time).
+///
+/// Deserializing a watch event into a full [`Pod`] builds every container, condition,
+/// label and managed field of a 2.5 KB AKS Pod before [`strip_pod`] throws them away; this
+/// type makes serde skip them instead (they are still read, never stored). The adapter
+/// reads the same [`Pod`] as before ([`LeanPod::into_pod`]), so its checks of untrusted
+/// fields do not change.
+///
+/// ```
+/// use wgmesh_k8s::run::LeanPod;
+/// let pod: LeanPod = serde_json::from_value(serde_json::json!({
+///     "metadata": {"name": "web-1", "namespace": "default", "labels": {"app": "web"}},
+///     "spec": {"nodeName": "node-a", "containers": [{"name": "web", "image": "nginx"}]},
+///     "status": {"phase": "Running", "podIPs": [{"ip": "10.240.0.5"}]}}))?;
+/// let pod = pod.into_pod();
+/// assert_eq!(pod.metadata.name.as_deref(), Some("web-1"));
+/// assert!(pod.metadata.labels.is_none());
+/// assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("node-a"));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct LeanPod {
+    #[serde(default, deserialize_with = "lean_meta")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<LeanPodSpec>,
+    #[serde(default)]
+    status: Option<LeanPodStatus>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanPodSpec {
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    host_network: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanPodStatus {
+    #[serde(default)]
+    phase: Option<String>,
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pod_ips: Option<Vec<PodIP>>,
+}
+
+fn lean_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        namespace: Option<String>,
+        #[serde(default)]
+        uid: Option<String>,
+        #[serde(default)]
+        resource_version: Option<String>,
+        #[serde(default)]
+        deletion_timestamp: Option<Time>,
+    }
+    let m = <Option<Meta> as serde::Deserialize>::deserialize(d)?;
+    Ok(m.map(|m| ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        deletion_timestamp: m.deletion_timestamp,
+        ..ObjectMeta::default()
+    })
+    .unwrap_or_default())
+}
+
+impl LeanPod {
+    /// The [`Pod`] the adapter reads: what [`strip_pod`] would have kept of the full object
+    /// (of its metadata: name, namespace, uid, resource version, deletion time).
+    pub fn into_pod(self) -> Pod {
+        let spec = self.spec.unwrap_or_default();
+        let status = self.status.unwrap_or_default();
+        Pod {
+            metadata: self.metadata,
+            spec: Some(PodSpec {
+                node_name: spec.node_name,
+                host_network: spec.host_network,
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: status.phase,
+                pod_ip: status.pod_ip,
+                pod_ips: status.pod_ips,
+                ..PodStatus::default()
+            }),
+        }
+    }
+}
+
+impl kube::Resource for LeanPod {
+    type DynamicType = ();
+    type Scope = <Pod as kube::Resource>::Scope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Pod as kube::Resource>::kind(dt)
+    }
+
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Pod as kube::Resource>::group(dt)
+    }
+
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Pod as kube::Resource>::version(dt)
+    }
+
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Pod as kube::Resource>::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+fn into_pod_event(e: watcher::Event<LeanPod>) -> watcher::Event<Pod> {
+    match e {
+        watcher::Event::Apply(p) => watcher::Event::Apply(p.into_pod()),
+        watcher::Event::Delete(p) => watcher::Event::Delete(p.into_pod()),
+        watcher::Event::InitApply(p) => watcher::Event::InitApply(p.into_pod()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
 type Events<K> =
     std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
@@ -102,10 +244,11 @@ fn pod_events(client: &Client, watch: bool) -> Events<Pod> {
     if !watch {
         return futures::stream::pending().boxed();
     }
-    let api: Api<Pod> = Api::all(client.clone());
+    // Read as `LeanPod`: serde skips what `strip_pod` would drop (see `LeanPod`).
+    let api: Api<LeanPod> = Api::all(client.clone());
     watcher(api, watcher::Config::default().fields(POD_FIELD_SELECTOR))
         .default_backoff()
-        .map_ok(|e| e.modify(strip_pod))
+        .map_ok(into_pod_event)
         .boxed()
 }
 

@@ -432,3 +432,34 @@ fn aks_strict_mode_with_a_plain_label_and_a_removed_key() {
     let input = cluster_input(&mesh, &k8s, &pods(AKS_PODS), &AdapterOptions::default()).unwrap();
     assert!(!node(&input, "aks-nodepool1-19852467-vmss000001").explicitly_plain());
 }
+
+/// The agent's watch reads Pods as `LeanPod` (serde skips what it does not keep): every
+/// recorded pod, read that way, is the stripped full Pod, and the adapter makes the same of it.
+#[test]
+fn lean_pods_are_the_stripped_recorded_pods() {
+    use wgmesh_k8s::run::{LeanPod, strip_pod};
+    for text in [
+        include_str!("fixtures/aks-azure-cni-pods.json"),
+        include_str!("fixtures/kubeadm-pods.json"),
+        include_str!("fixtures/dual-stack-pods.json"),
+    ] {
+        let full = pods(text);
+        let lean: Vec<LeanPod> = items(text);
+        assert_eq!(full.len(), lean.len());
+        for (mut f, l) in full.into_iter().zip(lean) {
+            let l = l.into_pod();
+            strip_pod(&mut f);
+            assert_eq!(l.spec, f.spec);
+            assert_eq!(l.status, f.status);
+            assert_eq!(
+                (&l.metadata.name, &l.metadata.namespace, &l.metadata.uid),
+                (&f.metadata.name, &f.metadata.namespace, &f.metadata.uid)
+            );
+            assert_eq!(l.metadata.resource_version, f.metadata.resource_version);
+            assert_eq!(l.metadata.deletion_timestamp, f.metadata.deletion_timestamp);
+            let (mut wl, mut wf) = (Vec::new(), Vec::new());
+            assert_eq!(pod_workload(&l, &mut wl), pod_workload(&f, &mut wf));
+            assert_eq!(wl, wf);
+        }
+    }
+}
