@@ -190,8 +190,8 @@ fn a_new_key_after_a_reboot_is_guarded_then_published_then_applied() {
     assert!(d.agent.guarded());
     let guarded = d
         .agent
-        .dataplane()
-        .reconciler()
+        .dataplane_mut()
+        .reconciler_mut()
         .current_plan()
         .unwrap()
         .clone();

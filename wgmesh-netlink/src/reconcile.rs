@@ -1,9 +1,11 @@
 //! The reconciler: read → pure diff → execute, over any [`Dataplane`].
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use serde::Serialize;
-use wgmesh_core::{NodePlan, PlanDelta};
+use wgmesh_core::{NodePlan, PlanDelta, Route};
 
 use crate::diff::{DiffOptions, check_ownership, delta_operations, diff};
 use crate::error::{Error, Result};
@@ -130,6 +132,12 @@ pub struct Reconciler<D> {
     ownership: Ownership,
     keys: KeyRing,
     current: Option<NodePlan>,
+    /// Route changes of deltas not yet folded into `current.routes`: the route each
+    /// destination now has (`None`: removed). A plan's routes are one sorted vector (560,000
+    /// at 5,000 nodes × 110 pods); patching it in place moved half of it per route changed,
+    /// which was most of the agent's CPU under pod churn. Folded in one pass every
+    /// `fold_at` changes, and before the plan is read.
+    routes_pending: HashMap<IpNet, Option<Route>>,
     dirty: bool,
     watchdog: HandshakeWatchdog,
     origin: Instant,
@@ -143,6 +151,7 @@ impl<D: Dataplane> Reconciler<D> {
             ownership,
             keys,
             current: None,
+            routes_pending: HashMap::new(),
             dirty: true,
             watchdog: HandshakeWatchdog::default(),
             origin: Instant::now(),
@@ -177,8 +186,26 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// The plan last applied (by [`Self::reconcile`] or [`Self::apply_delta`]).
-    pub fn current_plan(&self) -> Option<&NodePlan> {
+    pub fn current_plan(&mut self) -> Option<&NodePlan> {
+        self.fold_routes();
         self.current.as_ref()
+    }
+
+    /// Folds the pending route changes into the current plan's routes: one pass over them,
+    /// then a sort of a vector that is sorted but for its tail.
+    fn fold_routes(&mut self) {
+        let pending = std::mem::take(&mut self.routes_pending);
+        let Some(current) = self.current.as_mut() else {
+            return;
+        };
+        if pending.is_empty() {
+            return;
+        }
+        current
+            .routes
+            .retain(|r| !pending.contains_key(&r.destination));
+        current.routes.extend(pending.into_values().flatten());
+        current.routes.sort_by_key(|r| r.destination);
     }
 
     /// Whether the dataplane may differ from [`Self::current_plan`] (never reconciled, or a
@@ -260,6 +287,7 @@ impl<D: Dataplane> Reconciler<D> {
             self.dataplane.execute(&operations, &self.keys)?
         };
         self.current = Some(plan.clone());
+        self.routes_pending.clear();
         self.dirty = false;
         Ok(Report {
             operations,
@@ -285,8 +313,27 @@ impl<D: Dataplane> Reconciler<D> {
         } else {
             self.dataplane.execute(&operations, &self.keys)
         };
-        // Fold the delta in place (no copy of a big plan), whatever happened.
-        current.apply_delta(delta);
+        // Fold the delta in place (no copy of a big plan), whatever happened; its routes
+        // later, many at a time (see `routes_pending`).
+        if delta.routes_added.is_empty() && delta.routes_removed.is_empty() {
+            current.apply_delta(delta);
+        } else {
+            let mut rest = delta.clone();
+            let removed = std::mem::take(&mut rest.routes_removed);
+            let added = std::mem::take(&mut rest.routes_added);
+            current.apply_delta(&rest);
+            // In the order `NodePlan::apply_delta` patches: removals, then additions.
+            for r in removed {
+                self.routes_pending.insert(r.destination, None);
+            }
+            for r in added {
+                self.routes_pending.insert(r.destination, Some(r));
+            }
+            let fold_at = (current.routes.len() / 16).max(256);
+            if self.routes_pending.len() >= fold_at {
+                self.fold_routes();
+            }
+        }
         let now = self.origin.elapsed();
         for i in &delta.interfaces_removed {
             self.watchdog.forget_interface(&i.name);
@@ -320,6 +367,7 @@ impl<D: Dataplane> Reconciler<D> {
     /// A full reconcile against the current plan (the one deltas were folded into): repairs
     /// drift and failed runs. Does nothing (no read) before the first plan.
     pub fn resync(&mut self) -> Result<Report> {
+        self.fold_routes();
         match self.current.clone() {
             Some(plan) => self.reconcile(&plan),
             None => Ok(Report::default()),

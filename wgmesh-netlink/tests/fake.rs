@@ -637,6 +637,46 @@ fn one_workload_ip_is_one_peer_update_and_one_route() {
     assert!(r.resync().unwrap().is_noop());
 }
 
+/// The reconciler folds deltas' routes into its current plan many at a time: after more
+/// changes than it keeps pending (several folds), and after a few (none yet), its plan is the
+/// planner's, routes included, and a resync finds nothing to do.
+#[test]
+fn many_deltas_leave_the_current_plan_equal_to_the_planners() {
+    let c = cluster(false);
+    let mut planner = IncrementalPlanner::new(&c, "a");
+    let mut r = Reconciler::new(fake(), Ownership::from_mesh(c.mesh()), ring());
+    r.reconcile(&planner.plan()).unwrap();
+    for round in 0..700u32 {
+        // Workload addresses come to c and d... and go, and move between b and c.
+        let ip: std::net::IpAddr = format!("10.77.{}.{}", round / 200, round % 200)
+            .parse()
+            .unwrap();
+        let node = if round % 3 == 0 { "b" } else { "c" };
+        let d = planner
+            .apply(Event::WorkloadIpAdded {
+                node: node.into(),
+                ip,
+            })
+            .unwrap();
+        r.apply_delta(&d).unwrap();
+        if round % 5 == 0 {
+            let d = planner
+                .apply(Event::WorkloadIpRemoved {
+                    node: node.into(),
+                    ip,
+                })
+                .unwrap();
+            r.apply_delta(&d).unwrap();
+        }
+        if round == 400 || round == 699 {
+            assert_eq!(r.current_plan(), Some(&planner.plan()), "round {round}");
+        }
+    }
+    let own = r.ownership().clone();
+    assert_matches_plan(r.dataplane().kernel(), &planner.plan(), &own);
+    assert!(r.resync().unwrap().is_noop());
+}
+
 /// Node `d` (IPv4 only, block 10.65.1.0/26) joins the mesh: its key and the planner's delta.
 fn node_d_joins(planner: &mut IncrementalPlanner) -> (PublicKey, PlanDelta) {
     let d = key(4).public_key();
