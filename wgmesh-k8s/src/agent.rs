@@ -13,7 +13,7 @@
 //!
 //! [`crate::run`] is the thin async shell that connects it to the API server.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
@@ -247,6 +247,9 @@ pub struct Agent<D> {
     notices: VecDeque<Notice>,
     status: StatusState,
     interfaces: Vec<(String, usize)>,
+    /// Whether `interfaces` must be counted again from a whole plan (a delta added or
+    /// removed an interface); peers added and removed by deltas are counted as they come.
+    interfaces_stale: bool,
     fresh_handshakes: Option<usize>,
     wall_clock: fn() -> SystemTime,
     /// The findings known (each logged and raised once), and whether to look again.
@@ -292,6 +295,7 @@ impl<D: Dataplane> Agent<D> {
             notices: VecDeque::new(),
             status: StatusState::default(),
             interfaces: Vec::new(),
+            interfaces_stale: false,
             fresh_handshakes: None,
             wall_clock: SystemTime::now,
             findings: HashSet::new(),
@@ -735,6 +739,7 @@ impl<D: Dataplane> Agent<D> {
                         .iter()
                         .map(|i| (i.name.clone(), i.peers.len()))
                         .collect();
+                    self.interfaces_stale = false;
                     self.metrics.set_peers(self.interfaces.iter().cloned());
                     if !self.applied_once {
                         let peers: usize = self.interfaces.iter().map(|(_, n)| n).sum();
@@ -768,6 +773,7 @@ impl<D: Dataplane> Agent<D> {
                 match result {
                     Ok(report) => {
                         self.metrics.reconciled(ApplyKind::Delta, true, seconds);
+                        self.count_peers(&delta);
                         debug!(
                             operations = report.operations,
                             summary = %delta.summary(),
@@ -882,16 +888,46 @@ impl<D: Dataplane> Agent<D> {
         }
     }
 
+    /// Keeps the peer count of each interface current through a delta (a whole plan is
+    /// counted again only when interfaces come or go).
+    fn count_peers(&mut self, delta: &PlanDelta) {
+        if !delta.interfaces_added.is_empty() || !delta.interfaces_removed.is_empty() {
+            self.interfaces_stale = true;
+            return;
+        }
+        let mut count = |name: &str, change: isize| {
+            if let Some((_, n)) = self.interfaces.iter_mut().find(|(i, _)| i == name) {
+                *n = n.saturating_add_signed(change);
+            } else {
+                self.interfaces_stale = true;
+            }
+        };
+        for p in &delta.peers_added {
+            count(&p.interface, 1);
+        }
+        for p in &delta.peers_removed {
+            count(&p.interface, -1);
+        }
+    }
+
+    /// Reads the peers' counters (and strict mode's) for metrics and the Node condition.
+    ///
+    /// Proportional to the peers, not to the plan: at 5,000 nodes × 110 pods, building the
+    /// whole plan here (560,000 routes) to count peers and name them stalled the event loop
+    /// for about 0.9 s every `stats_interval`.
     fn refresh_stats(&mut self) {
         let Some(planner) = &self.planner else {
             return;
         };
-        let plan = planner.plan();
-        self.interfaces = plan
-            .interfaces
-            .iter()
-            .map(|i| (i.name.clone(), i.peers.len()))
-            .collect();
+        if self.interfaces_stale {
+            self.interfaces = planner
+                .plan()
+                .interfaces
+                .iter()
+                .map(|i| (i.name.clone(), i.peers.len()))
+                .collect();
+            self.interfaces_stale = false;
+        }
         self.metrics.set_peers(self.interfaces.iter().cloned());
         match self.dataplane.strict_drops() {
             Ok(drops) => self.metrics.set_strict_drops(drops),
@@ -903,18 +939,32 @@ impl<D: Dataplane> Agent<D> {
         match self.dataplane.peer_stats() {
             Ok(Some(stats)) => {
                 self.fresh_handshakes = Some(fresh_handshakes(&stats, (self.wall_clock)()));
-                let node_of = |iface: &str, key: &PublicKey| {
-                    plan.interfaces
-                        .iter()
-                        .filter(|i| i.name == iface)
-                        .flat_map(|i| &i.peers)
-                        .find(|p| p.public_key == *key)
-                        .map(|p| p.node.clone())
-                        .unwrap_or_default()
-                };
+                // A peer is named by the node that publishes its key (no name when several
+                // nodes publish it: the planner takes at most one of them as a peer).
+                let mut owners: HashMap<PublicKey, Option<&str>> = HashMap::new();
+                for info in self.view.nodes() {
+                    let name = info.node.name.as_str();
+                    for family in Family::ALL {
+                        let Some(key) = info.node.wireguard.as_ref().and_then(|w| w.key(family))
+                        else {
+                            continue;
+                        };
+                        owners
+                            .entry(key)
+                            .and_modify(|o| {
+                                if *o != Some(name) {
+                                    *o = None;
+                                }
+                            })
+                            .or_insert(Some(name));
+                    }
+                }
                 let rows = stats
                     .iter()
-                    .map(|s| PeerRow::new(node_of(&s.interface, &s.public_key), s.clone()))
+                    .map(|s| {
+                        let node = owners.get(&s.public_key).copied().flatten().unwrap_or("");
+                        PeerRow::new(node.to_owned(), s.clone())
+                    })
                     .collect();
                 self.metrics.set_peer_rows(rows);
             }
