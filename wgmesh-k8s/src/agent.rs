@@ -123,7 +123,9 @@ pub struct AgentSettings {
     pub apply_backoff: Backoff,
     /// Interval of reading peer counters for metrics.
     pub stats_interval: Duration,
-    /// More pending deltas than this are replaced by one full reconcile.
+    /// More pending deltas than this, or than a quarter of the pods if that is more, are
+    /// replaced by one full reconcile (which costs in proportion to the whole plan: at
+    /// 550,000 pods, seconds, while 4,096 deltas cost a fraction of one).
     pub max_pending_deltas: usize,
     /// The underlay MTU to publish for this node (`None`: publish none; peers assume 1500).
     pub underlay_mtu: Option<u32>,
@@ -551,7 +553,14 @@ impl<D: Dataplane> Agent<D> {
                     }
                 }
             }
-            if self.pending.len() > self.settings.max_pending_deltas {
+            // A full reconcile reads and diffs the whole plan (560,000 routes at 5,000 nodes ×
+            // 110 pods: seconds); with a fixed 4,096, churn at 1,000 events/s during one such
+            // reconcile overflowed into the next, and the next.
+            let limit = self
+                .settings
+                .max_pending_deltas
+                .max(self.view.pod_count() / 4);
+            if self.pending.len() > limit {
                 self.pending.clear();
                 self.full = true;
             }

@@ -516,6 +516,43 @@ fn too_many_pending_deltas_become_one_full_reconcile() {
     assert_converged(&d);
 }
 
+/// The limit grows with the cluster (a quarter of its pods): a full reconcile costs in
+/// proportion to the whole plan, deltas in proportion to themselves.
+#[test]
+fn the_pending_delta_limit_grows_with_the_pods() {
+    let mut d = aks_with(|s| s.max_pending_deltas = 2);
+    d.run_for(10 * MS);
+    for i in 0..40u16 {
+        d.pod(pod(
+            "default",
+            &format!("base-{i}"),
+            N2,
+            &[&format!("10.241.0.{}", i + 1)],
+            "Running",
+        ));
+        d.run_for(300 * MS);
+    }
+    d.take_calls();
+    // More than 2 deltas pending, fewer than a quarter of the pods.
+    for i in 0..5u16 {
+        d.pod(pod(
+            "default",
+            &format!("more-{i}"),
+            N2,
+            &[&format!("10.241.1.{}", i + 1)],
+            "Running",
+        ));
+    }
+    d.run_for(200 * MS);
+    let calls = d.take_calls();
+    assert_eq!(calls.len(), 5, "{calls:?}");
+    assert!(
+        calls.iter().all(|c| matches!(c, Call::Delta(_))),
+        "{calls:?}"
+    );
+    assert_converged(&d);
+}
+
 #[test]
 fn control_plane_nodes_become_plain_tcp_endpoints() {
     let mut d = aks();
