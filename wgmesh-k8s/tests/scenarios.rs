@@ -226,6 +226,42 @@ fn node_heartbeats_change_nothing() {
     assert!(d.agent.dataplane().ops().is_empty());
 }
 
+/// The peer counts of the metrics follow deltas (a peer removed, then added again) without a
+/// full plan: read at the next stats refresh.
+#[test]
+fn peer_counts_follow_deltas() {
+    let mut d = kubeadm(MeshConfig::default());
+    d.run_for(10 * MS);
+    let peers = |d: &Driver| {
+        let text = d.agent.metrics().render();
+        text.lines()
+            .find(|l| l.starts_with("wgmesh_peers{"))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    d.run_for(20 * S);
+    let before = peers(&d);
+    assert!(before.ends_with(" 2"), "{before}");
+    let b = wg_node("b", "10.0.0.2", &["10.65.0.64/26"], Some(public(2)));
+    d.node(annotate(
+        b.clone(),
+        "wgmesh.io/public-key",
+        Some("garbage!"),
+    ));
+    d.run_for(20 * S);
+    assert!(peers(&d).ends_with(" 1"), "{}", peers(&d));
+    d.node(b);
+    d.run_for(20 * S);
+    assert_eq!(peers(&d), before);
+    assert!(
+        d.take_calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Delta(_)))
+            .count()
+            >= 2
+    );
+}
+
 #[test]
 fn a_tampered_peer_annotation_makes_it_plain_until_restored() {
     let mut d = kubeadm(MeshConfig::default());
