@@ -4,7 +4,8 @@
 #
 #   - userspace WireGuard (wireguard-go) in namespaces on this host;
 #   - kernel WireGuard inside the qemu harness (scripts/vm/run.sh), run at the same time (all
-#     tests but the workload_ips change sequence, which costs ~5 min under emulation);
+#     tests but the workload_ips change sequence, which costs ~5 min under emulation; the
+#     strict_mode test (issue 12) runs on both: ~20 s on the host, ~2-3 min in the VM);
 #   - the netns-demo example, and its teardown on Ctrl-C.
 #
 # Installs what is missing (Debian packages), fails — never skips — when it cannot run a part.
