@@ -5,9 +5,9 @@
 #   - userspace WireGuard (wireguard-go) in namespaces on this host;
 #   - kernel WireGuard inside the qemu harness (scripts/vm/run.sh), run at the same time (all
 #     tests but the workload_ips change sequence, which costs ~5 min under emulation; the
-#     strict_mode test (issue 12) runs on both: ~20 s on the host, ~1.5 min in the VM on an
-#     idle machine, ~3 min at load average 7); the VM's 1500 s limit is a hang guard with
-#     room for a shared, loaded machine (at load 6-7 the five other tests alone took ~870 s);
+#     strict_mode test (issue 12) runs on both: ~20-27 s on the host, 128-181 s in the VM at
+#     load average 7-10, see BENCHMARKS.md); the VM's 1500 s limit is a hang guard with room
+#     for a shared, loaded machine (at load 6-7 the five older tests alone took ~870 s);
 #   - the netns-demo example, and its teardown on Ctrl-C.
 #
 # Installs what is missing (Debian packages), fails — never skips — when it cannot run a part.
