@@ -120,6 +120,7 @@ fn run(args: &Args) -> wgmesh_e2e::Result<bool> {
         route_source: args.route_source,
         host_encryption: args.host_encryption,
         ipv6: args.ipv6,
+        strict_mode: None,
     };
     println!(
         "wgmesh netns-demo: 4 nodes (n4 without WireGuard), route source {}, host encryption {}, WireGuard: {why}",

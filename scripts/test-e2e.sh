@@ -4,7 +4,10 @@
 #
 #   - userspace WireGuard (wireguard-go) in namespaces on this host;
 #   - kernel WireGuard inside the qemu harness (scripts/vm/run.sh), run at the same time (all
-#     tests but the workload_ips change sequence, which costs ~5 min under emulation);
+#     tests but the workload_ips change sequence, which costs ~5 min under emulation; the
+#     strict_mode test (issue 12) runs on both: ~20-27 s on the host, 128-181 s in the VM at
+#     load average 7-10, see BENCHMARKS.md); the VM's 1500 s limit is a hang guard with room
+#     for a shared, loaded machine (at load 6-7 the five older tests alone took ~870 s);
 #   - the netns-demo example, and its teardown on Ctrl-C.
 #
 # Installs what is missing (Debian packages), fails — never skips — when it cannot run a part.
@@ -45,7 +48,7 @@ stale=$(left_behind)
 
 step "kernel WireGuard in the VM (background) and userspace WireGuard on the host"
 scripts/vm/prepare.sh >/dev/null
-scripts/vm/run.sh --timeout 900 --strip-debug --env WGMESH_E2E_BACKEND=kernel \
+scripts/vm/run.sh --timeout 1500 --strip-debug --env WGMESH_E2E_BACKEND=kernel \
   --file "$why" --env WGMESH_WHY="$why" \
   "$bin" --ignored --test-threads=1 --nocapture --skip changes_workload_ips >"$out/kernel.log" 2>&1 &
 vm=$!

@@ -317,7 +317,11 @@ pub struct Marking {
 /// address, say) makes an exception. The filter asks the routing tables (nftables `fib saddr
 /// oifname`), so it follows the routes without a list of its own;
 /// [`NodePlan::must_arrive_encrypted`] is the same check on the plan. WireGuard's own UDP (to
-/// the listening ports) and the control plane's TCP (from the endpoints) are exempt.
+/// the listening ports), the control plane's TCP (to and from the endpoints) and, when the node
+/// routes IPv6, neighbour solicitations and advertisements with hop limit 255 (link-local by
+/// construction, never forwarded; a node's global address is their source, which host
+/// encryption routes into the tunnel, so without the exemption neighbour discovery between
+/// nodes fails and the IPv6 tunnel with it) are exempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StrictFilter {
     /// The IPv4 WireGuard interface, when the node routes IPv4.
@@ -326,7 +330,9 @@ pub struct StrictFilter {
     pub interface_v6: Option<String>,
     /// UDP destination ports that are never dropped: the WireGuard listening ports.
     pub exempt_udp_ports: Vec<u16>,
-    /// TCP endpoints whose packets (from them) are never dropped: the control plane.
+    /// TCP endpoints whose packets are never dropped: the control plane, from it (its answers)
+    /// and to it (on the node that is the endpoint, the requests other nodes send outside
+    /// the tunnel).
     pub exempt_tcp_endpoints: Vec<SocketAddr>,
 }
 
@@ -427,10 +433,16 @@ impl Marking {
             for port in &strict.exempt_udp_ports {
                 s.push_str(&format!("\t\tudp dport {port} return\n"));
             }
+            if strict.interface_v6.is_some() {
+                for t in ["nd-neighbor-solicit", "nd-neighbor-advert"] {
+                    s.push_str(&format!("\t\ticmpv6 type {t} ip6 hoplimit 255 return\n"));
+                }
+            }
             for ep in &strict.exempt_tcp_endpoints {
                 let ip = if ep.is_ipv4() { "ip" } else { "ip6" };
                 let (a, p) = (ep.ip(), ep.port());
                 s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} return\n"));
+                s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} return\n"));
             }
             for (proto, dev) in [
                 ("ipv4", &strict.interface_v4),

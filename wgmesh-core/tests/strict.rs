@@ -371,6 +371,19 @@ fn the_ingress_filter_is_the_peers_destinations_with_exemptions() {
     );
     let script = marking.nft_script();
     assert!(script.contains("udp dport 51820 return"), "{script}");
+    // IPv4 only: no IPv6 filter, so no neighbour-discovery exemption either.
+    assert!(!script.contains("icmpv6"), "{script}");
+    let mut dual = marking.clone();
+    if let Some(f) = dual.strict.as_mut() {
+        f.interface_v6 = Some("wg-v6.cali".into());
+    }
+    let script = dual.nft_script();
+    for t in ["nd-neighbor-solicit", "nd-neighbor-advert"] {
+        assert!(
+            script.contains(&format!("icmpv6 type {t} ip6 hoplimit 255 return")),
+            "{script}"
+        );
+    }
     assert!(
         script.contains(r#"meta nfproto ipv4 fib saddr oifname "wireguard.cali" counter drop"#),
         "{script}"

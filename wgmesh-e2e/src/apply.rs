@@ -77,6 +77,11 @@ pub trait NodeApplier {
     fn tick(&mut self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+    /// Strict mode's ingress drop counters `[IPv4, IPv6]` as the dataplane reports them;
+    /// `None` when the filter is not installed (the default: an applier without one).
+    fn strict_drops(&mut self) -> Result<Option<[u64; 2]>> {
+        Ok(None)
+    }
 }
 
 /// How often a node's worker calls [`NodeApplier::tick`].

@@ -51,6 +51,11 @@ pub struct Options {
     pub host_encryption: bool,
     /// Give nodes and pods IPv6 addresses too (dual stack).
     pub ipv6: bool,
+    /// `None`: today's cluster. `Some(on)`: the strict-mode layout, with `mesh.strict_mode`
+    /// set to `on` — `mesh.cluster_cidrs` lists the layout's ranges ([`cluster_cidrs`]), node
+    /// `n4` is explicitly plain (`wireguard.enabled: false`, the operator's opt-out), and
+    /// `n2`'s IPv4 address on [`CONTROL_PLANE_PORT`] is a control-plane endpoint.
+    pub strict_mode: Option<bool>,
 }
 
 impl Options {
@@ -60,8 +65,35 @@ impl Options {
             route_source,
             host_encryption,
             ipv6: ipv6_available(),
+            strict_mode: None,
         }
     }
+
+    /// The strict-mode layout (see [`Options::strict_mode`]), strict mode on or off.
+    pub fn strict(mut self, on: bool) -> Self {
+        self.strict_mode = Some(on);
+        self
+    }
+}
+
+/// The TCP port of the control-plane endpoint of the strict-mode layout (on `n2`).
+pub const CONTROL_PLANE_PORT: u16 = 6443;
+
+/// The ranges that hold the layout's cluster addresses: the node subnet (which holds the pods
+/// too under [`RouteSource::WorkloadIps`], as on AKS) and, under
+/// [`RouteSource::CidrBlocks`], the pod pool.
+pub fn cluster_cidrs(opts: &Options) -> Vec<IpNet> {
+    let mut out = vec!["10.240.0.0/24"];
+    if opts.ipv6 {
+        out.push("fd00:240::/64");
+    }
+    if opts.route_source == RouteSource::CidrBlocks {
+        out.push("10.65.0.0/16");
+        if opts.ipv6 {
+            out.push("fd00:65::/48");
+        }
+    }
+    out.iter().filter_map(|c| c.parse().ok()).collect()
 }
 
 /// Whether this kernel has IPv6.
@@ -351,6 +383,20 @@ impl Cluster {
         let mut mesh = MeshConfig::default();
         mesh.route_source = self.opts.route_source;
         mesh.host_encryption = self.opts.host_encryption;
+        if let Some(on) = self.opts.strict_mode {
+            mesh.strict_mode = on;
+            mesh.cluster_cidrs = cluster_cidrs(&self.opts);
+            if let Some(IpAddr::V4(cp)) = nodes
+                .iter()
+                .find(|n| n.name == "n2")
+                .and_then(|n| n.address(Family::V4))
+            {
+                mesh.control_plane_endpoints = vec![std::net::SocketAddr::new(
+                    IpAddr::V4(cp),
+                    CONTROL_PLANE_PORT,
+                )];
+            }
+        }
         for n in &nodes {
             if n.wireguard {
                 self.keys
@@ -401,6 +447,11 @@ impl Cluster {
                 Some(keys.public[0]),
                 Some(keys.public[1]),
             ));
+        } else if self.opts.strict_mode.is_some() {
+            // The strict layout's node without WireGuard is the operator's opt-out.
+            let mut wg = NodeWireGuard::new(None, None);
+            wg.enabled = false;
+            node = node.with_wireguard(wg);
         }
         node
     }
@@ -801,20 +852,66 @@ impl Cluster {
 
     /// Adds a pod to a node: namespace, veth, routes, fabric; then the mesh learns it.
     pub fn add_pod(&mut self, name: &str, node: &str, addresses: Vec<IpAddr>) -> Result<usize> {
+        self.add_pod_unannounced(name, node, addresses)?;
+        self.announce_pod(name)
+    }
+
+    /// Adds a pod to a node (namespace, veth, routes, fabric) without telling the mesh: the
+    /// window before its address is known everywhere.
+    pub fn add_pod_unannounced(
+        &mut self,
+        name: &str,
+        node: &str,
+        addresses: Vec<IpAddr>,
+    ) -> Result<()> {
         self.add_pod_ns(PodSpec {
             name: name.to_owned(),
             node: node.to_owned(),
-            addresses: addresses.clone(),
+            addresses,
         })?;
-        self.sync_fabric()?;
-        let events: Vec<Event> = addresses
+        self.sync_fabric()
+    }
+
+    /// The mesh learns a pod's addresses (what [`Self::add_pod`] does after the pod exists).
+    pub fn announce_pod(&mut self, name: &str) -> Result<usize> {
+        let pod = self.pod(name)?;
+        let events: Vec<Event> = pod
+            .addresses
             .iter()
             .map(|ip| Event::WorkloadIpAdded {
-                node: node.to_owned(),
+                node: pod.node.clone(),
                 ip: *ip,
             })
             .collect();
         self.change(&events)
+    }
+
+    /// Publishes these public keys for a node (`None`: the key annotation removed), as the
+    /// control plane would; its private keys stay as they are.
+    pub fn publish_keys(&mut self, name: &str, keys: [Option<PublicKey>; 2]) -> Result<usize> {
+        let events: Vec<Event> = Family::ALL
+            .iter()
+            .map(|f| Event::PublicKeyChanged {
+                node: name.to_owned(),
+                family: *f,
+                public_key: keys[f.index()],
+            })
+            .collect();
+        self.change(&events)
+    }
+
+    /// Switches strict mode on or off on the running cluster.
+    pub fn set_strict_mode(&mut self, on: bool) -> Result<usize> {
+        let mut mesh = self.mesh().clone();
+        mesh.strict_mode = on;
+        self.change(&[Event::MeshChanged(mesh)])
+    }
+
+    /// A node's strict-mode ingress drop counters `[IPv4, IPv6]`, read by its applier from
+    /// wgmesh's own nftables table (what `wgmesh_strict_dropped_packets_total` is built
+    /// from); `None` when the filter is not installed.
+    pub fn strict_drops(&self, name: &str) -> Result<Option<[u64; 2]>> {
+        self.agent(name)?.call(|a| a.applier.strict_drops())?
     }
 
     /// Removes a pod: the mesh forgets it, then its namespace and routes go.

@@ -70,6 +70,8 @@ pub enum Verdict {
     Plain,
     /// Refused by the sender's kernel (`EMSGSIZE`), nothing sent.
     Refused,
+    /// Not delivered, and nothing of it crossed the underlay (strict mode's blackholes).
+    Dropped,
     /// Not delivered, or a mix that matches none of the above.
     Other(String),
 }
@@ -81,6 +83,7 @@ impl fmt::Display for Verdict {
             Self::Encrypted => f.write_str("encrypted"),
             Self::Plain => f.write_str("plain"),
             Self::Refused => f.write_str("refused (EMSGSIZE)"),
+            Self::Dropped => f.write_str("dropped"),
             Self::Other(s) => f.write_str(s),
         }
     }
@@ -162,12 +165,29 @@ pub fn standard(family: Family, host_encryption: bool) -> Vec<Flow> {
         .collect()
 }
 
-/// Whether a node takes part in a family's mesh (the design's rule; keys are unique here).
+/// Whether a node takes part in a family's mesh (the design's rule): WireGuard enabled, a
+/// key no other node publishes, an address of the family.
 fn takes_part(model: &Model, node: &str, family: Family) -> bool {
     model.mesh().enabled
         && model.node(node).is_some_and(|n| {
-            n.wireguard_enabled() && n.key(family).is_some() && n.address(family).is_some()
+            n.wireguard_enabled()
+                && n.address(family).is_some()
+                && n.key(family).is_some_and(|k| {
+                    !model
+                        .nodes()
+                        .iter()
+                        .any(|o| o.name != n.name && o.key(family) == Some(k))
+                })
         })
+}
+
+/// Whether the model gives `ip` to `node` (one of its addresses, workload addresses or blocks).
+fn claims(model: &Model, node: &str, ip: IpAddr) -> bool {
+    model.node(node).is_some_and(|n| {
+        n.addresses.contains(&ip)
+            || n.workload_ips.contains(&ip)
+            || n.pod_cidrs.iter().any(|c| c.contains(&ip))
+    })
 }
 
 /// The design's verdict for a flow between two ends on these nodes.
@@ -175,8 +195,42 @@ fn takes_part(model: &Model, node: &str, family: Family) -> bool {
 /// A probe one byte over the mesh MTU is refused by the sender when its path has the mesh MTU:
 /// always from a pod (its routes carry the mesh MTU), and from a host when the packet would go
 /// through the tunnel; a host's plaintext path has the underlay's MTU, so there it is delivered.
+///
+/// In strict mode (`mesh.strict_mode`) a flow that would go plain because an end does not take
+/// part is dropped instead, unless every such end is explicitly plain (or it is host traffic
+/// without host encryption); a destination the model does not know yet (a pod not learned)
+/// inside `cluster_cidrs` is dropped.
 pub fn expected(model: &Model, flow: &Flow, src_node: &str, dst_node: &str) -> Verdict {
-    let base = expected_echo(model, flow, src_node, dst_node);
+    expected_to(model, flow, src_node, dst_node, None)
+}
+
+/// [`expected`], knowing the destination address (so that a destination the model does not
+/// give to its node, a pod not learned yet, is judged as such).
+fn expected_to(
+    model: &Model,
+    flow: &Flow,
+    src_node: &str,
+    dst_node: &str,
+    dst_ip: Option<IpAddr>,
+) -> Verdict {
+    let mesh = model.mesh();
+    let unknown = src_node != dst_node
+        && model.node(dst_node).is_some()
+        && dst_ip.is_some_and(|ip| !claims(model, dst_node, ip));
+    let base = match dst_ip {
+        Some(ip) if unknown => {
+            if mesh.strict_mode && mesh.cluster_cidrs.iter().any(|c| c.contains(&ip)) {
+                Verdict::Dropped
+            } else {
+                // Out in plaintext; not a flow the suites check.
+                Verdict::Plain
+            }
+        }
+        _ => expected_echo(model, flow, src_node, dst_node),
+    };
+    if base == Verdict::Dropped {
+        return base;
+    }
     if flow.probe == Probe::DfOverMtu
         && (matches!(flow.src, End::Pod(_)) || base == Verdict::Encrypted)
     {
@@ -189,10 +243,25 @@ fn expected_echo(model: &Model, flow: &Flow, src_node: &str, dst_node: &str) -> 
     if src_node == dst_node {
         return Verdict::Local;
     }
-    if !takes_part(model, src_node, flow.family) || !takes_part(model, dst_node, flow.family) {
+    let host = matches!(flow.src, End::Host(_)) || matches!(flow.dst, End::Host(_));
+    let f = flow.family;
+    if !takes_part(model, src_node, f) || !takes_part(model, dst_node, f) {
+        let mesh = model.mesh();
+        // Strict mode: the operator's opt-out (`wireguard.enabled: false`).
+        let plain_end = |n: &str| model.node(n).is_some_and(|n| n.explicitly_plain());
+        let host_plain = host && !mesh.host_encryption;
+        // Explicitly plain ends are reached in plaintext by everyone (their claims are thrown,
+        // and they run no mesh); otherwise an end that should encrypt but cannot is dropped.
+        if mesh.strict_mode
+            && mesh.enabled
+            && !host_plain
+            && !plain_end(src_node)
+            && !plain_end(dst_node)
+        {
+            return Verdict::Dropped;
+        }
         return Verdict::Plain;
     }
-    let host = matches!(flow.src, End::Host(_)) || matches!(flow.dst, End::Host(_));
     if host && !model.mesh().host_encryption {
         Verdict::Plain
     } else {
@@ -216,7 +285,7 @@ fn simulated(model: &Model, flow: &Flow, r: &Resolved<'_>) -> Option<Verdict> {
         Outcome::Local => Verdict::Local,
         Outcome::Encrypted => Verdict::Encrypted,
         Outcome::Plain => Verdict::Plain,
-        Outcome::Dropped(d) => Verdict::Other(format!("dropped: {d:?}")),
+        Outcome::Dropped(_) => Verdict::Dropped,
     };
     // The simulator has no MTUs: a probe over the mesh MTU is refused where the simulated
     // path has the mesh MTU (a pod's routes; the tunnel).
@@ -269,6 +338,7 @@ fn why(model: &Model, flow: &Flow, r: &Resolved<'_>) -> Result<Option<Verdict>> 
         Some("local") => Verdict::Local,
         Some("encrypted") => Verdict::Encrypted,
         Some("plain") => Verdict::Plain,
+        Some("dropped") => Verdict::Dropped,
         other => Verdict::Other(format!("why: {other:?} {}", answer["reason"])),
     }))
 }
@@ -288,6 +358,7 @@ fn path(plan: &NodePlan, flow: &Flow, dst: IpAddr, local: bool) -> String {
         Some(r) if r.kind == RouteType::Unicast => {
             format!("table {} → {}", r.table, r.device.as_deref().unwrap_or("?"))
         }
+        Some(r) if r.kind == RouteType::Blackhole => format!("table {} blackhole", r.table),
         Some(r) => format!("table {} throw → main → {last}", r.table),
         None => format!("main → {last}"),
     }
@@ -357,12 +428,26 @@ pub fn reply_timeout() -> Duration {
     }
 }
 
+/// How long a flow expected to be dropped waits for replies that should never come (all its
+/// requests sent together): longer than a reply takes on a working path here.
+///
+/// Short: a leak would not go unnoticed for want of waiting, because the verdict *dropped*
+/// also needs the underlay counters to show nothing of the flow, and a packet that leaves
+/// does so within milliseconds (the counters are read after the wait).
+pub fn drop_timeout() -> Duration {
+    if std::env::var_os("WGMESH_IN_VM").is_some() {
+        Duration::from_millis(1500)
+    } else {
+        Duration::from_millis(500)
+    }
+}
+
 /// Runs one flow and returns its row.
 pub fn run(cluster: &Cluster, flow: &Flow) -> Result<Row> {
     let t0 = std::time::Instant::now();
     let r = resolve(cluster, flow)?;
     let model = cluster.model()?;
-    let expected = expected(&model, flow, &r.src_node, &r.dst_node);
+    let expected = expected_to(&model, flow, &r.src_node, &r.dst_node, Some(r.dst_ip));
     let simulated = simulated(&model, flow, &r);
     let why = why(&model, flow, &r)?;
     let plan = cluster.plan(&r.src_node)?;
@@ -381,7 +466,13 @@ pub fn run(cluster: &Cluster, flow: &Flow) -> Result<Row> {
     };
     let t1 = t0.elapsed();
     let pinger = Pinger::open(r.src_ns, r.dst_ip, df)?;
-    let stats = pinger.ping(r.dst_ip, COUNT, len, reply_timeout());
+    let stats = if expected == Verdict::Dropped {
+        // Nothing should come back: send the requests together and wait once, so that a
+        // dropped flow costs one timeout, not one per request.
+        pinger.burst(r.dst_ip, COUNT, len, drop_timeout())
+    } else {
+        pinger.ping(r.dst_ip, COUNT, len, reply_timeout())
+    };
     let counts: Vec<(String, Counts)> = nodes
         .iter()
         .cloned()
@@ -407,7 +498,16 @@ pub fn run(cluster: &Cluster, flow: &Flow) -> Result<Row> {
     let wg_out: u64 = counts.iter().map(|(_, c)| c.wg_data_out).sum();
     let n = u64::from(COUNT);
     let delivered = stats.sent == u32::from(COUNT) && stats.received == stats.sent;
-    let observed = if stats.too_big > 0 || stats.sent == 0 {
+    let observed = if stats.received == 0
+        && stats.too_big == 0
+        && plain_total == 0
+        && wg_out == 0
+        && (stats.sent > 0 || !stats.errors.is_empty())
+    {
+        // Nothing came back and nothing of it crossed any underlay: dropped at the source
+        // (a blackhole route: forwarded packets vanish, local sends fail with EINVAL).
+        Verdict::Dropped
+    } else if stats.too_big > 0 || stats.sent == 0 {
         if stats.too_big == u32::from(COUNT) && stats.sent == 0 && plain_total == 0 && wg_out == 0 {
             Verdict::Refused
         } else {

@@ -13,6 +13,7 @@
 //! | [`count`] | nftables counters on each underlay: plaintext of the flow vs WireGuard data |
 //! | [`flows`] | the design's flows: expected (design), simulated (wgmesh-core), observed (packets) |
 //! | [`changes`] | cluster changes under continuous ping, with loss per change |
+//! | [`strict`] | strict mode's checks beyond flows: spoofed plaintext, control-plane TCP |
 //!
 //! Everything here needs root (`CAP_NET_ADMIN`, `CAP_SYS_ADMIN` for `setns`).
 
@@ -25,6 +26,7 @@ pub mod count;
 pub mod flows;
 pub mod netlink;
 pub mod ns;
+pub mod strict;
 pub mod traffic;
 
 use std::fmt;

@@ -90,6 +90,13 @@ impl NodeApplier for NetlinkApplier {
         self.reconciler.dataplane().backend_description().to_owned()
     }
 
+    fn strict_drops(&mut self) -> Result<Option<[u64; 2]>> {
+        self.reconciler
+            .strict_drops()
+            .map(|d| d.map(|d| [d.ingress_v4, d.ingress_v6]))
+            .map_err(|e| Error::new(e.to_string()))
+    }
+
     fn tick(&mut self) -> Result<Vec<String>> {
         if !self.watchdog || self.reconciler.next_handshake_check().is_none() {
             return Ok(Vec::new());

@@ -99,6 +99,12 @@ impl Pinger {
         })
     }
 
+    /// Binds the socket to a source address (one of its namespace's).
+    pub fn bind(&self, src: IpAddr) -> Result<()> {
+        rustix::net::bind(&self.fd, &SocketAddr::new(src, 0))
+            .map_err(|e| Error::new(format!("binding to {src}: {e}")))
+    }
+
     /// Sends echo request `seq` to `dst` as an IP packet of `ip_len` bytes in total.
     pub fn send(&self, dst: IpAddr, seq: u16, ip_len: usize) -> Sent {
         let payload = ip_len.saturating_sub(header_len(dst)).max(MAGIC.len());
@@ -182,6 +188,30 @@ impl Pinger {
                 }
             }
         }
+        stats
+    }
+}
+
+impl Pinger {
+    /// Sends `count` echo requests of `ip_len` bytes back to back, then collects replies
+    /// until `wait` has passed (for flows that should get none).
+    pub fn burst(&self, dst: IpAddr, count: u16, ip_len: usize, wait: Duration) -> PingStats {
+        let mut stats = PingStats::default();
+        for seq in 0..count {
+            match self.send(dst, seq, ip_len) {
+                Sent::Ok => stats.sent += 1,
+                Sent::TooBig => stats.too_big += 1,
+                Sent::Error(e) => stats.errors.push(e),
+            }
+        }
+        let deadline = Instant::now() + wait;
+        let mut got = HashSet::new();
+        while let Some(seq) = self.recv(dst, deadline) {
+            if seq < count {
+                got.insert(seq);
+            }
+        }
+        stats.received = got.len() as u32;
         stats
     }
 }

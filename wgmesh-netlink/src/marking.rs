@@ -281,8 +281,12 @@ fn skip_rules(m: &Marking) -> Vec<Vec<Expr>> {
     rules
 }
 
+/// ICMPv6 neighbour solicitation and advertisement: exempt from strict mode's ingress filter.
+const NDP_EXEMPT_TYPES: [u8; 2] = [135, 136];
+
 /// Strict mode's ingress filter (see [`wgmesh_core::StrictFilter`]): skip the interfaces that
-/// are not underlay, WireGuard's UDP and the control plane; then, per family, drop and count
+/// are not underlay, WireGuard's UDP, IPv6 neighbour discovery and the control plane; then,
+/// per family, drop and count
 /// what the routing tables send back into the family's WireGuard interface.
 fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr>> {
     let mut rules = skip_rules(m);
@@ -303,10 +307,48 @@ fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr
             verdict(VERDICT_RETURN),
         ]);
     }
+    if strict.interface_v6.is_some() {
+        // IPv6 neighbour discovery: solicitations and advertisements may carry a node's
+        // global address as source (routed into the tunnel under host encryption); hop limit
+        // 255 means they come from the link itself and are never forwarded.
+        for icmp_type in NDP_EXEMPT_TYPES {
+            rules.push(vec![
+                Expr::Meta {
+                    key: META_NFPROTO,
+                    dreg: REG_1,
+                },
+                cmp(vec![10]),
+                Expr::Meta {
+                    key: META_L4PROTO,
+                    dreg: REG_1,
+                },
+                cmp(vec![58]),
+                Expr::Payload {
+                    dreg: REG_1,
+                    base: NFT_PAYLOAD_TRANSPORT_HEADER,
+                    offset: 0,
+                    len: 1,
+                },
+                cmp(vec![icmp_type]),
+                Expr::Payload {
+                    dreg: REG_1,
+                    base: NFT_PAYLOAD_NETWORK_HEADER,
+                    offset: 7,
+                    len: 1,
+                },
+                cmp(vec![255]),
+                verdict(VERDICT_RETURN),
+            ]);
+        }
+    }
     for ep in &strict.exempt_tcp_endpoints {
-        let mut rule = endpoint_match(ep, false);
-        rule.push(verdict(VERDICT_RETURN));
-        rules.push(rule);
+        // From the endpoint (its answers to this node), and to it (this node is the
+        // endpoint: an API server on a mesh node, reached in plaintext by the others).
+        for to_endpoint in [false, true] {
+            let mut rule = endpoint_match(ep, to_endpoint);
+            rule.push(verdict(VERDICT_RETURN));
+            rules.push(rule);
+        }
     }
     for (proto, dev) in [(2u8, &strict.interface_v4), (10u8, &strict.interface_v6)] {
         let Some(dev) = dev else { continue };
