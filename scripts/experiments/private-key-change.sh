@@ -54,9 +54,9 @@ rx_a_before=$(a wg show wgka transfer | awk '{print $2}')
 a wg set wgka private-key "$dir/a2"
 echo "a's private key replaced (b still has a's old public key)"
 # b -> a over the old session: does a still accept it, and can it answer?
-if b ping -c5 -i0.2 -W1 10.98.0.1 >"$dir/ba" 2>&1; then r=all; else r=$(grep -o '[0-9]* received' "$dir/ba" || echo "0 received"); fi
+if b ping -c5 -i0.2 -W1 10.98.0.1 >"$dir/ba" 2>&1; then r=all; else r=$(grep -o '[0-9]* \(packets \)\?received' "$dir/ba" || echo "0 received"); fi
 echo "b -> a after the change: $r of 5 answered"
-if a ping -c5 -i0.2 -W1 10.98.0.2 >"$dir/ab" 2>&1; then r=all; else r=$(grep -o '[0-9]* received' "$dir/ab" || echo "0 received"); fi
+if a ping -c5 -i0.2 -W1 10.98.0.2 >"$dir/ab" 2>&1; then r=all; else r=$(grep -o '[0-9]* \(packets \)\?received' "$dir/ab" || echo "0 received"); fi
 echo "a -> b after the change: $r of 5 answered"
 echo "b received from a: $rx_b_before bytes before, $(b wg show wgkb transfer | awk '{print $2}') after"
 echo "a received from b: $rx_a_before bytes before, $(a wg show wgka transfer | awk '{print $2}') after (old session still decrypts?)"

@@ -71,13 +71,15 @@ if [ "$ORDER" = early ]; then
   echo "b saw K2's handshake and moved the allowed IP $(( (t1 - t0) / 1000 )) ms after the switch"
 else
   sleep_ms "$DELAY"
-  b wg set wgrb peer "$pa" remove peer "$pa2" endpoint 192.168.79.1:40021 allowed-ips 10.97.0.1/32 persistent-keepalive 1
+  # add-new first (it takes the allowed IP from K1 in the same message), then remove-old
+  b wg set wgrb peer "$pa2" endpoint 192.168.79.1:40021 allowed-ips 10.97.0.1/32 persistent-keepalive 1 peer "$pa" remove
   b wg set wgrb peer "$pa2" persistent-keepalive 0
   echo "b replaced K1 by K2 $(( (${EPOCHREALTIME/./} - t0) / 1000 )) ms after the switch"
 fi
 wait $pab || true; wait $pba || true
 for d in ab ba; do
-  line=$(grep 'transmitted' "$dir/$d")
+  line=$(grep 'transmitted' "$dir/$d" || true)
+  if [ -z "$line" ]; then echo "${d:0:1} -> ${d:1:1}: ping ended early: $(tail -1 "$dir/$d")"; continue; fi
   sent=$(echo "$line" | grep -o '^[0-9]*'); got=$(echo "$line" | grep -o '[0-9]* \(packets \)\?received' | grep -o '^[0-9]*')
   echo "${d:0:1} -> ${d:1:1}: lost $((sent - got)) / $sent"
 done
