@@ -608,7 +608,11 @@ impl<D: Dataplane> Agent<D> {
         if self.publication().is_some() {
             match self.publish {
                 PublishState::InFlight => {}
-                PublishState::AwaitingEcho { until } => at(Some(until)),
+                // After the echo timeout the retry still waits for its backoff: waking at
+                // `until` alone spun the loop once the backoff outgrew the echo timeout.
+                PublishState::AwaitingEcho { until } => {
+                    at(Some(until.max(self.next_publish.unwrap_or(until))))
+                }
                 PublishState::Idle => at(Some(self.next_publish.unwrap_or(now))),
             }
         } else if let Some(since) = self.confirmed_since
@@ -967,24 +971,39 @@ impl<D: Dataplane> Agent<D> {
         born + interval + jitter(&self.settings.rotation, &self.settings.node_name)
     }
 
-    /// When [`Self::rotate`] next has something to do (`None`: only an input can change it).
+    /// When [`Self::rotate`] next has something to do (`None`: only an input can change it:
+    /// the echo of an announcement or of the key). Mirrors `rotate`'s conditions, so a due
+    /// time always means progress.
     fn rotation_due(&self, now: Instant) -> Option<Instant> {
         let interval = self.settings.rotation.interval?;
-        if self.rotation.unsupported || self.planner.is_none() {
+        if self.rotation.unsupported || !self.settings.mesh.enabled || self.planner.is_none() {
             return None;
         }
-        let retry = self.rotation.retry_at.unwrap_or(now);
-        let at = match (self.dataplane.next_public_key(), self.rotation.announced) {
-            (Some(_), Some(since)) => since + self.settings.rotation.settle,
-            (Some(_), None) => now,
-            (None, _) => match self.rotation.key_born {
-                Some(born) => {
-                    born + interval + jitter(&self.settings.rotation, &self.settings.node_name)
-                }
-                None => now,
+        let info = self.view.node(&self.settings.node_name)?;
+        if let Some(retry) = self.rotation.retry_at.filter(|t| *t > now) {
+            return Some(retry);
+        }
+        match self.dataplane.next_public_key() {
+            Some(next) => match self.rotation.announced {
+                None => Some(now),
+                Some(_) if crate::rotation::announced(info) != Some(next) => None,
+                Some(since) => Some((since + self.settings.rotation.settle).max(now)),
             },
-        };
-        Some(at.max(retry))
+            None => {
+                let Some(born) = self.rotation.key_born else {
+                    return Some(now);
+                };
+                let due =
+                    born + interval + jitter(&self.settings.rotation, &self.settings.node_name);
+                if due > now {
+                    Some(due)
+                } else if self.key_check().is_some_and(|k| k.confirmed()) {
+                    Some(now)
+                } else {
+                    None
+                }
+            }
+        }
     }
 
     /// One step of the key rotation, if one is due: make and keep the next key, give it up
