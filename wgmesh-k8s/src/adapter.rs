@@ -12,6 +12,7 @@
 //! | annotation `wgmesh.io/public-key` (`-v6`) | `wireguard.public_key` (`_v6`) |
 //! | annotation `projectcalico.org/WireguardPublicKey` (`V6`), if enabled | the same, when wgmesh's is absent |
 //! | annotation `wgmesh.io/underlay-mtu` | `underlay_mtu` (default 1500) |
+//! | annotation `wgmesh.io/next-public-key` | not the core's: a key rotation under way ([`crate::rotation`]) |
 //! | label `node-restriction.kubernetes.io/wgmesh-plain` (any value but `false`) | `wireguard.enabled: false`: explicitly plain, the opt-out of strict mode |
 //! | Pods' `status.podIPs` by `spec.nodeName`, without host-network and finished pods | `workload_ips` |
 //!
@@ -305,6 +306,8 @@ pub struct Published {
     pub public_key_v6: Option<String>,
     /// `wgmesh.io/underlay-mtu`.
     pub underlay_mtu: Option<String>,
+    /// `wgmesh.io/next-public-key` (a key rotation under way; see [`crate::rotation`]).
+    pub next_public_key: Option<String>,
 }
 
 impl Published {
@@ -322,6 +325,7 @@ impl Published {
             PUBLIC_KEY_ANNOTATION => self.public_key.as_deref(),
             PUBLIC_KEY_V6_ANNOTATION => self.public_key_v6.as_deref(),
             UNDERLAY_MTU_ANNOTATION => self.underlay_mtu.as_deref(),
+            crate::rotation::NEXT_PUBLIC_KEY_ANNOTATION => self.next_public_key.as_deref(),
             _ => None,
         }
     }
@@ -516,6 +520,8 @@ pub fn node_info(
         public_key: annotation(k8s, PUBLIC_KEY_ANNOTATION).map(str::to_owned),
         public_key_v6: annotation(k8s, PUBLIC_KEY_V6_ANNOTATION).map(str::to_owned),
         underlay_mtu: annotation(k8s, UNDERLAY_MTU_ANNOTATION).map(str::to_owned),
+        next_public_key: annotation(k8s, crate::rotation::NEXT_PUBLIC_KEY_ANNOTATION)
+            .map(str::to_owned),
     };
     Some(NodeInfo {
         node,

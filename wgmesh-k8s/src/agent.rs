@@ -28,6 +28,9 @@ use crate::adapter::{AdapterOptions, UNDERLAY_MTU_ANNOTATION, key_annotation};
 use crate::bootstrap::{KeyCheck, guard_delta, guard_plan, key_check};
 use crate::dataplane::Dataplane;
 use crate::metrics::{AgentState, ApplyKind, Metrics, PeerRow};
+use crate::rotation::{
+    NEXT_PUBLIC_KEY_ANNOTATION, RotationSettings, collides, jitter, must_yield, rotating_nodes,
+};
 use crate::status::{
     ConditionInputs, MeshCondition, Notice, NoticeKind, StatusUpdate, fresh_handshakes,
     mesh_condition, published_condition,
@@ -138,6 +141,8 @@ pub struct AgentSettings {
     pub status_refresh_interval: Duration,
     /// Longest time between two writes (the heartbeat a reader can check).
     pub status_heartbeat: Duration,
+    /// Scheduled key rotation (off unless an interval is set).
+    pub rotation: RotationSettings,
 }
 
 impl AgentSettings {
@@ -165,6 +170,7 @@ impl AgentSettings {
             status_min_interval: Duration::from_secs(10),
             status_refresh_interval: Duration::from_secs(300),
             status_heartbeat: Duration::from_secs(600),
+            rotation: RotationSettings::default(),
         }
     }
 }
@@ -258,8 +264,23 @@ pub struct Agent<D> {
     findings: HashSet<Diagnostic>,
     findings_stale: bool,
     claim_counts: (usize, usize),
+    rotation: RotationState,
     dataplane: D,
     metrics: Metrics,
+}
+
+/// Where this node's key rotation stands (the key files themselves are the dataplane's).
+#[derive(Debug, Default)]
+struct RotationState {
+    /// When the current key was made, on the agent's clock (from the key file's age at the
+    /// first look, then the switch).
+    key_born: Option<Instant>,
+    /// When this run first saw the next key (made now or left by an earlier run).
+    announced: Option<Instant>,
+    /// No rotation step before this (bound reached, a step failed).
+    retry_at: Option<Instant>,
+    /// The dataplane cannot rotate keys; said once.
+    unsupported: bool,
 }
 
 impl<D: Dataplane> Agent<D> {
@@ -303,6 +324,7 @@ impl<D: Dataplane> Agent<D> {
             findings: HashSet::new(),
             findings_stale: false,
             claim_counts: (0, 0),
+            rotation: RotationState::default(),
             dataplane,
             metrics,
             settings,
@@ -595,10 +617,15 @@ impl<D: Dataplane> Agent<D> {
         at(self.next_stats);
         at(self.dataplane.next_handshake_check().map(|d| now + d));
         at(self.status_due(now));
+        at(self.rotation_due(now));
         if self.publication().is_some() {
             match self.publish {
                 PublishState::InFlight => {}
-                PublishState::AwaitingEcho { until } => at(Some(until)),
+                // After the echo timeout the retry still waits for its backoff: waking at
+                // `until` alone spun the loop once the backoff outgrew the echo timeout.
+                PublishState::AwaitingEcho { until } => {
+                    at(Some(until.max(self.next_publish.unwrap_or(until))))
+                }
                 PublishState::Idle => at(Some(self.next_publish.unwrap_or(now))),
             }
         } else if let Some(since) = self.confirmed_since
@@ -664,6 +691,7 @@ impl<D: Dataplane> Agent<D> {
             self.refresh_stats();
             self.next_stats = Some(now + self.settings.stats_interval);
         }
+        self.rotate(now);
         let publication = self.due_publication(now);
         self.schedule_status(now);
         self.update_state();
@@ -987,6 +1015,158 @@ impl<D: Dataplane> Agent<D> {
     }
 
     // ---------------------------------------------------------------------------------------
+    // Scheduled key rotation (`crate::rotation`).
+
+    /// When the current key is due for rotation, on the agent's clock.
+    fn key_due(&mut self, now: Instant, interval: Duration) -> Instant {
+        let wall = (self.wall_clock)();
+        let since = self.dataplane.key_since();
+        let born = *self.rotation.key_born.get_or_insert_with(|| {
+            let age = since
+                .and_then(|s| wall.duration_since(s).ok())
+                .unwrap_or_default();
+            now.checked_sub(age).unwrap_or(now)
+        });
+        born + interval + jitter(&self.settings.rotation, &self.settings.node_name)
+    }
+
+    /// When [`Self::rotate`] next has something to do (`None`: only an input can change it:
+    /// the echo of an announcement or of the key). Mirrors `rotate`'s conditions, so a due
+    /// time always means progress.
+    fn rotation_due(&self, now: Instant) -> Option<Instant> {
+        let interval = self.settings.rotation.interval?;
+        if self.rotation.unsupported || !self.settings.mesh.enabled || self.planner.is_none() {
+            return None;
+        }
+        let info = self.view.node(&self.settings.node_name)?;
+        if let Some(retry) = self.rotation.retry_at.filter(|t| *t > now) {
+            return Some(retry);
+        }
+        match self.dataplane.next_public_key() {
+            Some(next) => match self.rotation.announced {
+                None => Some(now),
+                Some(_) if crate::rotation::announced(info) != Some(next) => None,
+                Some(since) => Some((since + self.settings.rotation.settle).max(now)),
+            },
+            None => {
+                let Some(born) = self.rotation.key_born else {
+                    return Some(now);
+                };
+                let due =
+                    born + interval + jitter(&self.settings.rotation, &self.settings.node_name);
+                if due > now {
+                    Some(due)
+                } else if self.key_check().is_some_and(|k| k.confirmed()) {
+                    Some(now)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// One step of the key rotation, if one is due: make and keep the next key, give it up
+    /// (collision, bound), or switch to it once its announcement has come back and settled.
+    fn rotate(&mut self, now: Instant) {
+        let Some(interval) = self.settings.rotation.interval else {
+            return;
+        };
+        if self.rotation.unsupported || !self.settings.mesh.enabled || self.planner.is_none() {
+            return;
+        }
+        let ours = self.settings.node_name.clone();
+        let Some(info) = self.view.node(&ours) else {
+            return;
+        };
+        let published_next = crate::rotation::announced(info);
+        let due = self.key_due(now, interval);
+        let born = self.rotation.key_born.unwrap_or(now);
+        self.metrics
+            .set_key_age(Some(now.saturating_duration_since(born).as_secs_f64()));
+        if self.rotation.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let max = self.settings.rotation.max_concurrent.max(1);
+        let retry = now + self.settings.rotation.retry;
+        let Some(next) = self.dataplane.next_public_key() else {
+            self.rotation.announced = None;
+            if now < due || !self.key_check().is_some_and(|k| k.confirmed()) {
+                return;
+            }
+            let others = rotating_nodes(self.view.nodes(), &ours);
+            if others.len() >= max {
+                debug!(rotating = ?others, max, "key rotation due; waiting while other nodes rotate");
+                self.metrics.rotation("deferred");
+                self.rotation.retry_at = Some(retry);
+                return;
+            }
+            match self.dataplane.create_next_key() {
+                Ok(Some(next)) => {
+                    info!(next_public_key = %next, "key rotation: made the next key and kept it on disk; announcing it");
+                    self.metrics.rotation("started");
+                    self.rotation.announced = Some(now);
+                }
+                Ok(None) => {
+                    warn!("key_rotation_interval is set, but this dataplane cannot rotate keys");
+                    self.rotation.unsupported = true;
+                }
+                Err(e) => {
+                    warn!(error = %e, "key rotation: could not keep a next key; retrying later");
+                    self.metrics.rotation("failed");
+                    self.metrics.error("rotation");
+                    self.rotation.retry_at = Some(retry);
+                }
+            }
+            return;
+        };
+        let since = *self.rotation.announced.get_or_insert(now);
+        let clash = collides(next, self.view.nodes(), &ours);
+        let others = rotating_nodes(self.view.nodes(), &ours);
+        let give_up = if !clash.is_empty() {
+            warn!(nodes = ?clash, next_public_key = %next, "key rotation: another node publishes our next key; making another");
+            self.metrics.rotation("collision");
+            Some(now)
+        } else if published_next == Some(next) && must_yield(&ours, &others, max) {
+            info!(rotating = ?others, max, "key rotation: more nodes rotate than allowed; giving way");
+            self.metrics.rotation("deferred");
+            Some(retry)
+        } else {
+            None
+        };
+        if let Some(again) = give_up {
+            match self.dataplane.discard_next_key() {
+                Ok(()) => self.rotation.announced = None,
+                Err(e) => {
+                    warn!(error = %e, "key rotation: could not remove the next key");
+                    self.metrics.error("rotation");
+                }
+            }
+            self.rotation.retry_at = Some(again);
+            return;
+        }
+        // Switch once the API server has the announcement (our watch shows it) and it has
+        // settled, so every agent has seen it.
+        if published_next != Some(next) || now < since + self.settings.rotation.settle {
+            return;
+        }
+        match self.dataplane.switch_to_next_key() {
+            Ok(()) => {
+                info!(public_key = %next, "key rotation: switched to the next key; publishing it");
+                self.metrics.rotation("completed");
+                self.rotation.key_born = Some(now);
+                self.rotation.announced = None;
+                self.full = true;
+            }
+            Err(e) => {
+                warn!(error = %e, "key rotation: could not switch to the next key; retrying later");
+                self.metrics.rotation("failed");
+                self.metrics.error("rotation");
+                self.rotation.retry_at = Some(retry);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
     // Publication of the node's keys.
 
     /// What the node's annotations should be changed to, if anything (ignoring backoff).
@@ -1008,10 +1188,14 @@ impl<D: Dataplane> Agent<D> {
             if let Some(mtu) = self.settings.underlay_mtu {
                 apply.insert(UNDERLAY_MTU_ANNOTATION.to_owned(), mtu.to_string());
             }
+            if let Some(next) = self.dataplane.next_public_key() {
+                apply.insert(NEXT_PUBLIC_KEY_ANNOTATION.to_owned(), next.to_base64());
+            }
         }
         let remove: Vec<String> = Family::ALL
             .into_iter()
             .map(key_annotation)
+            .chain([NEXT_PUBLIC_KEY_ANNOTATION])
             .filter(|a| !apply.contains_key(*a))
             .filter(|a| info.published.annotation(a).is_some())
             .map(str::to_owned)

@@ -30,6 +30,10 @@
 //! log_format: json                 # json | text
 //! dry_run: false                   # log plans, program nothing
 //! backend: auto                    # WireGuard: auto | kernel | userspace (wireguard-go)
+//! key_rotation_interval: null      # rotate the node's key this often: "30d", "12h", "90m"
+//!                                  # (s, m, h, d; at least 1m); null: never (the default)
+//! key_rotation_max_concurrent: 1   # at most this many nodes announce a next key at once
+//! key_rotation_settle_seconds: 10  # wait after the announcement came back, then switch
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -165,6 +169,9 @@ pub struct ConfigSpec {
     pub log_format: Option<LogFormat>,
     pub dry_run: Option<bool>,
     pub backend: Option<String>,
+    pub key_rotation_interval: Option<String>,
+    pub key_rotation_max_concurrent: Option<i64>,
+    pub key_rotation_settle_seconds: Option<i64>,
 }
 
 /// The validated configuration.
@@ -226,6 +233,44 @@ fn ranged(
             &format!("must be between {min} and {max}"),
         )),
     }
+}
+
+/// `key_rotation_interval`: a number and a unit (`s`, `m`, `h`, `d`), at least one minute and
+/// at most ten years.
+///
+/// ```
+/// use std::time::Duration;
+/// use wgmesh_k8s::config::rotation_interval;
+/// assert_eq!(rotation_interval("30d")?, Duration::from_secs(30 * 86_400));
+/// assert_eq!(rotation_interval(" 90m ")?, Duration::from_secs(5400));
+/// assert!(rotation_interval("30").is_err());
+/// assert!(rotation_interval("10s").is_err());
+/// # Ok::<(), wgmesh_k8s::config::ConfigError>(())
+/// ```
+pub fn rotation_interval(text: &str) -> Result<Duration, ConfigError> {
+    const FIELD: &str = "key_rotation_interval";
+    let t = text.trim();
+    let bad = |problem: &str| invalid(FIELD, t, problem);
+    let unit = t
+        .chars()
+        .last()
+        .ok_or_else(|| bad("empty; write a number and a unit (s, m, h, d), or null"))?;
+    let scale: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad("needs a unit: s, m, h or d (\"30d\")")),
+    };
+    let n: u64 = t[..t.len() - 1]
+        .trim()
+        .parse()
+        .map_err(|_| bad("not a whole number followed by a unit (\"30d\")"))?;
+    let secs = n
+        .checked_mul(scale)
+        .filter(|s| (60..=10 * 365 * 86_400).contains(s))
+        .ok_or_else(|| bad("must be between 1m and 3650d"))?;
+    Ok(Duration::from_secs(secs))
 }
 
 impl ConfigSpec {
@@ -364,6 +409,23 @@ impl ConfigSpec {
             3600,
         )?;
         settings.publish_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(max));
+        if let Some(text) = self.key_rotation_interval.as_deref() {
+            settings.rotation.interval = Some(rotation_interval(text)?);
+        }
+        settings.rotation.max_concurrent = ranged(
+            "key_rotation_max_concurrent",
+            self.key_rotation_max_concurrent,
+            1,
+            1,
+            10_000,
+        )? as usize;
+        settings.rotation.settle = Duration::from_secs(ranged(
+            "key_rotation_settle_seconds",
+            self.key_rotation_settle_seconds,
+            10,
+            0,
+            3600,
+        )?);
         settings.underlay_mtu = match self.underlay_mtu {
             None => None,
             Some(v) => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use wgmesh_core::{PrivateKey, PublicKey};
 use wgmesh_netlink::keys::{KeyOrigin, load, load_or_generate};
-use wgmesh_netlink::{KeyRing, Linux, LinuxConfig};
+use wgmesh_netlink::{Linux, LinuxConfig};
 
 use crate::config::AgentConfig;
 use crate::dataplane::{Dataplane, LoggingDataplane};
@@ -85,11 +85,18 @@ pub fn dataplane(config: &AgentConfig) -> Result<Box<dyn Dataplane + Send>, Daem
     let linux =
         Linux::open(LinuxConfig::with_backend(config.backend)).map_err(DaemonError::Dataplane)?;
     tracing::info!(backend = linux.backend_description(), "dataplane");
-    Ok(Box::new(NetlinkDataplane::new(
-        linux,
-        &config.settings.mesh,
-        KeyRing::single(key),
-    )))
+    // The key file's dataplane can rotate the key (`key_rotation_interval`); a next key a
+    // rotation left on disk is picked up here.
+    drop(key);
+    let d = NetlinkDataplane::with_key_file(linux, &config.settings.mesh, &config.private_key_file)
+        .map_err(|source| DaemonError::Key {
+            path: config.private_key_file.display().to_string(),
+            source,
+        })?;
+    if let Some(next) = d.next_public_key() {
+        tracing::info!(next_public_key = %next, "a key rotation is under way: resuming it");
+    }
+    Ok(Box::new(d))
 }
 
 /// Runs the agent until SIGTERM or SIGINT: the whole process of `wgmesh-agent`, on the

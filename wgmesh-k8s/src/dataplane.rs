@@ -11,7 +11,8 @@
 //! may leave a half-applied state behind.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use wgmesh_core::{Family, NodePlan, PlanDelta, PublicKey, diff};
 use wgmesh_netlink::{DiffOptions, LinkKind, Operation, delta_operations};
@@ -123,6 +124,40 @@ pub trait Dataplane {
     fn check_handshakes(&mut self) -> Result<ApplyReport, DataplaneError> {
         Ok(ApplyReport::default())
     }
+
+    // Key rotation (`crate::rotation`). A dataplane that cannot rotate keeps the defaults:
+    // the agent then never starts one.
+
+    /// When the current private key was made (its file's modification time), if known.
+    fn key_since(&self) -> Option<SystemTime> {
+        None
+    }
+
+    /// The public key of the next private key, if one is kept (made by
+    /// [`Self::create_next_key`] and not yet switched to, also across restarts).
+    fn next_public_key(&self) -> Option<PublicKey> {
+        None
+    }
+
+    /// Makes a next private key and keeps it (on disk, mode 0600) before returning its public
+    /// key; `Ok(None)` when this dataplane cannot rotate keys.
+    fn create_next_key(&mut self) -> Result<Option<PublicKey>, DataplaneError> {
+        Ok(None)
+    }
+
+    /// Gives the next key up (its file removed).
+    fn discard_next_key(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+
+    /// Makes the next key the current one (on disk first); the next [`Self::reconcile`]
+    /// programs it into the devices, and [`Self::public_key`] returns it from now on.
+    fn switch_to_next_key(&mut self) -> Result<(), DataplaneError> {
+        Err(DataplaneError::new(
+            "key rotation",
+            "this dataplane cannot rotate keys",
+        ))
+    }
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -149,6 +184,98 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn check_handshakes(&mut self) -> Result<ApplyReport, DataplaneError> {
         (**self).check_handshakes()
+    }
+    fn key_since(&self) -> Option<SystemTime> {
+        (**self).key_since()
+    }
+    fn next_public_key(&self) -> Option<PublicKey> {
+        (**self).next_public_key()
+    }
+    fn create_next_key(&mut self) -> Result<Option<PublicKey>, DataplaneError> {
+        (**self).create_next_key()
+    }
+    fn discard_next_key(&mut self) -> Result<(), DataplaneError> {
+        (**self).discard_next_key()
+    }
+    fn switch_to_next_key(&mut self) -> Result<(), DataplaneError> {
+        (**self).switch_to_next_key()
+    }
+}
+
+/// The key files of a [`RecordingDataplane`], in memory, shared between clones: a test
+/// "restarts" the agent by building a new dataplane on the same disk. Only public keys are
+/// kept (the recording dataplane programs nothing).
+///
+/// ```
+/// use std::time::SystemTime;
+/// use wgmesh_core::Family;
+/// use wgmesh_k8s::dataplane::{Dataplane, KeyDisk, RecordingDataplane};
+/// let disk = KeyDisk::new(SystemTime::UNIX_EPOCH);
+/// let mut d = RecordingDataplane::with_key_disk(disk.clone());
+/// let next = d.create_next_key()?.unwrap();
+/// // A restart finds the next key where the first process left it.
+/// let mut again = RecordingDataplane::with_key_disk(disk.clone());
+/// assert_eq!(again.next_public_key(), Some(next));
+/// again.switch_to_next_key()?;
+/// assert_eq!(again.public_key(Family::V4), Some(next));
+/// assert_eq!(disk.next(), None);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct KeyDisk(Arc<Mutex<KeyDiskState>>);
+
+#[derive(Debug, Default)]
+struct KeyDiskState {
+    current: Option<PublicKey>,
+    next: Option<PublicKey>,
+    since: Option<SystemTime>,
+    fail_writes: usize,
+    clock: Option<SystemTime>,
+}
+
+impl KeyDisk {
+    /// A disk with a fresh current key made at `since`.
+    pub fn new(since: SystemTime) -> Self {
+        let disk = Self::default();
+        {
+            let mut d = disk.lock();
+            d.current = Some(wgmesh_core::PrivateKey::generate().public_key());
+            d.since = Some(since);
+        }
+        disk
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyDiskState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current key.
+    pub fn current(&self) -> Option<PublicKey> {
+        self.lock().current
+    }
+
+    /// The next key, if one is kept.
+    pub fn next(&self) -> Option<PublicKey> {
+        self.lock().next
+    }
+
+    /// Makes the next `n` writes (next key made, switch) fail.
+    pub fn fail_writes(&self, n: usize) {
+        self.lock().fail_writes = n;
+    }
+
+    /// The time a switch records as the new key's birth (default: `SystemTime::now()`).
+    pub fn set_clock(&self, now: SystemTime) {
+        self.lock().clock = Some(now);
+    }
+
+    fn write(&self) -> Result<std::sync::MutexGuard<'_, KeyDiskState>, DataplaneError> {
+        let mut d = self.lock();
+        if d.fail_writes > 0 {
+            d.fail_writes -= 1;
+            return Err(DataplaneError::new("key disk", "injected write failure"));
+        }
+        Ok(d)
     }
 }
 
@@ -212,6 +339,7 @@ pub struct RecordingDataplane {
     node: NodePlan,
     failures: VecDeque<bool>,
     stats: Option<Vec<PeerStats>>,
+    disk: Option<KeyDisk>,
 }
 
 impl RecordingDataplane {
@@ -219,6 +347,16 @@ impl RecordingDataplane {
     pub fn new(key: Option<PublicKey>, key_v6: Option<PublicKey>) -> Self {
         Self {
             keys: [key, key_v6],
+            ..Self::default()
+        }
+    }
+
+    /// A dataplane that uses the current key of `disk` for both families and can rotate it.
+    pub fn with_key_disk(disk: KeyDisk) -> Self {
+        let key = disk.current();
+        Self {
+            keys: [key, key],
+            disk: Some(disk),
             ..Self::default()
         }
     }
@@ -308,6 +446,56 @@ impl Dataplane for RecordingDataplane {
 
     fn peer_stats(&mut self) -> Result<Option<Vec<PeerStats>>, DataplaneError> {
         Ok(self.stats.clone())
+    }
+
+    fn key_since(&self) -> Option<SystemTime> {
+        self.disk.as_ref().and_then(|d| d.lock().since)
+    }
+
+    fn next_public_key(&self) -> Option<PublicKey> {
+        self.disk.as_ref().and_then(KeyDisk::next)
+    }
+
+    fn create_next_key(&mut self) -> Result<Option<PublicKey>, DataplaneError> {
+        let Some(disk) = &self.disk else {
+            return Ok(None);
+        };
+        let key = wgmesh_core::PrivateKey::generate().public_key();
+        disk.write()?.next = Some(key);
+        Ok(Some(key))
+    }
+
+    fn discard_next_key(&mut self) -> Result<(), DataplaneError> {
+        if let Some(disk) = &self.disk {
+            disk.write()?.next = None;
+        }
+        Ok(())
+    }
+
+    /// Records the switch as one `set device ... private-key` per interface of the node.
+    fn switch_to_next_key(&mut self) -> Result<(), DataplaneError> {
+        let Some(disk) = &self.disk else {
+            return Err(DataplaneError::new("key rotation", "no key disk"));
+        };
+        let key = {
+            let mut d = disk.write()?;
+            let Some(next) = d.next.take() else {
+                return Err(DataplaneError::new("key rotation", "no next key"));
+            };
+            d.current = Some(next);
+            d.since = Some(d.clock.unwrap_or_else(SystemTime::now));
+            next
+        };
+        self.keys = [Some(key), Some(key)];
+        for i in &self.node.interfaces {
+            self.ops.push(Operation::ConfigureDevice {
+                interface: i.name.clone(),
+                set_private_key: Some(i.family),
+                listen_port: None,
+                firewall_mark: None,
+            });
+        }
+        Ok(())
     }
 }
 

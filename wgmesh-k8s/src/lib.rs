@@ -26,6 +26,7 @@
 //! | [`dataplane`] | the [`dataplane::Dataplane`] boundary, a recording and a logging implementation |
 //! | [`netlink`] | the real dataplane: `wgmesh-netlink`'s reconciler behind that boundary |
 //! | [`publish`] | the key publication requests (server-side apply, merge patch) |
+//! | [`rotation`] | scheduled key rotation: its order, settings and pure decisions |
 //! | [`status`] | what the node reports: the `WireGuardMeshReady` condition, Events |
 //! | [`snapshot`] | the cluster as the agents would see it, from one read (previews, diagnostics) |
 //! | [`run`] | the thin async shell: watchers, timers, publications |
@@ -107,6 +108,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netlink;
 pub mod publish;
+pub mod rotation;
 pub mod run;
 pub mod snapshot;
 pub mod status;

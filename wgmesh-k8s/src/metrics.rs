@@ -10,6 +10,8 @@
 //! | `wgmesh_reconcile_duration_seconds` | histogram | `kind` |
 //! | `wgmesh_errors_total` | counter | `source` (`dataplane`, `publish`, `watch_nodes`, `watch_pods`, `planner`, `status`) |
 //! | `wgmesh_publishes_total` | counter | `result` |
+//! | `wgmesh_key_age_seconds` | gauge | — (only with `key_rotation_interval`) |
+//! | `wgmesh_key_rotations_total` | counter | `result` (`started`, `completed`, `deferred`, `collision`, `failed`) |
 //! | `wgmesh_warnings_total` | counter | — |
 //! | `wgmesh_findings` | gauge | `kind` (`refused`, `clash`, `duplicate_key`, `over_limit`, `mtu_below_floor`, …) |
 //! | `wgmesh_refused_claims`, `wgmesh_disputed_prefixes` | gauge | — |
@@ -144,6 +146,8 @@ struct Inner {
     durations: BTreeMap<ApplyKind, Histogram>,
     errors: BTreeMap<&'static str, u64>,
     publishes: BTreeMap<bool, u64>,
+    key_age: Option<f64>,
+    rotations: BTreeMap<&'static str, u64>,
     warnings: u64,
     nodes: usize,
     pods: usize,
@@ -225,6 +229,22 @@ impl Metrics {
     /// Counts a publish of the node's annotations.
     pub fn published(&self, ok: bool) {
         *self.lock().publishes.entry(ok).or_default() += 1;
+    }
+
+    /// Sets the age of the node's private key in seconds (`None`: not exported).
+    pub fn set_key_age(&self, seconds: Option<f64>) {
+        self.lock().key_age = seconds;
+    }
+
+    /// Counts a step of a key rotation by result (`started`, `completed`, `deferred`,
+    /// `collision`, `failed`).
+    pub fn rotation(&self, result: &'static str) {
+        *self.lock().rotations.entry(result).or_default() += 1;
+    }
+
+    /// How many rotation steps ended with `result`.
+    pub fn rotations(&self, result: &str) -> u64 {
+        self.lock().rotations.get(result).copied().unwrap_or(0)
     }
 
     /// Counts warnings about the cluster's objects.
@@ -458,6 +478,26 @@ impl Metrics {
             let n = m.publishes.get(&ok).copied().unwrap_or(0);
             let result = if ok { "ok" } else { "error" };
             let _ = writeln!(out, "wgmesh_publishes_total{{result=\"{result}\"}} {n}");
+        }
+
+        if let Some(age) = m.key_age {
+            head(
+                &mut out,
+                "wgmesh_key_age_seconds",
+                "gauge",
+                "Age of the node's WireGuard private key (key rotation on).",
+            );
+            let _ = writeln!(out, "wgmesh_key_age_seconds {}", float(age));
+        }
+        head(
+            &mut out,
+            "wgmesh_key_rotations_total",
+            "counter",
+            "Steps of scheduled key rotations, by result.",
+        );
+        for result in ["started", "completed", "deferred", "collision", "failed"] {
+            let n = m.rotations.get(result).copied().unwrap_or(0);
+            let _ = writeln!(out, "wgmesh_key_rotations_total{{result=\"{result}\"}} {n}");
         }
 
         head(

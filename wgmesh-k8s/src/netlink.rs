@@ -19,10 +19,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
-use wgmesh_core::{Family, MeshConfig, NodePlan, PlanDelta, PublicKey};
-use wgmesh_netlink::{KeyRing, Ownership, Reconciler, Report};
+use wgmesh_core::{Family, MeshConfig, NodePlan, PlanDelta, PrivateKey, PublicKey};
+use wgmesh_netlink::{KeyRing, Ownership, Reconciler, Report, keys};
 
 use crate::dataplane::{ApplyReport, Dataplane, DataplaneError, PeerStats};
 
@@ -32,6 +33,27 @@ use crate::dataplane::{ApplyReport, Dataplane, DataplaneError, PeerStats};
 pub struct NetlinkDataplane<D> {
     reconciler: Reconciler<D>,
     keys: [Option<PublicKey>; 2],
+    key_file: Option<KeyFile>,
+}
+
+/// The key file of a rotating dataplane, and the next key kept beside it.
+struct KeyFile {
+    path: PathBuf,
+    since: Option<SystemTime>,
+    next: Option<PrivateKey>,
+}
+
+impl std::fmt::Debug for KeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyFile")
+            .field("path", &self.path)
+            .field("next", &self.next.as_ref().map(PrivateKey::public_key))
+            .finish()
+    }
+}
+
+fn key_error(doing: &str, e: wgmesh_netlink::Error) -> DataplaneError {
+    DataplaneError::new(format!("key rotation: {doing}"), e)
 }
 
 impl<D: wgmesh_netlink::Dataplane> NetlinkDataplane<D> {
@@ -41,7 +63,57 @@ impl<D: wgmesh_netlink::Dataplane> NetlinkDataplane<D> {
         Self {
             reconciler: Reconciler::new(dataplane, Ownership::from_mesh(mesh), keys),
             keys: public,
+            key_file: None,
         }
+    }
+
+    /// Programs the key in `path` (read, or made when absent, by
+    /// [`wgmesh_netlink::keys::load_or_generate`]) for both families, and can rotate it: the
+    /// next key lives in `PATH.next` ([`wgmesh_netlink::keys::next_key_path`], mode 0600) from
+    /// the moment it is made until it replaces the key file with one `rename`. A next key
+    /// left by an earlier run is picked up, so a rotation survives a restart.
+    ///
+    /// ```
+    /// # use std::os::unix::fs::DirBuilderExt as _;
+    /// # let dir = std::env::temp_dir().join(format!("wgmesh-doc-nl-{}", std::process::id()));
+    /// # std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    /// use wgmesh_core::{Family, MeshConfig};
+    /// use wgmesh_k8s::dataplane::Dataplane;
+    /// use wgmesh_k8s::netlink::NetlinkDataplane;
+    /// use wgmesh_netlink::{Linux, testing::FakeKernel};
+    /// let path = dir.join("private-key");
+    /// let kernel = || Linux::with_kernel(FakeKernel::new(), Default::default());
+    /// let mut d = NetlinkDataplane::with_key_file(kernel()?, &MeshConfig::default(), &path)?;
+    /// let next = d.create_next_key()?.unwrap();
+    /// // A restart finds the next key; the switch makes it the key.
+    /// let mut d = NetlinkDataplane::with_key_file(kernel()?, &MeshConfig::default(), &path)?;
+    /// assert_eq!(d.next_public_key(), Some(next));
+    /// d.switch_to_next_key()?;
+    /// assert_eq!(d.public_key(Family::V4), Some(next));
+    /// assert_eq!(wgmesh_netlink::keys::load(&path)?.public_key(), next);
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_key_file(
+        dataplane: D,
+        mesh: &MeshConfig,
+        path: &Path,
+    ) -> Result<Self, wgmesh_netlink::Error> {
+        let (key, _) = keys::load_or_generate(path)?;
+        let next_path = keys::next_key_path(path);
+        let next = if next_path.exists() {
+            Some(keys::load(&next_path)?)
+        } else {
+            None
+        };
+        let since = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut d = Self::new(dataplane, mesh, KeyRing::single(key));
+        d.key_file = Some(KeyFile {
+            path: path.to_owned(),
+            since,
+            next,
+        });
+        Ok(d)
     }
 
     /// The reconciler.
@@ -120,5 +192,52 @@ impl<D: wgmesh_netlink::Dataplane> Dataplane for NetlinkDataplane<D> {
             }
         }
         Ok(report(r))
+    }
+
+    fn key_since(&self) -> Option<SystemTime> {
+        self.key_file.as_ref().and_then(|k| k.since)
+    }
+
+    fn next_public_key(&self) -> Option<PublicKey> {
+        self.key_file
+            .as_ref()
+            .and_then(|k| k.next.as_ref().map(PrivateKey::public_key))
+    }
+
+    fn create_next_key(&mut self) -> Result<Option<PublicKey>, DataplaneError> {
+        let Some(file) = &mut self.key_file else {
+            return Ok(None);
+        };
+        let key = PrivateKey::generate();
+        keys::write_key(&keys::next_key_path(&file.path), &key)
+            .map_err(|e| key_error("keep the next key", e))?;
+        let public = key.public_key();
+        file.next = Some(key);
+        Ok(Some(public))
+    }
+
+    fn discard_next_key(&mut self) -> Result<(), DataplaneError> {
+        if let Some(file) = &mut self.key_file {
+            keys::remove_key(&keys::next_key_path(&file.path))
+                .map_err(|e| key_error("remove the next key", e))?;
+            file.next = None;
+        }
+        Ok(())
+    }
+
+    fn switch_to_next_key(&mut self) -> Result<(), DataplaneError> {
+        let Some(file) = &mut self.key_file else {
+            return Err(DataplaneError::new("key rotation", "no key file to rotate"));
+        };
+        let key = keys::promote(&keys::next_key_path(&file.path), &file.path)
+            .map_err(|e| key_error("make the next key the key", e))?;
+        file.next = None;
+        file.since = std::fs::metadata(&file.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let ring = KeyRing::single(key);
+        self.keys = ring.public_keys();
+        self.reconciler.set_keys(ring);
+        Ok(())
     }
 }

@@ -139,19 +139,20 @@ fn nodes_join_rotate_and_leave_pods_churn() {
         "{o:?}"
     );
 
-    // c rotates its key: the old peer goes, the new one comes and handshakes at once.
+    // c rotates its key: the new peer comes and handshakes at once, then the old one goes
+    // (add-new first: an allowed IP moving to it never has no peer).
     d.node(wg_node("c", "10.0.0.3", &[], Some(public(33))));
     d.run_for(200 * MS);
     assert_eq!(
         ops(&mut d),
         [
-            format!("remove peer {c} from wireguard.cali"),
             format!(
                 "set peer {c2} on wireguard.cali endpoint 10.0.0.3:51820 persistent-keepalive 0"
             ),
             format!(
                 "start handshake with peer {c2} on wireguard.cali (persistent-keepalive 25, then off)"
             ),
+            format!("remove peer {c} from wireguard.cali"),
         ]
     );
     let k = kernel(&mut d);

@@ -192,15 +192,15 @@ fn a_peer_rotates_its_key() {
     assert_eq!(
         d.take_ops(),
         [
-            format!("remove peer {old} from wireguard.cali"),
             format!(
                 "set peer {new} on wireguard.cali endpoint 10.0.0.2:51820 persistent-keepalive 0 add allowed-ips 10.65.0.64/26"
             ),
             format!(
                 "start handshake with peer {new} on wireguard.cali (persistent-keepalive 25, then off)"
             ),
+            format!("remove peer {old} from wireguard.cali"),
         ],
-        "remove the old key, add the new one; routes stay"
+        "add the new key (it takes the allowed IPs), then remove the old one; routes stay"
     );
     assert_converged(&d);
 }

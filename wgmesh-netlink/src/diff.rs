@@ -492,7 +492,7 @@ pub(crate) fn actual_route(r: &Route) -> ActualRoute {
 /// is one [`Operation::SetPeer`] and one [`Operation::AddRoute`].
 ///
 /// A peer added to an interface that already exists (a node joined, or a node's key changed:
-/// remove-old then add-new) is followed by [`Operation::StartHandshake`] when its planned
+/// add-new, which takes the old entry's allowed IPs, then remove-old) is followed by [`Operation::StartHandshake`] when its planned
 /// keepalive is off, so its first handshake starts now rather than with the first packet
 /// (and a handshake the peer rejected a moment ago, because it did not know this node's key
 /// yet, is not left to WireGuard's 5-second retry). Peers of an interface the delta creates

@@ -175,6 +175,65 @@ pub fn load(path: &Path) -> Result<PrivateKey> {
 }
 
 /// The directory a key file is in.
+/// Where the *next* key of a key rotation is kept, beside the key file: `PATH.next`.
+///
+/// ```
+/// use std::path::Path;
+/// assert_eq!(wgmesh_netlink::keys::next_key_path(Path::new("/var/lib/wgmesh/private-key")),
+///            Path::new("/var/lib/wgmesh/private-key.next"));
+/// ```
+pub fn next_key_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".next");
+    PathBuf::from(p)
+}
+
+/// Writes `key` to `path` atomically (missing directories made 0700; a temporary file in the
+/// same directory, mode 0600, fsync, rename, directory fsync), with the checks of
+/// [`load_or_generate`] on the directory. An existing file is replaced.
+pub fn write_key(path: &Path, key: &PrivateKey) -> Result<()> {
+    write_atomically(path, key)
+}
+
+/// Makes the key in `from` the key in `to` with one `rename` (then a directory fsync): a
+/// crash leaves either the old key in `to` and the new one in `from`, or the new one in `to`.
+/// `from` is read (and checked like [`load`]) first; the key is returned.
+///
+/// ```
+/// # use std::os::unix::fs::DirBuilderExt as _;
+/// # let dir = std::env::temp_dir().join(format!("wgmesh-doc-promote-{}", std::process::id()));
+/// # std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+/// use wgmesh_core::PrivateKey;
+/// use wgmesh_netlink::keys::{load, next_key_path, promote, write_key};
+/// let path = dir.join("private-key");
+/// write_key(&path, &PrivateKey::generate())?;
+/// let next = PrivateKey::generate();
+/// write_key(&next_key_path(&path), &next)?;
+/// assert!(promote(&next_key_path(&path), &path)? == next);
+/// assert!(load(&path)? == next);
+/// assert!(!next_key_path(&path).exists());
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn promote(from: &Path, to: &Path) -> Result<PrivateKey> {
+    let key = load(from)?;
+    check_parent(to)?;
+    fs::rename(from, to).map_err(|e| Error::io(format!("rename to {}", to.display()), e))?;
+    if let Ok(d) = fs::File::open(parent_of(to)) {
+        let _ = d.sync_all();
+    }
+    Ok(key)
+}
+
+/// Removes a key file (a next key given up); a missing file is not an error.
+pub fn remove_key(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+    }
+}
+
 fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),

@@ -207,9 +207,12 @@ impl Operation {
 /// Rules that point at the mesh table go first when they must go (so traffic stops entering
 /// the table before it changes) and come last when they are added (so traffic enters only a
 /// complete table, as Calico does); routes are deleted before links; links are made before
-/// devices are configured; peers are removed before they are added (a key change is remove-old
-/// then add-new); allowed IPs are added before others are removed (an allowed IP that moves
-/// between peers is simply added to its new peer: WireGuard moves it, with no gap); routes
+/// devices are configured; peers are added before others are removed (a key change is
+/// add-new, which takes the allowed IPs from the old entry in the same message, then
+/// remove-old: removing first left a moment in which the peer's addresses had no peer, and
+/// WireGuard refused packets to them with `ENOKEY`); allowed IPs are added before others are
+/// removed (an allowed IP that moves between peers is simply added to its new peer: WireGuard
+/// moves it, with no gap); routes
 /// are replaced in place; the marking exists before the rule that depends on it, and goes
 /// after it.
 ///
@@ -236,12 +239,13 @@ pub enum Phase {
     Links,
     /// Device settings (key, port, fwmark).
     Devices,
-    /// Peers that go.
-    PeerRemovals,
     /// Peers added or changed, and handshakes started.
     Peers,
     /// Allowed IPs removed from kept peers.
     AllowedIpRemovals,
+    /// Peers that go: after the peers that take their allowed IPs, so those move from one
+    /// peer to the other in the kernel's table with no moment where nobody holds them.
+    PeerRemovals,
     /// Routes added or replaced.
     Routes,
     /// Sysctls written.
@@ -263,9 +267,9 @@ impl Phase {
         Phase::LinkDeletes,
         Phase::Links,
         Phase::Devices,
-        Phase::PeerRemovals,
         Phase::Peers,
         Phase::AllowedIpRemovals,
+        Phase::PeerRemovals,
         Phase::Routes,
         Phase::Sysctls,
         Phase::Marking,

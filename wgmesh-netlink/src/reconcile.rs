@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use wgmesh_core::{NodePlan, PlanDelta, Route};
+use wgmesh_core::{NodePlan, PlanDelta, PublicKey, Route};
 
 use crate::diff::{DiffOptions, check_ownership, delta_operations, diff};
 use crate::error::{Error, Result};
@@ -156,6 +156,31 @@ impl<D: Dataplane> Reconciler<D> {
             watchdog: HandshakeWatchdog::default(),
             origin: Instant::now(),
         }
+    }
+
+    /// Replaces the private keys (a key rotation): the next [`Self::reconcile`] programs them
+    /// into the devices (`set device ... private-key`). The plan the dataplane is believed to
+    /// match is forgotten, so that reconcile reads the devices first.
+    ///
+    /// ```
+    /// use wgmesh_core::{Family, MeshConfig, PrivateKey};
+    /// use wgmesh_netlink::{KeyRing, Linux, Ownership, Reconciler, testing::FakeKernel};
+    /// let kernel = Linux::with_kernel(FakeKernel::new(), Default::default())?;
+    /// let mut r = Reconciler::new(kernel, Ownership::from_mesh(&MeshConfig::default()), KeyRing::none());
+    /// let key = PrivateKey::generate();
+    /// let public = key.public_key();
+    /// r.set_keys(KeyRing::single(key));
+    /// assert_eq!(r.public_keys(), [Some(public), Some(public)]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_keys(&mut self, keys: KeyRing) {
+        self.keys = keys;
+        self.dirty = true;
+    }
+
+    /// The public keys of the private keys this reconciler programs, per family.
+    pub fn public_keys(&self) -> [Option<PublicKey>; 2] {
+        self.keys.public_keys()
     }
 
     /// Replaces the crossing-initiation watchdog (for example one with another timeout);

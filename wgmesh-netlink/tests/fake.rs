@@ -445,7 +445,7 @@ fn the_allowed_ip_index_moves_allowed_ips_as_the_search_does() {
 }
 
 #[test]
-fn key_change_is_remove_old_then_add_new() {
+fn key_change_is_add_new_then_remove_old() {
     let (plan, mut r) = setup(false);
     converge(&mut r, &plan);
     let c = cluster(false);
@@ -459,7 +459,11 @@ fn key_change_is_remove_old_then_add_new() {
     let ops = r.reconcile(&plan2).unwrap().operations;
     let rm = ops.iter().position(|o| matches!(o, Operation::RemovePeer { public_key, .. } if *public_key == key(2).public_key()));
     let add = ops.iter().position(|o| matches!(o, Operation::SetPeer { public_key, .. } if *public_key == key(42).public_key()));
-    assert!(rm.unwrap() < add.unwrap(), "{ops:?}");
+    // The new entry takes the allowed IPs first (WireGuard moves them), then the old goes:
+    // at no moment does b's block have no peer.
+    assert!(add.unwrap() < rm.unwrap(), "{ops:?}");
+    let own = r.ownership().clone();
+    assert_matches_plan(r.dataplane().kernel(), &plan2, &own);
 }
 
 fn planned_rule_present(k: &FakeKernel, plan: &NodePlan) -> bool {
@@ -747,7 +751,7 @@ fn a_peer_added_to_a_running_device_starts_its_handshake_at_once() {
             .starts_with(&format!("start handshake with peer {d} on {wg}"))
     );
 
-    // b's IPv4 key changes: remove-old, add-new, kick the new one.
+    // b's IPv4 key changes: add-new (kicked), then remove-old.
     r.dataplane_mut().kernel_mut().clear_handshakes_initiated();
     let b2 = key(42).public_key();
     let delta = planner
@@ -764,7 +768,7 @@ fn a_peer_added_to_a_running_device_starts_its_handshake_at_once() {
     let kick = ops.iter().position(
         |o| matches!(o, Operation::StartHandshake { public_key, .. } if *public_key == b2),
     );
-    assert!(rm.unwrap() < kick.unwrap(), "{ops:#?}");
+    assert!(kick.unwrap() < rm.unwrap(), "{ops:#?}");
     assert_eq!(kicks(&ops), [(wg.clone(), b2)]);
     assert_eq!(
         r.dataplane().kernel().handshakes_initiated(),

@@ -1,0 +1,161 @@
+//! Scheduled key rotation: the settings and the pure decisions behind it (when a node's key is
+//! due, how many nodes may rotate at once, whether a next key collides with another node's
+//! key). The [`Agent`](crate::agent::Agent) drives it; the key files are the dataplane's
+//! ([`Dataplane::create_next_key`](crate::dataplane::Dataplane::create_next_key) and
+//! friends).
+//!
+//! # The order, and why
+//!
+//! Measured on both WireGuards (BENCHMARKS.md, "The kernel half, and which order loses
+//! least"): a device answers only for its current private key; after it changes, its old
+//! session survives receive-only; a peer that lists the next key *before* the switch accepts
+//! the node's first initiation at once and then drops the node's packets on the new entry
+//! (no allowed IPs) until it moves them, while a peer that learns the key *after* the switch
+//! makes the node's WireGuard hold those packets (up to 128 per peer) until the peer adds
+//! the new key and kicks a handshake. So a rotation goes:
+//!
+//! 1. **Make the next key and keep it on disk** (mode 0600, beside the key file) before
+//!    anything is published: an agent restarted at any later point resumes with that key,
+//!    never loses it, and never publishes a key it does not have.
+//! 2. **Announce it**: the annotation [`NEXT_PUBLIC_KEY_ANNOTATION`]. Other agents count the
+//!    nodes that announce one ([`rotating_nodes`]) and wait while `max_concurrent` do; a node
+//!    whose next key another node already publishes gives it up and makes another
+//!    ([`collides`]).
+//! 3. **Wait**: until the node's own watch shows the announcement (the API server has it, so
+//!    every agent sees it about as soon), then `settle` more, so that nodes that announced at
+//!    the same moment see each other; the later names beyond the bound give way
+//!    ([`must_yield`]).
+//! 4. **Switch**: the next key file becomes the key file (one `rename`), the device gets the
+//!    new private key, and the node publishes it as its key and removes the announcement in
+//!    the same publication. Peers replace the old entry when they read it (add-new with the
+//!    allowed IPs, a handshake kick, remove-old).
+//!
+//! ```
+//! use std::time::Duration;
+//! use wgmesh_k8s::rotation::{RotationSettings, jitter};
+//! let s = RotationSettings::every(Duration::from_secs(30 * 24 * 3600));
+//! assert_eq!(s.max_concurrent, 1);
+//! // Each node's rotation is spread over the first tenth of the interval after it is due.
+//! let j = jitter(&s, "node-a");
+//! assert!(j < s.interval.unwrap() / 10);
+//! assert_eq!(j, jitter(&s, "node-a"));
+//! assert_ne!(j, jitter(&s, "node-b"));
+//! ```
+
+use std::time::Duration;
+
+use wgmesh_core::{Family, PublicKey};
+
+use crate::adapter::NodeInfo;
+
+/// The annotation that announces the key a node will switch to (base64, like
+/// `wgmesh.io/public-key`); one key for both families, as the agent uses one key file.
+pub const NEXT_PUBLIC_KEY_ANNOTATION: &str = "wgmesh.io/next-public-key";
+
+/// How a node rotates its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RotationSettings {
+    /// How old a key may get (`None`: no scheduled rotation, the default).
+    pub interval: Option<Duration>,
+    /// At most this many nodes announce a next key at once (the bound counts them in the
+    /// watch cache).
+    pub max_concurrent: usize,
+    /// How long a node waits after its announcement came back through its watch before it
+    /// switches.
+    pub settle: Duration,
+    /// How long a node waits before it looks again, after it found the bound reached or a
+    /// step failed.
+    pub retry: Duration,
+}
+
+impl Default for RotationSettings {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            max_concurrent: 1,
+            settle: Duration::from_secs(10),
+            retry: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RotationSettings {
+    /// Rotation every `interval`, other settings default.
+    pub fn every(interval: Duration) -> Self {
+        Self {
+            interval: Some(interval),
+            ..Self::default()
+        }
+    }
+}
+
+/// A node's delay after its key is due: a fixed fraction (from its name) of a tenth of the
+/// interval, so nodes whose keys were made together do not all rotate together.
+pub fn jitter(settings: &RotationSettings, node: &str) -> Duration {
+    let Some(interval) = settings.interval else {
+        return Duration::ZERO;
+    };
+    // FNV-1a: stable across runs and builds (std's hasher is not).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let span = interval / 10;
+    let fraction = (h >> 11) as f64 / (1u64 << 53) as f64;
+    span.mul_f64(fraction)
+}
+
+/// The next key a node announces, if its annotation holds a valid key (anything else is
+/// ignored: a node cannot make others wait with a bogus announcement any longer than with a
+/// valid one).
+pub fn announced(node: &NodeInfo) -> Option<PublicKey> {
+    node.published
+        .annotation(NEXT_PUBLIC_KEY_ANNOTATION)
+        .and_then(|t| PublicKey::from_base64(t.trim()).ok())
+}
+
+/// The other nodes that announce a next key, sorted by name.
+pub fn rotating_nodes<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, ours: &str) -> Vec<String> {
+    let mut out: Vec<String> = nodes
+        .filter(|n| n.node.name != ours && announced(n).is_some())
+        .map(|n| n.node.name.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether `ours` gives way: more nodes than `max` announce a next key and `ours` is not
+/// among the first `max` names. Every agent decides the same from the same cache.
+///
+/// ```
+/// use wgmesh_k8s::rotation::must_yield;
+/// let others = vec!["b".to_owned(), "c".to_owned()];
+/// assert!(!must_yield("a", &others, 1));
+/// assert!(must_yield("d", &others, 1));
+/// assert!(must_yield("d", &others, 2));
+/// assert!(!must_yield("d", &others, 3));
+/// ```
+pub fn must_yield(ours: &str, others: &[String], max: usize) -> bool {
+    others.len() + 1 > max && others.iter().filter(|o| o.as_str() < ours).count() >= max
+}
+
+/// The other nodes that publish `next` as a key (current, either family, or next). Switching
+/// to it would make both nodes plain (a duplicate key), so the next key is given up.
+pub fn collides<'a>(
+    next: PublicKey,
+    nodes: impl Iterator<Item = &'a NodeInfo>,
+    ours: &str,
+) -> Vec<String> {
+    nodes
+        .filter(|n| n.node.name != ours)
+        .filter(|n| {
+            Family::ALL
+                .iter()
+                .any(|f| n.published.has_key(*f, Some(next)) || n.node.key(*f) == Some(next))
+                || announced(n) == Some(next)
+        })
+        .map(|n| n.node.name.clone())
+        .collect()
+}
