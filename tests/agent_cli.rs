@@ -75,9 +75,13 @@ fn flags_and_environment_override_the_file() {
             "--private-key-file",
             "/tmp/k",
             "--dry-run",
+            "--key-rotation-interval",
+            "30d",
             "--check-config",
         ],
         &[
+            ("WGMESH_KEY_ROTATION_MAX_CONCURRENT", "3"),
+            ("WGMESH_KEY_ROTATION_SETTLE_SECONDS", "20"),
             ("WGMESH_LOG_FORMAT", "text"),
             ("WGMESH_METRICS_PER_PEER", "false"),
             ("WGMESH_METRICS_ADDRESS", "0.0.0.0:9470"),
@@ -110,6 +114,9 @@ fn flags_and_environment_override_the_file() {
     assert_eq!(c["log_format"], "text", "the environment beats the file");
     assert_eq!(c["private_key_file"], "/tmp/k");
     assert_eq!(c["dry_run"], true);
+    assert_eq!(c["key_rotation_interval"], "30d");
+    assert_eq!(c["key_rotation_max_concurrent"], 3, "from the environment");
+    assert_eq!(c["key_rotation_settle_seconds"], 20, "from the environment");
 
     // Without a file: NODE_NAME from the environment.
     let out = agent(&["--check-config"], &[("NODE_NAME", "from-env")])
@@ -146,6 +153,15 @@ fn help_and_configuration_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("NODE_NAME"), "{err}");
+
+    // A rotation interval under a minute is refused in one line naming the field.
+    let out = agent(&["--node-name", "a", "--key-rotation-interval", "10s"], &[])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("key_rotation_interval"), "{err}");
 
     let out = agent(&["--node-name", "a", "--route-source", "bgp"], &[])
         .output()

@@ -119,6 +119,16 @@ struct Args {
         value_delimiter = ','
     )]
     control_plane_endpoints: Vec<String>,
+    /// Rotate the node's key this often ("30d", "12h", "90m"; at least one minute). Off unless
+    /// set.
+    #[arg(long, value_name = "DURATION", env = "WGMESH_KEY_ROTATION_INTERVAL")]
+    key_rotation_interval: Option<String>,
+    /// At most this many nodes announce a next key at once.
+    #[arg(long, value_name = "N", env = "WGMESH_KEY_ROTATION_MAX_CONCURRENT")]
+    key_rotation_max_concurrent: Option<i64>,
+    /// Seconds to wait after the announcement came back before switching keys.
+    #[arg(long, value_name = "N", env = "WGMESH_KEY_ROTATION_SETTLE_SECONDS")]
+    key_rotation_settle_seconds: Option<i64>,
     /// Print the configuration in effect (file, flags and environment merged) and exit.
     #[arg(long)]
     check_config: bool,
@@ -143,6 +153,13 @@ impl Args {
         set(&mut spec.health_address, &self.health_address);
         set(&mut spec.metrics_address, &self.metrics_address);
         set(&mut spec.mesh.route_source, &self.route_source);
+        set(&mut spec.key_rotation_interval, &self.key_rotation_interval);
+        if let Some(v) = self.key_rotation_max_concurrent {
+            spec.key_rotation_max_concurrent = Some(v);
+        }
+        if let Some(v) = self.key_rotation_settle_seconds {
+            spec.key_rotation_settle_seconds = Some(v);
+        }
         if self.dry_run {
             spec.dry_run = Some(true);
         }
