@@ -1027,17 +1027,28 @@ impl<D: Dataplane> Agent<D> {
                 .unwrap_or_default();
             now.checked_sub(age).unwrap_or(now)
         });
+        self.due_after(born, interval)
+    }
+
+    /// When a key made at `born` is due: the interval plus this node's fixed jitter.
+    fn due_after(&self, born: Instant, interval: Duration) -> Instant {
         born + interval + jitter(&self.settings.rotation, &self.settings.node_name)
+    }
+
+    /// The rotation interval, when this agent rotates at all (an interval is set, the
+    /// dataplane can rotate keys, the mesh is on and planning has started).
+    fn rotation_interval(&self) -> Option<Duration> {
+        let interval = self.settings.rotation.interval?;
+        let active =
+            !self.rotation.unsupported && self.settings.mesh.enabled && self.planner.is_some();
+        active.then_some(interval)
     }
 
     /// When [`Self::rotate`] next has something to do (`None`: only an input can change it:
     /// the echo of an announcement or of the key). Mirrors `rotate`'s conditions, so a due
     /// time always means progress.
     fn rotation_due(&self, now: Instant) -> Option<Instant> {
-        let interval = self.settings.rotation.interval?;
-        if self.rotation.unsupported || !self.settings.mesh.enabled || self.planner.is_none() {
-            return None;
-        }
+        let interval = self.rotation_interval()?;
         let info = self.view.node(&self.settings.node_name)?;
         if let Some(retry) = self.rotation.retry_at.filter(|t| *t > now) {
             return Some(retry);
@@ -1052,8 +1063,7 @@ impl<D: Dataplane> Agent<D> {
                 let Some(born) = self.rotation.key_born else {
                     return Some(now);
                 };
-                let due =
-                    born + interval + jitter(&self.settings.rotation, &self.settings.node_name);
+                let due = self.due_after(born, interval);
                 if due > now {
                     Some(due)
                 } else if self.key_check().is_some_and(|k| k.confirmed()) {
@@ -1068,12 +1078,9 @@ impl<D: Dataplane> Agent<D> {
     /// One step of the key rotation, if one is due: make and keep the next key, give it up
     /// (collision, bound), or switch to it once its announcement has come back and settled.
     fn rotate(&mut self, now: Instant) {
-        let Some(interval) = self.settings.rotation.interval else {
+        let Some(interval) = self.rotation_interval() else {
             return;
         };
-        if self.rotation.unsupported || !self.settings.mesh.enabled || self.planner.is_none() {
-            return;
-        }
         let ours = self.settings.node_name.clone();
         let Some(info) = self.view.node(&ours) else {
             return;
