@@ -7,9 +7,9 @@
 
 use std::path::PathBuf;
 
-use wgmesh_core::{MeshConfig, NodePlan, PlanDelta};
+use wgmesh_core::{MeshConfig, NodePlan, PlanDelta, PublicKey};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Which WireGuard implementation the nodes run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,25 @@ pub trait NodeApplier {
     /// peers it repaired; the default does nothing.
     fn tick(&mut self) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+    /// The public keys of the private keys it programs `[IPv4, IPv6]` (what the node's agent
+    /// publishes); the default: none.
+    fn public_keys(&self) -> [Option<PublicKey>; 2] {
+        [None, None]
+    }
+    /// The switch of a scheduled key rotation, as the agent makes it
+    /// (`wgmesh_k8s::netlink::NetlinkDataplane::switch_to_next_key`, then a full reconcile):
+    /// each key file that has a next key beside it (`PATH.next`, kept by the harness with
+    /// `wgmesh_netlink::keys::write_key` before the rotation was announced) is replaced by it
+    /// with one `rename` (`keys::promote`, which reads the key from disk: a restarted applier
+    /// finishes a rotation from the file), the applier's keys become the files' keys, and
+    /// `plan` is reconciled, which gives the device its new private key. The default refuses.
+    fn switch_to_next_keys(&mut self, plan: &NodePlan) -> Result<Applied> {
+        let _ = plan;
+        Err(Error::new(format!(
+            "{} cannot rotate keys",
+            self.describe()
+        )))
     }
     /// Strict mode's ingress drop counters `[IPv4, IPv6]` as the dataplane reports them;
     /// `None` when the filter is not installed (the default: an applier without one).

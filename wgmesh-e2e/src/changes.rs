@@ -169,7 +169,7 @@ pub fn to_pod(cluster: &Cluster, pod: &str) -> Vec<Flow> {
 }
 
 /// The standard sequence of changes: a pod added, its address moved to another node, the pod
-/// removed, a key rotated, WireGuard disabled and enabled again on a node, a node removed and
+/// removed, a key rotated, scheduled rotations ([`rotation_sequence`]), WireGuard disabled and enabled again on a node, a node removed and
 /// re-added. Returns one report per change.
 pub fn standard_sequence(cluster: &mut Cluster) -> Result<Vec<ChangeReport>> {
     let opts = cluster.options().clone();
@@ -203,6 +203,7 @@ pub fn standard_sequence(cluster: &mut Cluster) -> Result<Vec<ChangeReport>> {
     out.push(measure(cluster, "key rotated (n2)", &[], |c| {
         c.rotate_keys("n2")
     })?);
+    out.extend(rotation_sequence(cluster)?);
     out.push(measure(cluster, "WireGuard disabled (n3)", &[], |c| {
         c.set_wireguard("n3", false)
     })?);
@@ -219,6 +220,40 @@ pub fn standard_sequence(cluster: &mut Cluster) -> Result<Vec<ChangeReport>> {
         c.readd_node("n3")
     })?);
     Ok(out)
+}
+
+/// Scheduled key rotation in the agent's order ([`Cluster::rotate_scheduled`]): three
+/// rotations in a row (n1, n2, n3, one after the other as `key_rotation_max_concurrent: 1`
+/// has them) under one continuous ping, then an agent restart in the middle of a rotation,
+/// once after the next key was kept (n2) and once after the switch, before the publication
+/// (n3). The rows that follow run on the rotated keys.
+pub fn rotation_sequence(cluster: &mut Cluster) -> Result<Vec<ChangeReport>> {
+    use crate::cluster::RotationRestart;
+    let three = measure(
+        cluster,
+        "scheduled rotation ×3 (n1, n2, n3 in turn)",
+        &[],
+        |c| {
+            let mut ops = 0;
+            for n in ["n1", "n2", "n3"] {
+                ops += c.rotate_scheduled(n, RotationRestart::None)?;
+            }
+            Ok(ops)
+        },
+    )?;
+    let kept = measure(
+        cluster,
+        "agent restart mid-rotation (n2, after keeping the next key)",
+        &[],
+        |c| c.rotate_scheduled("n2", RotationRestart::AfterKeepingNextKey),
+    )?;
+    let switched = measure(
+        cluster,
+        "agent restart mid-rotation (n3, after the switch, before publishing)",
+        &[],
+        |c| c.rotate_scheduled("n3", RotationRestart::AfterSwitch),
+    )?;
+    Ok(vec![three, kept, switched])
 }
 
 /// The reports as a Markdown table.

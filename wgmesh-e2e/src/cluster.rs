@@ -37,6 +37,8 @@ use wgmesh_core::{
     PrivateKey, PublicKey, RouteSource, plan_node,
 };
 
+use wgmesh_netlink::keys;
+
 use crate::apply::{Applied, ApplierFactory, NodeApplier, NodeContext, WgImpl};
 use crate::count;
 use crate::ns::{self, Netns, Worker};
@@ -233,6 +235,38 @@ pub fn layout(opts: &Options) -> (Vec<NodeSpec>, Vec<PodSpec>) {
         }
     }
     (nodes, pods)
+}
+
+/// Where an agent restart interrupts a scheduled rotation ([`Cluster::rotate_scheduled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationRestart {
+    /// No restart.
+    None,
+    /// After the next key was kept on disk, before the switch.
+    AfterKeepingNextKey,
+    /// After the switch (the key file replaced, the device's key set), before the new key
+    /// was published.
+    AfterSwitch,
+}
+
+/// A rotation's wait between keeping its next key and switching to it (the agent's: the
+/// announcement's echo plus `key_rotation_settle_seconds`, 10 s by default; peers ignore the
+/// announcement, so only the time under ping grows with it).
+pub const ROTATION_SETTLE: Duration = Duration::from_millis(200);
+
+/// The time between a node's key switch and its peers learning the new key (the API round
+/// trip: publication, then each peer's watch), as in `scripts/experiments/rotation-order.sh`
+/// (`DELAY`, 50–200 ms there). The switched node's packets to its peers wait in WireGuard's
+/// staging queue meanwhile (up to 128 per peer). `WGMESH_E2E_PUBLISH_DELAY_MS` overrides it
+/// ([`publish_delay`]).
+pub const PUBLISH_DELAY: Duration = Duration::from_millis(200);
+
+/// [`PUBLISH_DELAY`], or `WGMESH_E2E_PUBLISH_DELAY_MS` when set to a number.
+pub fn publish_delay() -> Duration {
+    std::env::var("WGMESH_E2E_PUBLISH_DELAY_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(PUBLISH_DELAY, Duration::from_millis)
 }
 
 /// A node's private keys, one per family.
@@ -847,6 +881,102 @@ impl Cluster {
                 Ok(ops)
             })??;
         }
+        Ok(ops)
+    }
+
+    /// A node's agent restarted: its worker (planner, applier) dropped and started again on
+    /// the control plane's model and the node's key files, then a full reconcile, as the agent
+    /// does at start. The devices (and wireguard-go's daemons) stay, as they do when the agent's
+    /// process restarts. Returns the operations the reconcile performed.
+    pub fn restart_agent(&mut self, name: &str) -> Result<usize> {
+        self.agents.remove(name);
+        self.start_agent(name)?;
+        Ok(self.reconcile(name)?.operations)
+    }
+
+    /// One scheduled key rotation of node `name`, in the agent's order
+    /// (`wgmesh_k8s::rotation`, BENCHMARKS.md "The kernel half, and which order loses least"):
+    ///
+    /// 1. the next key is made and kept on disk beside each key file (`PATH.next`, mode 0600:
+    ///    `wgmesh_netlink::keys::write_key`, as `NetlinkDataplane::create_next_key` does);
+    /// 2. it is announced and the node waits for the echo plus the settle time
+    ///    ([`ROTATION_SETTLE`], scaled down). Peers ignore announcements (only the bound on
+    ///    concurrent rotations reads them, which the agent's scenario tests cover), so nothing
+    ///    here reaches a dataplane;
+    /// 3. the switch: [`NodeApplier::switch_to_next_keys`] (one `rename` per file, the new
+    ///    private key on the device by a full reconcile);
+    /// 4. after [`publish_delay`] (the API round trip: publication, the peers' watch) every
+    ///    agent learns the new public keys and applies its delta: the peers add the new entry
+    ///    (which takes the allowed IPs), kick a handshake, and remove the old entry.
+    ///
+    /// `restart` restarts the node's agent at one point between those steps; the restarted
+    /// agent finishes the rotation from the files. Returns the operations performed.
+    ///
+    /// wgmesh-e2e does not call the agent itself (`wgmesh-k8s` would bring kube, k8s-openapi
+    /// with a Kubernetes version feature, and tokio into the test binary that runs in the VM):
+    /// it drives the same wgmesh-netlink key-file functions and reconciler calls in the same
+    /// order.
+    pub fn rotate_scheduled(&mut self, name: &str, restart: RotationRestart) -> Result<usize> {
+        let files = self
+            .keys
+            .get(name)
+            .ok_or_else(|| Error::new(format!("node {name} has no keys")))?
+            .files
+            .clone();
+        let mut ops = 0;
+        for f in &files {
+            keys::write_key(&keys::next_key_path(f), &PrivateKey::generate())
+                .map_err(|e| Error::new(format!("node {name}: keeping the next key: {e}")))?;
+        }
+        if restart == RotationRestart::AfterKeepingNextKey {
+            ops += self.restart_agent(name)?;
+        }
+        std::thread::sleep(ROTATION_SETTLE);
+        ops += self
+            .agent(name)?
+            .call(|a| {
+                let plan = a.planner.plan();
+                a.applier.switch_to_next_keys(&plan)
+            })?
+            .map_err(|e| e.context(format!("key switch of {name}")))?
+            .operations;
+        for f in &files {
+            if keys::next_key_path(f).exists() {
+                return Err(Error::new(format!(
+                    "node {name}: {} still there after the switch",
+                    keys::next_key_path(f).display()
+                )));
+            }
+        }
+        if restart == RotationRestart::AfterSwitch {
+            ops += self.restart_agent(name)?;
+        }
+        std::thread::sleep(publish_delay());
+        let public = self.agent(name)?.call(|a| a.applier.public_keys())?;
+        let [Some(v4), Some(v6)] = public else {
+            return Err(Error::new(format!(
+                "node {name}: no key to publish after the switch"
+            )));
+        };
+        let entry = self
+            .keys
+            .get_mut(name)
+            .ok_or_else(|| Error::new(format!("node {name} has no keys")))?;
+        if entry.public.contains(&v4) || entry.public.contains(&v6) {
+            return Err(Error::new(format!(
+                "node {name}: the switch left an old key in place"
+            )));
+        }
+        entry.public = [v4, v6];
+        let events: Vec<Event> = Family::ALL
+            .iter()
+            .map(|f| Event::PublicKeyChanged {
+                node: name.to_owned(),
+                family: *f,
+                public_key: Some([v4, v6][f.index()]),
+            })
+            .collect();
+        ops += self.change(&events)?;
         Ok(ops)
     }
 

@@ -6,7 +6,9 @@
 //! configuration socket, the daemon being started by the dataplane itself (from the node's
 //! worker thread, so it runs in the node's namespace).
 
-use wgmesh_core::{NodePlan, PlanDelta};
+use std::path::PathBuf;
+
+use wgmesh_core::{NodePlan, PlanDelta, PrivateKey, PublicKey};
 use wgmesh_netlink::{
     Backend, KeyRing, Linux, LinuxConfig, Operation, Ownership, Reconciler, Report, keys,
 };
@@ -56,6 +58,18 @@ struct NetlinkApplier {
     /// Whether [`NodeApplier::tick`] runs the crossing-initiation watchdog
     /// (`WGMESH_E2E_WATCHDOG=off` turns it off, to measure without it).
     watchdog: bool,
+    /// The node's key files `[IPv4, IPv6]` (rotation promotes `PATH.next` over them).
+    key_files: [PathBuf; 2],
+}
+
+/// The key in `path`, if the file exists (a node without WireGuard has none).
+fn load_key(node: &str, path: &std::path::Path) -> Result<Option<PrivateKey>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    keys::load(path)
+        .map(Some)
+        .map_err(|e| Error::new(format!("node {node}: {e}")))
 }
 
 /// Whether the agents run the crossing-initiation watchdog: yes unless
@@ -88,6 +102,29 @@ impl NodeApplier for NetlinkApplier {
 
     fn describe(&self) -> String {
         self.reconciler.dataplane().backend_description().to_owned()
+    }
+
+    fn public_keys(&self) -> [Option<PublicKey>; 2] {
+        self.reconciler.public_keys()
+    }
+
+    fn switch_to_next_keys(&mut self, plan: &NodePlan) -> Result<Applied> {
+        let node = plan.node.clone();
+        let mut ring = [None, None];
+        for (slot, path) in ring.iter_mut().zip(&self.key_files) {
+            let next = keys::next_key_path(path);
+            *slot = if next.exists() {
+                Some(
+                    keys::promote(&next, path)
+                        .map_err(|e| Error::new(format!("node {node}: key rotation: {e}")))?,
+                )
+            } else {
+                load_key(&node, path)?
+            };
+        }
+        let [v4, v6] = ring;
+        self.reconciler.set_keys(KeyRing::per_family(v4, v6));
+        self.reconcile(plan)
     }
 
     fn strict_drops(&mut self) -> Result<Option<[u64; 2]>> {
@@ -131,19 +168,12 @@ impl ApplierFactory for NetlinkFactory {
         };
         let linux = Linux::open(LinuxConfig::with_backend(backend))
             .map_err(|e| Error::new(format!("node {}: opening the dataplane: {e}", ctx.node)))?;
-        let load = |i: usize| -> Result<Option<wgmesh_core::PrivateKey>> {
-            let path = &ctx.key_files[i];
-            if !path.exists() {
-                return Ok(None); // a node without WireGuard has no keys
-            }
-            keys::load(path)
-                .map(Some)
-                .map_err(|e| Error::new(format!("node {}: {e}", ctx.node)))
-        };
+        let load = |i: usize| load_key(&ctx.node, &ctx.key_files[i]);
         let ring = KeyRing::per_family(load(0)?, load(1)?);
         Ok(Box::new(NetlinkApplier {
             reconciler: Reconciler::new(linux, Ownership::from_mesh(&ctx.mesh), ring),
             watchdog: watchdog_enabled(),
+            key_files: ctx.key_files.clone(),
         }))
     }
 }
