@@ -22,6 +22,9 @@ pub const INTERVAL: Duration = Duration::from_millis(20);
 /// How long the streams run after the change was applied everywhere.
 pub const SETTLE: Duration = Duration::from_millis(1500);
 
+/// How long [`measure`] waits for every pair before it logs WireGuard's state (a stall).
+pub const STALL: Duration = Duration::from_secs(2);
+
 /// What one change did.
 #[derive(Debug, Clone)]
 pub struct ChangeReport {
@@ -114,7 +117,27 @@ pub fn measure(
     let apply_time = start.elapsed();
     // Keep pinging until every WireGuard pod pair answers again (handshakes after a key change
     // or a re-enable), then a little longer: the loss covers the whole outage.
-    let waited = cluster.wait_mesh(Duration::from_secs(60))?;
+    let waited = match cluster.wait_mesh(STALL) {
+        Ok(w) => w,
+        Err(_) => {
+            // A stall: record what WireGuard says (handshakes, endpoints, counters; no keys
+            // but public ones) while it lasts and once it is over, to tell a crossing from
+            // anything else. It costs one `wg` run per node and changes no state.
+            let applied = start + apply_time;
+            eprintln!(
+                "wgmesh-e2e: {change}: not every pair answers {:.1} s after the change; WireGuard now:\n{}",
+                start.elapsed().as_secs_f64(),
+                cluster.wireguard_state()
+            );
+            cluster.wait_mesh(Duration::from_secs(60))?;
+            eprintln!(
+                "wgmesh-e2e: {change}: every pair answers again {:.1} s after the change; WireGuard now:\n{}",
+                start.elapsed().as_secs_f64(),
+                cluster.wireguard_state()
+            );
+            applied.elapsed()
+        }
+    };
     let recovered = start.elapsed();
     thread::sleep(SETTLE);
     let mut losses = Vec::new();

@@ -1226,6 +1226,26 @@ impl Cluster {
         self.nodes.values().flat_map(|n| n.ns.pids()).collect()
     }
 
+    /// What `wg(8)` shows on every node with an agent: latest handshakes, endpoints and
+    /// transfer counters per peer (public keys only), for the log of a stall.
+    pub fn wireguard_state(&self) -> String {
+        let mut out = String::new();
+        for name in self.agents.keys() {
+            let Ok(ns) = self.node_ns(name) else { continue };
+            for what in ["latest-handshakes", "endpoints", "transfer"] {
+                match ns.exec("wg", &["show", "all", what], None) {
+                    Ok(text) => {
+                        for line in text.lines() {
+                            out.push_str(&format!("  {name} {what}: {line}\n"));
+                        }
+                    }
+                    Err(e) => out.push_str(&format!("  {name} {what}: {e}\n")),
+                }
+            }
+        }
+        out
+    }
+
     /// Waits until every pair of pods on different WireGuard nodes can reach each other
     /// (handshakes done), up to `timeout` per pair.
     pub fn wait_mesh(&self, timeout: Duration) -> Result<Duration> {
