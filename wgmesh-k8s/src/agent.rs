@@ -29,7 +29,7 @@ use crate::bootstrap::{KeyCheck, guard_delta, guard_plan, key_check};
 use crate::dataplane::Dataplane;
 use crate::metrics::{AgentState, ApplyKind, Metrics, PeerRow};
 use crate::rotation::{
-    NEXT_PUBLIC_KEY_ANNOTATION, RotationSettings, collides, jitter, must_yield, rotating_nodes,
+    Announcements, NEXT_PUBLIC_KEY_ANNOTATION, RotationSettings, collides, jitter, must_yield,
 };
 use crate::status::{
     ConditionInputs, MeshCondition, Notice, NoticeKind, StatusUpdate, fresh_handshakes,
@@ -281,6 +281,8 @@ struct RotationState {
     retry_at: Option<Instant>,
     /// The dataplane cannot rotate keys; said once.
     unsupported: bool,
+    /// When this agent first saw each other node's announcement (the bound's time limit).
+    seen: Announcements,
 }
 
 impl<D: Dataplane> Agent<D> {
@@ -408,10 +410,24 @@ impl<D: Dataplane> Agent<D> {
     /// A Node watch event.
     pub fn on_nodes(&mut self, event: watcher::Event<K8sNode>, now: Instant) {
         self.nodes.apply_watcher_event(&event);
+        let rotating = self.settings.rotation.interval.is_some();
         let changes = match event {
-            watcher::Event::Apply(node) => self.view.apply_node(&node),
+            watcher::Event::Apply(node) => {
+                let changes = self.view.apply_node(&node);
+                if rotating
+                    && let Some(info) = node
+                        .metadata
+                        .name
+                        .as_deref()
+                        .and_then(|n| self.view.node(n))
+                {
+                    self.rotation.seen.observe(info, now);
+                }
+                changes
+            }
             watcher::Event::Delete(node) => {
                 let name = node.metadata.name.clone().unwrap_or_default();
+                self.rotation.seen.forget(&name);
                 self.view.delete_node(&name)
             }
             watcher::Event::Init | watcher::Event::InitApply(_) => Changes::default(),
@@ -1075,6 +1091,26 @@ impl<D: Dataplane> Agent<D> {
         }
     }
 
+    /// The other nodes whose announcement counts toward the bound now; a node whose
+    /// announcement this agent has seen for longer than `announcement_limit` does not, and is
+    /// named once in a warning and counted in `wgmesh_key_rotation_stale_announcements_total`.
+    fn rotating_others(&mut self, ours: &str, now: Instant) -> Vec<String> {
+        let limit = self.settings.rotation.announcement_limit;
+        let counted = self
+            .rotation
+            .seen
+            .counted(self.view.nodes(), ours, now, limit);
+        for node in &counted.newly_stale {
+            warn!(
+                %node,
+                limit_seconds = limit.as_secs(),
+                "key rotation: node has announced a next key for longer than the limit without switching; its announcement no longer counts toward key_rotation_max_concurrent"
+            );
+            self.metrics.stale_announcement();
+        }
+        counted.rotating
+    }
+
     /// One step of the key rotation, if one is due: make and keep the next key, give it up
     /// (collision, bound), or switch to it once its announcement has come back and settled.
     fn rotate(&mut self, now: Instant) {
@@ -1100,7 +1136,7 @@ impl<D: Dataplane> Agent<D> {
             if now < due || !self.key_check().is_some_and(|k| k.confirmed()) {
                 return;
             }
-            let others = rotating_nodes(self.view.nodes(), &ours);
+            let others = self.rotating_others(&ours, now);
             if others.len() >= max {
                 debug!(rotating = ?others, max, "key rotation due; waiting while other nodes rotate");
                 self.metrics.rotation("deferred");
@@ -1128,7 +1164,7 @@ impl<D: Dataplane> Agent<D> {
         };
         let since = *self.rotation.announced.get_or_insert(now);
         let clash = collides(next, self.view.nodes(), &ours);
-        let others = rotating_nodes(self.view.nodes(), &ours);
+        let others = self.rotating_others(&ours, now);
         let give_up = if !clash.is_empty() {
             warn!(nodes = ?clash, next_public_key = %next, "key rotation: another node publishes our next key; making another");
             self.metrics.rotation("collision");

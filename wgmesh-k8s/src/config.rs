@@ -34,6 +34,9 @@
 //!                                  # (s, m, h, d; at least 1m); null: never (the default)
 //! key_rotation_max_concurrent: 1   # at most this many nodes announce a next key at once
 //! key_rotation_settle_seconds: 10  # wait after the announcement came back, then switch
+//! key_rotation_announcement_limit_seconds: 600  # another node's announcement counts toward
+//!                                  # the bound this long after this agent first saw it
+//!                                  # (at least the settle time and 60 s)
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -172,6 +175,7 @@ pub struct ConfigSpec {
     pub key_rotation_interval: Option<String>,
     pub key_rotation_max_concurrent: Option<i64>,
     pub key_rotation_settle_seconds: Option<i64>,
+    pub key_rotation_announcement_limit_seconds: Option<i64>,
 }
 
 /// The validated configuration.
@@ -425,6 +429,15 @@ impl ConfigSpec {
             10,
             0,
             3600,
+        )?);
+        settings.rotation.announcement_limit = Duration::from_secs(ranged(
+            "key_rotation_announcement_limit_seconds",
+            self.key_rotation_announcement_limit_seconds,
+            crate::rotation::DEFAULT_ANNOUNCEMENT_LIMIT
+                .as_secs()
+                .max(settings.rotation.settle.as_secs()),
+            settings.rotation.settle.as_secs().max(60) as i64,
+            7 * 86_400,
         )?);
         settings.underlay_mtu = match self.underlay_mtu {
             None => None,

@@ -12,6 +12,7 @@
 //! | `wgmesh_publishes_total` | counter | `result` |
 //! | `wgmesh_key_age_seconds` | gauge | — (only with `key_rotation_interval`) |
 //! | `wgmesh_key_rotations_total` | counter | `result` (`started`, `completed`, `deferred`, `collision`, `failed`) |
+//! | `wgmesh_key_rotation_stale_announcements_total` | counter: other nodes' next-key announcements that outlived `announcement_limit` and stopped counting toward the bound (the warning names each node) | — |
 //! | `wgmesh_warnings_total` | counter | — |
 //! | `wgmesh_findings` | gauge | `kind` (`refused`, `clash`, `duplicate_key`, `over_limit`, `mtu_below_floor`, …) |
 //! | `wgmesh_refused_claims`, `wgmesh_disputed_prefixes` | gauge | — |
@@ -148,6 +149,7 @@ struct Inner {
     publishes: BTreeMap<bool, u64>,
     key_age: Option<f64>,
     rotations: BTreeMap<&'static str, u64>,
+    stale_announcements: u64,
     warnings: u64,
     nodes: usize,
     pods: usize,
@@ -240,6 +242,16 @@ impl Metrics {
     /// `collision`, `failed`).
     pub fn rotation(&self, result: &'static str) {
         *self.lock().rotations.entry(result).or_default() += 1;
+    }
+
+    /// Counts another node's announcement that outlived the rotation's announcement limit.
+    pub fn stale_announcement(&self) {
+        self.lock().stale_announcements += 1;
+    }
+
+    /// How many other nodes' announcements outlived the limit.
+    pub fn stale_announcements(&self) -> u64 {
+        self.lock().stale_announcements
     }
 
     /// How many rotation steps ended with `result`.
@@ -499,6 +511,17 @@ impl Metrics {
             let n = m.rotations.get(result).copied().unwrap_or(0);
             let _ = writeln!(out, "wgmesh_key_rotations_total{{result=\"{result}\"}} {n}");
         }
+        head(
+            &mut out,
+            "wgmesh_key_rotation_stale_announcements_total",
+            "counter",
+            "Other nodes' next-key announcements that outlived the limit and stopped counting toward the bound.",
+        );
+        let _ = writeln!(
+            out,
+            "wgmesh_key_rotation_stale_announcements_total {}",
+            m.stale_announcements
+        );
 
         head(
             &mut out,

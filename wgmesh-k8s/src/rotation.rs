@@ -20,7 +20,10 @@
 //! 2. **Announce it**: the annotation [`NEXT_PUBLIC_KEY_ANNOTATION`]. Other agents count the
 //!    nodes that announce one ([`rotating_nodes`]) and wait while `max_concurrent` do; a node
 //!    whose next key another node already publishes gives it up and makes another
-//!    ([`collides`]).
+//!    ([`collides`]). An announcement counts for
+//!    [`RotationSettings::announcement_limit`] from the moment this agent first saw it, on
+//!    its own clock ([`Announcements`]): a node that announces and never switches holds the
+//!    others back for that long at most.
 //! 3. **Wait**: until the node's own watch shows the announcement (the API server has it, so
 //!    every agent sees it about as soon), then `settle` more, so that nodes that announced at
 //!    the same moment see each other; the later names beyond the bound give way
@@ -42,7 +45,8 @@
 //! assert_ne!(j, jitter(&s, "node-b"));
 //! ```
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use wgmesh_core::{Family, PublicKey};
 
@@ -67,7 +71,16 @@ pub struct RotationSettings {
     /// How long a node waits before it looks again, after it found the bound reached or a
     /// step failed.
     pub retry: Duration,
+    /// How long another node's announcement counts toward `max_concurrent`, from the moment
+    /// this agent first saw it, on this agent's clock ([`Announcements`]): a node that
+    /// announces a next key and never switches stops blocking the others after that.
+    pub announcement_limit: Duration,
 }
+
+/// [`RotationSettings::announcement_limit`] by default: 10 minutes, sixty times the default
+/// settle time (a rotation holds its announcement for the echo, the settle time and one
+/// publication).
+pub const DEFAULT_ANNOUNCEMENT_LIMIT: Duration = Duration::from_secs(600);
 
 impl Default for RotationSettings {
     fn default() -> Self {
@@ -76,6 +89,7 @@ impl Default for RotationSettings {
             max_concurrent: 1,
             settle: Duration::from_secs(10),
             retry: Duration::from_secs(30),
+            announcement_limit: DEFAULT_ANNOUNCEMENT_LIMIT,
         }
     }
 }
@@ -116,7 +130,8 @@ pub fn announced(node: &NodeInfo) -> Option<PublicKey> {
         .and_then(|t| PublicKey::from_base64(t.trim()).ok())
 }
 
-/// The other nodes that announce a next key, sorted by name.
+/// The other nodes that announce a next key, sorted by name (without the time limit of
+/// [`Announcements`], which the agent counts with).
 pub fn rotating_nodes<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, ours: &str) -> Vec<String> {
     let mut out: Vec<String> = nodes
         .filter(|n| n.node.name != ours && announced(n).is_some())
@@ -124,6 +139,116 @@ pub fn rotating_nodes<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, ours: &str)
         .collect();
     out.sort();
     out
+}
+
+/// When this agent first saw each other node announce a next key, on its own clock, so that
+/// an announcement held too long stops counting toward the bound.
+///
+/// The clock of a node starts the first time this agent sees it announce (a watch event, or
+/// the first count), and runs for as long as the node publishes the same current keys:
+/// withdrawing the announcement and announcing again does not restart it; a completed
+/// rotation (new current keys) or the node's deletion does. Untrusted input: a node's own
+/// timestamps are never read.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use wgmesh_k8s::rotation::Announcements;
+/// let mut a = Announcements::default();
+/// let t0 = Instant::now();
+/// // No node announces: nothing counts, nothing is stale.
+/// let counted = a.counted(std::iter::empty(), "ours", t0, Duration::from_secs(600));
+/// assert!(counted.rotating.is_empty() && counted.newly_stale.is_empty());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Announcements {
+    seen: BTreeMap<String, Seen>,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    /// The node's current keys when its clock started.
+    keys: [Option<PublicKey>; 2],
+    since: Instant,
+    /// Said (logged, counted) once.
+    stale: bool,
+}
+
+/// What [`Announcements::counted`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counted {
+    /// The other nodes whose announcement counts toward the bound, sorted by name.
+    pub rotating: Vec<String>,
+    /// The nodes whose announcement went past the limit since the last count (each once).
+    pub newly_stale: Vec<String>,
+}
+
+fn current_keys(node: &NodeInfo) -> [Option<PublicKey>; 2] {
+    [node.node.key(Family::V4), node.node.key(Family::V6)]
+}
+
+impl Announcements {
+    /// Notes what `node` publishes at `now` (call it on every watch event of a node).
+    pub fn observe(&mut self, node: &NodeInfo, now: Instant) {
+        let keys = current_keys(node);
+        let name = &node.node.name;
+        if self.seen.get(name).is_some_and(|s| s.keys == keys) {
+            return; // same keys: the clock runs on, announced or not
+        }
+        if announced(node).is_some() {
+            self.seen.insert(
+                name.clone(),
+                Seen {
+                    keys,
+                    since: now,
+                    stale: false,
+                },
+            );
+        } else {
+            self.seen.remove(name);
+        }
+    }
+
+    /// Forgets a node (deleted).
+    pub fn forget(&mut self, node: &str) {
+        self.seen.remove(node);
+    }
+
+    /// When this agent first saw `node` announce (for its current keys), if it did.
+    pub fn since(&self, node: &str) -> Option<Instant> {
+        self.seen.get(node).map(|s| s.since)
+    }
+
+    /// The other nodes that announce a next key and count toward the bound at `now`: those
+    /// announcing for less than `limit` since this agent first saw them (sorted by name), and
+    /// those that went past it since the last count.
+    pub fn counted<'a>(
+        &mut self,
+        nodes: impl Iterator<Item = &'a NodeInfo>,
+        ours: &str,
+        now: Instant,
+        limit: Duration,
+    ) -> Counted {
+        let mut out = Counted::default();
+        for n in nodes {
+            if n.node.name == ours || announced(n).is_none() {
+                continue;
+            }
+            self.observe(n, now);
+            let Some(seen) = self.seen.get_mut(&n.node.name) else {
+                continue;
+            };
+            if now.saturating_duration_since(seen.since) < limit {
+                out.rotating.push(n.node.name.clone());
+            } else if !seen.stale {
+                seen.stale = true;
+                out.newly_stale.push(n.node.name.clone());
+            }
+        }
+        out.rotating.sort();
+        out.newly_stale.sort();
+        out
+    }
 }
 
 /// Whether `ours` gives way: more nodes than `max` announce a next key and `ours` is not

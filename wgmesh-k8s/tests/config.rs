@@ -205,3 +205,31 @@ fn a_deeply_nested_file_is_refused_at_once() {
     assert!(err.starts_with("config: .: "), "{err}");
     assert!(err.contains("nest"), "{err}");
 }
+
+#[test]
+fn key_rotation_announcement_limit() {
+    let parse = |text: &str| {
+        ConfigSpec::parse(text)
+            .and_then(|s| s.validate(env(IN_CLUSTER)))
+            .map(|c| c.settings.rotation.announcement_limit)
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(parse("{}"), Ok(std::time::Duration::from_secs(600)));
+    assert_eq!(
+        parse("key_rotation_announcement_limit_seconds: 3600"),
+        Ok(std::time::Duration::from_secs(3600))
+    );
+    // Never shorter than the settle time (a rotation in progress would stop counting).
+    assert_eq!(
+        parse("key_rotation_settle_seconds: 900"),
+        Ok(std::time::Duration::from_secs(900))
+    );
+    assert_eq!(
+        parse("key_rotation_settle_seconds: 900\nkey_rotation_announcement_limit_seconds: 600"),
+        Err("config: key_rotation_announcement_limit_seconds = \"600\": must be between 900 and 604800".to_owned())
+    );
+    assert_eq!(
+        parse("key_rotation_announcement_limit_seconds: 59"),
+        Err("config: key_rotation_announcement_limit_seconds = \"59\": must be between 60 and 604800".to_owned())
+    );
+}

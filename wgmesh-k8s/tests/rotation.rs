@@ -481,3 +481,120 @@ fn keyfile_rotation_persists_0600_and_resumes() {
     assert_eq!(dp.next_public_key(), None);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// -------------------------------------------------------------------------------------------
+// A node that announces and never switches (the bound's time limit).
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Agent c, due at once, while b announces a next key from the start and never switches.
+fn c_behind_a_stuck_b(disk: &KeyDisk) -> Driver {
+    let mut nodes = cluster("c", disk.current().unwrap());
+    nodes[1] = annotate(
+        nodes[1].clone(),
+        NEXT_PUBLIC_KEY_ANNOTATION,
+        Some(&public(22).to_base64()),
+    );
+    agent_on("c", disk, &nodes)
+}
+
+#[test]
+fn an_announcement_held_forever_stops_counting_after_the_limit() {
+    let disk = old_disk();
+    let mut d = c_behind_a_stuck_b(&disk);
+    assert_eq!(d.agent.settings().rotation.announcement_limit, 10 * MINUTE);
+    d.run_for(9 * MINUTE);
+    assert_eq!(disk.next(), None, "c started while b's announcement counts");
+    assert!(d.agent.metrics().rotations("deferred") >= 1);
+    assert_eq!(d.agent.metrics().stale_announcements(), 0);
+    // Ten minutes after c first saw it, b's announcement no longer counts: c rotates at its
+    // next retry (30 s) and switches after the settle time (10 s).
+    d.run_for(MINUTE + 31 * S + 11 * S);
+    assert_eq!(d.agent.metrics().rotations("completed"), 1);
+    assert_eq!(d.agent.metrics().stale_announcements(), 1);
+    let text = d.agent.metrics().render();
+    assert!(
+        text.contains("wgmesh_key_rotation_stale_announcements_total 1\n"),
+        "{text}"
+    );
+    // Said once, however often c counts again.
+    d.run_for(2 * HOUR);
+    assert_eq!(d.agent.metrics().stale_announcements(), 1);
+}
+
+#[test]
+fn a_shorter_limit_is_honoured() {
+    let disk = old_disk();
+    let mut nodes = cluster("c", disk.current().unwrap());
+    nodes[1] = annotate(
+        nodes[1].clone(),
+        NEXT_PUBLIC_KEY_ANNOTATION,
+        Some(&public(22).to_base64()),
+    );
+    let mut s = settings("c");
+    s.rotation.announcement_limit = 2 * MINUTE;
+    let dataplane = RecordingDataplane::with_key_disk(disk.clone());
+    let mut d = Driver::new(Agent::new(s, dataplane, Metrics::new()));
+    d.start_with(&nodes, &[]);
+    d.run_for(MINUTE);
+    assert_eq!(disk.next(), None);
+    d.run_for(MINUTE + 31 * S + 11 * S);
+    assert_eq!(d.agent.metrics().rotations("completed"), 1);
+}
+
+#[test]
+fn withdrawing_and_announcing_again_does_not_restart_the_clock() {
+    // c's key is new: due after an hour (plus at most 6 min of jitter). b announces at once,
+    // withdraws after 50 min and announces again a minute before c is first due.
+    let disk = KeyDisk::new(SystemTime::now());
+    let mut d = agent_on("c", &disk, &cluster("c", disk.current().unwrap()));
+    let b = d.nodes["b"].clone();
+    let announce = |n: &K8sNode, k: u8| {
+        annotate(
+            n.clone(),
+            NEXT_PUBLIC_KEY_ANNOTATION,
+            Some(&public(k).to_base64()),
+        )
+    };
+    d.node(announce(&b, 22));
+    d.run_for(50 * MINUTE);
+    d.node(annotate(b.clone(), NEXT_PUBLIC_KEY_ANNOTATION, None));
+    d.run_for(9 * MINUTE);
+    assert_eq!(disk.next(), None, "not due yet");
+    d.node(announce(&b, 23));
+    // Had the clock restarted at the new announcement, c would wait until 69 min.
+    d.run_for(8 * MINUTE);
+    assert_eq!(d.agent.metrics().rotations("completed"), 1);
+    assert_eq!(d.agent.metrics().stale_announcements(), 1);
+}
+
+#[test]
+fn a_node_that_switched_counts_again_when_it_announces_next() {
+    let disk = old_disk();
+    let mut d = c_behind_a_stuck_b(&disk);
+    d.run_for(10 * MINUTE + 42 * S);
+    assert_eq!(d.agent.metrics().rotations("completed"), 1);
+    // b finally switches (new key, announcement gone), and announces again two minutes
+    // before c is due again: a new key, a new clock, and it counts.
+    let b = d.nodes["b"].clone();
+    let switched = annotate(
+        annotate(b, NEXT_PUBLIC_KEY_ANNOTATION, None),
+        KEY,
+        Some(&public(22).to_base64()),
+    );
+    d.node(switched.clone());
+    d.run_for(HOUR - 2 * MINUTE);
+    d.node(annotate(
+        switched,
+        NEXT_PUBLIC_KEY_ANNOTATION,
+        Some(&public(24).to_base64()),
+    ));
+    // c is due within the next 8 minutes (an hour plus its jitter, under 6 min), and waits.
+    d.run_for(8 * MINUTE);
+    assert_eq!(d.agent.metrics().rotations("completed"), 1);
+    assert_eq!(disk.next(), None);
+    // Ten minutes after the new announcement it no longer counts either.
+    d.run_for(3 * MINUTE);
+    assert_eq!(d.agent.metrics().rotations("completed"), 2);
+    assert_eq!(d.agent.metrics().stale_announcements(), 2);
+}
