@@ -12,13 +12,18 @@ set -euo pipefail
 rounds=${1:-10}
 both=${BOTH:-1}
 repair=${REPAIR:-}
+# The daemons run in the foreground, in the background of this script: ended by their ids.
+pids=()
 remove_namespaces() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   ip netns del wgxa 2>/dev/null || true
   ip netns del wgxb 2>/dev/null || true
-  pkill -f 'wireguard-go wgx[ab]$' 2>/dev/null || true
   rm -f /var/run/wireguard/wgxa.sock /var/run/wireguard/wgxb.sock
 }
-remove_namespaces
+if [ -e /var/run/wireguard/wgxa.sock ] || [ -e /var/run/wireguard/wgxb.sock ]; then
+  echo "crossing-initiations: wgxa/wgxb already exist (another run?)" >&2
+  exit 1
+fi
 dir=$(mktemp -d)
 trap 'remove_namespaces; rm -rf "$dir"' EXIT
 a() { ip netns exec wgxa "$@"; }
@@ -31,8 +36,12 @@ ip -n wgxb addr add 192.168.77.2/24 dev vb
 for ns in wgxa wgxb; do ip -n $ns link set lo up; done
 ip -n wgxa link set va up
 ip -n wgxb link set vb up
-a wireguard-go wgxa >/dev/null 2>&1
-b wireguard-go wgxb >/dev/null 2>&1
+WG_PROCESS_FOREGROUND=1 ip netns exec wgxa wireguard-go wgxa >/dev/null 2>&1 &
+pids+=($!)
+WG_PROCESS_FOREGROUND=1 ip netns exec wgxb wireguard-go wgxb >/dev/null 2>&1 &
+pids+=($!)
+until [ -S /var/run/wireguard/wgxa.sock ] && [ -S /var/run/wireguard/wgxb.sock ]; do sleep 0.05; done
+until ip -n wgxa link show wgxa >/dev/null 2>&1 && ip -n wgxb link show wgxb >/dev/null 2>&1; do sleep 0.05; done
 (umask 077; wg genkey >"$dir/a"; wg genkey >"$dir/b")
 pa=$(wg pubkey <"$dir/a")
 pb=$(wg pubkey <"$dir/b")
@@ -52,8 +61,9 @@ for i in $(seq 1 "$rounds"); do
   b wg set wgxb peer "$pa" endpoint 192.168.77.1:40001 allowed-ips 10.99.0.1/32
   t0=$(date +%s%N)
   a ping -c1 -W0.01 10.99.0.2 >/dev/null 2>&1 &
-  if [ "$both" = 1 ]; then b ping -c1 -W0.01 10.99.0.1 >/dev/null 2>&1 & fi
-  wait
+  pings=($!)
+  if [ "$both" = 1 ]; then b ping -c1 -W0.01 10.99.0.1 >/dev/null 2>&1 & pings+=($!); fi
+  wait "${pings[@]}" || true
   if [ -n "$repair" ]; then
     sleep "$repair"
     a wg set wgxa peer "$pb" remove
