@@ -77,6 +77,8 @@ fn flags_and_environment_override_the_file() {
             "--dry-run",
             "--key-rotation-interval",
             "30d",
+            "--key-rotation-announcement-limit-seconds",
+            "900",
             "--check-config",
         ],
         &[
@@ -117,6 +119,7 @@ fn flags_and_environment_override_the_file() {
     assert_eq!(c["key_rotation_interval"], "30d");
     assert_eq!(c["key_rotation_max_concurrent"], 3, "from the environment");
     assert_eq!(c["key_rotation_settle_seconds"], 20, "from the environment");
+    assert_eq!(c["key_rotation_announcement_limit_seconds"], 900);
 
     // Without a file: NODE_NAME from the environment.
     let out = agent(&["--check-config"], &[("NODE_NAME", "from-env")])

@@ -129,6 +129,14 @@ struct Args {
     /// Seconds to wait after the announcement came back before switching keys.
     #[arg(long, value_name = "N", env = "WGMESH_KEY_ROTATION_SETTLE_SECONDS")]
     key_rotation_settle_seconds: Option<i64>,
+    /// Seconds another node's next-key announcement counts toward the bound after this agent
+    /// first saw it (at least the settle time and 60).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "WGMESH_KEY_ROTATION_ANNOUNCEMENT_LIMIT_SECONDS"
+    )]
+    key_rotation_announcement_limit_seconds: Option<i64>,
     /// Print the configuration in effect (file, flags and environment merged) and exit.
     #[arg(long)]
     check_config: bool,
@@ -159,6 +167,9 @@ impl Args {
         }
         if let Some(v) = self.key_rotation_settle_seconds {
             spec.key_rotation_settle_seconds = Some(v);
+        }
+        if let Some(v) = self.key_rotation_announcement_limit_seconds {
+            spec.key_rotation_announcement_limit_seconds = Some(v);
         }
         if self.dry_run {
             spec.dry_run = Some(true);
