@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, AgentSettings, Publication, Resource};
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, ResyncOutcome};
 use crate::metrics::Metrics;
 use crate::publish::publish;
 use crate::status::{CONDITION_TYPE, Notice, StatusUpdate, send_notice, write_condition};
@@ -302,6 +302,9 @@ where
     let mut agent = Agent::new(settings, dataplane, metrics);
     let mut publishing: Option<JoinHandle<Result<(), String>>> = None;
     let mut writing: Option<JoinHandle<(StatusUpdate, Result<Time, String>)>> = None;
+    // A resync's reading and diffing, on a thread of the blocking pool (see
+    // `Agent::take_background_resync`): events keep flowing meanwhile.
+    let mut resyncing: Option<JoinHandle<ResyncOutcome>> = None;
     tokio::pin!(shutdown);
     loop {
         let now = Instant::now().into_std();
@@ -312,6 +315,11 @@ where
             if notices.try_send(notice).is_err() {
                 debug!("the Event queue is full; an Event was dropped");
             }
+        }
+        if resyncing.is_none()
+            && let Some(job) = agent.take_background_resync()
+        {
+            resyncing = Some(tokio::task::spawn_blocking(move || job.run()));
         }
         if writing.is_none()
             && let Some(update) = agent.take_status_update()
@@ -358,6 +366,16 @@ where
                 if let Ok((update, result)) = written {
                     agent.on_status_written(&update, result, Instant::now().into_std());
                 }
+            }
+            found = async {
+                match resyncing.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                resyncing = None;
+                let now = Instant::now().into_std();
+                blocking(|| agent.on_resync_found(found.ok(), now));
             }
             () = async {
                 match wake {
