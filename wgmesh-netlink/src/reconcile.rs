@@ -147,6 +147,8 @@ pub struct Reconciler<D> {
     dataplane: D,
     ownership: Ownership,
     keys: KeyRing,
+    /// `keys`' public keys, computed once per key ring (not per delta).
+    public: [Option<PublicKey>; 2],
     current: Option<NodePlan>,
     /// Route changes of deltas not yet folded into `current.routes`: the route each
     /// destination now has (`None`: removed). A plan's routes are one sorted vector (560,000
@@ -314,6 +316,7 @@ impl<D: Dataplane> Reconciler<D> {
         Self {
             dataplane,
             ownership,
+            public: keys.public_keys(),
             keys,
             current: None,
             routes_pending: HashMap::new(),
@@ -341,6 +344,7 @@ impl<D: Dataplane> Reconciler<D> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn set_keys(&mut self, keys: KeyRing) {
+        self.public = keys.public_keys();
         self.keys = keys;
         self.dirty = true;
         self.generation += 1;
@@ -348,7 +352,7 @@ impl<D: Dataplane> Reconciler<D> {
 
     /// The public keys of the private keys this reconciler programs, per family.
     pub fn public_keys(&self) -> [Option<PublicKey>; 2] {
-        self.keys.public_keys()
+        self.public
     }
 
     /// Replaces the crossing-initiation watchdog (for example one with another timeout);
@@ -408,14 +412,14 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     fn options(&self) -> DiffOptions {
-        DiffOptions::new(self.dataplane.link_kind(), self.keys.public_keys())
+        DiffOptions::new(self.dataplane.link_kind(), self.public)
     }
 
     fn warnings(&self, plan: &NodePlan) -> Vec<String> {
         plan.interfaces
             .iter()
             .filter_map(|i| {
-                let ours = self.keys.public_key(i.family)?;
+                let ours = self.public[i.family.index()]?;
                 let published = i.public_key?;
                 (ours != published).then(|| {
                     format!(
@@ -498,16 +502,13 @@ impl<D: Dataplane> Reconciler<D> {
         if delta.routes_added.is_empty() && delta.routes_removed.is_empty() {
             current.apply_delta(delta);
         } else {
-            let mut rest = delta.clone();
-            let removed = std::mem::take(&mut rest.routes_removed);
-            let added = std::mem::take(&mut rest.routes_added);
-            current.apply_delta(&rest);
+            current.apply_delta_except_routes(delta);
             // In the order `NodePlan::apply_delta` patches: removals, then additions.
-            for r in removed {
+            for r in &delta.routes_removed {
                 self.routes_pending.insert(r.destination, None);
             }
-            for r in added {
-                self.routes_pending.insert(r.destination, Some(r));
+            for r in &delta.routes_added {
+                self.routes_pending.insert(r.destination, Some(r.clone()));
             }
             let fold_at = (current.routes.len() / 16).max(256);
             if self.routes_pending.len() >= fold_at {

@@ -381,6 +381,9 @@ pub struct Tracker {
     /// Background resyncs: (begun, finished, operations).
     pub background: Vec<(Instant, Instant, usize)>,
     begun: Option<Instant>,
+    /// The longest time a background resync held the event loop: its beginning (the plan's
+    /// snapshot) and its end (the repairs), each.
+    pub background_loop_max: Duration,
     pub deltas: usize,
     pub errors: Vec<String>,
 }
@@ -469,16 +472,21 @@ impl Dataplane for Timed {
         }
         let start = Instant::now();
         let r = self.inner.begin_resync();
+        let held = start.elapsed();
         let _harness = heap::within(heap::Part::Mock);
-        self.tracker.lock().unwrap().begun = Some(start);
+        let mut t = self.tracker.lock().unwrap();
+        t.begun = Some(start);
+        t.background_loop_max = t.background_loop_max.max(held);
         r
     }
 
     fn finish_resync(&mut self, outcome: ResyncOutcome) -> Result<ApplyReport, DataplaneError> {
+        let start = Instant::now();
         let r = self.inner.finish_resync(outcome);
         let end = Instant::now();
         let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
+        t.background_loop_max = t.background_loop_max.max(end - start);
         match &r {
             Err(e) => t.errors.push(e.to_string()),
             Ok(report) => {
@@ -1168,6 +1176,9 @@ pub struct Report {
     pub restart_kernel_time: Duration,
     /// `heap::figures()` at the first full apply.
     pub restart_heap: [(f64, f64); 4],
+    /// The same over the outage and the relists that end it.
+    pub relist_heap: [(f64, f64); 4],
+    pub relist_rss_peak_mb: f64,
     pub churn: Vec<ChurnFigures>,
     pub burst: Option<Duration>,
     pub steady_requests: usize,
@@ -1433,6 +1444,8 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     ));
 
     // The outage: the API server is down, the cluster keeps changing; then relists.
+    reset_peak_rss();
+    heap::reset_peaks();
     let n0 = api.requests().len();
     let down_at = Instant::now();
     api.set_down(true);
@@ -1472,6 +1485,42 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         let last = t.latencies.iter().map(|l| l.1).max().unwrap_or(back_at);
         report.reconverged = Some(last.saturating_duration_since(back_at));
     }
+    report.relist_rss_peak_mb = rss_mb().1;
+    report.relist_heap = heap::figures();
+    if heap::installed() {
+        let [a, m, k, t] = report.relist_heap;
+        log(&format!(
+            "outage and relists: peak RSS {:.0} MB; heap by part (live / peak MB): agent {:.0} / {:.0}, fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
+            report.relist_rss_peak_mb, a.0, a.1, k.0, k.1, m.0, m.1, t.0, t.1
+        ));
+    }
+    {
+        // When each watch came back, and how long its relist took.
+        let after: Vec<&Recorded> = requests[n0..].iter().filter(|r| r.at >= back_at).collect();
+        let mut lines = Vec::new();
+        for path in ["/api/v1/nodes", "/api/v1/pods"] {
+            let mine: Vec<&&Recorded> = after.iter().filter(|r| r.path == path).collect();
+            let watches: Vec<String> = mine
+                .iter()
+                .filter(|r| r.watch)
+                .take(4)
+                .map(|r| format!("{:.1}", (r.at - back_at).as_secs_f64()))
+                .collect();
+            let lists: Vec<f64> = mine
+                .iter()
+                .filter(|r| !r.watch)
+                .map(|r| (r.at - back_at).as_secs_f64())
+                .collect();
+            lines.push(format!(
+                "{path}: watches at {} s; {} list pages from {:.1} s to {:.1} s",
+                watches.join(", "),
+                lists.len(),
+                lists.first().copied().unwrap_or(0.0),
+                lists.last().copied().unwrap_or(0.0)
+            ));
+        }
+        log(&format!("after the outage: {}", lines.join("; ")));
+    }
     let after = back_at + report.reconverged.unwrap_or(p.patience);
     report.recovery_requests = requests[n0..]
         .iter()
@@ -1499,8 +1548,10 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         report.background_operations = t.background.iter().map(|b| b.2).sum();
     }
     log(&format!(
-        "background resyncs: {}, {} operations in all",
-        report.background_resyncs, report.background_operations
+        "background resyncs: {}, {} operations in all; the longest hold of the event loop (snapshot or repairs) {:.0} ms",
+        report.background_resyncs,
+        report.background_operations,
+        ms(tracker.lock().unwrap().background_loop_max)
     ));
     let _ = stop_tx.send(());
     let _ = agent_rt.block_on(agent);
