@@ -204,9 +204,11 @@ impl<D: Dataplane> Dataplane for Recording<D> {
 }
 
 /// A [`FakeKernel`] that several handles share, each with sockets of its own, like processes
-/// on one host: [`KernelIo::open_another`] gives another handle (another thread may use it),
-/// and [`SharedKernel::kernel`] reaches the kernel itself (tests drift it). Each request's
-/// answers are taken from the kernel at once and queued on the handle that sent it.
+/// on one host: [`KernelIo::open_another`](crate::KernelIo::open_another) gives another
+/// handle (another thread may use it), and [`SharedKernel::kernel`] reaches the kernel itself
+/// (tests drift it). Each request's answers are taken from the kernel at once and queued on
+/// the handle that sent it; a dump is made whole while the kernel is locked (a real kernel
+/// lets other requests in between its pages).
 ///
 /// ```
 /// use wgmesh_netlink::{KernelIo, Linux, Dataplane, Ownership, testing::{FakeKernel, SharedKernel}};
