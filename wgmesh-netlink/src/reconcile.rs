@@ -559,14 +559,19 @@ impl<D: Dataplane> Reconciler<D> {
     /// ([`Self::needs_resync`]), or it has no second handle — call [`Self::resync`].
     ///
     /// ```
-    /// use wgmesh_core::{plan_node, spec::parse_cluster};
+    /// use wgmesh_core::{plan_node, spec::parse_cluster, PrivateKey};
     /// use wgmesh_netlink::{KeyRing, Linux, Ownership, Reconciler, testing::{FakeKernel, SharedKernel}};
+    /// let key = PrivateKey::from_base64("aLHd3L4af3PpZIWlPJgme7dpppYIulN7pMB7E0JCTHw=")?;
     /// let cluster = parse_cluster(r#"{"nodes":[
-    ///   {"name":"a","addresses":["10.0.0.1"],"pod_cidrs":["10.65.0.0/26"]}]}"#)?;
+    ///   {"name":"a","addresses":["10.0.0.1"],"pod_cidrs":["10.65.0.0/26"],
+    ///    "wireguard":{"public_key":"lDWQTjn07Ve0LXsUpK+8QpVnt+LEsDBTad9yiHJu0Ww="}},
+    ///   {"name":"b","addresses":["10.0.0.2"],"pod_cidrs":["10.65.0.64/26"],
+    ///    "wireguard":{"public_key":"/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
     /// let plan = plan_node(&cluster, "a")?;
+    /// assert!(!plan.routes.is_empty());
     /// let kernel = SharedKernel::new(FakeKernel::new());
     /// let linux = Linux::with_kernel(kernel.handle(), Default::default())?;
-    /// let mut r = Reconciler::new(linux, Ownership::from_mesh(cluster.mesh()), KeyRing::none());
+    /// let mut r = Reconciler::new(linux, Ownership::from_mesh(cluster.mesh()), KeyRing::single(key));
     /// r.reconcile(&plan)?;
     /// kernel.kernel().routes.clear(); // drift
     /// let job = r.begin_resync()?.expect("a second handle");

@@ -409,6 +409,17 @@ impl Tracker {
         }
     }
 
+    /// Everything outstanding that a plan holding the addresses `present` reflects is
+    /// carried out at `at`.
+    fn resolve(&mut self, present: &HashSet<Ipv4Addr>, at: Instant) {
+        let keys: Vec<(Ipv4Addr, bool)> = self.outstanding.keys().copied().collect();
+        for (ip, added) in keys {
+            if present.contains(&ip) == added {
+                self.done(ip, added, at);
+            }
+        }
+    }
+
     fn peer_done(&mut self, key: &PublicKey, at: Instant) {
         if self.want_peers.remove(key) && self.want_peers.is_empty() {
             self.peers_done_at = Some(at);
@@ -455,12 +466,7 @@ impl Dataplane for Timed {
                 .iter()
                 .filter_map(|r| host_v4(&r.destination))
                 .collect();
-            let keys: Vec<(Ipv4Addr, bool)> = t.outstanding.keys().copied().collect();
-            for (ip, added) in keys {
-                if present.contains(&ip) == added {
-                    t.done(ip, added, end);
-                }
-            }
+            t.resolve(&present, end);
         }
         if !t.want_peers.is_empty() {
             for p in plan.interfaces.iter().flat_map(|i| &i.peers) {
@@ -543,12 +549,7 @@ impl Dataplane for Timed {
                 None => HashSet::new(),
             };
             let mut t = self.tracker.lock().unwrap();
-            let keys: Vec<(Ipv4Addr, bool)> = t.outstanding.keys().copied().collect();
-            for (ip, added) in keys {
-                if present.contains(&ip) == added {
-                    t.done(ip, added, end);
-                }
-            }
+            t.resolve(&present, end);
         }
         r
     }

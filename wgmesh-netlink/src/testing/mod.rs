@@ -215,7 +215,8 @@ impl<D: Dataplane> Dataplane for Recording<D> {
 /// let shared = SharedKernel::new(FakeKernel::new());
 /// let mut linux = Linux::with_kernel(shared.handle(), Default::default())?;
 /// let mut reader = linux.open_reader().expect("a second handle")?;
-/// std::thread::spawn(move || reader.read(&Ownership::default(), &[])).join().unwrap()?;
+/// let own = Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
+/// std::thread::spawn(move || reader.read(&own, &[])).join().unwrap()?;
 /// assert!(shared.kernel().messages_received() > 0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
