@@ -10,8 +10,9 @@
 //! Options: `--nodes N` (5000), `--pods P` per node (110), `--rates R,R,…` (100,1000,5000
 //! pod events per second), `--churn-secs S` (30), `--burst N` (100), `--outage-secs S` (60),
 //! `--outage-rate R` (100 events per second during the outage), `--steady-secs S` (120),
-//! `--resync-secs S` (the agent's resync interval; its default is 90), `--smoke` (the small
-//! scale of the test).
+//! `--resync-secs S` (the agent's resync interval; its default is 90), `--foreground-resync`
+//! (the resync as a full reconcile on the event loop, as before it moved to a thread),
+//! `--smoke` (the small scale of the test).
 
 #[path = "agent_scale/harness.rs"]
 mod harness;
@@ -27,6 +28,10 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
     while let Some(arg) = args.next() {
         if arg == "--bench" {
             continue; // cargo bench passes it
+        }
+        if arg == "--foreground-resync" {
+            params.foreground_resync = true;
+            continue;
         }
         if arg == "--smoke" {
             *params = harness::Params::smoke();

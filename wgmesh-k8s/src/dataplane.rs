@@ -125,6 +125,25 @@ pub trait Dataplane {
         Ok(ApplyReport::default())
     }
 
+    /// Begins a resync whose long part — reading the node and comparing it with the plan
+    /// last applied — runs on another thread ([`BackgroundResync::run`]) while
+    /// [`Self::apply_delta`] keeps working; its outcome goes to [`Self::finish_resync`].
+    /// `None` (the default): this dataplane cannot, and the agent resyncs with
+    /// [`Self::reconcile`].
+    fn begin_resync(&mut self) -> Option<Result<BackgroundResync, DataplaneError>> {
+        None
+    }
+
+    /// Ends a resync begun by [`Self::begin_resync`]: applies the repairs it found, except
+    /// on what a delta changed since it began (the delta is newer).
+    fn finish_resync(&mut self, outcome: ResyncOutcome) -> Result<ApplyReport, DataplaneError> {
+        let _ = outcome;
+        Err(DataplaneError::new(
+            "resync",
+            "this dataplane has no background resync",
+        ))
+    }
+
     // Key rotation (`crate::rotation`). A dataplane that cannot rotate keeps the defaults:
     // the agent then never starts one.
 
@@ -185,6 +204,12 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     fn check_handshakes(&mut self) -> Result<ApplyReport, DataplaneError> {
         (**self).check_handshakes()
     }
+    fn begin_resync(&mut self) -> Option<Result<BackgroundResync, DataplaneError>> {
+        (**self).begin_resync()
+    }
+    fn finish_resync(&mut self, outcome: ResyncOutcome) -> Result<ApplyReport, DataplaneError> {
+        (**self).finish_resync(outcome)
+    }
     fn key_since(&self) -> Option<SystemTime> {
         (**self).key_since()
     }
@@ -199,6 +224,56 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn switch_to_next_key(&mut self) -> Result<(), DataplaneError> {
         (**self).switch_to_next_key()
+    }
+}
+
+/// The long part of a resync, to run on another thread ([`Dataplane::begin_resync`]).
+///
+/// ```
+/// use wgmesh_k8s::dataplane::{BackgroundResync, ResyncOutcome};
+/// let job = BackgroundResync::new(|| ResyncOutcome::new(42_u32));
+/// let outcome = std::thread::spawn(move || job.run()).join().unwrap();
+/// assert_eq!(outcome.downcast::<u32>(), Some(42));
+/// ```
+pub struct BackgroundResync(Box<dyn FnOnce() -> ResyncOutcome + Send>);
+
+impl BackgroundResync {
+    /// A job that runs `f`.
+    pub fn new(f: impl FnOnce() -> ResyncOutcome + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    /// Runs the job (blocking: it reads the node).
+    pub fn run(self) -> ResyncOutcome {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for BackgroundResync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackgroundResync")
+    }
+}
+
+/// What a [`BackgroundResync`] found, for the dataplane that began it
+/// ([`Dataplane::finish_resync`]); opaque to the agent.
+pub struct ResyncOutcome(Box<dyn std::any::Any + Send>);
+
+impl ResyncOutcome {
+    /// Wraps what the dataplane's job found.
+    pub fn new<T: std::any::Any + Send>(found: T) -> Self {
+        Self(Box::new(found))
+    }
+
+    /// What the job found, if it is a `T`.
+    pub fn downcast<T: std::any::Any>(self) -> Option<T> {
+        self.0.downcast::<T>().ok().map(|b| *b)
+    }
+}
+
+impl std::fmt::Debug for ResyncOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResyncOutcome")
     }
 }
 

@@ -25,7 +25,9 @@ use std::time::{Duration, SystemTime};
 use wgmesh_core::{Family, MeshConfig, NodePlan, PlanDelta, PrivateKey, PublicKey};
 use wgmesh_netlink::{KeyRing, Ownership, Reconciler, Report, keys};
 
-use crate::dataplane::{ApplyReport, Dataplane, DataplaneError, PeerStats};
+use crate::dataplane::{
+    ApplyReport, BackgroundResync, Dataplane, DataplaneError, PeerStats, ResyncOutcome,
+};
 
 /// A netlink dataplane (the host's kernel, or `wgmesh_netlink::testing::FakeKernel` behind
 /// `Linux` in tests).
@@ -190,6 +192,38 @@ impl<D: wgmesh_netlink::Dataplane> Dataplane for NetlinkDataplane<D> {
             {
                 tracing::info!(%interface, peer = %public_key, "no handshake 1 s after the peer was added: re-added it (crossing initiations)");
             }
+        }
+        Ok(report(r))
+    }
+
+    /// Reads and diffs through a second handle on the kernel (new netlink sockets):
+    /// `wgmesh_netlink::Reconciler::begin_resync`.
+    fn begin_resync(&mut self) -> Option<Result<BackgroundResync, DataplaneError>> {
+        match self.reconciler.begin_resync() {
+            Ok(Some(job)) => Some(Ok(BackgroundResync::new(move || {
+                ResyncOutcome::new(job.run())
+            }))),
+            Ok(None) => None,
+            Err(e) => Some(Err(DataplaneError::new("netlink resync", e))),
+        }
+    }
+
+    fn finish_resync(&mut self, outcome: ResyncOutcome) -> Result<ApplyReport, DataplaneError> {
+        let Some(found) = outcome.downcast::<wgmesh_netlink::ResyncFound>() else {
+            return Err(DataplaneError::new(
+                "netlink resync",
+                "the outcome of another dataplane's resync",
+            ));
+        };
+        let r = self
+            .reconciler
+            .finish_resync(found)
+            .map_err(|e| DataplaneError::new("netlink resync", e))?;
+        if r.skipped > 0 {
+            tracing::debug!(
+                skipped = r.skipped,
+                "resync: left out repairs of what deltas changed meanwhile"
+            );
         }
         Ok(report(r))
     }

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, AgentSettings, Publication, Resource};
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, ResyncOutcome};
 use crate::metrics::Metrics;
 use crate::publish::publish;
 use crate::status::{CONDITION_TYPE, Notice, StatusUpdate, send_notice, write_condition};
@@ -232,22 +232,76 @@ fn into_pod_event(e: watcher::Event<LeanPod>) -> watcher::Event<Pod> {
 type Events<K> =
     std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
-fn node_events(client: &Client) -> Events<K8sNode> {
+/// The longest wait between two attempts of a watch ([`WatchBackoff`]).
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// The watches' retry delays: 0.8 s doubling up to [`WATCH_BACKOFF_MAX`], each shortened by
+/// up to half (drawn from the node's name and the attempt: agents that lose the API server
+/// together retry apart), from the start again after a success.
+///
+/// kube-runtime's default (client-go's) goes up to 30 s. After an API outage a watch then
+/// waits up to 30 s to find the server back, and as long again after the `410 Gone` that
+/// sends it to relist (an error: the backoff is not reset) — most of the 118 s re-convergence
+/// measured after a 60 s outage at 5,000 nodes (BENCHMARKS.md).
+///
+/// ```
+/// use std::time::Duration;
+/// use wgmesh_k8s::run::{WATCH_BACKOFF_MAX, WatchBackoff};
+/// let delays: Vec<Duration> = WatchBackoff::new("node-a").take(8).collect();
+/// assert!(delays[0] <= Duration::from_millis(800));
+/// assert!(delays.iter().all(|d| *d <= WATCH_BACKOFF_MAX && *d >= Duration::from_millis(400)));
+/// assert!(delays[7] >= WATCH_BACKOFF_MAX / 2);
+/// assert_ne!(delays, WatchBackoff::new("node-b").take(8).collect::<Vec<_>>());
+/// ```
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    backoff: crate::agent::Backoff,
+    seed: String,
+    failures: u32,
+}
+
+impl WatchBackoff {
+    /// The backoff of `node`'s watches.
+    pub fn new(node: &str) -> Self {
+        Self {
+            backoff: crate::agent::Backoff::new(Duration::from_millis(800), WATCH_BACKOFF_MAX),
+            seed: node.to_owned(),
+            failures: 0,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.failures = self.failures.saturating_add(1);
+        Some(self.backoff.jittered(self.failures, &self.seed))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+fn node_events(client: &Client, node: &str) -> Events<K8sNode> {
     let api: Api<K8sNode> = Api::all(client.clone());
     watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::new(node))
         .map_ok(|e| e.modify(strip_node))
         .boxed()
 }
 
-fn pod_events(client: &Client, watch: bool) -> Events<Pod> {
+fn pod_events(client: &Client, watch: bool, node: &str) -> Events<Pod> {
     if !watch {
         return futures::stream::pending().boxed();
     }
     // Read as `LeanPod`: serde skips what `strip_pod` would drop (see `LeanPod`).
     let api: Api<LeanPod> = Api::all(client.clone());
     watcher(api, watcher::Config::default().fields(POD_FIELD_SELECTOR))
-        .default_backoff()
+        .backoff(WatchBackoff::new(node))
         .map_ok(into_pod_event)
         .boxed()
 }
@@ -284,8 +338,8 @@ pub async fn run<D>(
 where
     D: Dataplane + Send + 'static,
 {
-    let mut nodes = node_events(&client);
-    let mut pods = pod_events(&client, settings.watch_pods);
+    let mut nodes = node_events(&client, &settings.node_name);
+    let mut pods = pod_events(&client, settings.watch_pods, &settings.node_name);
     info!(
         node = %settings.node_name,
         watch_pods = settings.watch_pods,
@@ -302,6 +356,9 @@ where
     let mut agent = Agent::new(settings, dataplane, metrics);
     let mut publishing: Option<JoinHandle<Result<(), String>>> = None;
     let mut writing: Option<JoinHandle<(StatusUpdate, Result<Time, String>)>> = None;
+    // A resync's reading and diffing, on a thread of the blocking pool (see
+    // `Agent::take_background_resync`): events keep flowing meanwhile.
+    let mut resyncing: Option<JoinHandle<ResyncOutcome>> = None;
     tokio::pin!(shutdown);
     loop {
         let now = Instant::now().into_std();
@@ -312,6 +369,11 @@ where
             if notices.try_send(notice).is_err() {
                 debug!("the Event queue is full; an Event was dropped");
             }
+        }
+        if resyncing.is_none()
+            && let Some(job) = agent.take_background_resync()
+        {
+            resyncing = Some(tokio::task::spawn_blocking(move || job.run()));
         }
         if writing.is_none()
             && let Some(update) = agent.take_status_update()
@@ -358,6 +420,16 @@ where
                 if let Ok((update, result)) = written {
                     agent.on_status_written(&update, result, Instant::now().into_std());
                 }
+            }
+            found = async {
+                match resyncing.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                resyncing = None;
+                let now = Instant::now().into_std();
+                blocking(|| agent.on_resync_found(found.ok(), now));
             }
             () = async {
                 match wake {

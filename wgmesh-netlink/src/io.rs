@@ -42,6 +42,32 @@ pub trait KernelIo {
 
     /// Writes a sysctl by its dotted key.
     fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()>;
+
+    /// Another handle on the same kernel, with sockets of its own, usable from another
+    /// thread while this one keeps sending: what a resync reads the kernel through without
+    /// holding up the deltas ([`crate::Reconciler::begin_resync`]). `None` (the default): this
+    /// kernel has no second handle.
+    fn open_another(&mut self) -> Option<io::Result<Box<dyn KernelIo + Send>>> {
+        None
+    }
+}
+
+impl<K: KernelIo + ?Sized> KernelIo for Box<K> {
+    fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> io::Result<()> {
+        (**self).send(protocol, datagram)
+    }
+    fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> io::Result<()> {
+        (**self).recv(protocol, buf)
+    }
+    fn read_sysctl(&mut self, key: &str) -> io::Result<Option<String>> {
+        (**self).read_sysctl(key)
+    }
+    fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()> {
+        (**self).write_sysctl(key, value)
+    }
+    fn open_another(&mut self) -> Option<io::Result<Box<dyn KernelIo + Send>>> {
+        (**self).open_another()
+    }
 }
 
 impl<K: KernelIo + ?Sized> KernelIo for &mut K {
@@ -57,6 +83,9 @@ impl<K: KernelIo + ?Sized> KernelIo for &mut K {
     fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()> {
         (**self).write_sysctl(key, value)
     }
+    fn open_another(&mut self) -> Option<io::Result<Box<dyn KernelIo + Send>>> {
+        (**self).open_another()
+    }
 }
 
 const RECV_BUF: usize = 1 << 20;
@@ -65,6 +94,7 @@ const RECV_BUF: usize = 1 << 20;
 pub struct Sockets {
     sockets: [Socket; 3],
     proc_sys: PathBuf,
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Sockets {
@@ -108,6 +138,7 @@ impl Sockets {
                 open(NETLINK_NETFILTER, timeout)?,
             ],
             proc_sys: proc_sys.into(),
+            timeout,
         })
     }
 
@@ -147,5 +178,13 @@ impl KernelIo for Sockets {
 
     fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()> {
         std::fs::write(self.sysctl_path(key), format!("{value}\n"))
+    }
+
+    /// New sockets, with the same timeout and sysctl directory.
+    fn open_another(&mut self) -> Option<io::Result<Box<dyn KernelIo + Send>>> {
+        Some(
+            Self::open(self.timeout, self.proc_sys.clone())
+                .map(|s| Box::new(s) as Box<dyn KernelIo + Send>),
+        )
     }
 }

@@ -70,7 +70,7 @@ pub use io::{KernelIo, Sockets};
 pub use keys::KeyRing;
 pub use linux::{Backend, Linux, LinuxConfig, ParseBackendError};
 pub use op::{ChangeSet, Operation, Phase};
-pub use reconcile::{Dataplane, Reconciler, Report};
+pub use reconcile::{Dataplane, Reconciler, Report, ResyncFound, ResyncJob};
 pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,
     ForeignLink, LINK_MARKER, LinkKind, Ownership, PeerStats, RawRule,

@@ -1,6 +1,6 @@
 //! The reconciler: read → pure diff → execute, over any [`Dataplane`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -42,6 +42,13 @@ pub trait Dataplane {
         let _ = own;
         Ok(None)
     }
+
+    /// Another handle on the same dataplane, for [`Dataplane::read`] on another thread while
+    /// this one keeps executing ([`Reconciler::begin_resync`]). `None` (the default): there
+    /// is none, and resyncs read through this handle.
+    fn open_reader(&mut self) -> Option<Result<Box<dyn Dataplane + Send>>> {
+        None
+    }
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -59,6 +66,9 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn strict_drops(&mut self, own: &Ownership) -> Result<Option<StrictDrops>> {
         (**self).strict_drops(own)
+    }
+    fn open_reader(&mut self) -> Option<Result<Box<dyn Dataplane + Send>>> {
+        (**self).open_reader()
     }
 }
 
@@ -78,6 +88,9 @@ impl<D: Dataplane + ?Sized> Dataplane for &mut D {
     fn strict_drops(&mut self, own: &Ownership) -> Result<Option<StrictDrops>> {
         (**self).strict_drops(own)
     }
+    fn open_reader(&mut self) -> Option<Result<Box<dyn Dataplane + Send>>> {
+        (**self).open_reader()
+    }
 }
 
 /// What one reconcile or delta application did.
@@ -94,6 +107,9 @@ pub struct Report {
     pub micros: u64,
     /// Things worth a look that are not errors (a key that differs from the published one…).
     pub warnings: Vec<String>,
+    /// Operations a background resync found but left out, because a delta changed their
+    /// object after its snapshot ([`Reconciler::finish_resync`]).
+    pub skipped: usize,
 }
 
 impl Report {
@@ -131,6 +147,8 @@ pub struct Reconciler<D> {
     dataplane: D,
     ownership: Ownership,
     keys: KeyRing,
+    /// `keys`' public keys, computed once per key ring (not per delta).
+    public: [Option<PublicKey>; 2],
     current: Option<NodePlan>,
     /// Route changes of deltas not yet folded into `current.routes`: the route each
     /// destination now has (`None`: removed). A plan's routes are one sorted vector (560,000
@@ -141,6 +159,155 @@ pub struct Reconciler<D> {
     dirty: bool,
     watchdog: HandshakeWatchdog,
     origin: Instant,
+    /// Counts full reconciles and key changes: a background resync begun before the last
+    /// one is stale.
+    generation: u64,
+    /// While a background resync is out: what changed on the dataplane since its snapshot.
+    touched: Option<Touched>,
+}
+
+/// What deltas (and handshake repairs) changed since a background resync took its
+/// snapshot: its operations on these objects are left out, never undoing a newer change.
+#[derive(Debug, Default)]
+struct Touched {
+    routes: HashSet<IpNet>,
+    peers: HashSet<(String, PublicKey)>,
+    /// Something else changed (an interface, a rule, a sysctl, the marking) or an
+    /// execution failed: the whole resync is dropped.
+    all: bool,
+}
+
+impl Touched {
+    fn record(&mut self, delta: &PlanDelta) {
+        let d = delta;
+        if !(d.interfaces_removed.is_empty()
+            && d.interfaces_added.is_empty()
+            && d.interfaces_changed.is_empty()
+            && d.rules_removed.is_empty()
+            && d.rules_added.is_empty()
+            && d.sysctls_removed.is_empty()
+            && d.sysctls_added.is_empty()
+            && d.marking == Default::default())
+        {
+            self.all = true;
+        }
+        let routes = d.routes_removed.iter().chain(&d.routes_added);
+        self.routes.extend(routes.map(|r| r.destination));
+        let peers = (d.peers_removed.iter().map(|p| (&p.interface, p.public_key)))
+            .chain(
+                d.peers_added
+                    .iter()
+                    .map(|p| (&p.interface, p.peer.public_key)),
+            )
+            .chain(d.peers_updated.iter().map(|p| (&p.interface, p.public_key)));
+        self.peers.extend(peers.map(|(i, k)| (i.clone(), k)));
+    }
+
+    /// Whether `op` acts on something changed since the snapshot.
+    fn covers(&self, op: &Operation) -> bool {
+        match op {
+            Operation::AddRoute { route } => self.routes.contains(&route.destination),
+            Operation::DeleteRoute { route } => self.routes.contains(&route.destination),
+            Operation::RemovePeer {
+                interface,
+                public_key,
+            }
+            | Operation::SetPeer {
+                interface,
+                public_key,
+                ..
+            }
+            | Operation::StartHandshake {
+                interface,
+                public_key,
+            }
+            | Operation::RemoveAllowedIps {
+                interface,
+                public_key,
+                ..
+            } => self.peers.contains(&(interface.clone(), *public_key)),
+            _ => false,
+        }
+    }
+}
+
+/// The part of a resync that takes long — reading the dataplane and diffing it against a
+/// snapshot of the plan — made to run on another thread while the reconciler keeps applying
+/// deltas ([`Reconciler::begin_resync`]). [`ResyncJob::run`] gives what
+/// [`Reconciler::finish_resync`] needs.
+pub struct ResyncJob {
+    reader: Box<dyn Dataplane + Send>,
+    plan: NodePlan,
+    ownership: Ownership,
+    options: DiffOptions,
+    generation: u64,
+    started: Instant,
+}
+
+impl std::fmt::Debug for ResyncJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResyncJob")
+            .field("generation", &self.generation)
+            .field("routes", &self.plan.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a [`ResyncJob`] found: the operations that repair the dataplane as it was read,
+/// against the plan as it was when the job began.
+#[derive(Debug)]
+pub struct ResyncFound {
+    operations: Result<Vec<Operation>>,
+    generation: u64,
+    started: Instant,
+}
+
+impl ResyncJob {
+    /// Reads the dataplane through the second handle and diffs it against the snapshot.
+    pub fn run(mut self) -> ResyncFound {
+        let operations = read_and_diff(
+            &mut *self.reader,
+            &self.ownership,
+            &self.options,
+            &self.plan,
+        );
+        ResyncFound {
+            operations,
+            generation: self.generation,
+            started: self.started,
+        }
+    }
+}
+
+/// Read, check ownership and collisions, diff: the operations that make the dataplane
+/// match `plan`.
+fn read_and_diff<D: Dataplane + ?Sized>(
+    dataplane: &mut D,
+    ownership: &Ownership,
+    options: &DiffOptions,
+    plan: &NodePlan,
+) -> Result<Vec<Operation>> {
+    let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
+    let actual = dataplane.read(ownership, &sysctls)?;
+    // Before touching anything: nobody else may use wgmesh's mark, table or priority.
+    if let Some(rule) = plan.rules.first()
+        && let Some(collision) = crate::neighbours::collisions(
+            rule.firewall_mark,
+            rule.priority,
+            rule.table,
+            &actual.foreign_rules,
+        )
+        .into_iter()
+        .next()
+    {
+        return Err(Error::Collision { collision });
+    }
+    check_ownership(
+        &actual,
+        ownership,
+        plan.interfaces.iter().map(|i| i.name.as_str()),
+    )?;
+    Ok(diff(plan, &actual, ownership, options).into_operations())
 }
 
 impl<D: Dataplane> Reconciler<D> {
@@ -149,12 +316,15 @@ impl<D: Dataplane> Reconciler<D> {
         Self {
             dataplane,
             ownership,
+            public: keys.public_keys(),
             keys,
             current: None,
             routes_pending: HashMap::new(),
             dirty: true,
             watchdog: HandshakeWatchdog::default(),
             origin: Instant::now(),
+            generation: 0,
+            touched: None,
         }
     }
 
@@ -174,13 +344,15 @@ impl<D: Dataplane> Reconciler<D> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn set_keys(&mut self, keys: KeyRing) {
+        self.public = keys.public_keys();
         self.keys = keys;
         self.dirty = true;
+        self.generation += 1;
     }
 
     /// The public keys of the private keys this reconciler programs, per family.
     pub fn public_keys(&self) -> [Option<PublicKey>; 2] {
-        self.keys.public_keys()
+        self.public
     }
 
     /// Replaces the crossing-initiation watchdog (for example one with another timeout);
@@ -240,14 +412,14 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     fn options(&self) -> DiffOptions {
-        DiffOptions::new(self.dataplane.link_kind(), self.keys.public_keys())
+        DiffOptions::new(self.dataplane.link_kind(), self.public)
     }
 
     fn warnings(&self, plan: &NodePlan) -> Vec<String> {
         plan.interfaces
             .iter()
             .filter_map(|i| {
-                let ours = self.keys.public_key(i.family)?;
+                let ours = self.public[i.family.index()]?;
                 let published = i.public_key?;
                 (ours != published).then(|| {
                     format!(
@@ -264,27 +436,8 @@ impl<D: Dataplane> Reconciler<D> {
     /// make is refused ([`check_ownership`]: [`Error::ForeignLink`]), here and in
     /// [`Self::dry_run`] and [`Self::reconcile`].
     pub fn plan_operations(&mut self, plan: &NodePlan) -> Result<Vec<Operation>> {
-        let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
-        let actual = self.dataplane.read(&self.ownership, &sysctls)?;
-        // Before touching anything: nobody else may use wgmesh's mark, table or priority.
-        if let Some(rule) = plan.rules.first()
-            && let Some(collision) = crate::neighbours::collisions(
-                rule.firewall_mark,
-                rule.priority,
-                rule.table,
-                &actual.foreign_rules,
-            )
-            .into_iter()
-            .next()
-        {
-            return Err(Error::Collision { collision });
-        }
-        check_ownership(
-            &actual,
-            &self.ownership,
-            plan.interfaces.iter().map(|i| i.name.as_str()),
-        )?;
-        Ok(diff(plan, &actual, &self.ownership, &self.options()).into_operations())
+        let options = self.options();
+        read_and_diff(&mut self.dataplane, &self.ownership, &options, plan)
     }
 
     /// Reports what a reconcile would do without doing it.
@@ -297,6 +450,7 @@ impl<D: Dataplane> Reconciler<D> {
             dry_run: true,
             micros: start.elapsed().as_micros() as u64,
             warnings: self.warnings(plan),
+            skipped: 0,
         })
     }
 
@@ -305,6 +459,7 @@ impl<D: Dataplane> Reconciler<D> {
     pub fn reconcile(&mut self, plan: &NodePlan) -> Result<Report> {
         let start = Instant::now();
         self.dirty = true;
+        self.generation += 1;
         let operations = self.plan_operations(plan)?;
         let messages = if operations.is_empty() {
             0
@@ -320,6 +475,7 @@ impl<D: Dataplane> Reconciler<D> {
             dry_run: false,
             micros: start.elapsed().as_micros() as u64,
             warnings: self.warnings(plan),
+            skipped: 0,
         })
     }
 
@@ -333,6 +489,9 @@ impl<D: Dataplane> Reconciler<D> {
             return Err(Error::NoBasePlan);
         };
         let operations = delta_operations(current, delta, &options).into_operations();
+        if let Some(touched) = &mut self.touched {
+            touched.record(delta);
+        }
         let result = if operations.is_empty() {
             Ok(0)
         } else {
@@ -343,16 +502,13 @@ impl<D: Dataplane> Reconciler<D> {
         if delta.routes_added.is_empty() && delta.routes_removed.is_empty() {
             current.apply_delta(delta);
         } else {
-            let mut rest = delta.clone();
-            let removed = std::mem::take(&mut rest.routes_removed);
-            let added = std::mem::take(&mut rest.routes_added);
-            current.apply_delta(&rest);
+            current.apply_delta_except_routes(delta);
             // In the order `NodePlan::apply_delta` patches: removals, then additions.
-            for r in removed {
+            for r in &delta.routes_removed {
                 self.routes_pending.insert(r.destination, None);
             }
-            for r in added {
-                self.routes_pending.insert(r.destination, Some(r));
+            for r in &delta.routes_added {
+                self.routes_pending.insert(r.destination, Some(r.clone()));
             }
             let fold_at = (current.routes.len() / 16).max(256);
             if self.routes_pending.len() >= fold_at {
@@ -381,12 +537,120 @@ impl<D: Dataplane> Reconciler<D> {
                 dry_run: false,
                 micros: start.elapsed().as_micros() as u64,
                 warnings: Vec::new(),
+                skipped: 0,
             }),
             Err(e) => {
                 self.dirty = true;
+                if let Some(touched) = &mut self.touched {
+                    touched.all = true;
+                }
                 Err(e)
             }
         }
+    }
+
+    /// Begins a resync that reads and diffs on another thread: takes a snapshot of the
+    /// current plan and a second handle on the dataplane ([`Dataplane::open_reader`]). Run
+    /// the job anywhere ([`ResyncJob::run`]) while deltas keep coming through
+    /// [`Self::apply_delta`], then hand its result to [`Self::finish_resync`], which executes
+    /// the repairs except those on objects a delta changed meanwhile.
+    ///
+    /// `Ok(None)`: there is no plan yet, the dataplane needs a resync on this handle
+    /// ([`Self::needs_resync`]), or it has no second handle — call [`Self::resync`].
+    ///
+    /// ```
+    /// use wgmesh_core::{plan_node, spec::parse_cluster, PrivateKey};
+    /// use wgmesh_netlink::{KeyRing, Linux, Ownership, Reconciler, testing::{FakeKernel, SharedKernel}};
+    /// let key = PrivateKey::from_base64("aLHd3L4af3PpZIWlPJgme7dpppYIulN7pMB7E0JCTHw=")?;
+    /// let cluster = parse_cluster(r#"{"nodes":[
+    ///   {"name":"a","addresses":["10.0.0.1"],"pod_cidrs":["10.65.0.0/26"],
+    ///    "wireguard":{"public_key":"lDWQTjn07Ve0LXsUpK+8QpVnt+LEsDBTad9yiHJu0Ww="}},
+    ///   {"name":"b","addresses":["10.0.0.2"],"pod_cidrs":["10.65.0.64/26"],
+    ///    "wireguard":{"public_key":"/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}]}"#)?;
+    /// let plan = plan_node(&cluster, "a")?;
+    /// assert!(!plan.routes.is_empty());
+    /// let kernel = SharedKernel::new(FakeKernel::new());
+    /// let linux = Linux::with_kernel(kernel.handle(), Default::default())?;
+    /// let mut r = Reconciler::new(linux, Ownership::from_mesh(cluster.mesh()), KeyRing::single(key));
+    /// r.reconcile(&plan)?;
+    /// kernel.kernel().routes.clear(); // drift
+    /// let job = r.begin_resync()?.expect("a second handle");
+    /// let found = std::thread::spawn(move || job.run()).join().unwrap();
+    /// assert!(!r.finish_resync(found)?.is_noop()); // repaired
+    /// assert!(r.reconcile(&plan)?.is_noop());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn begin_resync(&mut self) -> Result<Option<ResyncJob>> {
+        // A dataplane that may differ from the plan in ways deltas touch (a failed run, never
+        // reconciled) gets the whole resync, on this handle.
+        if self.current.is_none() || self.dirty {
+            return Ok(None);
+        }
+        let Some(reader) = self.dataplane.open_reader() else {
+            return Ok(None);
+        };
+        let reader = reader?;
+        self.fold_routes();
+        let Some(plan) = self.current.clone() else {
+            return Ok(None);
+        };
+        self.generation += 1;
+        self.touched = Some(Touched::default());
+        Ok(Some(ResyncJob {
+            reader,
+            plan,
+            ownership: self.ownership.clone(),
+            options: self.options(),
+            generation: self.generation,
+            started: Instant::now(),
+        }))
+    }
+
+    /// Ends a resync begun by [`Self::begin_resync`]: executes the repairs it found, except
+    /// those on a route or peer that a delta changed since its snapshot (the delta's change
+    /// is newer; drift there is left to the next resync). The whole result is dropped —
+    /// nothing executed, [`Report::skipped`] counts it — when a full reconcile or a key
+    /// change came in between, or a delta changed an interface, rule, sysctl or the marking,
+    /// or an execution failed: then [`Self::needs_resync`] says whether to resync again.
+    pub fn finish_resync(&mut self, found: ResyncFound) -> Result<Report> {
+        let touched = if found.generation == self.generation {
+            self.touched.take()
+        } else {
+            None
+        };
+        let operations = found.operations?;
+        let Some(touched) = touched.filter(|t| !t.all) else {
+            return Ok(Report {
+                skipped: operations.len(),
+                micros: found.started.elapsed().as_micros() as u64,
+                ..Report::default()
+            });
+        };
+        let total = operations.len();
+        let operations: Vec<Operation> = operations
+            .into_iter()
+            .filter(|op| !touched.covers(op))
+            .collect();
+        let skipped = total - operations.len();
+        let messages = if operations.is_empty() {
+            0
+        } else {
+            self.dirty = true;
+            self.dataplane.execute(&operations, &self.keys)?
+        };
+        self.dirty = false;
+        let warnings = match &self.current {
+            Some(plan) => self.warnings(plan),
+            None => Vec::new(),
+        };
+        Ok(Report {
+            operations,
+            messages,
+            dry_run: false,
+            micros: found.started.elapsed().as_micros() as u64,
+            warnings,
+            skipped,
+        })
     }
 
     /// A full reconcile against the current plan (the one deltas were folded into): repairs
@@ -447,6 +711,22 @@ impl<D: Dataplane> Reconciler<D> {
             Some(plan) => readd_operations(plan, &readds),
             None => Vec::new(),
         };
+        if let Some(touched) = &mut self.touched {
+            for op in &operations {
+                if let Operation::RemovePeer {
+                    interface,
+                    public_key,
+                }
+                | Operation::SetPeer {
+                    interface,
+                    public_key,
+                    ..
+                } = op
+                {
+                    touched.peers.insert((interface.clone(), *public_key));
+                }
+            }
+        }
         let messages = if operations.is_empty() {
             0
         } else {
@@ -458,6 +738,7 @@ impl<D: Dataplane> Reconciler<D> {
             dry_run: false,
             micros: start.elapsed().as_micros() as u64,
             warnings: Vec::new(),
+            skipped: 0,
         })
     }
 

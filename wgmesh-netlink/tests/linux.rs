@@ -287,6 +287,33 @@ fn create_configure_read_back_and_tear_down() {
     assert!(r.reconcile(&off).unwrap().is_noop());
 }
 
+/// The background resync reads through netlink sockets of its own (`open_reader`) on another
+/// thread, and its repairs go through the reconciler's: the mesh table flushed behind its
+/// back comes back.
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn a_background_resync_reads_through_sockets_of_its_own_and_repairs() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let plan = plan_node(&cluster(true), "a").unwrap();
+    let mut r = Reconciler::new(open(), own(), ring());
+    converge(&mut r, &plan);
+    sh_ok("ip route flush table 1; ip -6 route flush table 1");
+    let job = r
+        .begin_resync()
+        .unwrap()
+        .expect("Linux over sockets has a second handle");
+    let found = std::thread::spawn(move || job.run()).join().unwrap();
+    let report = r.finish_resync(found).unwrap();
+    assert!(
+        !report.is_noop(),
+        "the flushed routes were not found missing"
+    );
+    check_with_tools(&plan);
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    r.reconcile(&NodePlan::empty("a")).unwrap();
+}
+
 /// A neighbour on wgmesh's mark bits (Tailscale's bypass rule, as Tailscale installs it) is
 /// refused with one line naming it, before anything changes.
 #[test]

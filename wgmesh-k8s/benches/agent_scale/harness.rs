@@ -30,10 +30,12 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use wgmesh_core::{Family, MeshConfig, NodePlan, PlanDelta, PrivateKey, PublicKey, RouteSource};
 use wgmesh_k8s::agent::AgentSettings;
-use wgmesh_k8s::dataplane::{ApplyReport, Dataplane, DataplaneError};
+use wgmesh_k8s::dataplane::{
+    ApplyReport, BackgroundResync, Dataplane, DataplaneError, ResyncOutcome,
+};
 use wgmesh_k8s::metrics::Metrics;
 use wgmesh_k8s::netlink::NetlinkDataplane;
-use wgmesh_netlink::testing::FakeKernel;
+use wgmesh_netlink::testing::{FakeKernel, SharedKernel};
 use wgmesh_netlink::{Backend, KernelIo, KeyRing, Linux, LinuxConfig, Protocol};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -320,13 +322,16 @@ pub mod heap {
 
 /// The fake kernel with a stopwatch and the heap's `Kernel` tag around every call: what the
 /// kernel itself costs, apart from the agent and wgmesh-netlink that drive it.
+///
+/// The kernel is shared ([`SharedKernel`]): the agent's background resync reads it through a
+/// second handle on its own thread, timed alike.
 pub struct TimedKernel {
-    pub inner: FakeKernel,
+    pub inner: SharedKernel,
     pub spent: Arc<Mutex<Duration>>,
 }
 
 impl TimedKernel {
-    fn timed<T>(&mut self, f: impl FnOnce(&mut FakeKernel) -> T) -> T {
+    fn timed<T>(&mut self, f: impl FnOnce(&mut SharedKernel) -> T) -> T {
         let previous = heap::enter(heap::Part::Kernel);
         let start = Instant::now();
         let r = f(&mut self.inner);
@@ -349,6 +354,12 @@ impl KernelIo for TimedKernel {
     fn write_sysctl(&mut self, key: &str, value: &str) -> std::io::Result<()> {
         self.timed(|k| k.write_sysctl(key, value))
     }
+    fn open_another(&mut self) -> Option<std::io::Result<Box<dyn KernelIo + Send>>> {
+        Some(Ok(Box::new(TimedKernel {
+            inner: self.inner.handle(),
+            spent: self.spent.clone(),
+        })))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -367,6 +378,16 @@ pub struct Tracker {
     pub peers_done_at: Option<Instant>,
     /// Full reconciles: (start, end, peers, routes).
     pub reconciles: Vec<(Instant, Instant, usize, usize)>,
+    /// Background resyncs: (begun, finished, operations).
+    pub background: Vec<(Instant, Instant, usize)>,
+    begun: Option<Instant>,
+    /// The longest time a background resync held the event loop: its beginning (the plan's
+    /// snapshot) and its end (the repairs), each.
+    pub background_loop_max: Duration,
+    /// Resolve outstanding events by the dataplane's plan after deltas (the relist after
+    /// the outage), and when that was last done.
+    pub resolve_by_plan: bool,
+    checked_plan: Option<Instant>,
     pub deltas: usize,
     pub errors: Vec<String>,
 }
@@ -388,6 +409,17 @@ impl Tracker {
         }
     }
 
+    /// Everything outstanding that a plan holding the addresses `present` reflects is
+    /// carried out at `at`.
+    fn resolve(&mut self, present: &HashSet<Ipv4Addr>, at: Instant) {
+        let keys: Vec<(Ipv4Addr, bool)> = self.outstanding.keys().copied().collect();
+        for (ip, added) in keys {
+            if present.contains(&ip) == added {
+                self.done(ip, added, at);
+            }
+        }
+    }
+
     fn peer_done(&mut self, key: &PublicKey, at: Instant) {
         if self.want_peers.remove(key) && self.want_peers.is_empty() {
             self.peers_done_at = Some(at);
@@ -406,6 +438,7 @@ fn host_v4(net: &IpNet) -> Option<Ipv4Addr> {
 pub struct Timed {
     inner: NetlinkDataplane<Linux<TimedKernel>>,
     tracker: Arc<Mutex<Tracker>>,
+    foreground_resync: bool,
 }
 
 impl Dataplane for Timed {
@@ -433,16 +466,42 @@ impl Dataplane for Timed {
                 .iter()
                 .filter_map(|r| host_v4(&r.destination))
                 .collect();
-            let keys: Vec<(Ipv4Addr, bool)> = t.outstanding.keys().copied().collect();
-            for (ip, added) in keys {
-                if present.contains(&ip) == added {
-                    t.done(ip, added, end);
-                }
-            }
+            t.resolve(&present, end);
         }
         if !t.want_peers.is_empty() {
             for p in plan.interfaces.iter().flat_map(|i| &i.peers) {
                 t.peer_done(&p.public_key, end);
+            }
+        }
+        r
+    }
+
+    fn begin_resync(&mut self) -> Option<Result<BackgroundResync, DataplaneError>> {
+        if self.foreground_resync {
+            return None;
+        }
+        let start = Instant::now();
+        let r = self.inner.begin_resync();
+        let held = start.elapsed();
+        let _harness = heap::within(heap::Part::Mock);
+        let mut t = self.tracker.lock().unwrap();
+        t.begun = Some(start);
+        t.background_loop_max = t.background_loop_max.max(held);
+        r
+    }
+
+    fn finish_resync(&mut self, outcome: ResyncOutcome) -> Result<ApplyReport, DataplaneError> {
+        let start = Instant::now();
+        let r = self.inner.finish_resync(outcome);
+        let end = Instant::now();
+        let _harness = heap::within(heap::Part::Mock);
+        let mut t = self.tracker.lock().unwrap();
+        t.background_loop_max = t.background_loop_max.max(end - start);
+        match &r {
+            Err(e) => t.errors.push(e.to_string()),
+            Ok(report) => {
+                let begun = t.begun.take().unwrap_or(end);
+                t.background.push((begun, end, report.operations));
             }
         }
         r
@@ -470,6 +529,27 @@ impl Dataplane for Timed {
         }
         for p in &delta.peers_added {
             t.peer_done(&p.peer.public_key, end);
+        }
+        // After an outage, events that cancel out (a pod deleted and another created in its
+        // slot, with its address) reach the agent as no change at all: resolved by the plan
+        // the dataplane holds, at most twice a second.
+        if t.resolve_by_plan
+            && t.outstanding_count > 0
+            && t.checked_plan
+                .is_none_or(|c| end - c > Duration::from_millis(500))
+        {
+            t.checked_plan = Some(end);
+            drop(t);
+            let present: HashSet<Ipv4Addr> = match self.inner.reconciler_mut().current_plan() {
+                Some(plan) => plan
+                    .routes
+                    .iter()
+                    .filter_map(|r| host_v4(&r.destination))
+                    .collect(),
+                None => HashSet::new(),
+            };
+            let mut t = self.tracker.lock().unwrap();
+            t.resolve(&present, end);
         }
         r
     }
@@ -1051,6 +1131,9 @@ pub struct Params {
     pub steady_secs: u64,
     /// The agent's resync interval (`None`: its default, 90 s).
     pub resync_secs: Option<u64>,
+    /// Resync on the event loop (a full reconcile), as before the background resync: the
+    /// dataplane offers no `begin_resync`.
+    pub foreground_resync: bool,
     /// Give up waiting for a convergence after this long.
     pub patience: Duration,
 }
@@ -1067,6 +1150,7 @@ impl Params {
             outage_rate: 100,
             steady_secs: 120,
             resync_secs: None,
+            foreground_resync: false,
             patience: Duration::from_secs(120),
         }
     }
@@ -1081,7 +1165,9 @@ impl Params {
             outage_secs: 1,
             outage_rate: 50,
             steady_secs: 1,
-            resync_secs: None,
+            // Resyncs during every phase: they run beside the deltas.
+            resync_secs: Some(2),
+            foreground_resync: false,
             patience: Duration::from_secs(60),
         }
     }
@@ -1102,8 +1188,11 @@ pub struct ChurnFigures {
     pub queue_max: usize,
     pub queue_mean: f64,
     pub reconciles: usize,
-    /// The longest full reconcile (a resync) during the phase.
+    /// The longest full reconcile during the phase.
     pub longest_reconcile: Duration,
+    /// Background resyncs finished during the phase, and the longest (begun → finished).
+    pub background: usize,
+    pub longest_background: Duration,
     pub deltas: usize,
 }
 
@@ -1118,6 +1207,9 @@ pub struct Report {
     pub restart_kernel_time: Duration,
     /// `heap::figures()` at the first full apply.
     pub restart_heap: [(f64, f64); 4],
+    /// The same over the outage and the relists that end it.
+    pub relist_heap: [(f64, f64); 4],
+    pub relist_rss_peak_mb: f64,
     pub churn: Vec<ChurnFigures>,
     pub burst: Option<Duration>,
     pub steady_requests: usize,
@@ -1127,6 +1219,10 @@ pub struct Report {
     pub reconverged: Option<Duration>,
     pub recovery_requests: usize,
     pub peak_rss_mb: f64,
+    /// Background resyncs finished over the whole run, and how many operations they
+    /// executed in all (repairs).
+    pub background_resyncs: usize,
+    pub background_operations: usize,
     pub errors: Vec<String>,
 }
 
@@ -1187,7 +1283,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
                     let mut kernel = FakeKernel::new();
                     kernel.index_allowed_ips = true;
                     TimedKernel {
-                        inner: kernel,
+                        inner: SharedKernel::new(kernel),
                         spent: kernel_time.clone(),
                     }
                 },
@@ -1198,6 +1294,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             KeyRing::single(agent_key()),
         ),
         tracker: tracker.clone(),
+        foreground_resync: p.foreground_resync,
     };
     let mut settings = AgentSettings::new(node_name(0), mesh());
     settings.watch_pods = true;
@@ -1267,10 +1364,10 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
 
     // Steady churn at each rate.
     for &rate in &p.rates {
-        let (r0, d0) = {
+        let (r0, d0, b0) = {
             let mut t = tracker.lock().unwrap();
             t.latencies.clear();
-            (t.reconciles.len(), t.deltas)
+            (t.reconciles.len(), t.deltas, t.background.len())
         };
         let cpu0 = agent_cpu();
         let k0 = *kernel_time.lock().unwrap();
@@ -1316,10 +1413,16 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
                 .map(|r| r.1 - r.0)
                 .max()
                 .unwrap_or_default(),
+            background: t.background.len() - b0,
+            longest_background: t.background[b0..]
+                .iter()
+                .map(|r| r.1 - r.0)
+                .max()
+                .unwrap_or_default(),
             deltas: t.deltas - d0,
         };
         log(&format!(
-            "churn {rate}/s for {wall:.0} s: agent CPU {:.2} cores ({:.2} in the fake kernel), event → netlink p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} address changes, {} unresolved); queue max {}, mean {:.1}; {} full reconciles (longest {:.0} ms), {} deltas",
+            "churn {rate}/s for {wall:.0} s: agent CPU {:.2} cores ({:.2} in the fake kernel), event → netlink p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} address changes, {} unresolved); queue max {}, mean {:.1}; {} full reconciles (longest {:.0} ms), {} background resyncs (longest {:.0} ms), {} deltas",
             f.agent_cpu,
             f.kernel_cpu,
             ms(f.p50),
@@ -1331,6 +1434,8 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             f.queue_mean,
             f.reconciles,
             ms(f.longest_reconcile),
+            f.background,
+            ms(f.longest_background),
             f.deltas
         ));
         report.churn.push(f);
@@ -1370,6 +1475,8 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     ));
 
     // The outage: the API server is down, the cluster keeps changing; then relists.
+    reset_peak_rss();
+    heap::reset_peaks();
     let n0 = api.requests().len();
     let down_at = Instant::now();
     api.set_down(true);
@@ -1383,6 +1490,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         std::thread::sleep(Duration::from_millis(50));
     }
     let back_at = Instant::now();
+    tracker.lock().unwrap().resolve_by_plan = true;
     api.set_down(false);
     let converged = agent_rt.block_on(wait_for(p.patience, || {
         tracker.lock().unwrap().outstanding_count == 0
@@ -1409,6 +1517,43 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         let last = t.latencies.iter().map(|l| l.1).max().unwrap_or(back_at);
         report.reconverged = Some(last.saturating_duration_since(back_at));
     }
+    tracker.lock().unwrap().resolve_by_plan = false;
+    report.relist_rss_peak_mb = rss_mb().1;
+    report.relist_heap = heap::figures();
+    if heap::installed() {
+        let [a, m, k, t] = report.relist_heap;
+        log(&format!(
+            "outage and relists: peak RSS {:.0} MB; heap by part (live / peak MB): agent {:.0} / {:.0}, fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
+            report.relist_rss_peak_mb, a.0, a.1, k.0, k.1, m.0, m.1, t.0, t.1
+        ));
+    }
+    {
+        // When each watch came back, and how long its relist took.
+        let after: Vec<&Recorded> = requests[n0..].iter().filter(|r| r.at >= back_at).collect();
+        let mut lines = Vec::new();
+        for path in ["/api/v1/nodes", "/api/v1/pods"] {
+            let mine: Vec<&&Recorded> = after.iter().filter(|r| r.path == path).collect();
+            let watches: Vec<String> = mine
+                .iter()
+                .filter(|r| r.watch)
+                .take(4)
+                .map(|r| format!("{:.1}", (r.at - back_at).as_secs_f64()))
+                .collect();
+            let lists: Vec<f64> = mine
+                .iter()
+                .filter(|r| !r.watch)
+                .map(|r| (r.at - back_at).as_secs_f64())
+                .collect();
+            lines.push(format!(
+                "{path}: watches at {} s; {} list pages from {:.1} s to {:.1} s",
+                watches.join(", "),
+                lists.len(),
+                lists.first().copied().unwrap_or(0.0),
+                lists.last().copied().unwrap_or(0.0)
+            ));
+        }
+        log(&format!("after the outage: {}", lines.join("; ")));
+    }
     let after = back_at + report.reconverged.unwrap_or(p.patience);
     report.recovery_requests = requests[n0..]
         .iter()
@@ -1429,9 +1574,18 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     ));
 
     report.peak_rss_mb = rss_mb().1.max(report.restart_rss_peak_mb);
-    report
-        .errors
-        .extend(tracker.lock().unwrap().errors.iter().cloned());
+    {
+        let t = tracker.lock().unwrap();
+        report.errors.extend(t.errors.iter().cloned());
+        report.background_resyncs = t.background.len();
+        report.background_operations = t.background.iter().map(|b| b.2).sum();
+    }
+    log(&format!(
+        "background resyncs: {}, {} operations in all; the longest hold of the event loop (snapshot or repairs) {:.0} ms",
+        report.background_resyncs,
+        report.background_operations,
+        ms(tracker.lock().unwrap().background_loop_max)
+    ));
     let _ = stop_tx.send(());
     let _ = agent_rt.block_on(agent);
     agent_rt.shutdown_background();

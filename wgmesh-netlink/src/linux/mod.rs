@@ -325,4 +325,17 @@ impl<K: KernelIo> Dataplane for Linux<K> {
         let tables = self.read_nft(&own.nft_table)?;
         Ok(crate::marking::strict_drops(&tables))
     }
+
+    /// A second `Linux` over [`KernelIo::open_another`] (new sockets), with this one's
+    /// configuration.
+    fn open_reader(&mut self) -> Option<Result<Box<dyn Dataplane + Send>>> {
+        let io = match self.io.open_another()? {
+            Ok(io) => io,
+            Err(e) => return Some(Err(Error::io("open a second set of netlink sockets", e))),
+        };
+        Some(
+            Linux::with_kernel(io, self.config.clone())
+                .map(|l| Box::new(l) as Box<dyn Dataplane + Send>),
+        )
+    }
 }

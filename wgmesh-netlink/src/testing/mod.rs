@@ -120,6 +120,10 @@ impl<D: Dataplane> Dataplane for FailingDataplane<D> {
     fn strict_drops(&mut self, own: &Ownership) -> Result<Option<crate::marking::StrictDrops>> {
         self.inner.strict_drops(own)
     }
+
+    fn open_reader(&mut self) -> Option<Result<Box<dyn Dataplane + Send>>> {
+        self.inner.open_reader()
+    }
 }
 
 /// Wraps a dataplane and records every operation it carried out, in order (of a run that
@@ -192,6 +196,104 @@ impl<D: Dataplane> Dataplane for Recording<D> {
 
     fn strict_drops(&mut self, own: &Ownership) -> Result<Option<crate::marking::StrictDrops>> {
         self.inner.strict_drops(own)
+    }
+
+    fn open_reader(&mut self) -> Option<Result<Box<dyn Dataplane + Send>>> {
+        self.inner.open_reader()
+    }
+}
+
+/// A [`FakeKernel`] that several handles share, each with sockets of its own, like processes
+/// on one host: [`KernelIo::open_another`](crate::KernelIo::open_another) gives another
+/// handle (another thread may use it), and [`SharedKernel::kernel`] reaches the kernel itself
+/// (tests drift it). Each request's answers are taken from the kernel at once and queued on
+/// the handle that sent it; a dump is made whole while the kernel is locked (a real kernel
+/// lets other requests in between its pages).
+///
+/// ```
+/// use wgmesh_netlink::{KernelIo, Linux, Dataplane, Ownership, testing::{FakeKernel, SharedKernel}};
+/// let shared = SharedKernel::new(FakeKernel::new());
+/// let mut linux = Linux::with_kernel(shared.handle(), Default::default())?;
+/// let mut reader = linux.open_reader().expect("a second handle")?;
+/// let own = Ownership::from_mesh(&wgmesh_core::MeshConfig::default());
+/// std::thread::spawn(move || reader.read(&own, &[])).join().unwrap()?;
+/// assert!(shared.kernel().messages_received() > 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct SharedKernel {
+    kernel: std::sync::Arc<std::sync::Mutex<FakeKernel>>,
+    answers: [std::collections::VecDeque<std::io::Result<Vec<u8>>>; 3],
+}
+
+impl SharedKernel {
+    /// The first handle on `kernel`.
+    pub fn new(kernel: FakeKernel) -> Self {
+        Self {
+            kernel: std::sync::Arc::new(std::sync::Mutex::new(kernel)),
+            answers: Default::default(),
+        }
+    }
+
+    /// Another handle on the same kernel, with empty sockets (what
+    /// [`KernelIo::open_another`](crate::KernelIo::open_another) gives, unboxed).
+    pub fn handle(&self) -> Self {
+        Self {
+            kernel: self.kernel.clone(),
+            answers: Default::default(),
+        }
+    }
+
+    /// The kernel (locked while the guard lives).
+    pub fn kernel(&self) -> std::sync::MutexGuard<'_, FakeKernel> {
+        self.kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl crate::KernelIo for SharedKernel {
+    fn send(&mut self, protocol: crate::Protocol, datagram: &[u8]) -> std::io::Result<()> {
+        let mut kernel = self
+            .kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kernel.send(protocol, datagram)?;
+        let queue = &mut self.answers[protocol.index()];
+        loop {
+            let mut buf = Vec::new();
+            match kernel.recv(protocol, &mut buf) {
+                Ok(()) => queue.push_back(Ok(buf)),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(()),
+                Err(e) => queue.push_back(Err(e)),
+            }
+        }
+    }
+
+    fn recv(&mut self, protocol: crate::Protocol, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        match self.answers[protocol.index()].pop_front() {
+            Some(Ok(d)) => {
+                *buf = d;
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the fake kernel has nothing to say",
+            )),
+        }
+    }
+
+    fn read_sysctl(&mut self, key: &str) -> std::io::Result<Option<String>> {
+        self.kernel().read_sysctl(key)
+    }
+
+    fn write_sysctl(&mut self, key: &str, value: &str) -> std::io::Result<()> {
+        self.kernel().write_sysctl(key, value)
+    }
+
+    fn open_another(&mut self) -> Option<std::io::Result<Box<dyn crate::KernelIo + Send>>> {
+        Some(Ok(Box::new(self.handle())))
     }
 }
 
