@@ -110,6 +110,28 @@ pub const MARKING_TABLE: &str = "wgmesh";
 /// The sysctl that makes the reverse-path check honour packet marks.
 pub const SRC_VALID_MARK: &str = "net.ipv4.conf.all.src_valid_mark";
 
+/// The value of an interface's `rp_filter` that makes its reverse-path check loose.
+pub const RP_FILTER_LOOSE: &str = "2";
+
+/// The sysctl key of an interface's IPv4 reverse-path filter, in `sysctl`'s dotted notation
+/// (a `.` inside the interface name is written `/`).
+///
+/// The plan sets it to [`RP_FILTER_LOOSE`] on the IPv4 WireGuard interface: Linux checks
+/// `max(all, interface)`, so a host with strict `rp_filter` checks that interface loosely.
+/// WireGuard already checks the source of every packet it decrypts against the sending
+/// peer's allowed IPs (a stricter check than the reverse path), and a peer that is joining
+/// or leaving ([`crate::Phase`]) is routed plain while its encrypted packets must still be
+/// accepted: the strict check would drop them, since the route back to their source no
+/// longer leads into the tunnel.
+///
+/// ```
+/// use wgmesh_core::plan::rp_filter_key;
+/// assert_eq!(rp_filter_key("wireguard.cali"), "net.ipv4.conf.wireguard/cali.rp_filter");
+/// ```
+pub fn rp_filter_key(interface: &str) -> String {
+    format!("net.ipv4.conf.{}.rp_filter", interface.replace('.', "/"))
+}
+
 /// The version of the plan schema: the serde form of [`NodePlan`] and [`crate::PlanDelta`]
 /// (see the module documentation).
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
@@ -581,17 +603,25 @@ pub(crate) fn routes_active(mesh: &MeshConfig, local: &Node, family: Family, par
 }
 
 /// Rules, sysctls and marking, given the interfaces and the families the local node routes.
-pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) {
+/// A leaving node (`leaving`) has no strict ingress filter: its peers already route to it in
+/// plaintext ([`crate::Phase::Leaving`]).
+pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2], leaving: bool) {
     plan.rules = Family::ALL
         .iter()
         .filter(|f| active[f.index()])
         .map(|f| rule(mesh, *f))
         .collect();
     plan.sysctls = if active[Family::V4.index()] {
-        vec![Sysctl {
+        let mut sysctls = vec![Sysctl {
             key: SRC_VALID_MARK.into(),
             value: "1".into(),
-        }]
+        }];
+        sysctls.extend(plan.interface(Family::V4).map(|i| Sysctl {
+            key: rp_filter_key(&i.name),
+            value: RP_FILTER_LOOSE.into(),
+        }));
+        sysctls.sort_unstable();
+        sysctls
     } else {
         Vec::new()
     };
@@ -609,7 +639,7 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) 
         } else {
             Vec::new()
         },
-        strict: mesh.strict_mode.then(|| StrictFilter {
+        strict: (mesh.strict_mode && !leaving).then(|| StrictFilter {
             interface_v4: plan
                 .interface(Family::V4)
                 .map(|i| i.name.clone())
@@ -629,6 +659,10 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) 
 pub(crate) enum Decision<N> {
     /// Into the tunnel, to this node's peer.
     Peer(N),
+    /// Back to the main table (plaintext), but allowed on this node's peer, whose encrypted
+    /// packets from it are still accepted: the node, or the local node, is joining or
+    /// leaving ([`crate::Phase`]).
+    Accept(N),
     /// Back to the main table.
     Throw,
     /// Dropped (strict mode).
@@ -646,16 +680,33 @@ pub(crate) fn counted_mtu(
     (part && node.underlay_mtu >= mesh.underlay_mtu_floor(family)).then_some(node.underlay_mtu)
 }
 
-/// The routing decision for a destination with these claimants.
+/// The routing decision for a destination with these claimants: `routed` says whether the
+/// local node routes to a participating claimant through the tunnel (neither is joining or
+/// leaving), otherwise the claimant's peer only accepts it.
 pub(crate) fn decide<N: PartialEq + Copy>(
     local: N,
     sole_claimant: Option<N>,
     takes_part: impl Fn(N) -> bool,
+    routed: impl Fn(N) -> bool,
 ) -> Decision<N> {
     match sole_claimant {
-        Some(n) if n != local && takes_part(n) => Decision::Peer(n),
+        Some(n) if n != local && takes_part(n) && routed(n) => Decision::Peer(n),
+        Some(n) if n != local && takes_part(n) => Decision::Accept(n),
         _ => Decision::Throw,
     }
+}
+
+/// Whether the local node routes to a participating node through the tunnel: neither is in
+/// a join or a leave that routes plain ([`crate::Phase`]). A leaving local node still does
+/// (it keeps everything until it drops its device).
+pub(crate) fn routed_phases(local: crate::model::Phase, remote: crate::model::Phase) -> bool {
+    use crate::model::Phase;
+    local != Phase::Joining && remote == Phase::Active
+}
+
+/// Whether the phase of the local node asks for no strict ingress filter.
+pub(crate) fn leaving(local: &Node) -> bool {
+    local.phase() == crate::model::Phase::Leaving
 }
 
 /// The routing decision for a destination from its claims `(node, flags)`; `None` when it gets
@@ -665,7 +716,9 @@ pub(crate) fn decide<N: PartialEq + Copy>(
 /// encrypting node should have: it is not the local node's, not refused for being outside
 /// the cluster (a special address, too short a prefix, outside `cluster_cidrs`: a hostile
 /// claim must not blackhole the world), not a node address without host encryption, not
-/// only claimed (unrefused) by explicitly plain nodes, and not a control-plane endpoint.
+/// only claimed (unrefused) by explicitly plain (or leaving) nodes, and not a control-plane
+/// endpoint. A destination whose sole owner takes part but is routed plain because of a
+/// phase (`routed` false) is [`Decision::Accept`]: thrown, never blackholed.
 /// Without a claim that asks for a route, a node address inside `cluster_cidrs` gets a throw
 /// route in strict mode: the exception to the blackholed unknown cluster space.
 pub(crate) fn decide_claims<N: PartialEq + Copy>(
@@ -674,6 +727,7 @@ pub(crate) fn decide_claims<N: PartialEq + Copy>(
     dest: &IpNet,
     claims: impl Iterator<Item = (N, u8)> + Clone,
     part: impl Fn(N) -> bool,
+    routed: impl Fn(N) -> bool,
     plain: impl Fn(N) -> bool,
 ) -> Option<Decision<N>> {
     let Some(sole) = owner(claims.clone()) else {
@@ -681,7 +735,7 @@ pub(crate) fn decide_claims<N: PartialEq + Copy>(
         return (mesh.strict_mode && address && in_cluster_cidrs(mesh, dest))
             .then_some(Decision::Throw);
     };
-    let decision = decide(local, sole, |n| local_part && part(n));
+    let decision = decide(local, sole, |n| local_part && part(n), routed);
     if !mesh.strict_mode || decision != Decision::Throw {
         return Some(decision);
     }
@@ -816,7 +870,8 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
                 &dest,
                 group.iter().map(|e| (e.node, e.flags)),
                 |n| part[n],
-                |n| nodes[n].explicitly_plain(),
+                |n| routed_phases(local.phase(), nodes[n].phase()),
+                |n| nodes[n].plain_by_choice(),
             ) else {
                 continue;
             };
@@ -824,6 +879,10 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
                 Decision::Peer(n) => {
                     allowed[n].push(dest);
                     routes.push((dest, RouteType::Unicast));
+                }
+                Decision::Accept(n) => {
+                    allowed[n].push(dest);
+                    routes.push((dest, RouteType::Throw));
                 }
                 Decision::Throw => routes.push((dest, RouteType::Throw)),
                 Decision::Blackhole => routes.push((dest, RouteType::Blackhole)),
@@ -877,15 +936,23 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
             }
         })
         .collect();
-    finish(mesh, &mut plan, active);
+    finish(mesh, &mut plan, active, leaving(local));
     Ok(plan)
+}
+
+/// The peer a decision puts the destination on as an allowed IP, if any.
+pub(crate) fn allowed_on<N>(decision: Option<Decision<N>>) -> Option<N> {
+    match decision {
+        Some(Decision::Peer(n) | Decision::Accept(n)) => Some(n),
+        _ => None,
+    }
 }
 
 /// The route type of a decision.
 pub(crate) fn route_type<N>(decision: Decision<N>) -> RouteType {
     match decision {
         Decision::Peer(_) => RouteType::Unicast,
-        Decision::Throw => RouteType::Throw,
+        Decision::Throw | Decision::Accept(_) => RouteType::Throw,
         Decision::Blackhole => RouteType::Blackhole,
     }
 }

@@ -1,7 +1,9 @@
 //! The design's picture as a property: over random clusters (both route sources, plain
 //! nodes, duplicate keys, borrowed addresses, dual stack, host encryption on and off), the
 //! simulator walks every pair of endpoints through the nodes' plans and finds each flow
-//! encrypted, plain or local exactly as the design promises, and nothing dropped.
+//! encrypted, plain or local exactly as the design promises, and nothing dropped — nodes
+//! joining or leaving (`Phase`) included: traffic to them, or from a joining node, goes
+//! plain and is accepted.
 
 mod common;
 
@@ -41,7 +43,7 @@ proptest! {
                 let trace = sim.trace(Source::Pod(*a), *b);
                 let expected = if na == nb {
                     Outcome::Local
-                } else if takes_part(&cluster, &nodes[*na], family) && takes_part(&cluster, &nodes[*nb], family) {
+                } else if encrypts(&cluster, &nodes[*na], &nodes[*nb], family) {
                     Outcome::Encrypted
                 } else {
                     Outcome::Plain
@@ -65,7 +67,7 @@ proptest! {
                 }
                 for (j, b) in nodes.iter().enumerate() {
                     let Some(dst) = b.address(family) else { continue };
-                    let both = takes_part(&cluster, a, family) && takes_part(&cluster, b, family);
+                    let both = encrypts(&cluster, a, b, family);
                     let expected = if i == j {
                         Outcome::Local
                     } else if both && he {
@@ -79,16 +81,17 @@ proptest! {
                 // Host ↔ pod, both ways: encrypted only with host encryption.
                 for (pod, o) in owners.iter().filter(|(ip, _)| Family::of(ip) == family) {
                     let b = &nodes[*o];
-                    let both = takes_part(&cluster, a, family) && takes_part(&cluster, b, family);
-                    let expected = if i == *o {
+                    let outcome = |both: bool| if i == *o {
                         Outcome::Local
                     } else if both && he {
                         Outcome::Encrypted
                     } else {
                         Outcome::Plain
                     };
+                    let expected = outcome(encrypts(&cluster, a, b, family));
                     let trace = sim.trace(Source::Host(a.name.clone(), family), *pod);
                     prop_assert_eq!(&trace.outcome, &expected, "host {} → pod {}\n{:#?}", a.name, pod, trace.hops);
+                    let expected = outcome(encrypts(&cluster, b, a, family));
                     let host = a.address(family).unwrap();
                     let trace = sim.trace(Source::Pod(*pod), host);
                     prop_assert_eq!(&trace.outcome, &expected, "pod {} → host {}\n{:#?}", pod, a.name, trace.hops);
