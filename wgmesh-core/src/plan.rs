@@ -110,28 +110,6 @@ pub const MARKING_TABLE: &str = "wgmesh";
 /// The sysctl that makes the reverse-path check honour packet marks.
 pub const SRC_VALID_MARK: &str = "net.ipv4.conf.all.src_valid_mark";
 
-/// The value of an interface's `rp_filter` that makes its reverse-path check loose.
-pub const RP_FILTER_LOOSE: &str = "2";
-
-/// The sysctl key of an interface's IPv4 reverse-path filter, in `sysctl`'s dotted notation
-/// (a `.` inside the interface name is written `/`).
-///
-/// The plan sets it to [`RP_FILTER_LOOSE`] on the IPv4 WireGuard interface: Linux checks
-/// `max(all, interface)`, so a host with strict `rp_filter` checks that interface loosely.
-/// WireGuard already checks the source of every packet it decrypts against the sending
-/// peer's allowed IPs (a stricter check than the reverse path), and a peer that is joining
-/// or leaving ([`crate::Phase`]) is routed plain while its encrypted packets must still be
-/// accepted: the strict check would drop them, since the route back to their source no
-/// longer leads into the tunnel.
-///
-/// ```
-/// use wgmesh_core::plan::rp_filter_key;
-/// assert_eq!(rp_filter_key("wireguard.cali"), "net.ipv4.conf.wireguard/cali.rp_filter");
-/// ```
-pub fn rp_filter_key(interface: &str) -> String {
-    format!("net.ipv4.conf.{}.rp_filter", interface.replace('.', "/"))
-}
-
 /// The version of the plan schema: the serde form of [`NodePlan`] and [`crate::PlanDelta`]
 /// (see the module documentation).
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
@@ -612,16 +590,10 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2], 
         .map(|f| rule(mesh, *f))
         .collect();
     plan.sysctls = if active[Family::V4.index()] {
-        let mut sysctls = vec![Sysctl {
+        vec![Sysctl {
             key: SRC_VALID_MARK.into(),
             value: "1".into(),
-        }];
-        sysctls.extend(plan.interface(Family::V4).map(|i| Sysctl {
-            key: rp_filter_key(&i.name),
-            value: RP_FILTER_LOOSE.into(),
-        }));
-        sysctls.sort_unstable();
-        sysctls
+        }]
     } else {
         Vec::new()
     };

@@ -448,19 +448,7 @@ impl Walk<'_> {
                 *hop = format!("{name}: reverse-path check of {src}: {rest}");
             }
         }
-        let loose = match iface {
-            Iface::Mesh(m) => {
-                let key = crate::plan::rp_filter_key(m);
-                self.sim.plans[node]
-                    .sysctls
-                    .iter()
-                    .any(|s| s.key == key && s.value == crate::plan::RP_FILTER_LOOSE)
-            }
-            _ => false,
-        };
         match (back, iface) {
-            // Loose: any unicast route back will do (WireGuard checked the source already).
-            (Some(n), _) if loose => !matches!(n, Next::Blackhole(_)),
             (Some(Next::Dev(d)), Iface::Mesh(m)) => d == *m,
             (Some(Next::Workload(ip)), Iface::Workload(w)) => ip == *w,
             (Some(Next::Underlay(_)), Iface::Underlay) => true,

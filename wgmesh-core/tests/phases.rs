@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use common::*;
 use ipnet::IpNet;
 use proptest::prelude::*;
-use wgmesh_core::sim::{Outcome, Simulator, Source};
+use wgmesh_core::sim::{Drop, Outcome, Simulator, Source};
 use wgmesh_core::spec::parse_cluster;
 use wgmesh_core::{
     Cluster, Event, Family, IncrementalPlanner, Node, NodePlan, Phase, RouteType, diff, plan_all,
@@ -92,23 +92,6 @@ fn the_phases_table() {
 }
 
 #[test]
-fn the_wireguard_interface_checks_the_reverse_path_loosely() {
-    let plan = plan_node(&three(false, "active"), "a").unwrap();
-    let keys: Vec<(&str, &str)> = plan
-        .sysctls
-        .iter()
-        .map(|s| (s.key.as_str(), s.value.as_str()))
-        .collect();
-    assert_eq!(
-        keys,
-        [
-            ("net.ipv4.conf.all.src_valid_mark", "1"),
-            ("net.ipv4.conf.wireguard/cali.rp_filter", "2"),
-        ]
-    );
-}
-
-#[test]
 fn the_phase_reads_and_writes_and_a_bad_one_is_refused() {
     let cluster = three(false, "leaving");
     assert_eq!(cluster.node("c").unwrap().phase(), Phase::Leaving);
@@ -122,72 +105,107 @@ fn the_phase_reads_and_writes_and_a_bad_one_is_refused() {
     assert!(bad.is_err());
 }
 
-/// The steps of a leave and of a join, as the e2e harness (and an agent) runs them: each
-/// step is applied by the changing node first, then by the others in any order, and in
-/// every mixed state every flow between the nodes' hosts and pods is delivered (encrypted
-/// or plain, never dropped). The join's `joining` is the node's own view; its peers see it
-/// active from the start.
+/// The steps of a leave and of a join, as the e2e harness runs them: each step is applied
+/// by the changing node first or last, by the others in any order. In every mixed state
+/// every flow between the nodes' hosts and pods is delivered, or dropped for one reason
+/// only: an encrypted IPv4 packet from a node that the receiver routes plain fails the
+/// receiver's reverse-path check (Linux: a WireGuard device has no address, so
+/// `rp_filter` 1 or 2 drops whatever does not route back through it). No packet ever
+/// reaches a node that lacks its sender as a peer, and nothing is blackholed — in strict
+/// mode too for the leave. BENCHMARKS.md measures what the remaining drop costs. `joining` is only ever the node's own view: when it joins,
+/// and as the last step of a leave (it then routes plain too, keeping its device and peers,
+/// before it drops them).
 #[test]
-fn every_mixed_state_of_a_leave_and_a_join_delivers_every_flow() {
-    let state = |phase: &str| match phase {
+fn every_mixed_state_of_a_leave_and_a_join_delivers_or_fails_only_the_reverse_path() {
+    let state = |phase: &str, strict: bool| match phase {
         "off" => {
-            let mut c = three(false, "active");
+            let mut c = three(strict, "active");
             let mut n = c.node("c").unwrap().clone();
             n.wireguard.as_mut().unwrap().enabled = false;
             c.upsert_node(n).unwrap();
             c
         }
-        p => three(false, p),
+        p => three(strict, p),
     };
-    // Per step: (c's view before, the peers' view before, c's after, the peers' after).
+    // Per step: (c's view before, the peers' before, c's after, the peers' after, whether c
+    // applies first).
     let steps = [
-        ("active", "active", "leaving", "leaving"),
-        ("leaving", "leaving", "off", "off"),
-        ("off", "off", "joining", "active"),
-        ("joining", "active", "active", "active"),
+        ("active", "active", "leaving", "leaving", true),
+        ("leaving", "leaving", "joining", "leaving", true),
+        ("joining", "leaving", "off", "off", true),
+        ("off", "off", "joining", "off", true),
+        ("joining", "off", "joining", "active", false),
+        ("joining", "active", "active", "active", false),
     ];
-    for (cb, pb, ca, pa) in steps {
-        // c (bit 2) applies first; a and b follow in either order.
-        for mask in [0u8, 0b100, 0b101, 0b110, 0b111] {
-            let plans: Vec<NodePlan> = ["a", "b", "c"]
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let applied = mask & (1 << i) != 0;
-                    let view = match (*n == "c", applied) {
-                        (true, false) => cb,
-                        (true, true) => ca,
-                        (false, false) => pb,
-                        (false, true) => pa,
-                    };
-                    plan_node(&state(view), n).unwrap()
-                })
-                .collect();
-            let sim = Simulator::new(&state(pa), plans);
-            let hosts = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
-            let pods = ["10.65.1.5", "10.65.2.5", "10.65.3.5"];
-            for (i, from) in ["a", "b", "c"].iter().enumerate() {
-                for (j, to) in hosts.iter().chain(&pods).enumerate() {
-                    if i == j % 3 {
-                        continue;
-                    }
-                    let to = to.parse().unwrap();
-                    for source in [
-                        Source::Host((*from).into(), Family::V4),
-                        Source::Pod(pods[i].parse().unwrap()),
-                    ] {
-                        let trace = sim.trace(source.clone(), to);
-                        assert!(
-                            matches!(trace.outcome, Outcome::Encrypted | Outcome::Plain),
-                            "step {cb}/{pb} → {ca}/{pa}, mask {mask:03b}: {source:?} → {to}: {}\n{:#?}",
-                            trace.outcome,
-                            trace.hops
-                        );
-                    }
+    // A join in strict mode is not make-before-break yet: while the peers encrypt to the
+    // joining node and it still routes plain, their ingress filters drop its plaintext
+    // (ARCHITECTURE.md says so). Only the leave is checked in strict mode.
+    let join =
+        |cb: &str, pb: &str| cb == "off" || pb == "off" || (cb == "joining" && pb == "active");
+    let mut rp_drops = 0;
+    for strict in [false, true] {
+        for (cb, pb, ca, pa, c_first) in steps {
+            if strict && join(cb, pb) {
+                continue;
+            }
+            let masks: &[u8] = if c_first {
+                &[0, 0b100, 0b101, 0b110, 0b111]
+            } else {
+                &[0, 0b001, 0b010, 0b011, 0b111]
+            };
+            for &mask in masks {
+                let plans: Vec<NodePlan> = ["a", "b", "c"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        let applied = mask & (1 << i) != 0;
+                        let view = match (*n == "c", applied) {
+                            (true, false) => cb,
+                            (true, true) => ca,
+                            (false, false) => pb,
+                            (false, true) => pa,
+                        };
+                        plan_node(&state(view, strict), n).unwrap()
+                    })
+                    .collect();
+                let sim = Simulator::new(&state(pa, strict), plans);
+                let step = format!("strict {strict}, {cb}/{pb} → {ca}/{pa}, mask {mask:03b}");
+                rp_drops += check_every_flow(&sim, &step);
+            }
+        }
+    }
+    // The reverse-path drop is real in the half states (both ways: the leaving node's
+    // peers route it plain while it still encrypts). When wgmesh stops depending on the
+    // route for the reverse path, this count goes to 0 and the check above gets stricter.
+    assert!(rp_drops > 0);
+}
+
+fn check_every_flow(sim: &Simulator, step: &str) -> usize {
+    let hosts = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+    let pods = ["10.65.1.5", "10.65.2.5", "10.65.3.5"];
+    let mut rp_drops = 0;
+    for (i, from) in ["a", "b", "c"].iter().enumerate() {
+        for (j, to) in hosts.iter().chain(&pods).enumerate() {
+            if i == j % 3 {
+                continue;
+            }
+            let to = to.parse().unwrap();
+            let sources = [
+                Source::Host((*from).into(), Family::V4),
+                Source::Pod(pods[i].parse().unwrap()),
+            ];
+            for source in sources {
+                let trace = sim.trace(source.clone(), to);
+                let through_tunnel = trace.hops.iter().any(|h| h.contains("decrypted from peer"));
+                match &trace.outcome {
+                    Outcome::Encrypted | Outcome::Plain => {}
+                    Outcome::Dropped(Drop::ReversePath { .. }) if through_tunnel => rp_drops += 1,
+                    other => panic!("{step}: {source:?} → {to}: {other}\n{:#?}", trace.hops),
                 }
             }
         }
     }
+    rp_drops
 }
 
 /// The check above can fail: without the phases (WireGuard disabled on c at once), the
