@@ -112,7 +112,7 @@ impl Sockets {
     }
 
     fn sysctl_path(&self, key: &str) -> PathBuf {
-        sysctl_path(&self.proc_sys, key)
+        self.proc_sys.join(key.replace('.', "/"))
     }
 }
 
@@ -147,32 +147,5 @@ impl KernelIo for Sockets {
 
     fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()> {
         std::fs::write(self.sysctl_path(key), format!("{value}\n"))
-    }
-}
-
-/// A sysctl's file under `proc_sys`, from `sysctl`'s dotted notation: components are
-/// separated by `.`, and a `.` inside one (an interface name such as `wireguard.cali`) is
-/// written `/`.
-fn sysctl_path(proc_sys: &std::path::Path, key: &str) -> PathBuf {
-    let mut path = proc_sys.to_path_buf();
-    for component in key.split('.') {
-        path.push(component.replace('/', "."));
-    }
-    path
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dotted_keys_map_to_paths() {
-        let p = |k: &str| super::sysctl_path(std::path::Path::new("/proc/sys"), k);
-        assert_eq!(
-            p("net.ipv4.conf.all.src_valid_mark"),
-            std::path::Path::new("/proc/sys/net/ipv4/conf/all/src_valid_mark")
-        );
-        assert_eq!(
-            p("net.ipv4.conf.wireguard/cali.rp_filter"),
-            std::path::Path::new("/proc/sys/net/ipv4/conf/wireguard.cali/rp_filter")
-        );
     }
 }

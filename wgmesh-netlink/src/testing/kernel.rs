@@ -455,9 +455,6 @@ impl FakeKernel {
         if kind == Some("wireguard") {
             self.devices.insert(name.to_owned(), FakeDevice::default());
         }
-        // Each link has its own IPv4 settings (`/proc/sys/net/ipv4/conf/NAME/`).
-        self.sysctls
-            .insert(wgmesh_core::plan::rp_filter_key(name), "0".to_owned());
         index
     }
 
@@ -471,7 +468,6 @@ impl FakeKernel {
     pub fn remove_link(&mut self, name: &str) -> Option<ActualLink> {
         let link = self.links.remove(name)?;
         self.devices.remove(name);
-        self.sysctls.remove(&wgmesh_core::plan::rp_filter_key(name));
         self.counters.retain(|(i, _), _| i != name);
         self.routes.retain(|_, r| r.oif != Some(link.index));
         Some(link)
