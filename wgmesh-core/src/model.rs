@@ -504,15 +504,20 @@ fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result
 /// | `Joining` | device and every peer, but every destination routed plain (throw) | it as a peer, its destinations routed plain |
 /// | `Leaving` | unchanged (it still encrypts); strict mode's ingress filter off, so its peers' plaintext arrives | it as a peer, its destinations routed plain |
 ///
-/// The sequence a node joins by: `Joining` on the node itself (its agent; the planner of
-/// the node being planned), then its peers add it (they see it `Active`, or `Joining` when
-/// it is announced), then `Active` everywhere. It leaves by: `Leaving` (the node first, then
-/// its peers), then the node drops its device and routes (WireGuard disabled or the node
-/// removed, on the node first), then its peers drop it. A node's phase is its own claim and
-/// untrusted like the rest: it can only make traffic *to that node* go plain, which the node
-/// could do anyway by disabling WireGuard; it never changes how other nodes' destinations
-/// are routed, and in strict mode a leaving node counts as explicitly plain only for its own
-/// destinations.
+/// The sequence a node joins by: `Joining` as the node's own view (its agent plans itself
+/// joining: device and peers, routes plain), then its peers add it (they see it `Active`,
+/// or `Joining` when it is announced), then `Active` on the node too. It leaves by:
+/// `Leaving` (the node first, then its peers), then the node's own view `Joining` (it
+/// routes plain too), then it drops its device and routes (WireGuard disabled or the node
+/// removed, on the node first), then its peers drop it. What a half state still loses: in
+/// IPv4, a packet that a node still encrypts to a peer that already routes it plain fails
+/// that peer's reverse-path check (a WireGuard device has no address, and Linux then drops
+/// on any `rp_filter`); the steps keep that window to one agent's apply.
+///
+/// A node's phase is its own claim and untrusted like the rest: it can only make traffic
+/// *to that node* go plain, which the node could do anyway by disabling WireGuard; it never
+/// changes how other nodes' destinations are routed, and in strict mode a leaving node
+/// counts as explicitly plain only for its own destinations.
 ///
 /// ```
 /// use wgmesh_core::{Phase, spec::parse_cluster, plan_node, RouteType};

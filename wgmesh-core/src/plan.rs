@@ -37,6 +37,11 @@
 //! owner is the local node or plain, so the lookup falls back to the main table. A rule `not
 //! fwmark M/M lookup T` sends everything WireGuard did not emit itself to that table.
 //!
+//! **Phases** ([`crate::Phase`]): a destination whose owner takes part but is joining or
+//! leaving — or any destination, on a node that is joining — gets a throw route while it
+//! stays an allowed IP of the owner's peer: traffic goes plain, WireGuard still accepts the
+//! owner's encrypted packets. In strict mode a leaving node counts as explicitly plain.
+//!
 //! **Packet marking.** While the node takes part, an nftables table marks packets that arrive
 //! from the underlay with the mesh mark, and `src_valid_mark` makes the reverse-path check use
 //! it, so strict `rp_filter` does not drop the underlay's packets from addresses the mesh table

@@ -1044,22 +1044,20 @@ impl Cluster {
         Ok(ops)
     }
 
-    /// A join, from `final_event` (the node as its peers will see it): the node's own agent
-    /// first plans itself `joining` (device and every peer, every route plain), then its
-    /// peers learn `final_event` (they add it, start a handshake and encrypt to it), then
-    /// the node's own agent learns it too and switches its routes to the tunnel.
+    /// A join: the node's own agent applies `final_event` first (device, every peer, routes
+    /// into the tunnel; what it sends waits in WireGuard's queue until a peer knows it),
+    /// then its peers (they add it, start a handshake and encrypt to it). Measured against
+    /// a join in phases (the node first `joining`, routing plain, and switching after its
+    /// peers): that one lost more, in IPv4, while the peers encrypted to a node that still
+    /// routed them plain (its reverse-path check; BENCHMARKS.md).
     fn join(&mut self, name: &str, final_event: Event) -> Result<usize> {
-        let joining = self.phased_node(name, Phase::Joining)?;
-        let mut ops = self.apply_on(name, &[Event::NodeUpserted(joining)])?;
-        ops += self.step_others(std::slice::from_ref(&final_event), name)?;
-        ops += self.apply_on(name, &[final_event])?;
-        Ok(ops)
+        self.step(std::slice::from_ref(&final_event), name, true)
     }
 
     /// Turns WireGuard off or on for a node (the node stays in the cluster), in phases
-    /// (make-before-break): off is [`Self::leave`], then WireGuard disabled, the node first
+    /// (make-before-break): off is the leave steps (`leave`), then WireGuard disabled, the node first
     /// (it drops its device and routes), then its peers (they drop it as a peer); on is
-    /// [`Self::join`].
+    /// the join steps (`join`).
     pub fn set_wireguard(&mut self, name: &str, enabled: bool) -> Result<usize> {
         let node = self.published_node(name, enabled)?;
         if enabled {
@@ -1071,7 +1069,7 @@ impl Cluster {
     }
 
     /// Removes a node from the cluster (its namespace and pods stay, outside the mesh), in
-    /// phases: [`Self::leave`], then the node removed, its own agent first.
+    /// phases: the leave steps (`leave`), then the node removed, its own agent first.
     pub fn remove_node(&mut self, name: &str) -> Result<usize> {
         let mut ops = self.leave(name)?;
         ops += self.step(
@@ -1093,7 +1091,7 @@ impl Cluster {
         }])
     }
 
-    /// Adds a removed node back, as it was, in phases ([`Self::join`]).
+    /// Adds a removed node back, as it was, in phases (the join steps (`join`)).
     pub fn readd_node(&mut self, name: &str) -> Result<usize> {
         let node = self.published_node(name, true)?;
         self.join(name, Event::NodeUpserted(node))
