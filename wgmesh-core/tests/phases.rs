@@ -35,14 +35,6 @@ fn three(strict: bool, c_phase: &str) -> Cluster {
     .unwrap()
 }
 
-fn route(plan: &NodePlan, dest: &str) -> Option<RouteType> {
-    let dest: IpNet = dest.parse().unwrap();
-    plan.routes
-        .iter()
-        .find(|r| r.destination == dest)
-        .map(|r| r.kind)
-}
-
 fn allowed(plan: &NodePlan, peer: &str) -> Option<Vec<IpNet>> {
     plan.interfaces[0]
         .peers

@@ -11,12 +11,11 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use common::*;
-use ipnet::IpNet;
 use proptest::prelude::*;
 use wgmesh_core::diagnostics::{Blackholed, Diagnostic, diagnose};
 use wgmesh_core::sim::{Drop, Outcome, Simulator, Source};
 use wgmesh_core::spec::parse_cluster;
-use wgmesh_core::{Cluster, Family, NodePlan, Phase, RouteType, plan_node};
+use wgmesh_core::{Cluster, Family, Phase, RouteType, plan_node};
 
 /// The test clusters' ranges: pods 10.0.0.0/8 and fd10::/16, nodes 192.168.0.0/24 and fd00::/64.
 fn strict(shape: &ClusterShape, copies: &[(u8, u8, u8)]) -> Cluster {
@@ -191,14 +190,6 @@ const C: &str = "hKl+HNs4U8n0NjPMK8t6ZGwADTIR6GEnnA5aHWLJhVQ=";
 
 fn cluster(mesh: &str, nodes: &str) -> Cluster {
     parse_cluster(&format!(r#"{{"mesh": {mesh}, "nodes": [{nodes}]}}"#)).unwrap()
-}
-
-fn route(plan: &NodePlan, dest: &str) -> Option<RouteType> {
-    let dest: IpNet = dest.parse().unwrap();
-    plan.routes
-        .iter()
-        .find(|r| r.destination == dest)
-        .map(|r| r.kind)
 }
 
 /// a and b encrypt; c has the given WireGuard settings; every node has a /24.

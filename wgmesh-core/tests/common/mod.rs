@@ -130,6 +130,15 @@ pub fn phase(p: u8) -> Phase {
     }
 }
 
+/// The type of a plan's route to `dest`, if it has one.
+pub fn route(plan: &wgmesh_core::NodePlan, dest: &str) -> Option<wgmesh_core::RouteType> {
+    let dest: IpNet = dest.parse().unwrap();
+    plan.routes
+        .iter()
+        .find(|r| r.destination == dest)
+        .map(|r| r.kind)
+}
+
 pub fn name(i: usize) -> String {
     format!("node-{i}")
 }
