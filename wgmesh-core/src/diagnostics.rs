@@ -473,7 +473,7 @@ pub fn diagnose(cluster: &Cluster) -> Vec<Diagnostic> {
 /// [`crate::plan`]'s strict mode).
 fn strict_findings(cluster: &Cluster, found: &[Diagnostic]) -> Vec<Diagnostic> {
     let mesh = cluster.mesh();
-    let plain = |name: &str| cluster.node(name).is_some_and(|n| n.explicitly_plain());
+    let plain = |name: &str| cluster.node(name).is_some_and(|n| n.plain_by_choice());
     let node_address = |net: &IpNet| {
         net.prefix_len() == Family::of_net(net).host_prefix_len()
             && cluster

@@ -42,8 +42,8 @@ use crate::model::{
     Cluster, Family, MeshConfig, Node, NodeWireGuard, RouteSource, check_node, host_net,
 };
 use crate::plan::{
-    self, Decision, NodePlan, PeerPlan, Route, RouteType, counted_mtu, decide_claims, route_type,
-    routes_active, strict_static, takes_part,
+    self, Decision, NodePlan, PeerPlan, Route, RouteType, allowed_on, counted_mtu, decide_claims,
+    route_type, routed_phases, routes_active, strict_static, takes_part,
 };
 
 /// A change to the cluster.
@@ -977,9 +977,10 @@ impl IncrementalPlanner {
         let old = self.state(id).node.clone();
         let mut new = old.clone();
         new.wireguard = wg;
-        if self.mesh.strict_mode && old.explicitly_plain() != new.explicitly_plain() && j.is_some()
-        {
-            // Whether a claim is blackholed depends on its claimant being explicitly plain.
+        let strict_plain = self.mesh.strict_mode && old.plain_by_choice() != new.plain_by_choice();
+        if (strict_plain || old.phase() != new.phase()) && j.is_some() {
+            // Whether a claim is blackholed depends on its claimant being explicitly plain
+            // (or leaving); whether it is routed into the tunnel, on the claimant's phase.
             for family in Family::ALL {
                 for dest in self.state(id).prefixes(&self.mesh, family) {
                     self.touch_dest(j, dest);
@@ -1117,7 +1118,8 @@ impl IncrementalPlanner {
             dest,
             claim.as_slice().iter().copied(),
             |n| self.state(n).part[f],
-            |n| self.state(n).node.explicitly_plain(),
+            |n| routed_phases(self.state(local).node.phase(), self.state(n).node.phase()),
+            |n| self.state(n).node.plain_by_choice(),
         )
     }
 
@@ -1150,7 +1152,7 @@ impl IncrementalPlanner {
         let mut allowed_ips: Vec<IpNet> = state
             .prefixes(&self.mesh, family)
             .into_iter()
-            .filter(|d| self.decision(family, d) == Some(Decision::Peer(id)))
+            .filter(|d| allowed_on(self.decision(family, d)) == Some(id))
             .collect();
         allowed_ips.sort_unstable();
         Some(PeerPlan {
@@ -1182,7 +1184,7 @@ impl IncrementalPlanner {
         }
         let active =
             Family::ALL.map(|f| routes_active(&self.mesh, &state.node, f, state.part[f.index()]));
-        plan::finish(&self.mesh, &mut plan, active);
+        plan::finish(&self.mesh, &mut plan, active, plan::leaving(&state.node));
         plan
     }
 
@@ -1257,7 +1259,11 @@ impl IncrementalPlanner {
                 d.routes_removed.extend(rb);
                 d.routes_added.extend(ra);
             }
-            if let Some(Decision::Peer(id)) = before
+            let (was, is) = (allowed_on(before), allowed_on(after));
+            if was == is {
+                continue;
+            }
+            if let Some(id) = was
                 && !settled.contains(&(family, id))
                 && let Some(view) = self.peer_view(family, id)
             {
@@ -1267,7 +1273,7 @@ impl IncrementalPlanner {
                     .allowed_ips_removed
                     .push(dest);
             }
-            if let Some(Decision::Peer(id)) = after
+            if let Some(id) = is
                 && !settled.contains(&(family, id))
                 && let Some(view) = self.peer_view(family, id)
             {

@@ -77,7 +77,7 @@ pub use incremental::{Event, IncrementalPlanner};
 pub use error::{Error, Location, Problem};
 
 pub use key::{KeyError, PrivateKey, PublicKey};
-pub use model::{Cluster, Family, MeshConfig, Node, NodeWireGuard, RouteSource};
+pub use model::{Cluster, Family, MeshConfig, Node, NodeWireGuard, Phase, RouteSource};
 pub use plan::{
     InterfacePlan, Marking, NodePlan, PLAN_SCHEMA_VERSION, PeerPlan, Route, RouteType, Rule,
     StrictFilter, Sysctl, plan_all, plan_node,

@@ -493,6 +493,80 @@ fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result
     }
 }
 
+/// Where a node stands in a make-before-break transition of the mesh: joining it, taking
+/// part, or leaving it. While a node is joining or leaving, both sides accept both forms of
+/// its traffic: its peers keep it as a peer (its allowed IPs included, so its encrypted
+/// packets are accepted) but route to it in plaintext, as to a plain node.
+///
+/// | phase | the node's own plan | its peers' plans |
+/// |---|---|---|
+/// | `Active` | device, peers, routes into the tunnel | it as a peer, its destinations routed into the tunnel |
+/// | `Joining` | device and every peer, but every destination routed plain (throw) | it as a peer, its destinations routed plain |
+/// | `Leaving` | unchanged (it still encrypts); strict mode's ingress filter off, so its peers' plaintext arrives | it as a peer, its destinations routed plain |
+///
+/// The sequence a node joins by: `Joining` as the node's own view (its agent plans itself
+/// joining: device and peers, routes plain), then its peers add it (they see it `Active`,
+/// or `Joining` when it is announced), then `Active` on the node too. It leaves by:
+/// `Leaving` (the node first, then its peers), then the node's own view `Joining` (it
+/// routes plain too), then it drops its device and routes (WireGuard disabled or the node
+/// removed, on the node first), then its peers drop it. What a half state still loses: in
+/// IPv4, a packet that a node still encrypts to a peer that already routes it plain fails
+/// that peer's reverse-path check (a WireGuard device has no address, and Linux then drops
+/// on any `rp_filter`); no order of the steps avoids that window (README.md, "Joining and
+/// leaving in phases").
+///
+/// A node's phase is its own claim and untrusted like the rest: it can only make traffic
+/// *to that node* go plain, which the node could do anyway by disabling WireGuard; it never
+/// changes how other nodes' destinations are routed, and in strict mode a leaving node
+/// counts as explicitly plain only for its own destinations.
+///
+/// ```
+/// use wgmesh_core::{Phase, spec::parse_cluster, plan_node, RouteType};
+/// let cluster = parse_cluster(r#"{"mesh": {"route_source": "workload_ips"}, "nodes": [
+///   {"name": "a", "addresses": ["10.0.0.1"], "workload_ips": ["10.0.0.10"],
+///    "wireguard": {"public_key": "QfUXYghyJWDcy+xLW0o+xJVsQhurVNdqtbstTsdOp20="}},
+///   {"name": "b", "addresses": ["10.0.0.2"], "workload_ips": ["10.0.0.20"],
+///    "wireguard": {"public_key": "/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw=",
+///                  "phase": "leaving"}}]}"#)?;
+/// assert_eq!(cluster.node("b").unwrap().phase(), Phase::Leaving);
+/// let plan = plan_node(&cluster, "a")?;
+/// // b stays a peer with its allowed IPs (its encrypted packets are accepted) ...
+/// assert_eq!(plan.interfaces[0].peers[0].allowed_ips, ["10.0.0.20/32".parse()?]);
+/// // ... but a routes to it in plaintext.
+/// assert_eq!(plan.routes[1].kind, RouteType::Throw);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Phase {
+    /// Taking part: encrypted both ways.
+    #[default]
+    Active,
+    /// Joining: the node programs its device and peers but still routes plain.
+    Joining,
+    /// Leaving: its peers route to it plain and still accept its encrypted packets.
+    Leaving,
+}
+
+impl Phase {
+    /// The phase's name as written in a cluster description (`active`, `joining`,
+    /// `leaving`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Joining => "joining",
+            Self::Leaving => "leaving",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A node's WireGuard settings. A node without them is plain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -503,6 +577,13 @@ pub struct NodeWireGuard {
     pub public_key: Option<PublicKey>,
     /// The public key of its IPv6 interface.
     pub public_key_v6: Option<PublicKey>,
+    /// Its phase in a join or a leave ([`Phase`]); `Active` outside one.
+    #[serde(default, skip_serializing_if = "is_active")]
+    pub phase: Phase,
+}
+
+fn is_active(phase: &Phase) -> bool {
+    *phase == Phase::Active
 }
 
 impl NodeWireGuard {
@@ -512,7 +593,14 @@ impl NodeWireGuard {
             enabled: true,
             public_key,
             public_key_v6,
+            phase: Phase::Active,
         }
+    }
+
+    /// The same settings in another phase.
+    pub fn with_phase(mut self, phase: Phase) -> Self {
+        self.phase = phase;
+        self
     }
 
     /// The key of a family's interface.
@@ -636,6 +724,17 @@ impl Node {
     /// ```
     pub fn explicitly_plain(&self) -> bool {
         self.wireguard.as_ref().is_some_and(|w| !w.enabled)
+    }
+
+    /// The node's phase ([`Phase`]): `Active` for a node without WireGuard settings.
+    pub fn phase(&self) -> Phase {
+        self.wireguard.as_ref().map_or(Phase::Active, |w| w.phase)
+    }
+
+    /// Whether strict mode lets this node's destinations go plain: it is explicitly plain,
+    /// or it is leaving the mesh.
+    pub fn plain_by_choice(&self) -> bool {
+        self.explicitly_plain() || self.phase() == Phase::Leaving
     }
 
     /// The published key of a family, if WireGuard is enabled.

@@ -37,6 +37,11 @@
 //! owner is the local node or plain, so the lookup falls back to the main table. A rule `not
 //! fwmark M/M lookup T` sends everything WireGuard did not emit itself to that table.
 //!
+//! **Phases** ([`crate::Phase`]): a destination whose owner takes part but is joining or
+//! leaving — or any destination, on a node that is joining — gets a throw route while it
+//! stays an allowed IP of the owner's peer: traffic goes plain, WireGuard still accepts the
+//! owner's encrypted packets. In strict mode a leaving node counts as explicitly plain.
+//!
 //! **Packet marking.** While the node takes part, an nftables table marks packets that arrive
 //! from the underlay with the mesh mark, and `src_valid_mark` makes the reverse-path check use
 //! it, so strict `rp_filter` does not drop the underlay's packets from addresses the mesh table
@@ -581,7 +586,9 @@ pub(crate) fn routes_active(mesh: &MeshConfig, local: &Node, family: Family, par
 }
 
 /// Rules, sysctls and marking, given the interfaces and the families the local node routes.
-pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) {
+/// A leaving node (`leaving`) has no strict ingress filter: its peers already route to it in
+/// plaintext ([`crate::Phase::Leaving`]).
+pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2], leaving: bool) {
     plan.rules = Family::ALL
         .iter()
         .filter(|f| active[f.index()])
@@ -609,7 +616,7 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) 
         } else {
             Vec::new()
         },
-        strict: mesh.strict_mode.then(|| StrictFilter {
+        strict: (mesh.strict_mode && !leaving).then(|| StrictFilter {
             interface_v4: plan
                 .interface(Family::V4)
                 .map(|i| i.name.clone())
@@ -629,6 +636,10 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2]) 
 pub(crate) enum Decision<N> {
     /// Into the tunnel, to this node's peer.
     Peer(N),
+    /// Back to the main table (plaintext), but allowed on this node's peer, whose encrypted
+    /// packets from it are still accepted: the node, or the local node, is joining or
+    /// leaving ([`crate::Phase`]).
+    Accept(N),
     /// Back to the main table.
     Throw,
     /// Dropped (strict mode).
@@ -646,16 +657,33 @@ pub(crate) fn counted_mtu(
     (part && node.underlay_mtu >= mesh.underlay_mtu_floor(family)).then_some(node.underlay_mtu)
 }
 
-/// The routing decision for a destination with these claimants.
+/// The routing decision for a destination with these claimants: `routed` says whether the
+/// local node routes to a participating claimant through the tunnel (neither is joining or
+/// leaving), otherwise the claimant's peer only accepts it.
 pub(crate) fn decide<N: PartialEq + Copy>(
     local: N,
     sole_claimant: Option<N>,
     takes_part: impl Fn(N) -> bool,
+    routed: impl Fn(N) -> bool,
 ) -> Decision<N> {
     match sole_claimant {
-        Some(n) if n != local && takes_part(n) => Decision::Peer(n),
+        Some(n) if n != local && takes_part(n) && routed(n) => Decision::Peer(n),
+        Some(n) if n != local && takes_part(n) => Decision::Accept(n),
         _ => Decision::Throw,
     }
+}
+
+/// Whether the local node routes to a participating node through the tunnel: neither is in
+/// a join or a leave that routes plain ([`crate::Phase`]). A leaving local node still does
+/// (it keeps everything until it drops its device).
+pub(crate) fn routed_phases(local: crate::model::Phase, remote: crate::model::Phase) -> bool {
+    use crate::model::Phase;
+    local != Phase::Joining && remote == Phase::Active
+}
+
+/// Whether the phase of the local node asks for no strict ingress filter.
+pub(crate) fn leaving(local: &Node) -> bool {
+    local.phase() == crate::model::Phase::Leaving
 }
 
 /// The routing decision for a destination from its claims `(node, flags)`; `None` when it gets
@@ -665,7 +693,9 @@ pub(crate) fn decide<N: PartialEq + Copy>(
 /// encrypting node should have: it is not the local node's, not refused for being outside
 /// the cluster (a special address, too short a prefix, outside `cluster_cidrs`: a hostile
 /// claim must not blackhole the world), not a node address without host encryption, not
-/// only claimed (unrefused) by explicitly plain nodes, and not a control-plane endpoint.
+/// only claimed (unrefused) by explicitly plain (or leaving) nodes, and not a control-plane
+/// endpoint. A destination whose sole owner takes part but is routed plain because of a
+/// phase (`routed` false) is [`Decision::Accept`]: thrown, never blackholed.
 /// Without a claim that asks for a route, a node address inside `cluster_cidrs` gets a throw
 /// route in strict mode: the exception to the blackholed unknown cluster space.
 pub(crate) fn decide_claims<N: PartialEq + Copy>(
@@ -674,6 +704,7 @@ pub(crate) fn decide_claims<N: PartialEq + Copy>(
     dest: &IpNet,
     claims: impl Iterator<Item = (N, u8)> + Clone,
     part: impl Fn(N) -> bool,
+    routed: impl Fn(N) -> bool,
     plain: impl Fn(N) -> bool,
 ) -> Option<Decision<N>> {
     let Some(sole) = owner(claims.clone()) else {
@@ -681,7 +712,7 @@ pub(crate) fn decide_claims<N: PartialEq + Copy>(
         return (mesh.strict_mode && address && in_cluster_cidrs(mesh, dest))
             .then_some(Decision::Throw);
     };
-    let decision = decide(local, sole, |n| local_part && part(n));
+    let decision = decide(local, sole, |n| local_part && part(n), routed);
     if !mesh.strict_mode || decision != Decision::Throw {
         return Some(decision);
     }
@@ -816,7 +847,8 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
                 &dest,
                 group.iter().map(|e| (e.node, e.flags)),
                 |n| part[n],
-                |n| nodes[n].explicitly_plain(),
+                |n| routed_phases(local.phase(), nodes[n].phase()),
+                |n| nodes[n].plain_by_choice(),
             ) else {
                 continue;
             };
@@ -824,6 +856,10 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
                 Decision::Peer(n) => {
                     allowed[n].push(dest);
                     routes.push((dest, RouteType::Unicast));
+                }
+                Decision::Accept(n) => {
+                    allowed[n].push(dest);
+                    routes.push((dest, RouteType::Throw));
                 }
                 Decision::Throw => routes.push((dest, RouteType::Throw)),
                 Decision::Blackhole => routes.push((dest, RouteType::Blackhole)),
@@ -877,15 +913,23 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
             }
         })
         .collect();
-    finish(mesh, &mut plan, active);
+    finish(mesh, &mut plan, active, leaving(local));
     Ok(plan)
+}
+
+/// The peer a decision puts the destination on as an allowed IP, if any.
+pub(crate) fn allowed_on<N>(decision: Option<Decision<N>>) -> Option<N> {
+    match decision {
+        Some(Decision::Peer(n) | Decision::Accept(n)) => Some(n),
+        _ => None,
+    }
 }
 
 /// The route type of a decision.
 pub(crate) fn route_type<N>(decision: Decision<N>) -> RouteType {
     match decision {
         Decision::Peer(_) => RouteType::Unicast,
-        Decision::Throw => RouteType::Throw,
+        Decision::Throw | Decision::Accept(_) => RouteType::Throw,
         Decision::Blackhole => RouteType::Blackhole,
     }
 }

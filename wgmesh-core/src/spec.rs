@@ -91,6 +91,7 @@ pub struct WireGuardSpec {
     pub enabled: Option<bool>,
     pub public_key: Option<String>,
     pub public_key_v6: Option<String>,
+    pub phase: Option<crate::model::Phase>,
 }
 
 fn ranged<T: TryFrom<i64>>(
@@ -333,6 +334,7 @@ impl NodeSpec {
                 enabled: w.enabled.unwrap_or(true),
                 public_key: key("wireguard.public_key", &w.public_key)?,
                 public_key_v6: key("wireguard.public_key_v6", &w.public_key_v6)?,
+                phase: w.phase.unwrap_or_default(),
             }),
         };
         let underlay_mtu = ranged(

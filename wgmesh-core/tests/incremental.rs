@@ -30,6 +30,9 @@ enum Op {
     HostileAddress(u8, u8, u8),
     /// A node publishes another underlay MTU.
     SetMtu(u8, u32),
+    /// A node enters a phase (0 active, 1 joining, 2 leaving), or WireGuard is turned off
+    /// on it (3): the steps of a make-before-break join or leave, in any order.
+    SetPhase(u8, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -46,6 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..8, 0u8..HOSTILE_BLOCKS, 0u8..8).prop_map(|(n, p, v)| Op::HostileBlock(n, p, v)),
         2 => (0u8..8, 0u8..HOSTILE_ADDRESSES, 0u8..8).prop_map(|(n, p, v)| Op::HostileAddress(n, p, v)),
         1 => (0u8..8, prop_oneof![Just(636u32), Just(1339), Just(1340), Just(1500), Just(9000)]).prop_map(|(n, m)| Op::SetMtu(n, m)),
+        3 => (0u8..8, 0u8..4).prop_map(|(n, p)| Op::SetPhase(n, p)),
     ]
 }
 
@@ -149,6 +153,17 @@ fn event(planner: &IncrementalPlanner, op: &Op) -> Option<Event> {
         Op::SetMtu(n, mtu) => {
             let node = pick(*n)?.clone();
             Event::NodeUpserted(node.with_underlay_mtu(*mtu))
+        }
+        Op::SetPhase(n, p) => {
+            let mut node = pick(*n)?.clone();
+            let wg = node.wireguard.as_mut()?;
+            if *p == 3 {
+                wg.enabled = false;
+            } else {
+                wg.enabled = true;
+                wg.phase = phase(*p);
+            }
+            Event::NodeUpserted(node)
         }
     })
 }

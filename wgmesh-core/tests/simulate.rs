@@ -1,7 +1,9 @@
 //! The design's picture as a property: over random clusters (both route sources, plain
 //! nodes, duplicate keys, borrowed addresses, dual stack, host encryption on and off), the
 //! simulator walks every pair of endpoints through the nodes' plans and finds each flow
-//! encrypted, plain or local exactly as the design promises, and nothing dropped.
+//! encrypted, plain or local exactly as the design promises, and nothing dropped — nodes
+//! joining or leaving (`Phase`) included: traffic to them, or from a joining node, goes
+//! plain and is accepted.
 
 mod common;
 
@@ -23,6 +25,13 @@ fn owner_of(cluster: &Cluster) -> HashMap<IpAddr, usize> {
     owners
 }
 
+/// A leaving node still encrypts to peers that already route it plain: the half state of a
+/// leave, which `tests/phases.rs` checks step by step (IPv4 fails the receiver's
+/// reverse-path check there). Its flows are not what this file checks.
+fn leaving_sender(a: &wgmesh_core::Node, b: &wgmesh_core::Node) -> bool {
+    a.name != b.name && a.phase() == wgmesh_core::Phase::Leaving
+}
+
 proptest! {
     #![proptest_config(proptest_config())]
 
@@ -38,10 +47,13 @@ proptest! {
                     continue;
                 }
                 let family = Family::of(a);
+                if leaving_sender(&nodes[*na], &nodes[*nb]) {
+                    continue;
+                }
                 let trace = sim.trace(Source::Pod(*a), *b);
                 let expected = if na == nb {
                     Outcome::Local
-                } else if takes_part(&cluster, &nodes[*na], family) && takes_part(&cluster, &nodes[*nb], family) {
+                } else if encrypts(&cluster, &nodes[*na], &nodes[*nb], family) {
                     Outcome::Encrypted
                 } else {
                     Outcome::Plain
@@ -65,7 +77,10 @@ proptest! {
                 }
                 for (j, b) in nodes.iter().enumerate() {
                     let Some(dst) = b.address(family) else { continue };
-                    let both = takes_part(&cluster, a, family) && takes_part(&cluster, b, family);
+                    if leaving_sender(a, b) {
+                        continue;
+                    }
+                    let both = encrypts(&cluster, a, b, family);
                     let expected = if i == j {
                         Outcome::Local
                     } else if both && he {
@@ -79,19 +94,24 @@ proptest! {
                 // Host ↔ pod, both ways: encrypted only with host encryption.
                 for (pod, o) in owners.iter().filter(|(ip, _)| Family::of(ip) == family) {
                     let b = &nodes[*o];
-                    let both = takes_part(&cluster, a, family) && takes_part(&cluster, b, family);
-                    let expected = if i == *o {
+                    let outcome = |both: bool| if i == *o {
                         Outcome::Local
                     } else if both && he {
                         Outcome::Encrypted
                     } else {
                         Outcome::Plain
                     };
+                    let expected = outcome(encrypts(&cluster, a, b, family));
                     let trace = sim.trace(Source::Host(a.name.clone(), family), *pod);
-                    prop_assert_eq!(&trace.outcome, &expected, "host {} → pod {}\n{:#?}", a.name, pod, trace.hops);
+                    if !leaving_sender(a, b) {
+                        prop_assert_eq!(&trace.outcome, &expected, "host {} → pod {}\n{:#?}", a.name, pod, trace.hops);
+                    }
+                    let expected = outcome(encrypts(&cluster, b, a, family));
                     let host = a.address(family).unwrap();
                     let trace = sim.trace(Source::Pod(*pod), host);
-                    prop_assert_eq!(&trace.outcome, &expected, "pod {} → host {}\n{:#?}", pod, a.name, trace.hops);
+                    if !leaving_sender(b, a) {
+                        prop_assert_eq!(&trace.outcome, &expected, "pod {} → host {}\n{:#?}", pod, a.name, trace.hops);
+                    }
                 }
             }
         }

@@ -11,12 +11,11 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use common::*;
-use ipnet::IpNet;
 use proptest::prelude::*;
 use wgmesh_core::diagnostics::{Blackholed, Diagnostic, diagnose};
 use wgmesh_core::sim::{Drop, Outcome, Simulator, Source};
 use wgmesh_core::spec::parse_cluster;
-use wgmesh_core::{Cluster, Family, NodePlan, RouteType, plan_node};
+use wgmesh_core::{Cluster, Family, Phase, RouteType, plan_node};
 
 /// The test clusters' ranges: pods 10.0.0.0/8 and fd10::/16, nodes 192.168.0.0/24 and fd00::/64.
 fn strict(shape: &ClusterShape, copies: &[(u8, u8, u8)]) -> Cluster {
@@ -103,6 +102,10 @@ proptest! {
                     continue;
                 }
                 let (pa, pb) = (nodes[*a].explicitly_plain(), nodes[*b].explicitly_plain());
+                // A joining sender routes plain on purpose, and traffic to a joining or
+                // leaving node goes plain (`Phase`): the node's own choice, checked below
+                // to be delivered.
+                let phased = nodes[*a].phase() == Phase::Joining || nodes[*b].phase() != Phase::Active;
                 // Host traffic is plain by design without host encryption. A node without
                 // WireGuard settings runs no wgmesh (nothing plans its side): what it sends
                 // is out of reach, and what others send it is checked with it as receiver.
@@ -112,7 +115,7 @@ proptest! {
                 // address to send them from).
                 let sender_runs_wgmesh = nodes[*a].wireguard.is_some()
                     && nodes[*a].address(Family::of(src)).is_some();
-                if !pa && !pb && encrypted_class && sender_runs_wgmesh {
+                if !pa && !pb && !phased && encrypted_class && sender_runs_wgmesh {
                     prop_assert!(
                         trace.outcome != Outcome::Plain,
                         "{} ({}) → {} ({}) went plain\n{:#?}",
@@ -121,10 +124,13 @@ proptest! {
                 }
                 let uncontested = claims[src] == 1 && claims[dst] == 1;
                 let family = Family::of(src);
+                // A leaving sender still encrypts to peers that route it plain (the half
+                // state of a leave, checked step by step in tests/phases.rs).
+                let leaving_sender = nodes[*a].phase() == Phase::Leaving;
                 if uncontested
+                    && !leaving_sender
                     && encrypted_class
-                    && takes_part(&cluster, &nodes[*a], family)
-                    && takes_part(&cluster, &nodes[*b], family)
+                    && encrypts(&cluster, &nodes[*a], &nodes[*b], family)
                 {
                     // Strict mode breaks nothing that encrypts.
                     prop_assert_eq!(
@@ -132,7 +138,9 @@ proptest! {
                         "{} ({}) → {} ({})\n{:#?}", src, nodes[*a].name, dst, nodes[*b].name, trace.hops
                     );
                 }
-                if (pa || pb) && uncontested {
+                let both = takes_part(&cluster, &nodes[*a], family) && takes_part(&cluster, &nodes[*b], family);
+                let leaving = nodes[*b].phase() == Phase::Leaving;
+                if (pa || pb || leaving || (phased && both)) && uncontested && !leaving_sender {
                     prop_assert!(
                         matches!(trace.outcome, Outcome::Plain | Outcome::Encrypted),
                         "{} ({}) → {} ({}) with a plain node was not delivered: {}\n{:#?}",
@@ -158,7 +166,9 @@ proptest! {
                 }
                 for src in victim.workload_ips.iter().filter(|ip| claims[*ip] == 1) {
                     let family = Family::of(src);
-                    if !(takes_part(&cluster, victim, family) && takes_part(&cluster, receiver, family)) {
+                    // The receiver routes the victim into the tunnel (neither joins, the victim
+                    // does not leave) and has its filter (it is not leaving itself).
+                    if !encrypts(&cluster, receiver, victim, family) || receiver.phase() == Phase::Leaving {
                         continue;
                     }
                     for dst in receiver.workload_ips.iter().filter(|d| Family::of(d) == family && claims[*d] == 1) {
@@ -180,14 +190,6 @@ const C: &str = "hKl+HNs4U8n0NjPMK8t6ZGwADTIR6GEnnA5aHWLJhVQ=";
 
 fn cluster(mesh: &str, nodes: &str) -> Cluster {
     parse_cluster(&format!(r#"{{"mesh": {mesh}, "nodes": [{nodes}]}}"#)).unwrap()
-}
-
-fn route(plan: &NodePlan, dest: &str) -> Option<RouteType> {
-    let dest: IpNet = dest.parse().unwrap();
-    plan.routes
-        .iter()
-        .find(|r| r.destination == dest)
-        .map(|r| r.kind)
 }
 
 /// a and b encrypt; c has the given WireGuard settings; every node has a /24.

@@ -192,8 +192,11 @@ pub fn to_pod(cluster: &Cluster, pod: &str) -> Vec<Flow> {
 }
 
 /// The standard sequence of changes: a pod added, its address moved to another node, the pod
-/// removed, a key rotated, scheduled rotations ([`rotation_sequence`]), WireGuard disabled and enabled again on a node, a node removed and
-/// re-added. Returns one report per change.
+/// removed, a key rotated, scheduled rotations ([`rotation_sequence`]), WireGuard disabled and
+/// enabled again on a node, a node removed and re-added — these four in phases,
+/// make-before-break ([`Cluster::set_wireguard`], [`Cluster::remove_node`],
+/// [`Cluster::readd_node`]) — and last a node deleted abruptly, with no phase
+/// ([`Cluster::delete_node`]). Returns one report per change.
 pub fn standard_sequence(cluster: &mut Cluster) -> Result<Vec<ChangeReport>> {
     let opts = cluster.options().clone();
     let new_pod = crate::cluster::pod_addresses(opts.route_source, opts.ipv6, 2, 2);
@@ -241,6 +244,9 @@ pub fn standard_sequence(cluster: &mut Cluster) -> Result<Vec<ChangeReport>> {
     })?);
     out.push(measure(cluster, "node re-added (n3)", &[], |c| {
         c.readd_node("n3")
+    })?);
+    out.push(measure(cluster, "node deleted abruptly (n3)", &[], |c| {
+        c.delete_node("n3")
     })?);
     Ok(out)
 }

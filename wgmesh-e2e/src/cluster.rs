@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use wgmesh_core::{
     Cluster as Model, Event, Family, IncrementalPlanner, MeshConfig, Node, NodePlan, NodeWireGuard,
-    PrivateKey, PublicKey, RouteSource, plan_node,
+    Phase, PrivateKey, PublicKey, RouteSource, plan_node,
 };
 
 use wgmesh_netlink::keys;
@@ -744,41 +744,75 @@ impl Cluster {
         }
         let after = self.participants()?;
         let mut total = 0;
-        let wg = self.factory.wg();
         let names = self.order(events, &before, &after);
         for name in names {
-            let mut own = Vec::new();
-            for ev in events {
-                own.push(match ev {
-                    Event::MeshChanged(m) => Event::MeshChanged(node_mesh(m, wg, &self.tag, &name)),
-                    other => other.clone(),
-                });
-            }
-            let n = name.clone();
-            let ops = self.agent(&name)?.call(move |a| -> Result<usize> {
-                let mut ops = 0;
-                for ev in own {
-                    let delta = a.planner.apply(ev)?;
-                    if !delta.is_empty() {
-                        ops += a.applier.apply_delta(&delta)?.operations;
-                    }
-                }
-                let model = a.planner.cluster()?;
-                let full = if model.node(&n).is_some() {
-                    plan_node(&model, &n)?
-                } else {
-                    NodePlan::empty(n.clone())
-                };
-                if full != a.planner.plan() {
-                    return Err(Error::new(format!(
-                        "node {n}: incremental plan differs from a full recompute"
-                    )));
-                }
-                Ok(ops)
-            })??;
-            total += ops;
+            total += self.apply_on(&name, events)?;
         }
         Ok(total)
+    }
+
+    /// One step of a phased change: feeds `events` to the control-plane model and to every
+    /// agent, node `node`'s agent first (`first`) or last, the others in name order.
+    fn step(&mut self, events: &[Event], node: &str, first: bool) -> Result<usize> {
+        let mut total = 0;
+        if first && self.agents.contains_key(node) {
+            total += self.apply_on(node, events)?;
+        }
+        total += self.step_others(events, node)?;
+        if !first && self.agents.contains_key(node) {
+            total += self.apply_on(node, events)?;
+        }
+        Ok(total)
+    }
+
+    /// Feeds `events` to the control-plane model and to every agent but node `node`'s.
+    fn step_others(&mut self, events: &[Event], node: &str) -> Result<usize> {
+        for ev in events {
+            self.model.apply(ev.clone())?;
+        }
+        let names: Vec<String> = self.agents.keys().filter(|n| *n != node).cloned().collect();
+        let mut total = 0;
+        for name in names {
+            total += self.apply_on(&name, events)?;
+        }
+        Ok(total)
+    }
+
+    /// Node `name`'s agent applies `events` (its planner, then the delta through its
+    /// applier's incremental path) and checks that its plan equals a full recompute of its
+    /// planner's cluster. The control-plane model is not touched: a node's own view (its
+    /// joining phase) goes through here alone.
+    fn apply_on(&self, name: &str, events: &[Event]) -> Result<usize> {
+        let wg = self.factory.wg();
+        let own: Vec<Event> = events
+            .iter()
+            .map(|ev| match ev {
+                Event::MeshChanged(m) => Event::MeshChanged(node_mesh(m, wg, &self.tag, name)),
+                other => other.clone(),
+            })
+            .collect();
+        let n = name.to_owned();
+        self.agent(name)?.call(move |a| -> Result<usize> {
+            let mut ops = 0;
+            for ev in own {
+                let delta = a.planner.apply(ev)?;
+                if !delta.is_empty() {
+                    ops += a.applier.apply_delta(&delta)?.operations;
+                }
+            }
+            let model = a.planner.cluster()?;
+            let full = if model.node(&n).is_some() {
+                plan_node(&model, &n)?
+            } else {
+                NodePlan::empty(n.clone())
+            };
+            if full != a.planner.plan() {
+                return Err(Error::new(format!(
+                    "node {n}: incremental plan differs from a full recompute"
+                )));
+            }
+            Ok(ops)
+        })?
     }
 
     /// The order in which agents apply a change. A node that joins the mesh (its WireGuard is
@@ -1118,23 +1152,79 @@ impl Cluster {
         Ok(node)
     }
 
-    /// Turns WireGuard off or on for a node (the node stays in the cluster).
-    pub fn set_wireguard(&mut self, name: &str, enabled: bool) -> Result<usize> {
-        let node = self.published_node(name, enabled)?;
-        self.change(&[Event::NodeUpserted(node)])
+    /// The node as published, in a phase.
+    fn phased_node(&self, name: &str, phase: Phase) -> Result<Node> {
+        let mut node = self.published_node(name, true)?;
+        if let Some(wg) = node.wireguard.as_mut() {
+            wg.phase = phase;
+        }
+        Ok(node)
     }
 
-    /// Removes a node from the cluster (its namespace and pods stay, outside the mesh).
+    /// The first steps of a leave (make-before-break): the node is published `leaving`, its
+    /// own agent applies first (it keeps encrypting; in strict mode its ingress filter goes,
+    /// so its peers' plaintext arrives), then its peers (they route to it plain and keep it
+    /// as a peer); then the node's own agent routes plain too (its own view `joining`:
+    /// device and peers kept, every route plain). The caller then drops the node.
+    fn leave(&mut self, name: &str) -> Result<usize> {
+        let leaving = self.phased_node(name, Phase::Leaving)?;
+        let mut ops = self.step(&[Event::NodeUpserted(leaving)], name, true)?;
+        let plain = self.phased_node(name, Phase::Joining)?;
+        ops += self.apply_on(name, &[Event::NodeUpserted(plain)])?;
+        Ok(ops)
+    }
+
+    /// A join: the node's own agent applies `final_event` first (device, every peer, routes
+    /// into the tunnel; what it sends waits in WireGuard's queue until a peer knows it),
+    /// then its peers (they add it, start a handshake and encrypt to it). Measured against
+    /// a join in phases (the node first `joining`, routing plain, and switching after its
+    /// peers): that one lost more, in IPv4, while the peers encrypted to a node that still
+    /// routed them plain (its reverse-path check; BENCHMARKS.md).
+    fn join(&mut self, name: &str, final_event: Event) -> Result<usize> {
+        self.step(std::slice::from_ref(&final_event), name, true)
+    }
+
+    /// Turns WireGuard off or on for a node (the node stays in the cluster), in phases
+    /// (make-before-break): off is the leave steps (`leave`), then WireGuard disabled, the node first
+    /// (it drops its device and routes), then its peers (they drop it as a peer); on is
+    /// the join steps (`join`).
+    pub fn set_wireguard(&mut self, name: &str, enabled: bool) -> Result<usize> {
+        let node = self.published_node(name, enabled)?;
+        if enabled {
+            return self.join(name, Event::NodeUpserted(node));
+        }
+        let mut ops = self.leave(name)?;
+        ops += self.step(&[Event::NodeUpserted(node)], name, true)?;
+        Ok(ops)
+    }
+
+    /// Removes a node from the cluster (its namespace and pods stay, outside the mesh), in
+    /// phases: the leave steps (`leave`), then the node removed, its own agent first.
     pub fn remove_node(&mut self, name: &str) -> Result<usize> {
+        let mut ops = self.leave(name)?;
+        ops += self.step(
+            &[Event::NodeRemoved {
+                node: name.to_owned(),
+            }],
+            name,
+            true,
+        )?;
+        Ok(ops)
+    }
+
+    /// Removes a node abruptly, with no phase: every agent learns at once that it is gone
+    /// (in the order of [`Self::change`]: the node's own agent last), as when a Node object
+    /// is deleted.
+    pub fn delete_node(&mut self, name: &str) -> Result<usize> {
         self.change(&[Event::NodeRemoved {
             node: name.to_owned(),
         }])
     }
 
-    /// Adds a removed node back, as it was.
+    /// Adds a removed node back, as it was, in phases (the join steps (`join`)).
     pub fn readd_node(&mut self, name: &str) -> Result<usize> {
         let node = self.published_node(name, true)?;
-        self.change(&[Event::NodeUpserted(node)])
+        self.join(name, Event::NodeUpserted(node))
     }
 
     /// The control plane's model now.

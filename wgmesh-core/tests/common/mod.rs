@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use proptest::prelude::*;
-use wgmesh_core::{Cluster, Family, MeshConfig, Node, NodeWireGuard, PublicKey, RouteSource};
+use wgmesh_core::{
+    Cluster, Family, MeshConfig, Node, NodeWireGuard, Phase, PublicKey, RouteSource,
+};
 
 /// Up to this many nodes; names come from a fixed pool so removed nodes can come back.
 pub const MAX_NODES: usize = 6;
@@ -31,6 +33,8 @@ pub struct NodeShape {
     pub borrowed: Vec<(u8, u8)>,
     pub v6_pods: Vec<u8>,
     pub extra_block: bool,
+    /// 0: active (most of the time), 1: joining, 2: leaving (only with WireGuard settings).
+    pub phase: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +62,7 @@ impl ClusterShape {
                     borrowed: vec![],
                     v6_pods: vec![],
                     extra_block: false,
+                    phase: 0,
                 })
                 .collect(),
             workload_ips,
@@ -79,9 +84,10 @@ pub fn node_shape() -> impl Strategy<Value = NodeShape> {
         proptest::collection::vec((0u8..8, 0u8..4), 0..3),
         proptest::collection::vec(0u8..60, 0..3),
         any::<bool>(),
+        prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
     )
         .prop_map(
-            |(wg, key, key6, v6, mtu, own_pods, borrowed, v6_pods, extra_block)| NodeShape {
+            |(wg, key, key6, v6, mtu, own_pods, borrowed, v6_pods, extra_block, phase)| NodeShape {
                 wg,
                 key,
                 key6,
@@ -91,6 +97,7 @@ pub fn node_shape() -> impl Strategy<Value = NodeShape> {
                 borrowed,
                 v6_pods,
                 extra_block,
+                phase,
             },
         )
 }
@@ -112,6 +119,24 @@ pub fn cluster_shape() -> impl Strategy<Value = ClusterShape> {
                 fixed_mtu,
             },
         )
+}
+
+/// The phase a shape's number stands for.
+pub fn phase(p: u8) -> Phase {
+    match p {
+        1 => Phase::Joining,
+        2 => Phase::Leaving,
+        _ => Phase::Active,
+    }
+}
+
+/// The type of a plan's route to `dest`, if it has one.
+pub fn route(plan: &wgmesh_core::NodePlan, dest: &str) -> Option<wgmesh_core::RouteType> {
+    let dest: IpNet = dest.parse().unwrap();
+    plan.routes
+        .iter()
+        .find(|r| r.destination == dest)
+        .map(|r| r.kind)
 }
 
 pub fn name(i: usize) -> String {
@@ -165,6 +190,9 @@ pub fn node(i: usize, shape: &NodeShape, n: usize) -> Node {
             shape.key6.map(|k| key(k + 100)),
         )),
     };
+    if let Some(wg) = node.wireguard.as_mut() {
+        wg.phase = phase(shape.phase);
+    }
     node.pod_cidrs
         .push(format!("10.{i}.0.0/24").parse().unwrap());
     if shape.extra_block {
@@ -220,6 +248,16 @@ pub fn build(shape: &ClusterShape) -> Cluster {
         .map(|(i, s)| node(i, s, n))
         .collect();
     Cluster::new(mesh(shape), nodes).unwrap()
+}
+
+/// Whether traffic from node `a` to node `b` goes through the tunnel: both take part, `a` is
+/// not joining and `b` is neither joining nor leaving (the phases' table on
+/// `wgmesh_core::Phase`); otherwise it goes plain, and `b` still accepts it.
+pub fn encrypts(cluster: &Cluster, a: &Node, b: &Node, family: Family) -> bool {
+    takes_part(cluster, a, family)
+        && takes_part(cluster, b, family)
+        && a.phase() != Phase::Joining
+        && b.phase() == Phase::Active
 }
 
 /// Whether a node takes part in a family: computed here from first principles, not by the
