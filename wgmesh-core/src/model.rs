@@ -512,7 +512,7 @@ fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result
 /// removed, on the node first), then its peers drop it. What a half state still loses: in
 /// IPv4, a packet that a node still encrypts to a peer that already routes it plain fails
 /// that peer's reverse-path check (a WireGuard device has no address, and Linux then drops
-/// on any `rp_filter`); no order of the steps avoids that window (README.md, "Joining and
+/// under any enabled `rp_filter`, loose included); no order of the steps avoids that window (README.md, "Joining and
 /// leaving in phases").
 ///
 /// A node's phase is its own claim and untrusted like the rest: it can only make traffic
