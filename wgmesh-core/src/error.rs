@@ -47,6 +47,12 @@ pub fn elide_to(text: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(format!("{}…({} bytes)", &text[..cut], text.len()))
 }
 
+/// `text` on one line ([`one_line`]), then cut to `max` bytes ([`elide_to`]): escaping first,
+/// so that the limit bounds what is printed (an escape such as `\u{7f}` is six bytes).
+fn echo(text: &str, max: usize) -> String {
+    elide_to(&one_line(text), max).into_owned()
+}
+
 /// `text` with control characters escaped (`\n`, `\u{1b}`), so that it stays on one line
 /// and cannot forge log lines or terminal escapes.
 ///
@@ -173,7 +179,7 @@ impl Problem {
     /// A parser's message, cut to a bounded length (parsers quote the bad value).
     pub(crate) fn syntax(message: impl Into<String>) -> Self {
         let message = message.into();
-        Self::Syntax(one_line(&elide_to(&message, MAX_MESSAGE)).into_owned())
+        Self::Syntax(echo(&message, MAX_MESSAGE))
     }
 }
 
@@ -227,12 +233,12 @@ impl Error {
     ) -> Self {
         let location = match location {
             Location::Node(name) => Location::Node(elide(&name).into_owned()),
-            Location::Document(path) => Location::Document(one_line(&elide(&path)).into_owned()),
+            Location::Document(path) => Location::Document(echo(&path, MAX_ECHO)),
             other => other,
         };
         Self::Invalid {
             location,
-            field: one_line(&elide_to(&field.into(), MAX_FIELD)).into_owned(),
+            field: echo(&field.into(), MAX_FIELD),
             value: value.map(|v| match elide(&v) {
                 Cow::Borrowed(_) => v,
                 Cow::Owned(short) => short,

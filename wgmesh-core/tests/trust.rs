@@ -601,6 +601,16 @@ fn echoed_values_are_bounded() {
         ),
         r#"{"nodes": [{"name": "a", "\nunderlay_mtu": 1}]}"#.to_owned(),
         "nodes: [{name: a, \"\\e[31mx\": 1}]".to_owned(),
+        // Found by the fuzzer: a key of control characters, six bytes each once escaped, in
+        // the path, the field and the parser's message at once.
+        format!(
+            r#"{{"no{}": 1, "nodes": [{{"name": "a"}}]}}"#,
+            "\u{7f}".repeat(1000)
+        ),
+        format!(
+            r#"{{"nodes": [{{"name": "a", "x{}": 1}}]}}"#,
+            "\u{7f}".repeat(1000)
+        ),
     ] {
         let err = parse_cluster(&text).unwrap_err().to_string();
         assert!(err.len() < 600, "{} bytes: {}", err.len(), &err[..200]);
