@@ -400,33 +400,18 @@ where
                     None => return Err(RunError::WatchEnded("Pod")),
                 }
             }
-            result = async {
-                match publishing.as_mut() {
-                    Some(h) => h.await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            result = finished(publishing.as_mut()) => {
                 publishing = None;
                 let result = result.unwrap_or_else(|e| Err(format!("publication task failed: {e}")));
                 agent.on_published(result, Instant::now().into_std());
             }
-            written = async {
-                match writing.as_mut() {
-                    Some(h) => h.await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            written = finished(writing.as_mut()) => {
                 writing = None;
                 if let Ok((update, result)) = written {
                     agent.on_status_written(&update, result, Instant::now().into_std());
                 }
             }
-            found = async {
-                match resyncing.as_mut() {
-                    Some(h) => h.await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            found = finished(resyncing.as_mut()) => {
                 resyncing = None;
                 let now = Instant::now().into_std();
                 blocking(|| agent.on_resync_found(found.ok(), now));
@@ -445,6 +430,14 @@ where
                 return Ok(());
             }
         }
+    }
+}
+
+/// The result of a task in flight, or never when there is none (for a `select!` branch).
+async fn finished<T>(task: Option<&mut JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(h) => h.await,
+        None => std::future::pending().await,
     }
 }
 
