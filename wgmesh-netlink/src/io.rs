@@ -52,41 +52,30 @@ pub trait KernelIo {
     }
 }
 
-impl<K: KernelIo + ?Sized> KernelIo for Box<K> {
-    fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> io::Result<()> {
-        (**self).send(protocol, datagram)
-    }
-    fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> io::Result<()> {
-        (**self).recv(protocol, buf)
-    }
-    fn read_sysctl(&mut self, key: &str) -> io::Result<Option<String>> {
-        (**self).read_sysctl(key)
-    }
-    fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()> {
-        (**self).write_sysctl(key, value)
-    }
-    fn open_another(&mut self) -> Option<io::Result<Box<dyn KernelIo + Send>>> {
-        (**self).open_another()
-    }
+/// `KernelIo` for a pointer to one: every method forwards to the pointee.
+macro_rules! forward_kernel_io {
+    ($($pointer:ty),*) => {$(
+        impl<K: KernelIo + ?Sized> KernelIo for $pointer {
+            fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> io::Result<()> {
+                (**self).send(protocol, datagram)
+            }
+            fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> io::Result<()> {
+                (**self).recv(protocol, buf)
+            }
+            fn read_sysctl(&mut self, key: &str) -> io::Result<Option<String>> {
+                (**self).read_sysctl(key)
+            }
+            fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()> {
+                (**self).write_sysctl(key, value)
+            }
+            fn open_another(&mut self) -> Option<io::Result<Box<dyn KernelIo + Send>>> {
+                (**self).open_another()
+            }
+        }
+    )*};
 }
 
-impl<K: KernelIo + ?Sized> KernelIo for &mut K {
-    fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> io::Result<()> {
-        (**self).send(protocol, datagram)
-    }
-    fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> io::Result<()> {
-        (**self).recv(protocol, buf)
-    }
-    fn read_sysctl(&mut self, key: &str) -> io::Result<Option<String>> {
-        (**self).read_sysctl(key)
-    }
-    fn write_sysctl(&mut self, key: &str, value: &str) -> io::Result<()> {
-        (**self).write_sysctl(key, value)
-    }
-    fn open_another(&mut self) -> Option<io::Result<Box<dyn KernelIo + Send>>> {
-        (**self).open_another()
-    }
-}
+forward_kernel_io!(Box<K>, &mut K);
 
 const RECV_BUF: usize = 1 << 20;
 
