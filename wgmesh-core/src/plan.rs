@@ -469,11 +469,7 @@ impl Marking {
         let destinations = || {
             let mut s = String::new();
             for d in &self.plain_destinations {
-                let ip = if matches!(d, IpNet::V4(_)) {
-                    "ip"
-                } else {
-                    "ip6"
-                };
+                let (ip, d) = nft_prefix(d);
                 s.push_str(&format!("\t\t{ip} daddr {d} {mark}\n"));
             }
             s
@@ -543,11 +539,7 @@ impl Marking {
                 s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} return\n"));
             }
             for d in &self.plain_destinations {
-                let ip = if matches!(d, IpNet::V4(_)) {
-                    "ip"
-                } else {
-                    "ip6"
-                };
+                let (ip, d) = nft_prefix(d);
                 s.push_str(&format!("\t\t{ip} saddr {d} return\n"));
             }
             for (proto, dev) in [
@@ -573,6 +565,20 @@ impl Marking {
             s.push_str("}\n");
         }
         s
+    }
+}
+
+/// A prefix as nft writes it: its family's keyword, and a host prefix as a bare address.
+fn nft_prefix(net: &IpNet) -> (&'static str, String) {
+    let ip = if matches!(net, IpNet::V4(_)) {
+        "ip"
+    } else {
+        "ip6"
+    };
+    if net.prefix_len() == net.max_prefix_len() {
+        (ip, net.addr().to_string())
+    } else {
+        (ip, net.to_string())
     }
 }
 
