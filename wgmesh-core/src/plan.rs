@@ -295,9 +295,10 @@ pub struct Sysctl {
 /// The packet marking of a node: nftables tables named `table` that wgmesh owns, one of family
 /// `inet` and, with `mark_arp`, one of family `arp`.
 ///
-/// The `inet` table's `prerouting` chain (filter, priority raw) returns for the loopback, mesh
-/// and workload interfaces and ORs `firewall_mark` into the mark of every other packet: those
-/// came from the underlay. The `arp` table's `input` chain does the same for ARP: the kernel
+/// The `inet` table's `prerouting` chain (filter, priority raw) returns for the loopback and
+/// mesh interfaces, marks packets to the `plain_destinations` (everything with `plain_all`),
+/// returns for the workload interfaces and ORs `firewall_mark` into the mark of every other
+/// packet: those came from the underlay. The `arp` table's `input` chain does the same for ARP: the kernel
 /// checks the sender of an ARP request against the routing table too (with the mark when
 /// `src_valid_mark` is set), and under host encryption the sender's address is routed into
 /// the tunnel, so strict `rp_filter` would drop every ARP request from a peer and nodes could

@@ -476,6 +476,12 @@ impl Walk<'_> {
                     format!("pod {ip} → {dst} arrives on {}", self.iface_name(&iface)),
                 );
                 let mark = self.prerouting_mark(node, &iface, dst, 0);
+                if mark != 0 {
+                    self.hop(
+                        node,
+                        format!("prerouting marked {mark:#x}: {dst} is sent plain (a phase)"),
+                    );
+                }
                 if !self.rpf_ok(node, ip, &iface, mark) {
                     return self.rpf_drop(node, ip, &iface);
                 }

@@ -404,7 +404,10 @@ fn phased_destinations_are_marked_and_read_back() {
     let leaving = plan_node(&phased("b", wgmesh_core::Phase::Leaving), "a").unwrap();
     converge(&mut r, &leaving);
     let table = sh("ip route show table 1; ip -6 route show table 1");
-    assert!(table.contains("10.65.0.64/26 dev wireguard.cali"), "{table}");
+    assert!(
+        table.contains("10.65.0.64/26 dev wireguard.cali"),
+        "{table}"
+    );
     assert!(table.contains("fd10::100/120 dev wg-v6.cali"), "{table}");
     let nft = sh("nft list table inet wgmesh");
     for want in [
