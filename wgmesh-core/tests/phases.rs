@@ -390,3 +390,39 @@ proptest! {
         }
     }
 }
+
+/// A more specific destination inside a phased node's block keeps its own route: b's
+/// borrowed address inside leaving c's block is not marked (marking it would send b's
+/// traffic plain), and the rest of the block is, cut around it.
+#[test]
+fn a_borrowed_address_inside_a_phased_block_keeps_its_route() {
+    let mut cluster = three(false, "leaving");
+    let mut b = cluster.node("b").unwrap().clone();
+    b.workload_ips.push("10.65.3.7".parse().unwrap());
+    cluster.upsert_node(b).unwrap();
+    let a = plan_node(&cluster, "a").unwrap();
+    let m = a.marking.as_ref().unwrap();
+    let borrowed: std::net::IpAddr = "10.65.3.7".parse().unwrap();
+    assert!(!m.marks_destination(borrowed), "{:?}", m.plain_destinations);
+    assert!(m.marks_destination("10.65.3.6".parse().unwrap()));
+    assert!(m.marks_destination("10.65.3.200".parse().unwrap()));
+    // The /24 minus one address: 8 prefixes (/25 … /32), and c's address.
+    assert_eq!(m.plain_destinations.len(), 9, "{:?}", m.plain_destinations);
+    let sim = Simulator::new(&cluster, plan_all(&cluster));
+    let pod = |ip: &str| Source::Pod(ip.parse().unwrap());
+    assert_eq!(
+        sim.trace(pod("10.65.1.5"), borrowed).outcome,
+        Outcome::Encrypted
+    );
+    assert_eq!(
+        sim.trace(pod("10.65.1.5"), "10.65.3.5".parse().unwrap())
+            .outcome,
+        Outcome::Plain
+    );
+    // The incremental planner cuts the same way.
+    let mut planner = IncrementalPlanner::new(&three(false, "leaving"), "a");
+    let mut b = planner.cluster().unwrap().node("b").unwrap().clone();
+    b.workload_ips.push(borrowed);
+    planner.apply(Event::NodeUpserted(b)).unwrap();
+    assert_eq!(planner.plan(), a);
+}
