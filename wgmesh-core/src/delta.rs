@@ -74,8 +74,9 @@ pub enum MarkingDelta {
     /// Nothing.
     #[default]
     Unchanged,
-    /// It becomes this (created or replaced).
-    Set(Marking),
+    /// It becomes this (created or replaced; boxed: a marking is large, and most deltas
+    /// leave it unchanged).
+    Set(Box<Marking>),
     /// It goes away.
     Removed,
 }
@@ -253,7 +254,7 @@ pub fn diff(old: &NodePlan, new: &NodePlan) -> PlanDelta {
     (d.sysctls_removed, d.sysctls_added) = removed_and_added(&old.sysctls, &new.sysctls);
     d.marking = match (&old.marking, &new.marking) {
         (a, b) if a == b => MarkingDelta::Unchanged,
-        (_, Some(m)) => MarkingDelta::Set(m.clone()),
+        (_, Some(m)) => MarkingDelta::Set(Box::new(m.clone())),
         (Some(_), None) => MarkingDelta::Removed,
         (None, None) => MarkingDelta::Unchanged,
     };
@@ -448,7 +449,7 @@ impl NodePlan {
         self.sysctls.sort();
         match &d.marking {
             MarkingDelta::Unchanged => {}
-            MarkingDelta::Set(m) => self.marking = Some(m.clone()),
+            MarkingDelta::Set(m) => self.marking = Some(m.as_ref().clone()),
             MarkingDelta::Removed => self.marking = None,
         }
     }

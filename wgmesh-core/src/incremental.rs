@@ -39,7 +39,7 @@ use crate::diagnostics::{Diagnostic, diagnose};
 use crate::error::{Error, Problem};
 use crate::key::PublicKey;
 use crate::model::{
-    Cluster, Family, MeshConfig, Node, NodeWireGuard, RouteSource, check_node, host_net,
+    Cluster, Family, MeshConfig, Node, NodeWireGuard, Phase, RouteSource, check_node, host_net,
 };
 use crate::plan::{
     self, Decision, NodePlan, PeerPlan, Route, RouteType, allowed_on, counted_mtu, decide_claims,
@@ -451,6 +451,8 @@ pub struct IncrementalPlanner {
     nodes: Vec<Option<NodeState>>,
     free: Vec<Id>,
     fams: [FamilyState; 2],
+    /// The nodes that are joining or leaving (their destinations may be sent plain).
+    phased: BTreeSet<Id>,
 }
 
 impl IncrementalPlanner {
@@ -464,6 +466,7 @@ impl IncrementalPlanner {
             nodes: Vec::with_capacity(cluster.nodes().len()),
             free: Vec::new(),
             fams: [FamilyState::new(Family::V4), FamilyState::new(Family::V6)],
+            phased: BTreeSet::new(),
         };
         let mut journal = None;
         for node in cluster.nodes() {
@@ -729,6 +732,7 @@ impl IncrementalPlanner {
                     nodes: Vec::with_capacity(nodes.len()),
                     free: Vec::new(),
                     fams: [FamilyState::new(Family::V4), FamilyState::new(Family::V6)],
+                    phased: BTreeSet::new(),
                 };
                 for state in nodes {
                     self.upsert(j, state.to_node());
@@ -1010,7 +1014,13 @@ impl IncrementalPlanner {
                 list.push(id);
             }
         }
+        let active = new.phase() == Phase::Active;
         self.state_mut(id).node.wireguard = new.wireguard;
+        if active {
+            self.phased.remove(&id);
+        } else {
+            self.phased.insert(id);
+        }
         for (family, other) in affected {
             self.refresh_part(j, other, family);
         }
@@ -1184,7 +1194,42 @@ impl IncrementalPlanner {
         }
         let active =
             Family::ALL.map(|f| routes_active(&self.mesh, &state.node, f, state.part[f.index()]));
-        plan::finish(&self.mesh, &mut plan, active, plan::leaving(&state.node));
+        // The destinations sent plain: a phased node's, while it owns them and takes part.
+        let mut plain = Vec::new();
+        if state.node.phase() != Phase::Joining {
+            for family in Family::ALL.into_iter().filter(|f| active[f.index()]) {
+                for &id in &self.phased {
+                    let Some(other) = &self.nodes[id] else {
+                        continue;
+                    };
+                    plain.extend(
+                        other
+                            .prefixes(&self.mesh, family)
+                            .into_iter()
+                            .filter(|d| self.decision(family, d) == Some(Decision::Accept(id))),
+                    );
+                }
+            }
+            plain.sort_unstable();
+            plain.dedup();
+            if plain.iter().any(|p| p.prefix_len() < p.max_prefix_len()) {
+                // Routed destinations inside a wide plain prefix keep their own route (time
+                // proportional to the claims, only while a phased node has a block).
+                let routed = Family::ALL
+                    .into_iter()
+                    .filter(|f| active[f.index()])
+                    .flat_map(|f| {
+                        let fam = &self.fams[f.index()];
+                        fam.claims
+                            .keys()
+                            .copied()
+                            .chain(strict_static(&self.mesh, f).into_iter().map(|(d, _)| d))
+                            .filter(move |d| self.decision(f, d).is_some())
+                    });
+                plain = plan::carve_plain(plain, routed);
+            }
+        }
+        plan::finish(&self.mesh, &mut plan, active, state.node.phase(), plain);
         plan
     }
 

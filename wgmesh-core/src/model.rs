@@ -496,23 +496,26 @@ fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result
 /// Where a node stands in a make-before-break transition of the mesh: joining it, taking
 /// part, or leaving it. While a node is joining or leaving, both sides accept both forms of
 /// its traffic: its peers keep it as a peer (its allowed IPs included, so its encrypted
-/// packets are accepted) but route to it in plaintext, as to a plain node.
+/// packets are accepted) and their routes into the tunnel, but send to it in plaintext: the
+/// packets are marked ([`crate::Marking::plain_destinations`]), so the policy rule skips
+/// the mesh table. The kept route is what lets its encrypted IPv4 packets pass the
+/// reverse-path check meanwhile.
 ///
 /// | phase | the node's own plan | its peers' plans |
 /// |---|---|---|
 /// | `Active` | device, peers, routes into the tunnel | it as a peer, its destinations routed into the tunnel |
-/// | `Joining` | device and every peer, but every destination routed plain (throw) | it as a peer, its destinations routed plain |
-/// | `Leaving` | unchanged (it still encrypts); strict mode's ingress filter off, so its peers' plaintext arrives | it as a peer, its destinations routed plain |
+/// | `Joining` | device, every peer and route, but every packet marked (sent plain, [`crate::Marking::plain_all`]); no strict ingress filter | it as a peer, its destinations marked (sent plain) |
+/// | `Leaving` | unchanged (it still encrypts); strict mode's ingress filter off, so its peers' plaintext arrives | it as a peer, its destinations marked (sent plain) |
 ///
 /// The sequence a node joins by: `Joining` as the node's own view (its agent plans itself
 /// joining: device and peers, routes plain), then its peers add it (they see it `Active`,
 /// or `Joining` when it is announced), then `Active` on the node too. It leaves by:
 /// `Leaving` (the node first, then its peers), then the node's own view `Joining` (it
-/// routes plain too), then it drops its device and routes (WireGuard disabled or the node
-/// removed, on the node first), then its peers drop it. What a half state still loses: in
-/// IPv4, a packet that a node still encrypts to a peer that already routes it plain fails
-/// that peer's reverse-path check (a WireGuard device has no address, and Linux then drops
-/// under any enabled `rp_filter`, loose included); no order of the steps avoids that window (README.md, "Joining and
+/// sends plain too), then it drops its device and routes (WireGuard disabled or the node
+/// removed, on the node first), then its peers drop it. In every half state an encrypted
+/// packet still routes back through the device it arrived on, so IPv4's reverse-path
+/// check passes (a WireGuard device has no address, and Linux drops under any enabled
+/// `rp_filter` a decrypted packet whose source routes elsewhere; README.md, "Joining and
 /// leaving in phases").
 ///
 /// A node's phase is its own claim and untrusted like the rest: it can only make traffic
@@ -532,8 +535,9 @@ fn check_interface_name(field: &'static str, name: &str, prefix: bool) -> Result
 /// let plan = plan_node(&cluster, "a")?;
 /// // b stays a peer with its allowed IPs (its encrypted packets are accepted) ...
 /// assert_eq!(plan.interfaces[0].peers[0].allowed_ips, ["10.0.0.20/32".parse()?]);
-/// // ... but a routes to it in plaintext.
-/// assert_eq!(plan.routes[1].kind, RouteType::Throw);
+/// // ... and its route, but a sends to it in plaintext (the packets are marked).
+/// assert_eq!(plan.routes[1].kind, RouteType::Unicast);
+/// assert_eq!(plan.marking.unwrap().plain_destinations, ["10.0.0.20/32".parse()?]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -38,9 +38,14 @@
 //! fwmark M/M lookup T` sends everything WireGuard did not emit itself to that table.
 //!
 //! **Phases** ([`crate::Phase`]): a destination whose owner takes part but is joining or
-//! leaving — or any destination, on a node that is joining — gets a throw route while it
-//! stays an allowed IP of the owner's peer: traffic goes plain, WireGuard still accepts the
-//! owner's encrypted packets. In strict mode a leaving node counts as explicitly plain.
+//! leaving — or any destination, on a node that is joining — keeps its route into the tunnel
+//! and stays an allowed IP of the owner's peer, but its packets are marked
+//! ([`Marking::plain_destinations`], [`Marking::plain_all`]), so they skip the mesh table and
+//! go plain, while WireGuard still accepts the owner's encrypted packets *and* their
+//! reverse-path check passes: the source routes back into the tunnel (IPv4 drops a
+//! decrypted packet whose source routes elsewhere, under any enabled `rp_filter`, since a
+//! WireGuard device has no address). In strict mode a leaving node counts as explicitly
+//! plain, and a joining or leaving node has no ingress filter.
 //!
 //! **Packet marking.** While the node takes part, an nftables table marks packets that arrive
 //! from the underlay with the mesh mark, and `src_valid_mark` makes the reverse-path check use
@@ -178,7 +183,14 @@ impl NodePlan {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn must_arrive_encrypted(&self, source: std::net::IpAddr) -> bool {
-        if self.marking.as_ref().is_none_or(|m| m.strict.is_none()) {
+        let Some(marking) = self.marking.as_ref().filter(|m| m.strict.is_some()) else {
+            return false;
+        };
+        if marking
+            .plain_destinations
+            .iter()
+            .any(|d| d.contains(&source))
+        {
             return false;
         }
         self.routes
@@ -283,9 +295,10 @@ pub struct Sysctl {
 /// The packet marking of a node: nftables tables named `table` that wgmesh owns, one of family
 /// `inet` and, with `mark_arp`, one of family `arp`.
 ///
-/// The `inet` table's `prerouting` chain (filter, priority raw) returns for the loopback, mesh
-/// and workload interfaces and ORs `firewall_mark` into the mark of every other packet: those
-/// came from the underlay. The `arp` table's `input` chain does the same for ARP: the kernel
+/// The `inet` table's `prerouting` chain (filter, priority raw) returns for the loopback and
+/// mesh interfaces, marks packets to the `plain_destinations` (everything with `plain_all`),
+/// returns for the workload interfaces and ORs `firewall_mark` into the mark of every other
+/// packet: those came from the underlay. The `arp` table's `input` chain does the same for ARP: the kernel
 /// checks the sender of an ARP request against the routing table too (with the mark when
 /// `src_valid_mark` is set), and under host encryption the sender's address is routed into
 /// the tunnel, so strict `rp_filter` would drop every ARP request from a peer and nodes could
@@ -312,6 +325,20 @@ pub struct Marking {
     /// Strict mode's ingress filter, when strict mode is on.
     #[serde(default)]
     pub strict: Option<StrictFilter>,
+    /// Destinations routed into the tunnel whose packets are sent plain: the destinations of
+    /// a participating node that is joining or leaving ([`crate::Phase`]). Packets to them
+    /// are marked in `output` and in `prerouting` (forwarded ones included, from workload
+    /// interfaces too, never from the loopback or mesh interfaces), so the rule skips the
+    /// mesh table and the main table sends them over the underlay, while the mesh table's
+    /// route into the tunnel still passes the reverse-path check of the node's encrypted
+    /// packets. Sorted, IPv4 first.
+    #[serde(default)]
+    pub plain_destinations: Vec<IpNet>,
+    /// The local node is joining: every packet is marked in `output` and in `prerouting`
+    /// (except from the loopback and mesh interfaces), so all of its traffic goes plain
+    /// while its routes stay in the tunnel.
+    #[serde(default)]
+    pub plain_all: bool,
 }
 
 /// Strict mode's ingress filter: a packet that arrives from the underlay (any interface the
@@ -367,6 +394,54 @@ impl Marking {
                 .any(|p| interface.starts_with(p.as_str()))
     }
 
+    /// Whether a packet to `destination` is sent plain although the mesh table may route it
+    /// into the tunnel: the local node is joining, or the destination is a phased node's.
+    pub fn marks_destination(&self, destination: std::net::IpAddr) -> bool {
+        self.plain_all
+            || self
+                .plain_destinations
+                .iter()
+                .any(|d| d.contains(&destination))
+    }
+
+    /// Whether the `prerouting` chain marks a packet to `destination` arriving on
+    /// `interface`: never from the loopback or mesh interfaces (exact names), always for a
+    /// destination sent plain ([`Marking::marks_destination`]), otherwise from the underlay.
+    ///
+    /// ```
+    /// use wgmesh_core::Marking;
+    /// let m = Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
+    ///     skip_interfaces: vec!["lo".into(), "wg0".into()],
+    ///     skip_interface_prefixes: vec!["cali".into()], mark_arp: true, mark_output: false,
+    ///     plain_tcp_endpoints: vec![], strict: None,
+    ///     plain_destinations: vec!["10.65.3.0/24".parse()?], plain_all: false };
+    /// assert!(m.marks_prerouting("cali1", "10.65.3.7".parse()?)); // to a leaving node
+    /// assert!(!m.marks_prerouting("cali1", "10.65.2.7".parse()?));
+    /// assert!(!m.marks_prerouting("wg0", "10.65.3.7".parse()?));
+    /// assert!(m.marks_prerouting("eth0", "10.65.2.7".parse()?)); // underlay
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn marks_prerouting(&self, interface: &str, destination: std::net::IpAddr) -> bool {
+        if self.skip_interfaces.iter().any(|n| n == interface) {
+            return false;
+        }
+        self.marks_destination(destination) || self.marks_input(interface)
+    }
+
+    /// Whether the `output` chain marks a locally generated packet to `destination` (the
+    /// control-plane endpoints' TCP aside).
+    pub fn marks_output(&self, destination: std::net::IpAddr) -> bool {
+        self.mark_output || self.marks_destination(destination)
+    }
+
+    /// Whether the `output` chain exists.
+    pub fn has_output(&self) -> bool {
+        self.mark_output
+            || self.plain_all
+            || !self.plain_tcp_endpoints.is_empty()
+            || !self.plain_destinations.is_empty()
+    }
+
     /// The tables as an `nft -f` script (for people and tests; appliers use netlink).
     ///
     /// Interface names are quoted with `"` and `\` escaped, and control characters written as
@@ -385,35 +460,49 @@ impl Marking {
     ///     mark_output: false,
     ///     plain_tcp_endpoints: vec![],
     ///     strict: None,
+    ///     plain_destinations: vec![],
+    ///     plain_all: false,
     /// };
     /// assert!(marking.nft_script().contains(r#"iifname "a\" accept; \\" return"#));
     /// ```
     pub fn nft_script(&self) -> String {
-        let skips = || {
+        let mark = format!("meta mark set meta mark | {:#x}", self.firewall_mark);
+        let destinations = || {
+            let mut s = String::new();
+            for d in &self.plain_destinations {
+                let (ip, d) = nft_prefix(d);
+                s.push_str(&format!("\t\t{ip} daddr {d} {mark}\n"));
+            }
+            s
+        };
+        // `arp` marks every ARP packet from the underlay; `inet` also marks packets to the
+        // destinations sent plain (or all, while joining) from the workload interfaces.
+        let skips = |inet: bool| {
             let mut s = String::new();
             for name in &self.skip_interfaces {
                 s.push_str(&format!("\t\tiifname \"{}\" return\n", nft_escape(name)));
             }
-            for prefix in &self.skip_interface_prefixes {
-                s.push_str(&format!("\t\tiifname \"{}*\" return\n", nft_escape(prefix)));
+            if !(inet && self.plain_all) {
+                if inet {
+                    s.push_str(&destinations());
+                }
+                for prefix in &self.skip_interface_prefixes {
+                    s.push_str(&format!("\t\tiifname \"{}*\" return\n", nft_escape(prefix)));
+                }
             }
-            s.push_str(&format!(
-                "\t\tmeta mark set meta mark | {:#x}\n\t}}\n",
-                self.firewall_mark
-            ));
+            s.push_str(&format!("\t\t{mark}\n\t}}\n"));
             s
         };
         let mut s = format!("table inet {} {{\n", self.table);
         s.push_str(
             "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n",
         );
-        s.push_str(&skips());
-        if self.mark_output || !self.plain_tcp_endpoints.is_empty() {
-            let mark = format!("meta mark set meta mark | {:#x}", self.firewall_mark);
+        s.push_str(&skips(true));
+        if self.has_output() {
             s.push_str(
                 "\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n",
             );
-            if self.mark_output {
+            if self.mark_output || self.plain_all {
                 s.push_str(&format!("\t\t{mark}\n"));
             } else {
                 for ep in &self.plain_tcp_endpoints {
@@ -422,6 +511,7 @@ impl Marking {
                     s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} {mark}\n"));
                     s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} {mark}\n"));
                 }
+                s.push_str(&destinations());
             }
             s.push_str("\t}\n");
         }
@@ -449,6 +539,10 @@ impl Marking {
                 s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} return\n"));
                 s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} return\n"));
             }
+            for d in &self.plain_destinations {
+                let (ip, d) = nft_prefix(d);
+                s.push_str(&format!("\t\t{ip} saddr {d} return\n"));
+            }
             for (proto, dev) in [
                 ("ipv4", &strict.interface_v4),
                 ("ipv6", &strict.interface_v6),
@@ -468,10 +562,24 @@ impl Marking {
             s.push_str(
                 "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n",
             );
-            s.push_str(&skips());
+            s.push_str(&skips(false));
             s.push_str("}\n");
         }
         s
+    }
+}
+
+/// A prefix as nft writes it: its family's keyword, and a host prefix as a bare address.
+fn nft_prefix(net: &IpNet) -> (&'static str, String) {
+    let ip = if matches!(net, IpNet::V4(_)) {
+        "ip"
+    } else {
+        "ip6"
+    };
+    if net.prefix_len() == net.max_prefix_len() {
+        (ip, net.addr().to_string())
+    } else {
+        (ip, net.to_string())
     }
 }
 
@@ -585,10 +693,18 @@ pub(crate) fn routes_active(mesh: &MeshConfig, local: &Node, family: Family, par
         && local.address(family).is_some())
 }
 
-/// Rules, sysctls and marking, given the interfaces and the families the local node routes.
-/// A leaving node (`leaving`) has no strict ingress filter: its peers already route to it in
-/// plaintext ([`crate::Phase::Leaving`]).
-pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2], leaving: bool) {
+/// Rules, sysctls and marking, given the interfaces, the families the local node routes, its
+/// phase and the destinations it sends plain (a phased node's, [`Marking::plain_destinations`]).
+/// A joining or leaving node has no strict ingress filter: its peers route to it in
+/// plaintext ([`crate::Phase`]); a joining node marks all of its traffic.
+pub(crate) fn finish(
+    mesh: &MeshConfig,
+    plan: &mut NodePlan,
+    active: [bool; 2],
+    phase: crate::model::Phase,
+    plain_destinations: Vec<IpNet>,
+) {
+    let joining = phase == crate::model::Phase::Joining;
     plan.rules = Family::ALL
         .iter()
         .filter(|f| active[f.index()])
@@ -616,7 +732,13 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2], 
         } else {
             Vec::new()
         },
-        strict: (mesh.strict_mode && !leaving).then(|| StrictFilter {
+        plain_destinations: if joining {
+            Vec::new()
+        } else {
+            plain_destinations
+        },
+        plain_all: joining,
+        strict: (mesh.strict_mode && phase == crate::model::Phase::Active).then(|| StrictFilter {
             interface_v4: plan
                 .interface(Family::V4)
                 .map(|i| i.name.clone())
@@ -631,14 +753,65 @@ pub(crate) fn finish(mesh: &MeshConfig, plan: &mut NodePlan, active: [bool; 2], 
     });
 }
 
+/// The address space to send plain: the `plain` prefixes (sorted) minus every routed
+/// destination strictly inside one of them that is not plain itself (`routed`): the mesh
+/// table routes those by longest prefix, so marking them would override their own route
+/// (another node's borrowed address inside a phased node's block, a refused nested block, a
+/// blackhole). Each cut splits a prefix in halves, at most one prefix per bit. Sorted,
+/// disjoint.
+pub(crate) fn carve_plain(plain: Vec<IpNet>, routed: impl Iterator<Item = IpNet>) -> Vec<IpNet> {
+    let wide: Vec<IpNet> = plain
+        .iter()
+        .filter(|p| p.prefix_len() < p.max_prefix_len())
+        .copied()
+        .collect();
+    if wide.is_empty() {
+        return plain;
+    }
+    let mut cuts: Vec<IpNet> = routed
+        .filter(|r| {
+            wide.iter()
+                .any(|p| p != r && p.contains(r) && plain.binary_search(r).is_err())
+        })
+        .collect();
+    if cuts.is_empty() {
+        return plain;
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    fn carve(p: IpNet, cuts: &[IpNet], out: &mut Vec<IpNet>) {
+        let inside: Vec<IpNet> = cuts.iter().filter(|c| p.contains(*c)).copied().collect();
+        if inside.is_empty() {
+            out.push(p);
+            return;
+        }
+        if inside.contains(&p) {
+            return;
+        }
+        let Ok(halves) = p.subnets(p.prefix_len() + 1) else {
+            return;
+        };
+        for half in halves {
+            carve(half, &inside, out);
+        }
+    }
+    let mut out = Vec::with_capacity(plain.len());
+    for p in plain {
+        carve(p, &cuts, &mut out);
+    }
+    out.sort_unstable();
+    out
+}
+
 /// How a destination is routed, from the local node's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decision<N> {
     /// Into the tunnel, to this node's peer.
     Peer(N),
-    /// Back to the main table (plaintext), but allowed on this node's peer, whose encrypted
-    /// packets from it are still accepted: the node, or the local node, is joining or
-    /// leaving ([`crate::Phase`]).
+    /// Into the tunnel, to this node's peer, but the packets are marked and so sent
+    /// plaintext through the main table ([`Marking::plain_destinations`]); the route keeps
+    /// the reverse-path check of the peer's encrypted packets passing: the node, or the local
+    /// node, is joining or leaving ([`crate::Phase`]).
     Accept(N),
     /// Back to the main table.
     Throw,
@@ -681,11 +854,6 @@ pub(crate) fn routed_phases(local: crate::model::Phase, remote: crate::model::Ph
     local != Phase::Joining && remote == Phase::Active
 }
 
-/// Whether the phase of the local node asks for no strict ingress filter.
-pub(crate) fn leaving(local: &Node) -> bool {
-    local.phase() == crate::model::Phase::Leaving
-}
-
 /// The routing decision for a destination from its claims `(node, flags)`; `None` when it gets
 /// no route. `local_part` says whether the local node takes part (it then has peers).
 ///
@@ -695,7 +863,7 @@ pub(crate) fn leaving(local: &Node) -> bool {
 /// claim must not blackhole the world), not a node address without host encryption, not
 /// only claimed (unrefused) by explicitly plain (or leaving) nodes, and not a control-plane
 /// endpoint. A destination whose sole owner takes part but is routed plain because of a
-/// phase (`routed` false) is [`Decision::Accept`]: thrown, never blackholed.
+/// phase (`routed` false) is [`Decision::Accept`]: sent plain, never blackholed.
 /// Without a claim that asks for a route, a node address inside `cluster_cidrs` gets a throw
 /// route in strict mode: the exception to the blackholed unknown cluster space.
 pub(crate) fn decide_claims<N: PartialEq + Copy>(
@@ -803,6 +971,7 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         .ok_or_else(|| Error::unknown_node(node))?;
     let mut active = [false; 2];
     let mut routes = Vec::new();
+    let mut plain = Vec::new();
     for family in Family::ALL {
         if local.address(family).is_none() {
             continue;
@@ -859,7 +1028,8 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
                 }
                 Decision::Accept(n) => {
                     allowed[n].push(dest);
-                    routes.push((dest, RouteType::Throw));
+                    plain.push(dest);
+                    routes.push((dest, RouteType::Unicast));
                 }
                 Decision::Throw => routes.push((dest, RouteType::Throw)),
                 Decision::Blackhole => routes.push((dest, RouteType::Blackhole)),
@@ -913,7 +1083,8 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
             }
         })
         .collect();
-    finish(mesh, &mut plan, active, leaving(local));
+    let plain = carve_plain(plain, plan.routes.iter().map(|r| r.destination));
+    finish(mesh, &mut plan, active, local.phase(), plain);
     Ok(plan)
 }
 
@@ -928,8 +1099,8 @@ pub(crate) fn allowed_on<N>(decision: Option<Decision<N>>) -> Option<N> {
 /// The route type of a decision.
 pub(crate) fn route_type<N>(decision: Decision<N>) -> RouteType {
     match decision {
-        Decision::Peer(_) => RouteType::Unicast,
-        Decision::Throw | Decision::Accept(_) => RouteType::Throw,
+        Decision::Peer(_) | Decision::Accept(_) => RouteType::Unicast,
+        Decision::Throw => RouteType::Throw,
         Decision::Blackhole => RouteType::Blackhole,
     }
 }

@@ -321,12 +321,12 @@ impl Walk<'_> {
         }
     }
 
-    /// The prerouting chain of the node's nftables table.
-    fn prerouting_mark(&self, node: usize, iface: &Iface, mark: u32) -> u32 {
+    /// The prerouting chain of the node's nftables table, for a packet to `dst`.
+    fn prerouting_mark(&self, node: usize, iface: &Iface, dst: IpAddr, mark: u32) -> u32 {
         let Some(marking) = &self.sim.plans[node].marking else {
             return mark;
         };
-        if marking.marks_input(&self.iface_name(iface)) {
+        if marking.marks_prerouting(&self.iface_name(iface), dst) {
             mark | marking.firewall_mark
         } else {
             mark
@@ -475,7 +475,13 @@ impl Walk<'_> {
                     node,
                     format!("pod {ip} → {dst} arrives on {}", self.iface_name(&iface)),
                 );
-                let mark = self.prerouting_mark(node, &iface, 0);
+                let mark = self.prerouting_mark(node, &iface, dst, 0);
+                if mark != 0 {
+                    self.hop(
+                        node,
+                        format!("prerouting marked {mark:#x}: {dst} is sent plain (a phase)"),
+                    );
+                }
                 if !self.rpf_ok(node, ip, &iface, mark) {
                     return self.rpf_drop(node, ip, &iface);
                 }
@@ -491,7 +497,7 @@ impl Walk<'_> {
                 };
                 let mut mark = 0;
                 if let Some(m) = &self.sim.plans[node].marking
-                    && m.mark_output
+                    && m.marks_output(dst)
                 {
                     mark |= m.firewall_mark;
                     self.hop(node, format!("host {src} → {dst}: output marked {mark:#x}"));
@@ -549,7 +555,7 @@ impl Walk<'_> {
                 source: src,
             });
         }
-        let mark = self.prerouting_mark(node, &Iface::Underlay, 0);
+        let mark = self.prerouting_mark(node, &Iface::Underlay, dst, 0);
         if !self.rpf_ok(node, src, &Iface::Underlay, mark) {
             return self.rpf_drop(node, src, &Iface::Underlay);
         }
@@ -637,7 +643,7 @@ impl Walk<'_> {
         dst: IpAddr,
     ) -> Outcome {
         let name = self.sim.name(node).to_owned();
-        let mark = self.prerouting_mark(node, &Iface::Underlay, 0);
+        let mark = self.prerouting_mark(node, &Iface::Underlay, endpoint.ip(), 0);
         if !self.rpf_ok(node, outer_src, &Iface::Underlay, mark) {
             return self.rpf_drop(node, outer_src, &Iface::Underlay);
         }
@@ -681,7 +687,7 @@ impl Walk<'_> {
             ),
         );
         // Decapsulated packets start with a clean mark and arrive on the mesh interface.
-        let mark = self.prerouting_mark(node, &mesh, 0);
+        let mark = self.prerouting_mark(node, &mesh, dst, 0);
         if !self.rpf_ok(node, src, &mesh, mark) {
             return self.rpf_drop(node, src, &mesh);
         }

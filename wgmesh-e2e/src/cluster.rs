@@ -44,6 +44,10 @@ use crate::count;
 use crate::ns::{self, Netns, Worker};
 use crate::{Error, Result};
 
+/// How long a join in phases waits for the joining node's handshakes before it switches the
+/// node to active (TCG makes a first handshake take seconds).
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+
 /// What cluster to build.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -1163,9 +1167,11 @@ impl Cluster {
 
     /// The first steps of a leave (make-before-break): the node is published `leaving`, its
     /// own agent applies first (it keeps encrypting; in strict mode its ingress filter goes,
-    /// so its peers' plaintext arrives), then its peers (they route to it plain and keep it
-    /// as a peer); then the node's own agent routes plain too (its own view `joining`:
-    /// device and peers kept, every route plain). The caller then drops the node.
+    /// so its peers' plaintext arrives), then its peers (they send to it plain by marking and
+    /// keep it as a peer and its routes, so its encrypted packets still pass their
+    /// reverse-path check); then the node's own agent sends plain too (its own view
+    /// `joining`: device, peers and routes kept, every packet marked). The caller then drops
+    /// the node.
     fn leave(&mut self, name: &str) -> Result<usize> {
         let leaving = self.phased_node(name, Phase::Leaving)?;
         let mut ops = self.step(&[Event::NodeUpserted(leaving)], name, true)?;
@@ -1174,14 +1180,54 @@ impl Cluster {
         Ok(ops)
     }
 
-    /// A join: the node's own agent applies `final_event` first (device, every peer, routes
-    /// into the tunnel; what it sends waits in WireGuard's queue until a peer knows it),
-    /// then its peers (they add it, start a handshake and encrypt to it). Measured against
-    /// a join in phases (the node first `joining`, routing plain, and switching after its
-    /// peers): that one lost more, in IPv4, while the peers encrypted to a node that still
-    /// routed them plain (its reverse-path check; BENCHMARKS.md).
-    fn join(&mut self, name: &str, final_event: Event) -> Result<usize> {
-        self.step(std::slice::from_ref(&final_event), name, true)
+    /// A join in phases (make-before-break): the node is published `joining`, its own agent
+    /// first (device, every peer and route; all of its traffic marked, so sent plain), then
+    /// its peers (they add it as a peer, which starts a handshake, and send to it plain by
+    /// marking); once the node has a handshake with every peer (or after `HANDSHAKE_WAIT`,
+    /// logged), `node` (the node active) is applied, its own agent first (it encrypts; its
+    /// peers accept, and the reverse-path check passes since their routes to it stay in the
+    /// tunnel), then its peers (they encrypt to it).
+    fn join(&mut self, name: &str, node: Node) -> Result<usize> {
+        let mut joining = node.clone();
+        if let Some(wg) = joining.wireguard.as_mut() {
+            wg.phase = Phase::Joining;
+        }
+        let mut ops = self.step(&[Event::NodeUpserted(joining)], name, true)?;
+        self.wait_handshakes(name, HANDSHAKE_WAIT);
+        ops += self.step(&[Event::NodeUpserted(node)], name, true)?;
+        Ok(ops)
+    }
+
+    /// Waits until node `name`'s WireGuard devices have a handshake with every peer, up to
+    /// `timeout` (then goes on, with a line on stderr: the join still works, its first
+    /// encrypted packets wait in WireGuard's queue for the handshake).
+    fn wait_handshakes(&self, name: &str, timeout: Duration) {
+        let Ok(ns) = self.node_ns(name) else { return };
+        let mesh = node_mesh(self.mesh(), self.factory.wg(), &self.tag, name);
+        let start = Instant::now();
+        loop {
+            // Each device the node has (a family without an address has none).
+            let done = [&mesh.interface_name, &mesh.interface_name_v6]
+                .iter()
+                .filter_map(|iface| {
+                    ns.exec("wg", &["show", iface.as_str(), "latest-handshakes"], None)
+                        .ok()
+                })
+                .all(|text| {
+                    text.lines()
+                        .all(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
+                });
+            if done {
+                return;
+            }
+            if start.elapsed() > timeout {
+                eprintln!(
+                    "wgmesh-e2e: {name}: no handshake with every peer {timeout:?} into the join; switching anyway"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Turns WireGuard off or on for a node (the node stays in the cluster), in phases
@@ -1191,7 +1237,7 @@ impl Cluster {
     pub fn set_wireguard(&mut self, name: &str, enabled: bool) -> Result<usize> {
         let node = self.published_node(name, enabled)?;
         if enabled {
-            return self.join(name, Event::NodeUpserted(node));
+            return self.join(name, node);
         }
         let mut ops = self.leave(name)?;
         ops += self.step(&[Event::NodeUpserted(node)], name, true)?;
@@ -1224,7 +1270,7 @@ impl Cluster {
     /// Adds a removed node back, as it was, in phases (the join steps (`join`)).
     pub fn readd_node(&mut self, name: &str) -> Result<usize> {
         let node = self.published_node(name, true)?;
-        self.join(name, Event::NodeUpserted(node))
+        self.join(name, node)
     }
 
     /// The control plane's model now.

@@ -346,7 +346,11 @@ fn why(model: &Model, flow: &Flow, r: &Resolved<'_>) -> Result<Option<Verdict>> 
 /// What the source node's plan does with a packet to `dst`.
 fn path(plan: &NodePlan, flow: &Flow, dst: IpAddr, local: bool) -> String {
     let last = if local { "veth" } else { "eth0" };
-    if matches!(flow.src, End::Host(_)) && plan.marking.as_ref().is_some_and(|m| m.mark_output) {
+    let marked = plan.marking.as_ref().is_some_and(|m| match flow.src {
+        End::Host(_) => m.marks_output(dst),
+        _ => m.marks_destination(dst),
+    });
+    if marked {
         return format!("marked → main → {last}");
     }
     let route = plan

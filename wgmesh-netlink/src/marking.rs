@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use wgmesh_core::Marking;
 
@@ -263,6 +264,62 @@ fn endpoint_match(ep: &SocketAddr, destination: bool) -> Vec<Expr> {
     ]
 }
 
+/// Packets to (`destination`) or from a prefix: the family, then the address under the
+/// prefix's mask (no mask for a host prefix).
+fn prefix_match(net: &IpNet, destination: bool) -> Vec<Expr> {
+    let (proto, addr, mask, off) = match net {
+        IpNet::V4(n) => (
+            2u8,
+            n.network().octets().to_vec(),
+            n.netmask().octets().to_vec(),
+            if destination { 16 } else { 12 },
+        ),
+        IpNet::V6(n) => (
+            10u8,
+            n.network().octets().to_vec(),
+            n.netmask().octets().to_vec(),
+            if destination { 24 } else { 8 },
+        ),
+    };
+    let len = addr.len() as u32;
+    let mut v = vec![
+        Expr::Meta {
+            key: META_NFPROTO,
+            dreg: REG_1,
+        },
+        cmp(vec![proto]),
+        Expr::Payload {
+            dreg: REG_1,
+            base: NFT_PAYLOAD_NETWORK_HEADER,
+            offset: off,
+            len,
+        },
+    ];
+    if net.prefix_len() < net.max_prefix_len() {
+        v.push(Expr::Bitwise {
+            sreg: REG_1,
+            dreg: REG_1,
+            len,
+            mask,
+            xor: vec![0; len as usize],
+        });
+    }
+    v.push(cmp(addr));
+    v
+}
+
+/// Marks packets to each destination sent plain ([`Marking::plain_destinations`]).
+fn plain_destination_rules(m: &Marking) -> Vec<Vec<Expr>> {
+    m.plain_destinations
+        .iter()
+        .map(|d| {
+            let mut rule = prefix_match(d, true);
+            rule.extend(mark_rule(m.firewall_mark));
+            rule
+        })
+        .collect()
+}
+
 fn verdict(code: i32) -> Expr {
     Expr::Verdict { code }
 }
@@ -350,6 +407,12 @@ fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr
             rules.push(rule);
         }
     }
+    // A joining or leaving node's plaintext: this node sends to it plain too.
+    for d in &m.plain_destinations {
+        let mut rule = prefix_match(d, false);
+        rule.push(verdict(VERDICT_RETURN));
+        rules.push(rule);
+    }
     for (proto, dev) in [(2u8, &strict.interface_v4), (10u8, &strict.interface_v6)] {
         let Some(dev) = dev else { continue };
         let mut name = dev.as_bytes().to_vec();
@@ -408,7 +471,8 @@ pub struct StrictDrops {
 /// use wgmesh_netlink::marking::{compile, strict_drops, StrictDrops};
 /// let mut m = wgmesh_core::Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
 ///     skip_interfaces: vec!["lo".into()], skip_interface_prefixes: vec![],
-///     mark_arp: false, mark_output: true, plain_tcp_endpoints: vec![], strict: None };
+///     mark_arp: false, mark_output: true, plain_tcp_endpoints: vec![], strict: None,
+///     plain_destinations: vec![], plain_all: false };
 /// assert_eq!(strict_drops(&compile(&m)), None);
 /// let mut filter = wgmesh_core::StrictFilter::default();
 /// filter.interface_v4 = Some("wg0".into());
@@ -453,7 +517,8 @@ pub fn strict_drops(tables: &[NftTable]) -> Option<StrictDrops> {
 /// use wgmesh_core::Marking;
 /// let m = Marking { table: "wgmesh".into(), firewall_mark: 0x100000,
 ///     skip_interfaces: vec!["lo".into()], skip_interface_prefixes: vec!["cali".into()],
-///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![], strict: None };
+///     mark_arp: true, mark_output: true, plain_tcp_endpoints: vec![], strict: None,
+///     plain_destinations: vec![], plain_all: false };
 /// let t = compile(&m);
 /// assert_eq!(t.len(), 2); // inet and arp
 /// assert_eq!(t[0].chains.len(), 2);
@@ -465,7 +530,20 @@ pub fn compile(m: &Marking) -> Vec<NftTable> {
         pre.push(mark_rule(m.firewall_mark));
         pre
     };
-    let pre = input_rules();
+    // `inet` prerouting: after the loopback and mesh interfaces, the destinations sent plain
+    // (from any other interface, workload ones included; everything while joining), then the
+    // workload interfaces, then the underlay.
+    let mut pre: Vec<Vec<Expr>> = skip_rules(m)
+        .into_iter()
+        .take(m.skip_interfaces.len())
+        .collect();
+    if m.plain_all {
+        pre.push(mark_rule(m.firewall_mark));
+    } else {
+        pre.extend(plain_destination_rules(m));
+        pre.extend(skip_rules(m).into_iter().skip(m.skip_interfaces.len()));
+        pre.push(mark_rule(m.firewall_mark));
+    }
     let mut chains = vec![NftChain {
         name: "prerouting".into(),
         kind: Some("filter".into()),
@@ -474,11 +552,12 @@ pub fn compile(m: &Marking) -> Vec<NftTable> {
         policy: Some(1),
         rules: pre,
     }];
-    if m.mark_output || !m.plain_tcp_endpoints.is_empty() {
-        let rules = if m.mark_output {
+    if m.has_output() {
+        let rules = if m.mark_output || m.plain_all {
             vec![mark_rule(m.firewall_mark)]
         } else {
-            m.plain_tcp_endpoints
+            let mut rules: Vec<Vec<Expr>> = m
+                .plain_tcp_endpoints
                 .iter()
                 .flat_map(|ep| {
                     [
@@ -486,7 +565,9 @@ pub fn compile(m: &Marking) -> Vec<NftTable> {
                         endpoint_rule(ep, false, m.firewall_mark),
                     ]
                 })
-                .collect()
+                .collect();
+            rules.extend(plain_destination_rules(m));
+            rules
         };
         chains.push(NftChain {
             name: "output".into(),
@@ -545,6 +626,8 @@ mod tests {
             mark_output: output,
             plain_tcp_endpoints: eps,
             strict: None,
+            plain_destinations: vec![],
+            plain_all: false,
         }
     }
 
@@ -556,6 +639,60 @@ mod tests {
         assert_eq!(compile(&m)[0].chains[1].rules, vec![mark_rule(0x100000)]);
         m.mark_arp = false;
         assert_eq!(compile(&m).len(), 1);
+    }
+
+    /// Destinations sent plain: marked in prerouting after the loopback and mesh
+    /// interfaces and before the workload interfaces' return, and in output; exempt from
+    /// strict mode's filter by source; everything marked while joining.
+    #[test]
+    fn plain_destinations_are_marked_before_the_workload_interfaces_return() {
+        let mut m = marking(false, vec![]);
+        m.plain_destinations = vec![
+            "10.65.3.0/24".parse().unwrap(),
+            "fd10::3/128".parse().unwrap(),
+        ];
+        let t = compile(&m);
+        let pre = &t[0].chains[0].rules;
+        // lo, wireguard.cali, 2 destinations, cali*, mark
+        assert_eq!(pre.len(), 6);
+        assert_eq!(
+            pre[2][..3],
+            prefix_match(&m.plain_destinations[0], true)[..3]
+        );
+        assert!(pre[2].contains(&Expr::Bitwise {
+            sreg: REG_1,
+            dreg: REG_1,
+            len: 4,
+            mask: vec![255, 255, 255, 0],
+            xor: vec![0; 4],
+        }));
+        assert!(
+            !pre[3]
+                .iter()
+                .any(|e| matches!(e, Expr::Bitwise { len: 16, .. }))
+        );
+        assert_eq!(pre[4], iifname_return(b"cali".to_vec()));
+        assert_eq!(t[0].chains[1].name, "output");
+        assert_eq!(t[0].chains[1].rules.len(), 2);
+        // ARP is marked as before.
+        assert_eq!(t[1].chains[0].rules.len(), 4);
+        m.strict = Some(wgmesh_core::StrictFilter {
+            interface_v4: Some("wireguard.cali".into()),
+            ..Default::default()
+        });
+        let strict = &compile(&m)[0].chains[2].rules;
+        let exempt = &strict[strict.len() - 2]; // the IPv6 one, before the drop
+        assert_eq!(exempt.last(), Some(&verdict(VERDICT_RETURN)));
+        assert!(exempt.contains(&Expr::Payload {
+            dreg: REG_1,
+            base: NFT_PAYLOAD_NETWORK_HEADER,
+            offset: 8,
+            len: 16,
+        }));
+        m.plain_all = true;
+        let t = compile(&m);
+        assert_eq!(t[0].chains[0].rules.len(), 3); // lo, wireguard.cali, mark
+        assert_eq!(t[0].chains[1].rules, vec![mark_rule(0x100000)]);
     }
 
     #[test]

@@ -380,6 +380,56 @@ fn strict_mode_blackholes_and_filters_and_counts() {
     r.reconcile(&NodePlan::empty("a")).unwrap();
 }
 
+/// Phases on a real kernel: a leaving peer's destinations keep their routes into the
+/// tunnel and are marked instead (prerouting and output rules by prefix, strict mode's
+/// exemption by source), read back as compiled (a second reconcile is a no-op); the local
+/// node joining marks everything; back to active removes the rules.
+#[test]
+#[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
+fn phased_destinations_are_marked_and_read_back() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    reset();
+    let base = four_nodes(
+        r#""host_encryption": true, "strict_mode": true,
+            "cluster_cidrs": ["10.65.0.0/16", "10.0.0.0/24", "fd10::/64", "fd00::/64"]"#,
+    );
+    let phased = |node: &str, phase: wgmesh_core::Phase| {
+        let mut c = base.clone();
+        let mut n = c.node(node).unwrap().clone();
+        n.wireguard.as_mut().unwrap().phase = phase;
+        c.upsert_node(n).unwrap();
+        c
+    };
+    let mut r = Reconciler::new(open(), own(), ring());
+    let leaving = plan_node(&phased("b", wgmesh_core::Phase::Leaving), "a").unwrap();
+    converge(&mut r, &leaving);
+    let table = sh("ip route show table 1; ip -6 route show table 1");
+    assert!(
+        table.contains("10.65.0.64/26 dev wireguard.cali"),
+        "{table}"
+    );
+    assert!(table.contains("fd10::100/120 dev wg-v6.cali"), "{table}");
+    let nft = sh("nft list table inet wgmesh");
+    for want in [
+        "ip daddr 10.65.0.64/26 meta mark set meta mark | 0x00100000",
+        "ip daddr 10.0.0.2 meta mark set meta mark | 0x00100000",
+        "ip6 daddr fd10::100/120 meta mark set meta mark | 0x00100000",
+        "ip saddr 10.65.0.64/26 return",
+    ] {
+        assert!(nft.contains(want), "{want} in\n{nft}");
+    }
+    let joining = plan_node(&phased("a", wgmesh_core::Phase::Joining), "a").unwrap();
+    assert!(joining.marking.as_ref().unwrap().plain_all);
+    converge(&mut r, &joining);
+    let nft = sh("nft list table inet wgmesh");
+    assert!(!nft.contains("daddr"), "{nft}");
+    assert!(!nft.contains("strict_ingress"), "{nft}");
+    converge(&mut r, &plan_node(&base, "a").unwrap());
+    let nft = sh("nft list table inet wgmesh");
+    assert!(!nft.contains("daddr 10.65.0.64/26"), "{nft}");
+    r.reconcile(&NodePlan::empty("a")).unwrap();
+}
+
 #[test]
 #[ignore = "needs root and kernel WireGuard (VM) or wireguard-go (netns); run by scripts/test-netlink.sh"]
 fn foreign_objects_are_untouched() {

@@ -605,10 +605,34 @@ fn mark_rule_golden_bytes() {
     assert_eq!(exprs, rule);
 }
 
-/// A batch of the compiled marking decodes back into the tables it came from.
+/// A batch of the compiled marking decodes back into the tables it came from: the plain
+/// marking, with destinations sent plain (IPv4 and IPv6, host and wider prefixes) and strict
+/// mode's exemptions for them, and while the node joins.
 #[test]
 fn marking_batches_round_trip() {
-    let m = wgmesh_core::Marking {
+    let plain = wgmesh_core::Marking {
+        plain_destinations: ["10.0.0.3/32", "10.65.3.0/24", "fd10::3/128", "fd65:3::/64"]
+            .iter()
+            .map(|d| d.parse().unwrap())
+            .collect(),
+        strict: Some(wgmesh_core::StrictFilter {
+            interface_v4: Some("wireguard.cali".into()),
+            exempt_udp_ports: vec![51820],
+            ..Default::default()
+        }),
+        ..marking()
+    };
+    let joining = wgmesh_core::Marking {
+        plain_all: true,
+        ..marking()
+    };
+    for m in [marking(), plain, joining] {
+        marking_round_trip(&m);
+    }
+}
+
+fn marking() -> wgmesh_core::Marking {
+    wgmesh_core::Marking {
         table: "wgmesh".into(),
         firewall_mark: 0x100000,
         skip_interfaces: vec!["lo".into(), "wireguard.cali".into()],
@@ -620,8 +644,13 @@ fn marking_batches_round_trip() {
             "[fd00::1]:443".parse().unwrap(),
         ],
         strict: None,
-    };
-    let tables = crate::marking::compile(&m);
+        plain_destinations: vec![],
+        plain_all: false,
+    }
+}
+
+fn marking_round_trip(m: &wgmesh_core::Marking) {
+    let tables = crate::marking::compile(m);
     let batch = nft::replace_batch("wgmesh", &tables);
     // begin, 2 x (newtable, deltable), then per table: newtable, chains, rules; end
     let rules: usize = tables
