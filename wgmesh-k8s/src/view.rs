@@ -378,14 +378,14 @@ impl ClusterView {
 
     fn set_pod(&mut self, key: String, entry: Option<PodEntry>) -> Changes {
         let mut changes = Changes::default();
-        let old = self.pods.remove(&key);
-        if let (Some(o), Some(n)) = (&old, &entry)
+        // Unchanged (most pods of a relist): nothing moved, copied or hashed again.
+        if let (Some(o), Some(n)) = (self.pods.get(&key), &entry)
             && o.node == n.node
             && o.ips == n.ips
         {
-            self.pods.insert(key, n.clone());
             return changes;
         }
+        let old = self.pods.remove(&key);
         // Add before removing: an address that stays (a pod that gains its IPv6 address)
         // never drops to zero.
         if let Some(n) = &entry {
@@ -428,15 +428,20 @@ impl ClusterView {
         entry: Option<PodEntry>,
         warnings: Vec<AdapterWarning>,
     ) -> Changes {
-        let mut changes = self.set_pod(key.clone(), entry);
-        if self.pod_warnings.get(&key) != Some(&warnings) {
-            if !warnings.is_empty() {
-                changes.warnings = warnings.clone();
-                self.pod_warnings.insert(key, warnings);
-            } else {
+        let stored = self.pod_warnings.get(&key);
+        let new_warnings = if warnings.is_empty() {
+            if stored.is_some() {
                 self.pod_warnings.remove(&key);
             }
-        }
+            Vec::new()
+        } else if stored != Some(&warnings) {
+            self.pod_warnings.insert(key.clone(), warnings.clone());
+            warnings
+        } else {
+            Vec::new()
+        };
+        let mut changes = self.set_pod(key, entry);
+        changes.warnings = new_warnings;
         changes
     }
 
