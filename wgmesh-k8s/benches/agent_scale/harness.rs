@@ -441,6 +441,40 @@ pub struct Timed {
     foreground_resync: bool,
 }
 
+/// What a full reconcile of `plan` ended: its time, and the events and peers it carried out.
+fn record_reconcile(
+    tracker: &Mutex<Tracker>,
+    plan: &NodePlan,
+    start: Instant,
+    end: Instant,
+    r: Result<ApplyReport, DataplaneError>,
+) -> Result<ApplyReport, DataplaneError> {
+    // The measuring is the harness's, not the agent's.
+    let _harness = heap::within(heap::Part::Mock);
+    let mut t = tracker.lock().unwrap();
+    if let Err(e) = &r {
+        t.errors.push(e.to_string());
+        return r;
+    }
+    let peers = plan.interfaces.iter().map(|i| i.peers.len()).sum();
+    t.reconciles.push((start, end, peers, plan.routes.len()));
+    // Everything outstanding that the plan now reflects is carried out.
+    if t.outstanding_count > 0 {
+        let present: HashSet<Ipv4Addr> = plan
+            .routes
+            .iter()
+            .filter_map(|r| host_v4(&r.destination))
+            .collect();
+        t.resolve(&present, end);
+    }
+    if !t.want_peers.is_empty() {
+        for p in plan.interfaces.iter().flat_map(|i| &i.peers) {
+            t.peer_done(&p.public_key, end);
+        }
+    }
+    r
+}
+
 impl Dataplane for Timed {
     fn public_key(&self, family: Family) -> Option<PublicKey> {
         self.inner.public_key(family)
@@ -450,30 +484,25 @@ impl Dataplane for Timed {
         let start = Instant::now();
         let r = self.inner.reconcile(plan);
         let end = Instant::now();
-        // The measuring is the harness's, not the agent's.
-        let _harness = heap::within(heap::Part::Mock);
-        let mut t = self.tracker.lock().unwrap();
-        if let Err(e) = &r {
-            t.errors.push(e.to_string());
+        record_reconcile(&self.tracker, plan, start, end, r)
+    }
+
+    fn reconcile_owned(&mut self, plan: NodePlan) -> Result<ApplyReport, DataplaneError> {
+        // The agent hands its plan over; the harness reads it after the apply, from the
+        // reconciler (folded, so the same plan).
+        let start = Instant::now();
+        let r = self.inner.reconcile_owned(plan);
+        let end = Instant::now();
+        if r.is_err() {
+            let _harness = heap::within(heap::Part::Mock);
+            let mut t = self.tracker.lock().unwrap();
+            t.errors.push(r.as_ref().unwrap_err().to_string());
             return r;
         }
-        let peers = plan.interfaces.iter().map(|i| i.peers.len()).sum();
-        t.reconciles.push((start, end, peers, plan.routes.len()));
-        // Everything outstanding that the plan now reflects is carried out.
-        if t.outstanding_count > 0 {
-            let present: HashSet<Ipv4Addr> = plan
-                .routes
-                .iter()
-                .filter_map(|r| host_v4(&r.destination))
-                .collect();
-            t.resolve(&present, end);
+        match self.inner.reconciler_mut().current_plan() {
+            Some(plan) => record_reconcile(&self.tracker, plan, start, end, r),
+            None => r,
         }
-        if !t.want_peers.is_empty() {
-            for p in plan.interfaces.iter().flat_map(|i| &i.peers) {
-                t.peer_done(&p.public_key, end);
-            }
-        }
-        r
     }
 
     fn begin_resync(&mut self) -> Option<Result<BackgroundResync, DataplaneError>> {
