@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     Node as K8sNode, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus,
 };
@@ -394,10 +394,19 @@ where
             }
             event = pods.next() => {
                 let now = Instant::now().into_std();
-                match event {
-                    Some(Ok(e)) => agent.on_pods(e, now),
-                    Some(Err(e)) => agent.on_watch_error(Resource::Pods, &e.to_string(), now),
-                    None => return Err(RunError::WatchEnded("Pod")),
+                // With the events already there (a list page is 500 pods): one pass of the
+                // loop's bookkeeping per batch, not per pod.
+                let mut event = event;
+                for _ in 0..POD_BATCH {
+                    match event {
+                        Some(Ok(e)) => agent.on_pods(e, now),
+                        Some(Err(e)) => agent.on_watch_error(Resource::Pods, &e.to_string(), now),
+                        None => return Err(RunError::WatchEnded("Pod")),
+                    }
+                    match pods.next().now_or_never() {
+                        Some(next) => event = next,
+                        None => break,
+                    }
                 }
             }
             result = finished(publishing.as_mut()) => {
@@ -432,6 +441,11 @@ where
         }
     }
 }
+
+/// Pod events taken in one pass of the run loop when they are ready at once. Each pass
+/// polls the agent (timers, the condition's schedule, the key check, the state gauges);
+/// once per pod, that was 550,000 passes per relist at 5,000 nodes × 110 pods.
+const POD_BATCH: usize = 512;
 
 /// The result of a task in flight, or never when there is none (for a `select!` branch).
 async fn finished<T>(task: Option<&mut JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
