@@ -186,11 +186,14 @@ pub mod heap {
         Agent = 0,
         Mock = 1,
         Kernel = 2,
+        /// Inside the agent's dataplane calls (the reconciler: operations, netlink messages,
+        /// route folds, a resync's read and diff), less the fake kernel's own.
+        Dataplane = 3,
     }
 
     static INSTALLED: AtomicBool = AtomicBool::new(false);
-    static LIVE: [AtomicIsize; 3] = [const { AtomicIsize::new(0) }; 3];
-    static PEAK: [AtomicIsize; 3] = [const { AtomicIsize::new(0) }; 3];
+    static LIVE: [AtomicIsize; 4] = [const { AtomicIsize::new(0) }; 4];
+    static PEAK: [AtomicIsize; 4] = [const { AtomicIsize::new(0) }; 4];
     static TOTAL: AtomicIsize = AtomicIsize::new(0);
     static TOTAL_PEAK: AtomicIsize = AtomicIsize::new(0);
 
@@ -215,6 +218,12 @@ pub mod heap {
 
     pub struct Within(u8);
 
+    /// `f` with `part` as the current thread's part.
+    pub fn tagged<T>(part: Part, f: impl FnOnce() -> T) -> T {
+        let _within = within(part);
+        f()
+    }
+
     impl Drop for Within {
         fn drop(&mut self) {
             leave(self.0);
@@ -226,27 +235,29 @@ pub mod heap {
         INSTALLED.load(Relaxed)
     }
 
-    /// (live, peak since [`reset_peaks`]) in MB for agent, mock, kernel, and the total.
-    pub fn figures() -> [(f64, f64); 4] {
+    /// (live, peak since [`reset_peaks`]) in MB for agent, mock, kernel, dataplane, and the
+    /// total.
+    pub fn figures() -> [(f64, f64); 5] {
         let mb = |v: isize| v as f64 / (1024.0 * 1024.0);
         let part = |i: usize| (mb(LIVE[i].load(Relaxed)), mb(PEAK[i].load(Relaxed)));
         [
             part(0),
             part(1),
             part(2),
+            part(3),
             (mb(TOTAL.load(Relaxed)), mb(TOTAL_PEAK.load(Relaxed))),
         ]
     }
 
     pub fn reset_peaks() {
-        for i in 0..3 {
+        for i in 0..4 {
             PEAK[i].store(LIVE[i].load(Relaxed), Relaxed);
         }
         TOTAL_PEAK.store(TOTAL.load(Relaxed), Relaxed);
     }
 
     fn account(tag: u8, bytes: isize) {
-        let i = usize::from(tag.min(2));
+        let i = usize::from(tag.min(3));
         let live = LIVE[i].fetch_add(bytes, Relaxed) + bytes;
         PEAK[i].fetch_max(live, Relaxed);
         let total = TOTAL.fetch_add(bytes, Relaxed) + bytes;
@@ -482,7 +493,7 @@ impl Dataplane for Timed {
 
     fn reconcile(&mut self, plan: &NodePlan) -> Result<ApplyReport, DataplaneError> {
         let start = Instant::now();
-        let r = self.inner.reconcile(plan);
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.reconcile(plan));
         let end = Instant::now();
         record_reconcile(&self.tracker, plan, start, end, r)
     }
@@ -491,7 +502,7 @@ impl Dataplane for Timed {
         // The agent hands its plan over; the harness reads it after the apply, from the
         // reconciler (folded, so the same plan).
         let start = Instant::now();
-        let r = self.inner.reconcile_owned(plan);
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.reconcile_owned(plan));
         let end = Instant::now();
         if r.is_err() {
             let _harness = heap::within(heap::Part::Mock);
@@ -510,7 +521,11 @@ impl Dataplane for Timed {
             return None;
         }
         let start = Instant::now();
-        let r = self.inner.begin_resync();
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.begin_resync()).map(|r| {
+            r.map(|job| {
+                BackgroundResync::new(move || heap::tagged(heap::Part::Dataplane, || job.run()))
+            })
+        });
         let held = start.elapsed();
         let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
@@ -521,7 +536,7 @@ impl Dataplane for Timed {
 
     fn finish_resync(&mut self, outcome: ResyncOutcome) -> Result<ApplyReport, DataplaneError> {
         let start = Instant::now();
-        let r = self.inner.finish_resync(outcome);
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.finish_resync(outcome));
         let end = Instant::now();
         let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
@@ -537,7 +552,7 @@ impl Dataplane for Timed {
     }
 
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
-        let r = self.inner.apply_delta(delta);
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.apply_delta(delta));
         let end = Instant::now();
         let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
@@ -1235,9 +1250,9 @@ pub struct Report {
     /// Time spent inside the fake kernel until the first full apply.
     pub restart_kernel_time: Duration,
     /// `heap::figures()` at the first full apply.
-    pub restart_heap: [(f64, f64); 4],
+    pub restart_heap: [(f64, f64); 5],
     /// The same over the outage and the relists that end it.
-    pub relist_heap: [(f64, f64); 4],
+    pub relist_heap: [(f64, f64); 5],
     pub relist_rss_peak_mb: f64,
     pub churn: Vec<ChurnFigures>,
     pub burst: Option<Duration>,
@@ -1382,10 +1397,19 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         report.mock_rss_mb
     ));
     if heap::installed() {
-        let [a, m, k, t] = report.restart_heap;
+        let [a, m, k, d, t] = report.restart_heap;
         log(&format!(
-            "heap by part (live / peak MB): agent {:.0} / {:.0}, fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
-            a.0, a.1, k.0, k.1, m.0, m.1, t.0, t.1
+            "heap by part (live / peak MB): agent {:.0} / {:.0} (of it in dataplane calls {:.0} / {:.0}), fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
+            a.0 + d.0,
+            a.1 + d.1,
+            d.0,
+            d.1,
+            k.0,
+            k.1,
+            m.0,
+            m.1,
+            t.0,
+            t.1
         ));
     }
     // Let the start settle (status write, Events).
@@ -1550,10 +1574,20 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     report.relist_rss_peak_mb = rss_mb().1;
     report.relist_heap = heap::figures();
     if heap::installed() {
-        let [a, m, k, t] = report.relist_heap;
+        let [a, m, k, d, t] = report.relist_heap;
         log(&format!(
-            "outage and relists: peak RSS {:.0} MB; heap by part (live / peak MB): agent {:.0} / {:.0}, fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
-            report.relist_rss_peak_mb, a.0, a.1, k.0, k.1, m.0, m.1, t.0, t.1
+            "outage and relists: peak RSS {:.0} MB; heap by part (live / peak MB): agent {:.0} / {:.0} (of it in dataplane calls {:.0} / {:.0}), fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
+            report.relist_rss_peak_mb,
+            a.0 + d.0,
+            a.1 + d.1,
+            d.0,
+            d.1,
+            k.0,
+            k.1,
+            m.0,
+            m.1,
+            t.0,
+            t.1
         ));
     }
     {
