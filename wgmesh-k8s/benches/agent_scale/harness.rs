@@ -514,10 +514,9 @@ impl Dataplane for Timed {
         let start = Instant::now();
         let r = heap::tagged(heap::Part::Dataplane, || self.inner.reconcile_owned(plan));
         let end = Instant::now();
-        if r.is_err() {
+        if let Err(e) = &r {
             let _harness = heap::within(heap::Part::Mock);
-            let mut t = self.tracker.lock().unwrap();
-            t.errors.push(r.as_ref().unwrap_err().to_string());
+            self.tracker.lock().unwrap().errors.push(e.to_string());
             return r;
         }
         match self.inner.reconciler_mut().current_plan() {
