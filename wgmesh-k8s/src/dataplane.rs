@@ -95,6 +95,13 @@ pub trait Dataplane {
     /// plan removes everything the mesh owns.
     fn reconcile(&mut self, plan: &NodePlan) -> Result<ApplyReport, DataplaneError>;
 
+    /// [`Self::reconcile`] of a plan the caller no longer needs, which a dataplane that keeps
+    /// the plan it applied can keep without a copy (at 5,000 nodes × 110 pods, one plan of
+    /// 560,000 routes less at the agent's peak). By default: `reconcile(&plan)`.
+    fn reconcile_owned(&mut self, plan: NodePlan) -> Result<ApplyReport, DataplaneError> {
+        self.reconcile(&plan)
+    }
+
     /// Applies a delta computed against the plan last applied (by `reconcile` or earlier
     /// deltas), without reading the node.
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError>;
@@ -185,6 +192,9 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn reconcile(&mut self, plan: &NodePlan) -> Result<ApplyReport, DataplaneError> {
         (**self).reconcile(plan)
+    }
+    fn reconcile_owned(&mut self, plan: NodePlan) -> Result<ApplyReport, DataplaneError> {
+        (**self).reconcile_owned(plan)
     }
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
         (**self).apply_delta(delta)

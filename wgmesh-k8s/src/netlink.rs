@@ -150,6 +150,13 @@ impl<D: wgmesh_netlink::Dataplane> Dataplane for NetlinkDataplane<D> {
             .map_err(|e| DataplaneError::new("netlink reconcile", e))
     }
 
+    fn reconcile_owned(&mut self, plan: NodePlan) -> Result<ApplyReport, DataplaneError> {
+        self.reconciler
+            .reconcile_owned(plan)
+            .map(report)
+            .map_err(|e| DataplaneError::new("netlink reconcile", e))
+    }
+
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
         self.reconciler
             .apply_delta(delta)

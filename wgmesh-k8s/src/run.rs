@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     Node as K8sNode, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus,
 };
@@ -394,10 +394,14 @@ where
             }
             event = pods.next() => {
                 let now = Instant::now().into_std();
-                match event {
-                    Some(Ok(e)) => agent.on_pods(e, now),
-                    Some(Err(e)) => agent.on_watch_error(Resource::Pods, &e.to_string(), now),
-                    None => return Err(RunError::WatchEnded("Pod")),
+                // With the events already there (a list page is 500 pods): one pass of the
+                // loop's bookkeeping per batch, not per pod.
+                for event in ready_batch(event, &mut pods, POD_BATCH) {
+                    match event {
+                        Some(Ok(e)) => agent.on_pods(e, now),
+                        Some(Err(e)) => agent.on_watch_error(Resource::Pods, &e.to_string(), now),
+                        None => return Err(RunError::WatchEnded("Pod")),
+                    }
                 }
             }
             result = finished(publishing.as_mut()) => {
@@ -429,6 +433,34 @@ where
                 }
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Pod events taken in one pass of the run loop when they are ready at once. Each pass
+/// polls the agent (timers, the condition's schedule, the key check, the state gauges);
+/// once per pod, that was 550,000 passes per relist at 5,000 nodes × 110 pods.
+const POD_BATCH: usize = 512;
+
+/// `first` (what `stream.next()` gave) and the items of `stream` that are ready at once, at
+/// most `max` in all; an end of the stream (`None`) is the last.
+fn ready_batch<S: Stream + Unpin>(
+    first: Option<S::Item>,
+    stream: &mut S,
+    max: usize,
+) -> Vec<Option<S::Item>> {
+    let mut batch = Vec::new();
+    let mut next = first;
+    loop {
+        let ended = next.is_none();
+        batch.push(next);
+        // Stop before taking an item that would not be handled.
+        if ended || batch.len() >= max {
+            return batch;
+        }
+        match stream.next().now_or_never() {
+            Some(item) => next = item,
+            None => return batch,
         }
     }
 }
@@ -543,5 +575,36 @@ pub async fn reap_orphans_if_init(interval: Duration) {
         for pid in reap_exited_children() {
             tracing::debug!(pid, "reaped an exited child");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every item is handed out once, in order, in batches of at most `max` (taking one
+    /// more than a batch holds lost it: 293 pod addresses of a 2,000-node relist).
+    #[test]
+    fn ready_batches_lose_nothing() {
+        let mut stream = futures::stream::iter(0..1_300);
+        let mut seen = Vec::new();
+        loop {
+            let first = stream.next().now_or_never().expect("always ready");
+            let batch = ready_batch(first, &mut stream, 512);
+            assert!(batch.len() <= 512);
+            let ended = batch.last().is_some_and(Option::is_none);
+            seen.extend(batch.into_iter().flatten());
+            if ended {
+                break;
+            }
+        }
+        assert_eq!(seen, (0..1_300).collect::<Vec<_>>());
+    }
+
+    /// Only what is ready: a stream that is pending gives a batch of the first item alone.
+    #[test]
+    fn a_pending_stream_ends_the_batch() {
+        let mut stream = futures::stream::pending::<u32>();
+        assert_eq!(ready_batch(Some(7), &mut stream, 512), [Some(7)]);
     }
 }

@@ -189,6 +189,18 @@ pub fn diff(
     own: &Ownership,
     opts: &DiffOptions,
 ) -> ChangeSet {
+    diff_with_routes(plan, &plan.routes, actual, own, opts)
+}
+
+/// [`diff`] of `plan` with `routes` in place of `plan.routes` (a background resync shares
+/// the reconciler's routes instead of copying them into its snapshot of the plan).
+pub(crate) fn diff_with_routes(
+    plan: &NodePlan,
+    routes: &[Route],
+    actual: &ActualState,
+    own: &Ownership,
+    opts: &DiffOptions,
+) -> ChangeSet {
     let mut ops = ChangeSet::new();
     let planned: BTreeMap<&str, &InterfacePlan> = plan
         .interfaces
@@ -276,8 +288,7 @@ pub fn diff(
     }
 
     // Routes.
-    let desired: HashMap<(Family, IpNet), &Route> = plan
-        .routes
+    let desired: HashMap<(Family, IpNet), &Route> = routes
         .iter()
         .map(|r| ((r.family, r.destination), r))
         .collect();
@@ -298,7 +309,7 @@ pub fn diff(
         }
     }
     ops.extend(
-        plan.routes
+        routes
             .iter()
             .filter(|r| !kept.contains(&(r.family, r.destination)))
             .map(|r| Operation::AddRoute { route: r.clone() }),

@@ -158,3 +158,30 @@ fn a_full_reconcile_in_between_supersedes_the_job() {
     assert!(report.skipped > 0);
     assert!(has_peer(&kernel, 4));
 }
+
+/// The snapshot shares the plan's routes instead of copying them: the reconciler's plan,
+/// read while a job holds them (a copy less the changed routes) and after the job (the
+/// routes moved back, then patched), is still the planner's, routes included.
+#[test]
+fn the_plan_stays_whole_while_a_snapshot_shares_its_routes() {
+    let (mut planner, mut r, _kernel) = node_a();
+    let job = r.begin_resync().unwrap().unwrap();
+    r.apply_delta(&d_joins(&mut planner)).unwrap();
+    assert_eq!(
+        r.current_plan(),
+        Some(&planner.plan()),
+        "while the job runs"
+    );
+    r.finish_resync(run_on_a_thread(job)).unwrap();
+
+    let job = r.begin_resync().unwrap().unwrap();
+    let found = run_on_a_thread(job);
+    let delta = planner
+        .apply(Event::NodeRemoved { node: "b".into() })
+        .unwrap();
+    assert!(!delta.routes_removed.is_empty());
+    r.apply_delta(&delta).unwrap();
+    r.finish_resync(found).unwrap();
+    assert_eq!(r.current_plan(), Some(&planner.plan()), "after the job");
+    assert!(r.reconcile(&planner.plan()).unwrap().is_noop());
+}

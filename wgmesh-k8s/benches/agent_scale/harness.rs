@@ -186,13 +186,20 @@ pub mod heap {
         Agent = 0,
         Mock = 1,
         Kernel = 2,
+        /// Inside the agent's dataplane calls (the reconciler: operations, netlink messages,
+        /// route folds, a resync's read and diff), less the fake kernel's own.
+        Dataplane = 3,
     }
 
     static INSTALLED: AtomicBool = AtomicBool::new(false);
-    static LIVE: [AtomicIsize; 3] = [const { AtomicIsize::new(0) }; 3];
-    static PEAK: [AtomicIsize; 3] = [const { AtomicIsize::new(0) }; 3];
+    static LIVE: [AtomicIsize; 4] = [const { AtomicIsize::new(0) }; 4];
+    static PEAK: [AtomicIsize; 4] = [const { AtomicIsize::new(0) }; 4];
     static TOTAL: AtomicIsize = AtomicIsize::new(0);
     static TOTAL_PEAK: AtomicIsize = AtomicIsize::new(0);
+    /// The agent with its dataplane calls (parts 0 and 3): their peaks fall at different
+    /// moments, so the sum of the two parts' peaks would overstate the agent's.
+    static AGENT: AtomicIsize = AtomicIsize::new(0);
+    static AGENT_PEAK: AtomicIsize = AtomicIsize::new(0);
 
     thread_local! {
         static CURRENT: Cell<u8> = const { Cell::new(0) };
@@ -215,6 +222,12 @@ pub mod heap {
 
     pub struct Within(u8);
 
+    /// `f` with `part` as the current thread's part.
+    pub fn tagged<T>(part: Part, f: impl FnOnce() -> T) -> T {
+        let _within = within(part);
+        f()
+    }
+
     impl Drop for Within {
         fn drop(&mut self) {
             leave(self.0);
@@ -226,31 +239,39 @@ pub mod heap {
         INSTALLED.load(Relaxed)
     }
 
-    /// (live, peak since [`reset_peaks`]) in MB for agent, mock, kernel, and the total.
-    pub fn figures() -> [(f64, f64); 4] {
+    /// (live, peak since [`reset_peaks`]) in MB for agent, mock, kernel, dataplane, the
+    /// total, and the agent with its dataplane calls.
+    pub fn figures() -> [(f64, f64); 6] {
         let mb = |v: isize| v as f64 / (1024.0 * 1024.0);
         let part = |i: usize| (mb(LIVE[i].load(Relaxed)), mb(PEAK[i].load(Relaxed)));
         [
             part(0),
             part(1),
             part(2),
+            part(3),
             (mb(TOTAL.load(Relaxed)), mb(TOTAL_PEAK.load(Relaxed))),
+            (mb(AGENT.load(Relaxed)), mb(AGENT_PEAK.load(Relaxed))),
         ]
     }
 
     pub fn reset_peaks() {
-        for i in 0..3 {
+        for i in 0..4 {
             PEAK[i].store(LIVE[i].load(Relaxed), Relaxed);
         }
         TOTAL_PEAK.store(TOTAL.load(Relaxed), Relaxed);
+        AGENT_PEAK.store(AGENT.load(Relaxed), Relaxed);
     }
 
     fn account(tag: u8, bytes: isize) {
-        let i = usize::from(tag.min(2));
+        let i = usize::from(tag.min(3));
         let live = LIVE[i].fetch_add(bytes, Relaxed) + bytes;
         PEAK[i].fetch_max(live, Relaxed);
         let total = TOTAL.fetch_add(bytes, Relaxed) + bytes;
         TOTAL_PEAK.fetch_max(total, Relaxed);
+        if i == 0 || i == 3 {
+            let agent = AGENT.fetch_add(bytes, Relaxed) + bytes;
+            AGENT_PEAK.fetch_max(agent, Relaxed);
+        }
     }
 
     const HEADER: usize = 16;
@@ -441,6 +462,40 @@ pub struct Timed {
     foreground_resync: bool,
 }
 
+/// What a full reconcile of `plan` ended: its time, and the events and peers it carried out.
+fn record_reconcile(
+    tracker: &Mutex<Tracker>,
+    plan: &NodePlan,
+    start: Instant,
+    end: Instant,
+    r: Result<ApplyReport, DataplaneError>,
+) -> Result<ApplyReport, DataplaneError> {
+    // The measuring is the harness's, not the agent's.
+    let _harness = heap::within(heap::Part::Mock);
+    let mut t = tracker.lock().unwrap();
+    if let Err(e) = &r {
+        t.errors.push(e.to_string());
+        return r;
+    }
+    let peers = plan.interfaces.iter().map(|i| i.peers.len()).sum();
+    t.reconciles.push((start, end, peers, plan.routes.len()));
+    // Everything outstanding that the plan now reflects is carried out.
+    if t.outstanding_count > 0 {
+        let present: HashSet<Ipv4Addr> = plan
+            .routes
+            .iter()
+            .filter_map(|r| host_v4(&r.destination))
+            .collect();
+        t.resolve(&present, end);
+    }
+    if !t.want_peers.is_empty() {
+        for p in plan.interfaces.iter().flat_map(|i| &i.peers) {
+            t.peer_done(&p.public_key, end);
+        }
+    }
+    r
+}
+
 impl Dataplane for Timed {
     fn public_key(&self, family: Family) -> Option<PublicKey> {
         self.inner.public_key(family)
@@ -448,32 +503,26 @@ impl Dataplane for Timed {
 
     fn reconcile(&mut self, plan: &NodePlan) -> Result<ApplyReport, DataplaneError> {
         let start = Instant::now();
-        let r = self.inner.reconcile(plan);
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.reconcile(plan));
         let end = Instant::now();
-        // The measuring is the harness's, not the agent's.
-        let _harness = heap::within(heap::Part::Mock);
-        let mut t = self.tracker.lock().unwrap();
+        record_reconcile(&self.tracker, plan, start, end, r)
+    }
+
+    fn reconcile_owned(&mut self, plan: NodePlan) -> Result<ApplyReport, DataplaneError> {
+        // The agent hands its plan over; the harness reads it after the apply, from the
+        // reconciler (folded, so the same plan).
+        let start = Instant::now();
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.reconcile_owned(plan));
+        let end = Instant::now();
         if let Err(e) = &r {
-            t.errors.push(e.to_string());
+            let _harness = heap::within(heap::Part::Mock);
+            self.tracker.lock().unwrap().errors.push(e.to_string());
             return r;
         }
-        let peers = plan.interfaces.iter().map(|i| i.peers.len()).sum();
-        t.reconciles.push((start, end, peers, plan.routes.len()));
-        // Everything outstanding that the plan now reflects is carried out.
-        if t.outstanding_count > 0 {
-            let present: HashSet<Ipv4Addr> = plan
-                .routes
-                .iter()
-                .filter_map(|r| host_v4(&r.destination))
-                .collect();
-            t.resolve(&present, end);
+        match self.inner.reconciler_mut().current_plan() {
+            Some(plan) => record_reconcile(&self.tracker, plan, start, end, r),
+            None => r,
         }
-        if !t.want_peers.is_empty() {
-            for p in plan.interfaces.iter().flat_map(|i| &i.peers) {
-                t.peer_done(&p.public_key, end);
-            }
-        }
-        r
     }
 
     fn begin_resync(&mut self) -> Option<Result<BackgroundResync, DataplaneError>> {
@@ -481,7 +530,11 @@ impl Dataplane for Timed {
             return None;
         }
         let start = Instant::now();
-        let r = self.inner.begin_resync();
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.begin_resync()).map(|r| {
+            r.map(|job| {
+                BackgroundResync::new(move || heap::tagged(heap::Part::Dataplane, || job.run()))
+            })
+        });
         let held = start.elapsed();
         let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
@@ -492,7 +545,7 @@ impl Dataplane for Timed {
 
     fn finish_resync(&mut self, outcome: ResyncOutcome) -> Result<ApplyReport, DataplaneError> {
         let start = Instant::now();
-        let r = self.inner.finish_resync(outcome);
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.finish_resync(outcome));
         let end = Instant::now();
         let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
@@ -508,7 +561,7 @@ impl Dataplane for Timed {
     }
 
     fn apply_delta(&mut self, delta: &PlanDelta) -> Result<ApplyReport, DataplaneError> {
-        let r = self.inner.apply_delta(delta);
+        let r = heap::tagged(heap::Part::Dataplane, || self.inner.apply_delta(delta));
         let end = Instant::now();
         let _harness = heap::within(heap::Part::Mock);
         let mut t = self.tracker.lock().unwrap();
@@ -1206,9 +1259,9 @@ pub struct Report {
     /// Time spent inside the fake kernel until the first full apply.
     pub restart_kernel_time: Duration,
     /// `heap::figures()` at the first full apply.
-    pub restart_heap: [(f64, f64); 4],
+    pub restart_heap: [(f64, f64); 6],
     /// The same over the outage and the relists that end it.
-    pub relist_heap: [(f64, f64); 4],
+    pub relist_heap: [(f64, f64); 6],
     pub relist_rss_peak_mb: f64,
     pub churn: Vec<ChurnFigures>,
     pub burst: Option<Duration>,
@@ -1353,10 +1406,10 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         report.mock_rss_mb
     ));
     if heap::installed() {
-        let [a, m, k, t] = report.restart_heap;
+        let [_, m, k, d, t, a] = report.restart_heap;
         log(&format!(
-            "heap by part (live / peak MB): agent {:.0} / {:.0}, fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
-            a.0, a.1, k.0, k.1, m.0, m.1, t.0, t.1
+            "heap by part (live / peak MB): agent {:.0} / {:.0} (of it in dataplane calls {:.0} / {:.0}), fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
+            a.0, a.1, d.0, d.1, k.0, k.1, m.0, m.1, t.0, t.1
         ));
     }
     // Let the start settle (status write, Events).
@@ -1521,10 +1574,10 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     report.relist_rss_peak_mb = rss_mb().1;
     report.relist_heap = heap::figures();
     if heap::installed() {
-        let [a, m, k, t] = report.relist_heap;
+        let [_, m, k, d, t, a] = report.relist_heap;
         log(&format!(
-            "outage and relists: peak RSS {:.0} MB; heap by part (live / peak MB): agent {:.0} / {:.0}, fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
-            report.relist_rss_peak_mb, a.0, a.1, k.0, k.1, m.0, m.1, t.0, t.1
+            "outage and relists: peak RSS {:.0} MB; heap by part (live / peak MB): agent {:.0} / {:.0} (of it in dataplane calls {:.0} / {:.0}), fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
+            report.relist_rss_peak_mb, a.0, a.1, d.0, d.1, k.0, k.1, m.0, m.1, t.0, t.1
         ));
     }
     {
