@@ -51,7 +51,8 @@ pub struct Changes {
 }
 
 impl Changes {
-    fn extend(&mut self, other: Changes) {
+    /// Appends `other`'s events and warnings.
+    pub fn extend(&mut self, other: Changes) {
         self.events.extend(other.events);
         self.warnings.extend(other.warnings);
     }
