@@ -528,12 +528,17 @@ impl<D: Dataplane> Agent<D> {
         self.feed(changes, now);
     }
 
-    /// Notes the phase a Node claims on the grace clocks and tells the view whether to
-    /// honour it (before the view converts the Node, so an expired claim never gets in).
+    /// Notes the phase another Node claims on the grace clocks and tells the view whether to
+    /// honour it (before the view converts the Node, so an expired claim never gets in). This
+    /// node's own marker is its agent's, always honoured: its sequence is bounded by the
+    /// settle time.
     fn gate_phase(&mut self, node: &K8sNode, now: Instant) -> Changes {
         let Some(name) = node.metadata.name.as_deref() else {
             return Changes::default();
         };
+        if name == self.settings.node_name {
+            return Changes::default();
+        }
         let claimed = node
             .metadata
             .annotations

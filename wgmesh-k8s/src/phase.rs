@@ -9,10 +9,12 @@
 //! plain for its own destinations). So every agent honours another node's marker only for
 //! [`PhaseSettings::grace`], counted on its own clock from the moment it first saw the marker
 //! ([`PhaseClocks`], over [`crate::marker`]); after that the node is taken as active again,
-//! a warning names it once and `wgmesh_phase_markers_expired_total` counts it. Withdrawing
-//! the marker and publishing it again does not restart the clock, nor does a new key; only a
-//! marker absent for [`REARM_FACTOR`] graces (or the Node deleted, or this agent restarted)
-//! does. A hostile node thus gets at most one grace of plaintext toward its own pods per
+//! a warning names it once and `wgmesh_phase_markers_expired_total` counts it. One clock
+//! serves both phases (both make traffic to the node plain). Withdrawing the marker and
+//! publishing it again does not restart the clock, nor does switching between `leaving` and
+//! `joining`, nor a new key; only a marker absent for [`REARM_FACTOR`] graces (or the Node
+//! deleted, or this agent restarted) does. A node that joins again within that time after a
+//! leave therefore joins without a phase (as before phases existed). A hostile node thus gets at most one grace of plaintext toward its own pods per
 //! eleven graces, never more, never toward anyone else's.
 //!
 //! # The agent's own sequence
@@ -71,8 +73,9 @@ impl Default for PhaseSettings {
     }
 }
 
-/// When this agent first saw each node's phase markers, one clock per phase, so that a
-/// marker held too long stops being honoured.
+/// When this agent first saw each node's phase marker, so that a marker held too long stops
+/// being honoured. One clock per node for both phases: a node that switches from `leaving`
+/// to `joining` (both route its destinations plain) gets no second grace.
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -88,8 +91,7 @@ impl Default for PhaseSettings {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct PhaseClocks {
-    leaving: MarkerClocks<()>,
-    joining: MarkerClocks<()>,
+    clocks: MarkerClocks<()>,
 }
 
 /// Whether a node's phase claim is honoured.
@@ -121,10 +123,8 @@ impl PhaseClocks {
         grace: Duration,
     ) -> Verdict {
         let rearm = Some(grace.saturating_mul(REARM_FACTOR));
-        self.leaving
-            .observe(node, (), claimed == Phase::Leaving, now, rearm);
-        self.joining
-            .observe(node, (), claimed == Phase::Joining, now, rearm);
+        self.clocks
+            .observe(node, (), claimed != Phase::Active, now, rearm);
         self.verdict(node, claimed, now, grace)
     }
 
@@ -136,12 +136,10 @@ impl PhaseClocks {
         now: Instant,
         grace: Duration,
     ) -> Verdict {
-        let clocks = match claimed {
-            Phase::Leaving => &mut self.leaving,
-            Phase::Joining => &mut self.joining,
-            _ => return Verdict::Honoured,
-        };
-        match clocks.standing(node, now, grace) {
+        if claimed == Phase::Active {
+            return Verdict::Honoured;
+        }
+        match self.clocks.standing(node, now, grace) {
             Standing::NewlyOver => Verdict::NewlyExpired,
             Standing::Over => Verdict::Expired,
             _ => Verdict::Honoured,
@@ -150,28 +148,16 @@ impl PhaseClocks {
 
     /// Forgets a node (deleted).
     pub fn forget(&mut self, node: &str) {
-        self.leaving.forget(node);
-        self.joining.forget(node);
+        self.clocks.forget(node);
     }
 
     /// When the next standing marker's grace ends, after `now`.
     pub fn next_expiry(&self, now: Instant, grace: Duration) -> Option<Instant> {
-        [&self.leaving, &self.joining]
-            .into_iter()
-            .filter_map(|c| c.next_expiry(now, grace))
-            .min()
+        self.clocks.next_expiry(now, grace)
     }
 
-    /// The nodes with a standing marker of either phase, each once, by name.
+    /// The nodes with a standing marker, by name.
     pub fn standing_nodes(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .leaving
-            .standing_nodes()
-            .chain(self.joining.standing_nodes())
-            .map(str::to_owned)
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+        self.clocks.standing_nodes().map(str::to_owned).collect()
     }
 }
