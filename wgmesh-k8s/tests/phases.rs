@@ -160,22 +160,15 @@ fn a_leaving_peer_is_routed_plain_for_the_grace_only() {
 #[test]
 fn a_joining_peer_is_a_peer_routed_plain_until_its_marker_goes() {
     let mut list = nodes(Some(1));
-    list[2] = with_phase(
-        wg_node("c", "10.0.0.3", &["10.65.0.128/26"], Some(public(3))),
-        Some("joining"),
-    );
+    let c = list[2].clone();
+    list[2] = with_phase(c.clone(), Some("joining"));
     let mut d = started(MeshConfig::default(), &list);
     let plan = on_node(&d);
     assert!(plan.interfaces[0].peers.iter().any(|p| p.node == "c"));
     assert_eq!(route(&plan, "10.65.0.128/26"), RouteType::Throw);
     assert_eq!(plan, plan_with(&d, "c", Phase::Joining));
     d.run_for(10 * S);
-    d.node(wg_node(
-        "c",
-        "10.0.0.3",
-        &["10.65.0.128/26"],
-        Some(public(3)),
-    ));
+    d.node(c);
     d.run_for(200 * MS);
     assert_eq!(route(&on_node(&d), "10.65.0.128/26"), RouteType::Unicast);
     assert_eq!(d.agent.metrics().expired_phase_markers(), 0);
