@@ -316,6 +316,11 @@ fn a_dry_run_against_a_loopback_api_server() {
             key_path.to_str().unwrap(),
             "--health-address",
             &metrics,
+            // The first key goes out with the joining marker; a settle time longer than
+            // this test keeps the marker's removal (tests/api.rs in wgmesh-k8s checks it)
+            // out of it.
+            "--phase-settle-seconds",
+            "50",
         ],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -396,6 +401,10 @@ fn a_dry_run_against_a_loopback_api_server() {
     assert_eq!(
         body_json["metadata"]["annotations"]["wgmesh.io/public-key"],
         json!(key.public_key().to_base64())
+    );
+    assert_eq!(
+        body_json["metadata"]["annotations"]["wgmesh.io/phase"],
+        json!("joining")
     );
     assert!(body.contains("wgmesh_ready 1\n"), "{body}");
     assert!(body.contains("wgmesh_key_published 1\n"), "{body}");
