@@ -212,6 +212,60 @@ fn help_and_configuration_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot configure the API client"));
 }
 
+#[test]
+fn leave_and_rejoin_write_and_remove_the_leave_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = scratch("leave");
+    let key = dir.join("private-key");
+    let key = key.to_str().unwrap();
+    let env = [("NODE_NAME", "n1"), ("WGMESH_PRIVATE_KEY_FILE", key)];
+    let leave = dir.join("leave");
+    let out = agent(&["leave"], &env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("leaves the mesh in phases"));
+    let mode = std::fs::metadata(&leave).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Idempotent both ways.
+    assert!(agent(&["leave"], &env).output().unwrap().status.success());
+    let out = agent(&["rejoin"], &env).output().unwrap();
+    assert!(out.status.success());
+    assert!(!leave.exists());
+    assert!(agent(&["rejoin"], &env).output().unwrap().status.success());
+    // Another path by flag; a directory that does not exist fails the work (exit 1).
+    let other = dir.join("elsewhere");
+    let out = agent(&["--leave-file", other.to_str().unwrap(), "leave"], &env)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(other.exists());
+    let out = agent(&["--leave-file", "/nonexistent/dir/leave", "leave"], &env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // The phase settings are checked like the others (exit 2, one line naming the field).
+    let out = agent(
+        &[
+            "--phase-grace-seconds",
+            "30",
+            "--phase-settle-seconds",
+            "30",
+            "--check-config",
+        ],
+        &env,
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("phase_settle_seconds"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
@@ -262,6 +316,11 @@ fn a_dry_run_against_a_loopback_api_server() {
             key_path.to_str().unwrap(),
             "--health-address",
             &metrics,
+            // The first key goes out with the joining marker; a settle time longer than
+            // this test keeps the marker's removal (tests/api.rs in wgmesh-k8s checks it)
+            // out of it.
+            "--phase-settle-seconds",
+            "50",
         ],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -342,6 +401,10 @@ fn a_dry_run_against_a_loopback_api_server() {
     assert_eq!(
         body_json["metadata"]["annotations"]["wgmesh.io/public-key"],
         json!(key.public_key().to_base64())
+    );
+    assert_eq!(
+        body_json["metadata"]["annotations"]["wgmesh.io/phase"],
+        json!("joining")
     );
     assert!(body.contains("wgmesh_ready 1\n"), "{body}");
     assert!(body.contains("wgmesh_key_published 1\n"), "{body}");

@@ -6,6 +6,10 @@
 //! Configuration: a file (`--config`), then flags and `WGMESH_*` / `NODE_NAME` environment
 //! variables over it (`wgmesh_k8s::config`). Bad configuration exits with code 2 and one line
 //! naming the field; `--check-config` prints the configuration in effect and exits.
+//!
+//! `wgmesh-agent leave` asks the agent running on this node to leave the mesh in phases (it
+//! writes the leave file, `leave` beside the key file, which survives restarts);
+//! `wgmesh-agent rejoin` takes that back. Both use the same configuration as the agent.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -137,9 +141,35 @@ struct Args {
         env = "WGMESH_KEY_ROTATION_ANNOUNCEMENT_LIMIT_SECONDS"
     )]
     key_rotation_announcement_limit_seconds: Option<i64>,
+    /// Seconds another node's wgmesh.io/phase marker (leaving, joining) is honoured after
+    /// this agent first saw it.
+    #[arg(long, value_name = "N", env = "WGMESH_PHASE_GRACE_SECONDS")]
+    phase_grace_seconds: Option<i64>,
+    /// Seconds this node waits in a phase (leaving, joining) after its marker came back,
+    /// less than the grace.
+    #[arg(long, value_name = "N", env = "WGMESH_PHASE_SETTLE_SECONDS")]
+    phase_settle_seconds: Option<i64>,
+    /// The file whose presence makes this node leave the mesh (default: `leave` beside the
+    /// private key file).
+    #[arg(long, value_name = "PATH", env = "WGMESH_LEAVE_FILE")]
+    leave_file: Option<String>,
     /// Print the configuration in effect (file, flags and environment merged) and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+/// One-shot commands for the operator, run on the node (`kubectl exec` into the agent's
+/// pod there); without one, the agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+enum Cmd {
+    /// Make the agent on this node leave the mesh in phases: it publishes the leaving marker,
+    /// waits the settle time while peers route to it plain, then removes its interface,
+    /// routes and rules and withdraws its key. Writes the leave file; lasts across restarts.
+    Leave,
+    /// Take a leave back: the agent joins the mesh again in phases (removes the leave file).
+    Rejoin,
 }
 
 impl Args {
@@ -162,6 +192,13 @@ impl Args {
         set(&mut spec.metrics_address, &self.metrics_address);
         set(&mut spec.mesh.route_source, &self.route_source);
         set(&mut spec.key_rotation_interval, &self.key_rotation_interval);
+        set(&mut spec.leave_file, &self.leave_file);
+        if let Some(v) = self.phase_grace_seconds {
+            spec.phase_grace_seconds = Some(v);
+        }
+        if let Some(v) = self.phase_settle_seconds {
+            spec.phase_settle_seconds = Some(v);
+        }
         if let Some(v) = self.key_rotation_max_concurrent {
             spec.key_rotation_max_concurrent = Some(v);
         }
@@ -209,6 +246,46 @@ impl Args {
     }
 }
 
+/// Writes (leave) or removes (rejoin) the leave file, and says what the agent will do.
+fn leave_request(cmd: Cmd, path: Option<&std::path::Path>) -> Result<(), Failure> {
+    let path = path.ok_or_else(|| Failure::Input("no leave_file configured".to_owned()))?;
+    let failed = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", path.display()));
+    match cmd {
+        Cmd::Leave => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(failed)?;
+            writeln!(
+                f,
+                "leave requested by `wgmesh-agent leave`; `wgmesh-agent rejoin` takes it back"
+            )
+            .map_err(failed)?;
+            println!(
+                "{}: the agent leaves the mesh in phases within a few seconds (leaving marker, settle time, then the interface goes and the key is withdrawn)",
+                path.display()
+            );
+        }
+        Cmd::Rejoin => {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(failed(e)),
+            }
+            println!(
+                "{}: removed; the agent joins the mesh again in phases",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Args = match shared::parse_args() {
         Ok(a) => a,
@@ -224,6 +301,12 @@ fn main() -> ExitCode {
     };
     if args.check_config {
         return match shared::emit_json(&spec) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => f.report(),
+        };
+    }
+    if let Some(cmd) = args.command {
+        return match leave_request(cmd, config.settings.leave_file.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(f) => f.report(),
         };

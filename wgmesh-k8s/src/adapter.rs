@@ -13,6 +13,7 @@
 //! | annotation `projectcalico.org/WireguardPublicKey` (`V6`), if enabled | the same, when wgmesh's is absent |
 //! | annotation `wgmesh.io/underlay-mtu` | `underlay_mtu` (default 1500) |
 //! | annotation `wgmesh.io/next-public-key` | not the core's: a key rotation under way ([`crate::rotation`]) |
+//! | annotation `wgmesh.io/phase` (`leaving` or `joining`, exactly) | `wireguard.phase`, honoured for a bounded grace ([`crate::phase`]) |
 //! | label `node-restriction.kubernetes.io/wgmesh-plain` (any value but `false`) | `wireguard.enabled: false`: explicitly plain, the opt-out of strict mode |
 //! | Pods' `status.podIPs` by `spec.nodeName`, without host-network and finished pods | `workload_ips` |
 //!
@@ -27,7 +28,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
 use wgmesh_core::error::{elide, one_line};
 use wgmesh_core::model::DEFAULT_UNDERLAY_MTU;
-use wgmesh_core::{Cluster, Family, MeshConfig, Node, NodeWireGuard, PublicKey};
+use wgmesh_core::{Cluster, Family, MeshConfig, Node, NodeWireGuard, Phase, PublicKey};
 
 /// The annotation that carries a node's IPv4 WireGuard public key (base64, as `wg pubkey`).
 pub const PUBLIC_KEY_ANNOTATION: &str = "wgmesh.io/public-key";
@@ -39,6 +40,10 @@ pub const UNDERLAY_MTU_ANNOTATION: &str = "wgmesh.io/underlay-mtu";
 pub const CALICO_PUBLIC_KEY_ANNOTATION: &str = "projectcalico.org/WireguardPublicKey";
 /// Calico's annotation for a node's IPv6 WireGuard public key.
 pub const CALICO_PUBLIC_KEY_V6_ANNOTATION: &str = "projectcalico.org/WireguardPublicKeyV6";
+/// The annotation that marks a node leaving or joining the mesh in phases
+/// ([`wgmesh_core::Phase`]): exactly `leaving` or `joining`; absent means active. Each agent
+/// honours another node's marker only for a bounded grace ([`crate::phase`]).
+pub const PHASE_ANNOTATION: &str = "wgmesh.io/phase";
 /// The label that makes a node explicitly plain (`wireguard.enabled: false`), the operator's
 /// opt-out of strict mode. Its prefix is one that the NodeRestriction admission plugin keeps
 /// kubelets from setting, so a node cannot opt itself out; any value but `false` counts.
@@ -214,6 +219,13 @@ pub enum AdapterWarning {
         /// The value.
         value: String,
     },
+    /// The phase annotation is neither `leaving` nor `joining`; the node is taken as active.
+    InvalidPhase {
+        /// The node.
+        node: String,
+        /// The value.
+        value: String,
+    },
     /// More unusable values of one field than are worth a warning each.
     MoreInvalid {
         /// `node "name"` or `pod namespace/name`.
@@ -233,6 +245,7 @@ impl AdapterWarning {
             | Self::InvalidAddress { node, .. }
             | Self::InvalidPodCidr { node, .. }
             | Self::InvalidUnderlayMtu { node, .. }
+            | Self::InvalidPhase { node, .. }
             | Self::Ipv6BelowMinimumMtu { node, .. } => Some(node),
             Self::NodeWithoutName | Self::InvalidPodIp { .. } | Self::MoreInvalid { .. } => None,
         }
@@ -269,6 +282,11 @@ impl fmt::Display for AdapterWarning {
             Self::InvalidUnderlayMtu { node, value } => write!(
                 f,
                 "node {node:?}: annotation {UNDERLAY_MTU_ANNOTATION} = {:?} is not a usable MTU; using {DEFAULT_UNDERLAY_MTU}",
+                cut(value)
+            ),
+            Self::InvalidPhase { node, value } => write!(
+                f,
+                "node {node:?}: annotation {PHASE_ANNOTATION} = {:?} is neither \"leaving\" nor \"joining\"; the node is taken as active",
                 cut(value)
             ),
             Self::Ipv6BelowMinimumMtu { node, mtu } => write!(
@@ -308,6 +326,8 @@ pub struct Published {
     pub underlay_mtu: Option<String>,
     /// `wgmesh.io/next-public-key` (a key rotation under way; see [`crate::rotation`]).
     pub next_public_key: Option<String>,
+    /// `wgmesh.io/phase` (a leave or a join under way; see [`crate::phase`]).
+    pub phase: Option<String>,
 }
 
 impl Published {
@@ -326,6 +346,7 @@ impl Published {
             PUBLIC_KEY_V6_ANNOTATION => self.public_key_v6.as_deref(),
             UNDERLAY_MTU_ANNOTATION => self.underlay_mtu.as_deref(),
             crate::rotation::NEXT_PUBLIC_KEY_ANNOTATION => self.next_public_key.as_deref(),
+            PHASE_ANNOTATION => self.phase.as_deref(),
             _ => None,
         }
     }
@@ -350,6 +371,29 @@ pub struct NodeInfo {
     pub control_plane: bool,
     /// wgmesh's annotations as found.
     pub published: Published,
+    /// The phase the node claims with [`PHASE_ANNOTATION`] (`Active` without a valid one),
+    /// whether or not WireGuard is on. `node`'s own phase is this claim, which a
+    /// [`ClusterView`](crate::view::ClusterView) may overrule once its grace is over.
+    pub claimed_phase: Phase,
+}
+
+/// The phase a [`PHASE_ANNOTATION`] value claims: exactly `leaving` or `joining` (no
+/// spaces, no other case); anything else is `Err` (the caller warns and takes `Active`).
+///
+/// ```
+/// use wgmesh_core::Phase;
+/// use wgmesh_k8s::adapter::parse_phase;
+/// assert_eq!(parse_phase("leaving"), Some(Phase::Leaving));
+/// assert_eq!(parse_phase("joining"), Some(Phase::Joining));
+/// assert_eq!(parse_phase("Leaving"), None);
+/// assert_eq!(parse_phase("active"), None);
+/// ```
+pub fn parse_phase(text: &str) -> Option<Phase> {
+    match text {
+        "leaving" => Some(Phase::Leaving),
+        "joining" => Some(Phase::Joining),
+        _ => None,
+    }
 }
 
 fn annotation<'a>(node: &'a K8sNode, key: &str) -> Option<&'a str> {
@@ -493,6 +537,24 @@ pub fn node_info(
         node.wireguard = Some(wireguard);
     }
 
+    // Phase: a claim honoured only with WireGuard on (a plain node has no phase).
+    let claimed_phase = match annotation(k8s, PHASE_ANNOTATION) {
+        None => Phase::Active,
+        Some(text) => match parse_phase(text) {
+            Some(phase) => phase,
+            None => {
+                warnings.push(AdapterWarning::InvalidPhase {
+                    node: name.to_owned(),
+                    value: text.to_owned(),
+                });
+                Phase::Active
+            }
+        },
+    };
+    if let Some(w) = node.wireguard.as_mut().filter(|w| w.enabled) {
+        w.phase = claimed_phase;
+    }
+
     // Underlay MTU.
     if let Some(text) = annotation(k8s, UNDERLAY_MTU_ANNOTATION) {
         let candidate = text
@@ -522,11 +584,13 @@ pub fn node_info(
         underlay_mtu: annotation(k8s, UNDERLAY_MTU_ANNOTATION).map(str::to_owned),
         next_public_key: annotation(k8s, crate::rotation::NEXT_PUBLIC_KEY_ANNOTATION)
             .map(str::to_owned),
+        phase: annotation(k8s, PHASE_ANNOTATION).map(str::to_owned),
     };
     Some(NodeInfo {
         node,
         control_plane,
         published,
+        claimed_phase,
     })
 }
 

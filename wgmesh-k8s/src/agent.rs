@@ -22,12 +22,16 @@ use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use tracing::{debug, error, info, warn};
 use wgmesh_core::diagnostics::Diagnostic;
-use wgmesh_core::{Family, IncrementalPlanner, MeshConfig, NodePlan, PlanDelta, PublicKey};
+use wgmesh_core::{Family, IncrementalPlanner, MeshConfig, NodePlan, Phase, PlanDelta, PublicKey};
 
-use crate::adapter::{AdapterOptions, NodeInfo, UNDERLAY_MTU_ANNOTATION, key_annotation};
+use crate::adapter::{
+    AdapterOptions, NodeInfo, PHASE_ANNOTATION, UNDERLAY_MTU_ANNOTATION, key_annotation,
+    parse_phase,
+};
 use crate::bootstrap::{KeyCheck, guard_delta, guard_plan, key_check};
 use crate::dataplane::{BackgroundResync, Dataplane, DataplaneError, ResyncOutcome};
 use crate::metrics::{AgentState, ApplyKind, Metrics, PeerRow};
+use crate::phase::{PhaseClocks, PhaseSettings, Verdict};
 use crate::rotation::{
     Announcements, NEXT_PUBLIC_KEY_ANNOTATION, RotationSettings, collides, jitter, must_yield,
 };
@@ -143,6 +147,13 @@ pub struct AgentSettings {
     pub status_heartbeat: Duration,
     /// Scheduled key rotation (off unless an interval is set).
     pub rotation: RotationSettings,
+    /// Leaving and joining in phases: the grace of other nodes' markers, this node's settle
+    /// time ([`crate::phase`]).
+    pub phase: PhaseSettings,
+    /// A file whose presence asks this node to leave the mesh in phases (and whose absence
+    /// to join it again): `wgmesh-agent leave` / `rejoin` write and remove it. The shell
+    /// ([`crate::run`]) looks every few seconds; `None`: no such file.
+    pub leave_file: Option<std::path::PathBuf>,
 }
 
 impl AgentSettings {
@@ -171,6 +182,8 @@ impl AgentSettings {
             status_refresh_interval: Duration::from_secs(300),
             status_heartbeat: Duration::from_secs(600),
             rotation: RotationSettings::default(),
+            phase: PhaseSettings::default(),
+            leave_file: None,
         }
     }
 }
@@ -274,6 +287,12 @@ pub struct Agent<D> {
     /// loop (`status_due`), and base64-decoding the published keys each time was 3.3 % of
     /// the agent's samples at 5,000 nodes.
     key_memo: std::sync::Mutex<Option<KeyMemo>>,
+    /// When this agent first saw each node's phase marker (the grace).
+    phases: PhaseClocks,
+    /// This node's own leave or join in phases.
+    own: OwnPhase,
+    /// The operator asked this node to leave ([`AgentSettings::leave_file`]).
+    leave_requested: bool,
     dataplane: D,
     metrics: Metrics,
 }
@@ -298,6 +317,21 @@ impl KeyMemo {
     }
 }
 
+/// Where this node's own leave or join in phases stands ([`crate::phase`]).
+#[derive(Debug, Default)]
+struct OwnPhase {
+    /// The marker this node wants on its Node now.
+    want: Option<Phase>,
+    /// When this run began to want it.
+    started: Option<Instant>,
+    /// When this run first saw the wanted marker back through its watch.
+    echoed: Option<Instant>,
+    /// The sequence is over (joined, or left) for this run.
+    done: bool,
+    /// The mesh is held on in the view while the node leaves (`enabled: false`).
+    holding: bool,
+}
+
 /// Where this node's key rotation stands (the key files themselves are the dataplane's).
 #[derive(Debug, Default)]
 struct RotationState {
@@ -317,8 +351,13 @@ struct RotationState {
 impl<D: Dataplane> Agent<D> {
     /// An agent that has seen nothing yet.
     pub fn new(settings: AgentSettings, dataplane: D, metrics: Metrics) -> Self {
+        // With the mesh off, the view holds it on until this node has left in phases (or
+        // turns out to have nothing to leave).
+        let holding = !settings.mesh.enabled;
+        let mut mesh = settings.mesh.clone();
+        mesh.enabled = true;
         let view = ClusterView::new(
-            settings.mesh.clone(),
+            mesh,
             settings.adapter.clone(),
             settings.control_plane.clone(),
             settings.watch_pods,
@@ -359,6 +398,12 @@ impl<D: Dataplane> Agent<D> {
             claim_counts: (0, 0),
             key_memo: std::sync::Mutex::new(None),
             rotation: RotationState::default(),
+            phases: PhaseClocks::default(),
+            own: OwnPhase {
+                holding,
+                ..OwnPhase::default()
+            },
+            leave_requested: false,
             dataplane,
             metrics,
             settings,
@@ -406,6 +451,31 @@ impl<D: Dataplane> Agent<D> {
     /// Whether Nodes (and Pods, if watched) have been listed.
     pub fn synced(&self) -> bool {
         self.nodes_synced && self.pods_synced
+    }
+
+    /// Whether the mesh is on for this node: on in the settings, and no leave asked for.
+    pub fn enabled(&self) -> bool {
+        self.settings.mesh.enabled && !self.leave_requested
+    }
+
+    /// Whether the operator asks this node to leave the mesh (the shell reads
+    /// [`AgentSettings::leave_file`]). A change starts a new sequence in phases: leaving
+    /// (marker, settle, then the device goes and the key is withdrawn), or joining again.
+    pub fn on_leave_request(&mut self, requested: bool, now: Instant) {
+        if self.leave_requested == requested {
+            return;
+        }
+        self.leave_requested = requested;
+        let enabled = self.enabled();
+        info!(node = %self.settings.node_name, leave_requested = requested, enabled, "leave request changed");
+        self.own = OwnPhase {
+            holding: !enabled,
+            ..OwnPhase::default()
+        };
+        if enabled {
+            let changes = self.view.set_enabled(true);
+            self.feed(changes, now);
+        }
     }
 
     fn our_keys(&self) -> [Option<PublicKey>; 2] {
@@ -459,7 +529,8 @@ impl<D: Dataplane> Agent<D> {
         let rotating = self.settings.rotation.interval.is_some();
         let changes = match event {
             watcher::Event::Apply(node) => {
-                let changes = self.view.apply_node(&node);
+                let mut changes = self.gate_phase(&node, now);
+                changes.extend(self.view.apply_node(&node));
                 if rotating
                     && let Some(info) = node
                         .metadata
@@ -474,12 +545,19 @@ impl<D: Dataplane> Agent<D> {
             watcher::Event::Delete(node) => {
                 let name = node.metadata.name.clone().unwrap_or_default();
                 self.rotation.seen.forget(&name);
-                self.view.delete_node(&name)
+                self.phases.forget(&name);
+                let mut changes = self.view.honour_phase(&name, true);
+                changes.extend(self.view.delete_node(&name));
+                changes
             }
             watcher::Event::Init | watcher::Event::InitApply(_) => Changes::default(),
             watcher::Event::InitDone => {
                 let list = self.nodes.as_reader().state();
-                let changes = self.view.replace_nodes(list.iter().map(AsRef::as_ref));
+                let mut changes = Changes::default();
+                for node in &list {
+                    changes.extend(self.gate_phase(node, now));
+                }
+                changes.extend(self.view.replace_nodes(list.iter().map(AsRef::as_ref)));
                 if !self.nodes_synced {
                     info!(nodes = self.view.node_count(), "nodes listed");
                 }
@@ -488,6 +566,61 @@ impl<D: Dataplane> Agent<D> {
             }
         };
         self.feed(changes, now);
+    }
+
+    /// Notes the phase another Node claims on the grace clocks and tells the view whether to
+    /// honour it (before the view converts the Node, so an expired claim never gets in). This
+    /// node's own marker is its agent's, always honoured: its sequence is bounded by the
+    /// settle time.
+    fn gate_phase(&mut self, node: &K8sNode, now: Instant) -> Changes {
+        let Some(name) = node.metadata.name.as_deref() else {
+            return Changes::default();
+        };
+        if name == self.settings.node_name {
+            return Changes::default();
+        }
+        let claimed = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PHASE_ANNOTATION))
+            .and_then(|t| parse_phase(t))
+            .unwrap_or(Phase::Active);
+        let grace = self.settings.phase.grace;
+        let verdict = self.phases.observe(name, claimed, now, grace);
+        self.said_expired(name, claimed, verdict);
+        self.view.honour_phase(name, verdict.honoured())
+    }
+
+    fn said_expired(&mut self, node: &str, claimed: Phase, verdict: Verdict) {
+        if verdict == Verdict::NewlyExpired {
+            warn!(
+                %node,
+                phase = %claimed,
+                grace_seconds = self.settings.phase.grace.as_secs(),
+                "node has claimed a phase for longer than phase_grace_seconds; its wgmesh.io/phase marker is ignored and it is treated as active"
+            );
+            self.metrics.phase_marker_expired();
+        }
+    }
+
+    /// Takes back the phase of every node whose marker has outlived the grace.
+    fn expire_phases(&mut self, now: Instant) {
+        let grace = self.settings.phase.grace;
+        let mut changes = Changes::default();
+        for name in self.phases.standing_nodes() {
+            let Some(claimed) = self.view.node(&name).map(|i| i.claimed_phase) else {
+                continue;
+            };
+            let verdict = self.phases.verdict(&name, claimed, now, grace);
+            self.said_expired(&name, claimed, verdict);
+            if !verdict.honoured() {
+                changes.extend(self.view.honour_phase(&name, false));
+            }
+        }
+        if !changes.is_empty() {
+            self.feed(changes, now);
+        }
     }
 
     /// A Pod watch event.
@@ -680,6 +813,8 @@ impl<D: Dataplane> Agent<D> {
         at(self.dataplane.next_handshake_check().map(|d| now + d));
         at(self.status_due(now));
         at(self.rotation_due(now));
+        at(self.phases.next_expiry(now, self.settings.phase.grace));
+        at(self.own_phase_due(now));
         if self.publication().is_some() {
             match self.publish {
                 PublishState::InFlight => {}
@@ -727,6 +862,8 @@ impl<D: Dataplane> Agent<D> {
     /// Does what is due at `now`; returns a publication for the shell to make, if one is due.
     pub fn poll(&mut self, now: Instant) -> Option<Publication> {
         self.metrics.heartbeat(now);
+        self.expire_phases(now);
+        self.step_phase(now);
         if self.planner.is_none() && self.synced() {
             self.rebuild_planner(now);
         }
@@ -1165,8 +1302,7 @@ impl<D: Dataplane> Agent<D> {
     /// dataplane can rotate keys, the mesh is on and planning has started).
     fn rotation_interval(&self) -> Option<Duration> {
         let interval = self.settings.rotation.interval?;
-        let active =
-            !self.rotation.unsupported && self.settings.mesh.enabled && self.planner.is_some();
+        let active = !self.rotation.unsupported && self.enabled() && self.planner.is_some();
         active.then_some(interval)
     }
 
@@ -1320,6 +1456,132 @@ impl<D: Dataplane> Agent<D> {
     }
 
     // ---------------------------------------------------------------------------------------
+    // This node's own leave or join in phases (`crate::phase`).
+
+    /// Whether this node's phase marker, as the watch shows it, is `phase`, with the keys it
+    /// publishes now (the echo of the publication that set it).
+    fn own_marker_echoed(&self, phase: Phase) -> bool {
+        self.view
+            .node(&self.settings.node_name)
+            .is_some_and(|info| {
+                info.published.phase.as_deref().and_then(parse_phase) == Some(phase)
+                    && Family::ALL.iter().all(|f| {
+                        info.node.address(*f).is_none()
+                            || self.dataplane.public_key(*f).is_none()
+                            || info.published.has_key(*f, self.dataplane.public_key(*f))
+                    })
+            })
+    }
+
+    /// When [`Self::step_phase`] next has something to do (`None`: only an input).
+    fn own_phase_due(&self, now: Instant) -> Option<Instant> {
+        if self.own.done || !self.nodes_synced {
+            return None;
+        }
+        let settle = self
+            .own
+            .echoed
+            .map(|t| (t + self.settings.phase.settle).max(now));
+        // A leave whose marker never comes back ends after the grace all the same.
+        let give_up = self
+            .own
+            .started
+            .filter(|_| self.own.want == Some(Phase::Leaving))
+            .map(|t| (t + self.settings.phase.grace).max(now));
+        settle.into_iter().chain(give_up).min()
+    }
+
+    /// One step of this node's own sequence: which marker it wants published, whether the
+    /// settle time after its echo is over, and (leaving) when to let the mesh go.
+    fn step_phase(&mut self, now: Instant) {
+        if !self.nodes_synced {
+            return;
+        }
+        let ours = self.settings.node_name.clone();
+        let info = self.view.node(&ours);
+        let marker = info
+            .and_then(|i| i.published.phase.as_deref())
+            .and_then(parse_phase);
+        let published_keys = info.is_some_and(|i| {
+            Family::ALL
+                .iter()
+                .any(|f| i.published.key(*f).is_some_and(|t| !t.trim().is_empty()))
+        });
+        let have_keys = Family::ALL
+            .iter()
+            .any(|f| self.dataplane.public_key(*f).is_some());
+        let enabled = self.enabled();
+        if !self.own.done {
+            let phase = if enabled {
+                Phase::Joining
+            } else {
+                Phase::Leaving
+            };
+            // Joining: no key published yet, or a join under way (an earlier run's marker).
+            // Leaving: a key still published, or a leave under way.
+            let start = info.is_some()
+                && have_keys
+                && if enabled {
+                    !published_keys || marker == Some(Phase::Joining)
+                } else {
+                    published_keys || marker == Some(Phase::Leaving)
+                };
+            if self.own.want.is_none() && start {
+                info!(node = %ours, %phase, settle_seconds = self.settings.phase.settle.as_secs(), "publishing the phase marker: {}", if enabled { "joining the mesh" } else { "leaving the mesh" });
+                self.own.want = Some(phase);
+                self.own.started = Some(now);
+            }
+            match self.own.want {
+                None => self.own.done = true,
+                Some(phase) => {
+                    if self.own.echoed.is_none() && self.own_marker_echoed(phase) {
+                        self.own.echoed = Some(now);
+                    }
+                    let settled = self
+                        .own
+                        .echoed
+                        .is_some_and(|t| now >= t + self.settings.phase.settle);
+                    let given_up = !settled
+                        && phase == Phase::Leaving
+                        && self
+                            .own
+                            .started
+                            .is_some_and(|t| now >= t + self.settings.phase.grace);
+                    if given_up {
+                        warn!(node = %ours, grace_seconds = self.settings.phase.grace.as_secs(), "the leaving marker did not come back through the watch within the grace; leaving all the same");
+                    }
+                    if settled || given_up {
+                        self.own.done = true;
+                        self.own.want = None;
+                        let (reason, note) = if enabled {
+                            (
+                                "JoinedMesh",
+                                "joined the WireGuard mesh in phases: peers had the node's key for the settle time; removing the joining marker",
+                            )
+                        } else {
+                            (
+                                "LeftMesh",
+                                "left the WireGuard mesh in phases: peers routed to the node plain for the settle time; dropping the device and withdrawing the key",
+                            )
+                        };
+                        info!(node = %ours, "{note}");
+                        self.notice(NoticeKind::Normal, reason, note.to_owned());
+                    }
+                }
+            }
+        }
+        if self.own.done && self.own.holding {
+            self.own.holding = false;
+            let changes = self.view.set_enabled(false);
+            self.feed(changes, now);
+            // Drop the device now, in this poll, before the key is withdrawn (the publication
+            // comes after the flush).
+            self.dirty_since = None;
+            self.last_change = None;
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
     // Publication of the node's keys.
 
     /// What the node's annotations should be changed to, if anything (ignoring backoff).
@@ -1330,7 +1592,9 @@ impl<D: Dataplane> Agent<D> {
         // Never publish to a Node that is not there: server-side apply would create it.
         let info = self.view.node(&self.settings.node_name)?;
         let mut apply = BTreeMap::new();
-        if self.settings.mesh.enabled {
+        // While the node leaves in phases its keys stay published, with the marker.
+        let leaving = self.own.want == Some(Phase::Leaving);
+        if self.enabled() || leaving {
             for family in Family::ALL {
                 if info.node.address(family).is_some()
                     && let Some(key) = self.dataplane.public_key(family)
@@ -1341,14 +1605,24 @@ impl<D: Dataplane> Agent<D> {
             if let Some(mtu) = self.settings.underlay_mtu {
                 apply.insert(UNDERLAY_MTU_ANNOTATION.to_owned(), mtu.to_string());
             }
-            if let Some(next) = self.dataplane.next_public_key() {
+            if let Some(next) = self.dataplane.next_public_key()
+                && !leaving
+            {
                 apply.insert(NEXT_PUBLIC_KEY_ANNOTATION.to_owned(), next.to_base64());
+            }
+            // A marker goes with a key only: a node that publishes none has no phase.
+            if let Some(phase) = self.own.want
+                && Family::ALL
+                    .iter()
+                    .any(|f| apply.contains_key(key_annotation(*f)))
+            {
+                apply.insert(PHASE_ANNOTATION.to_owned(), phase.as_str().to_owned());
             }
         }
         let remove: Vec<String> = Family::ALL
             .into_iter()
             .map(key_annotation)
-            .chain([NEXT_PUBLIC_KEY_ANNOTATION])
+            .chain([NEXT_PUBLIC_KEY_ANNOTATION, PHASE_ANNOTATION])
             .filter(|a| !apply.contains_key(*a))
             .filter(|a| info.published.annotation(a).is_some())
             .map(str::to_owned)
@@ -1403,7 +1677,7 @@ impl<D: Dataplane> Agent<D> {
     pub fn condition(&self) -> MeshCondition {
         mesh_condition(&ConditionInputs {
             synced: self.synced() && self.planner.is_some(),
-            enabled: self.settings.mesh.enabled,
+            enabled: self.enabled(),
             error: self.last_error.clone(),
             applied: self.applied_once,
             key_confirmed: self.key_check().is_some_and(|k| k.confirmed()),

@@ -37,6 +37,12 @@
 //! key_rotation_announcement_limit_seconds: 600  # another node's announcement counts toward
 //!                                  # the bound this long after this agent first saw it
 //!                                  # (at least the settle time and 60 s)
+//! phase_grace_seconds: 60          # another node's wgmesh.io/phase marker (leaving, joining)
+//!                                  # is honoured this long after this agent first saw it
+//! phase_settle_seconds: 10         # this node waits this long in a phase after its marker
+//!                                  # came back (less than the grace)
+//! leave_file: null                 # default: "leave" beside private_key_file; present, the
+//!                                  # node leaves the mesh in phases (`wgmesh-agent leave`)
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -176,6 +182,9 @@ pub struct ConfigSpec {
     pub key_rotation_max_concurrent: Option<i64>,
     pub key_rotation_settle_seconds: Option<i64>,
     pub key_rotation_announcement_limit_seconds: Option<i64>,
+    pub phase_grace_seconds: Option<i64>,
+    pub phase_settle_seconds: Option<i64>,
+    pub leave_file: Option<String>,
 }
 
 /// The validated configuration.
@@ -446,6 +455,21 @@ impl ConfigSpec {
                 Some(ranged("underlay_mtu", Some(v), 0, min, 65535)? as u32)
             }
         };
+        settings.phase.grace = Duration::from_secs(ranged(
+            "phase_grace_seconds",
+            self.phase_grace_seconds,
+            crate::phase::DEFAULT_GRACE.as_secs(),
+            10,
+            3600,
+        )?);
+        let grace = settings.phase.grace.as_secs();
+        settings.phase.settle = Duration::from_secs(ranged(
+            "phase_settle_seconds",
+            self.phase_settle_seconds,
+            crate::phase::DEFAULT_SETTLE.as_secs().min(grace / 2),
+            0,
+            grace as i64 - 1,
+        )?);
         let health_address = address(
             "health_address",
             self.health_address.as_deref(),
@@ -461,6 +485,12 @@ impl ConfigSpec {
         if private_key_file.as_os_str().is_empty() {
             return Err(invalid("private_key_file", "", "must not be empty"));
         }
+        let leave_file = match self.leave_file.as_deref() {
+            Some("") => return Err(invalid("leave_file", "", "must not be empty")),
+            Some(path) => PathBuf::from(path),
+            None => private_key_file.with_file_name("leave"),
+        };
+        settings.leave_file = Some(leave_file);
         let backend = match self.backend.as_deref() {
             None => wgmesh_netlink::Backend::Auto,
             Some(text) => text

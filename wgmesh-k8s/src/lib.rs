@@ -27,6 +27,8 @@
 //! | [`netlink`] | the real dataplane: `wgmesh-netlink`'s reconciler behind that boundary |
 //! | [`publish`] | the key publication requests (server-side apply, merge patch) |
 //! | [`rotation`] | scheduled key rotation: its order, settings and pure decisions |
+//! | [`phase`] | leaving and joining in phases: the `wgmesh.io/phase` marker and its bounded grace |
+//! | [`marker`] | how long another node's marker has stood, on this agent's clock |
 //! | [`status`] | what the node reports: the `WireGuardMeshReady` condition, Events |
 //! | [`snapshot`] | the cluster as the agents would see it, from one read (previews, diagnostics) |
 //! | [`run`] | the thin async shell: watchers, timers, publications |
@@ -105,8 +107,10 @@ pub mod daemon;
 pub mod dataplane;
 pub mod http;
 pub mod logging;
+pub mod marker;
 pub mod metrics;
 pub mod netlink;
+pub mod phase;
 pub mod publish;
 pub mod rotation;
 pub mod run;

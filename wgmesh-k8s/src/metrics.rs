@@ -12,6 +12,7 @@
 //! | `wgmesh_publishes_total` | counter | `result` |
 //! | `wgmesh_key_age_seconds` | gauge | — (only with `key_rotation_interval`) |
 //! | `wgmesh_key_rotations_total` | counter | `result` (`started`, `completed`, `deferred`, `collision`, `failed`) |
+//! | `wgmesh_phase_markers_expired_total` | counter: other nodes' phase markers (`wgmesh.io/phase`) that outlived `phase_grace_seconds` and are ignored since (the warning names each node) | — |
 //! | `wgmesh_key_rotation_stale_announcements_total` | counter: other nodes' next-key announcements that outlived `announcement_limit` and stopped counting toward the bound (the warning names each node) | — |
 //! | `wgmesh_warnings_total` | counter | — |
 //! | `wgmesh_findings` | gauge | `kind` (`refused`, `clash`, `duplicate_key`, `over_limit`, `mtu_below_floor`, …) |
@@ -150,6 +151,7 @@ struct Inner {
     key_age: Option<f64>,
     rotations: BTreeMap<&'static str, u64>,
     stale_announcements: u64,
+    expired_phase_markers: u64,
     warnings: u64,
     nodes: usize,
     pods: usize,
@@ -247,6 +249,16 @@ impl Metrics {
     /// Counts another node's announcement that outlived the rotation's announcement limit.
     pub fn stale_announcement(&self) {
         self.lock().stale_announcements += 1;
+    }
+
+    /// Counts a node's phase marker that outlived the phase grace.
+    pub fn phase_marker_expired(&self) {
+        self.lock().expired_phase_markers += 1;
+    }
+
+    /// How many phase markers outlived the grace.
+    pub fn expired_phase_markers(&self) -> u64 {
+        self.lock().expired_phase_markers
     }
 
     /// How many other nodes' announcements outlived the limit.
@@ -521,6 +533,17 @@ impl Metrics {
             out,
             "wgmesh_key_rotation_stale_announcements_total {}",
             m.stale_announcements
+        );
+        head(
+            &mut out,
+            "wgmesh_phase_markers_expired_total",
+            "counter",
+            "Nodes' phase markers (wgmesh.io/phase) that outlived the grace and are ignored since.",
+        );
+        let _ = writeln!(
+            out,
+            "wgmesh_phase_markers_expired_total {}",
+            m.expired_phase_markers
         );
 
         head(

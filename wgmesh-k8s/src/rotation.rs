@@ -45,12 +45,12 @@
 //! assert_ne!(j, jitter(&s, "node-b"));
 //! ```
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use wgmesh_core::{Family, PublicKey};
 
 use crate::adapter::NodeInfo;
+use crate::marker::{MarkerClocks, Standing};
 
 /// The annotation that announces the key a node will switch to (base64, like
 /// `wgmesh.io/public-key`); one key for both families, as the agent uses one key file.
@@ -161,16 +161,7 @@ pub fn rotating_nodes<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, ours: &str)
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Announcements {
-    seen: BTreeMap<String, Seen>,
-}
-
-#[derive(Debug, Clone)]
-struct Seen {
-    /// The node's current keys when its clock started.
-    keys: [Option<PublicKey>; 2],
-    since: Instant,
-    /// Said (logged, counted) once.
-    stale: bool,
+    seen: MarkerClocks<[Option<PublicKey>; 2]>,
 }
 
 /// What [`Announcements::counted`] found.
@@ -190,33 +181,19 @@ fn current_keys(node: &NodeInfo) -> [Option<PublicKey>; 2] {
 impl Announcements {
     /// Notes what `node` publishes at `now` (call it on every watch event of a node).
     pub fn observe(&mut self, node: &NodeInfo, now: Instant) {
-        let keys = current_keys(node);
-        let name = &node.node.name;
-        if self.seen.get(name).is_some_and(|s| s.keys == keys) {
-            return; // same keys: the clock runs on, announced or not
-        }
-        if announced(node).is_some() {
-            self.seen.insert(
-                name.clone(),
-                Seen {
-                    keys,
-                    since: now,
-                    stale: false,
-                },
-            );
-        } else {
-            self.seen.remove(name);
-        }
+        let marked = announced(node).is_some();
+        self.seen
+            .observe(&node.node.name, current_keys(node), marked, now, None);
     }
 
     /// Forgets a node (deleted).
     pub fn forget(&mut self, node: &str) {
-        self.seen.remove(node);
+        self.seen.forget(node);
     }
 
     /// When this agent first saw `node` announce (for its current keys), if it did.
     pub fn since(&self, node: &str) -> Option<Instant> {
-        self.seen.get(node).map(|s| s.since)
+        self.seen.since(node)
     }
 
     /// The other nodes that announce a next key and count toward the bound at `now`: those
@@ -235,14 +212,10 @@ impl Announcements {
                 continue;
             }
             self.observe(n, now);
-            let Some(seen) = self.seen.get_mut(&n.node.name) else {
-                continue;
-            };
-            if now.saturating_duration_since(seen.since) < limit {
-                out.rotating.push(n.node.name.clone());
-            } else if !seen.stale {
-                seen.stale = true;
-                out.newly_stale.push(n.node.name.clone());
+            match self.seen.standing(&n.node.name, now, limit) {
+                Standing::Within => out.rotating.push(n.node.name.clone()),
+                Standing::NewlyOver => out.newly_stale.push(n.node.name.clone()),
+                _ => {}
             }
         }
         out.rotating.sort();

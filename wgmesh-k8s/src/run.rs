@@ -353,7 +353,14 @@ where
         instance: Some(settings.node_name.clone()),
     };
     let notices = spawn_notices(Recorder::new(client.clone(), reporter));
+    let leave_file = settings.leave_file.clone();
     let mut agent = Agent::new(settings, dataplane, metrics);
+    // Read before the first step, so an agent restarted mid-leave never joins first.
+    if let Some(path) = &leave_file {
+        agent.on_leave_request(leave_requested(path), Instant::now().into_std());
+    }
+    let mut leave_check = tokio::time::interval(LEAVE_CHECK_INTERVAL);
+    leave_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut publishing: Option<JoinHandle<Result<(), String>>> = None;
     let mut writing: Option<JoinHandle<(StatusUpdate, Result<Time, String>)>> = None;
     // A resync's reading and diffing, on a thread of the blocking pool (see
@@ -420,6 +427,12 @@ where
                 let now = Instant::now().into_std();
                 blocking(|| agent.on_resync_found(found.ok(), now));
             }
+            _ = leave_check.tick(), if leave_file.is_some() => {
+                if let Some(path) = &leave_file {
+                    let requested = leave_requested(path);
+                    agent.on_leave_request(requested, Instant::now().into_std());
+                }
+            }
             () = async {
                 match wake {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -463,6 +476,16 @@ fn ready_batch<S: Stream + Unpin>(
             None => return batch,
         }
     }
+}
+
+/// How often the shell looks for [`AgentSettings::leave_file`].
+pub const LEAVE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Whether the leave file is there (an unreadable directory counts as no request: the agent
+/// never leaves by accident).
+/// (One `stat`: not worth a thread of the blocking pool.)
+fn leave_requested(path: &std::path::Path) -> bool {
+    path.try_exists().unwrap_or(false)
 }
 
 /// The result of a task in flight, or never when there is none (for a `select!` branch).

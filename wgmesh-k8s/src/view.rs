@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node as K8sNode, Pod};
-use wgmesh_core::{Cluster, Event, Family, MeshConfig, Node};
+use wgmesh_core::{Cluster, Event, Family, MeshConfig, Node, Phase};
 
 use crate::adapter::{
     AdapterOptions, AdapterWarning, NodeInfo, PodWorkload, fit_to_mesh, node_info, pod_key,
@@ -52,7 +52,8 @@ pub struct Changes {
 }
 
 impl Changes {
-    fn extend(&mut self, other: Changes) {
+    /// Appends `other`'s events and warnings.
+    pub fn extend(&mut self, other: Changes) {
         self.events.extend(other.events);
         self.warnings.extend(other.warnings);
     }
@@ -115,6 +116,8 @@ pub struct ClusterView {
     /// Workload addresses per node, with the number of pods holding each (an address can be
     /// held by a terminating pod and its successor for a moment).
     workload: HashMap<String, HashMap<IpAddr, u32>>,
+    /// Nodes whose phase claim is no longer honoured (its grace is over): taken as active.
+    overruled: HashSet<String>,
 }
 
 impl ClusterView {
@@ -140,6 +143,7 @@ impl ClusterView {
             pod_warnings: HashMap::new(),
             staged: None,
             workload: HashMap::new(),
+            overruled: HashSet::new(),
         };
         view.mesh = view.derive_mesh();
         view
@@ -244,6 +248,11 @@ impl ClusterView {
         };
         fit_to_mesh(&self.mesh, &mut info.node, &mut warnings);
         let name = info.node.name.clone();
+        if self.overruled.contains(&name)
+            && let Some(w) = info.node.wireguard.as_mut()
+        {
+            w.phase = Phase::Active;
+        }
         if self.node_warnings.get(&name) != Some(&warnings) {
             if !warnings.is_empty() {
                 changes.warnings = warnings.clone();
@@ -269,6 +278,7 @@ impl ClusterView {
                     || o.underlay_mtu != n.underlay_mtu
                     || o.wireguard.as_ref().map(|w| w.enabled)
                         != n.wireguard.as_ref().map(|w| w.enabled)
+                    || o.phase() != n.phase()
                 {
                     changes
                         .events
@@ -300,6 +310,42 @@ impl ClusterView {
         }
         self.nodes.insert(name, info);
         if cp_changed {
+            self.refresh_mesh(&mut changes);
+        }
+        changes
+    }
+
+    /// Whether `node`'s phase claim ([`NodeInfo::claimed_phase`]) is honoured (the agent
+    /// decides, from its grace clocks, [`crate::phase`]); a node not honoured is taken as
+    /// active. Returns the event when the node's phase changes by it.
+    pub fn honour_phase(&mut self, node: &str, honoured: bool) -> Changes {
+        let mut changes = Changes::default();
+        if honoured {
+            self.overruled.remove(node);
+        } else {
+            self.overruled.insert(node.to_owned());
+        }
+        let Some(info) = self.nodes.get_mut(node) else {
+            return changes;
+        };
+        let claimed = info.claimed_phase;
+        if let Some(w) = info.node.wireguard.as_mut().filter(|w| w.enabled) {
+            let phase = if honoured { claimed } else { Phase::Active };
+            if w.phase != phase {
+                w.phase = phase;
+                let full = self.full_node(&self.nodes[node]);
+                changes.events.push(Event::NodeUpserted(full));
+            }
+        }
+        changes
+    }
+
+    /// Turns the mesh on or off in the view (the agent holds it on while its node leaves in
+    /// phases, then turns it off); returns the `MeshChanged` event if it changed.
+    pub fn set_enabled(&mut self, enabled: bool) -> Changes {
+        let mut changes = Changes::default();
+        if self.base_mesh.enabled != enabled {
+            self.base_mesh.enabled = enabled;
             self.refresh_mesh(&mut changes);
         }
         changes

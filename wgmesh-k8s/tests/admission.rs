@@ -237,6 +237,37 @@ fn nor_another_annotation_a_label_or_the_spec() {
 }
 
 #[test]
+fn the_phase_marker_only_on_its_own_node_and_only_leaving_or_joining() {
+    let p = policy();
+    let old = node("node-a");
+    let req = request(AGENT, Some("node-a"), "node-a", "");
+    for value in ["leaving", "joining"] {
+        let mut marked = old.clone();
+        marked["metadata"]["annotations"]["wgmesh.io/phase"] = json!(value);
+        assert_eq!(judge(&p, &req, &old, &marked), Verdict::Allowed, "{value}");
+        // And removed again.
+        assert_eq!(judge(&p, &req, &marked, &old), Verdict::Allowed, "{value}");
+        // Never on another node.
+        let mut other = node("node-b");
+        let before = other.clone();
+        other["metadata"]["annotations"]["wgmesh.io/phase"] = json!(value);
+        let v = judge(
+            &p,
+            &request(AGENT, Some("node-a"), "node-b", ""),
+            &before,
+            &other,
+        );
+        assert!(denied(&v, "node-name"), "{v:?}");
+    }
+    for value in ["active", "Leaving", " leaving", "", "plain"] {
+        let mut marked = old.clone();
+        marked["metadata"]["annotations"]["wgmesh.io/phase"] = json!(value);
+        let v = judge(&p, &req, &old, &marked);
+        assert!(denied(&v, "wgmesh.io/phase"), "{value:?}: {v:?}");
+    }
+}
+
+#[test]
 fn in_the_status_only_its_condition() {
     let p = policy();
     let old = node("node-a");

@@ -96,13 +96,31 @@ async fn lists_watches_and_publishes_its_key_with_server_side_apply() {
         p.content_type.as_deref(),
         Some("application/apply-patch+yaml")
     );
+    // A first key joins in phases: with the joining marker.
     assert_eq!(
         p.body.as_ref().unwrap(),
         &json!({"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": "a", "annotations": {"wgmesh.io/public-key": public(1).to_base64()}}})
+                "metadata": {"name": "a", "annotations": {"wgmesh.io/public-key": public(1).to_base64(),
+                                                          "wgmesh.io/phase": "joining"}}})
     );
     // The echo comes back through the watch and a joins the mesh with b.
     eventually("a peers with b", || peers(&agent) == 1).await;
+    // After the settle time the marker goes (the key stays): an apply of the key, unchanged,
+    // and a merge patch that removes the marker.
+    eventually("the joining marker removed", || {
+        api.annotation("a", "wgmesh.io/phase").is_none()
+    })
+    .await;
+    let patches = api.patches();
+    assert_eq!(patches.len(), 3);
+    assert_eq!(
+        patches[2].body.as_ref().unwrap(),
+        &json!({"metadata": {"annotations": {"wgmesh.io/phase": null}}})
+    );
+    assert_eq!(
+        api.annotation("a", "wgmesh.io/public-key"),
+        Some(public(1).to_base64())
+    );
     // List then watch, from the list's resource version, for Nodes only (cidr_blocks).
     let reqs = api.requests();
     let list = reqs
@@ -138,7 +156,7 @@ async fn lists_watches_and_publishes_its_key_with_server_side_apply() {
     api.delete(Kind::Node, "c");
     eventually("c leaves", || peers(&agent) == 1).await;
     assert!(agent.metrics.state().ready());
-    assert_eq!(api.patches().len(), 1, "nothing more to publish");
+    assert_eq!(api.patches().len(), 3, "nothing more to publish");
     agent.stop().await;
 }
 
@@ -173,7 +191,8 @@ async fn republishes_when_the_annotation_is_changed_or_removed() {
     agent.stop().await;
 }
 
-/// Node `a` carries a key; its agent starts with the mesh disabled and clears the annotation.
+/// Node `a` carries a key; its agent starts with the mesh disabled and leaves in phases: the
+/// leaving marker with the key, the settle time, then the key and the marker cleared.
 async fn disabled_agent_clears_its_key() -> (MockApi, Running) {
     let api = MockApi::new();
     api.put(Kind::Node, wg_node("a", "10.0.0.1", &[], Some(public(1))));
@@ -191,8 +210,14 @@ async fn disabled_agent_clears_its_key() -> (MockApi, Running) {
 async fn clears_its_key_when_wireguard_is_disabled() {
     let (api, agent) = disabled_agent_clears_its_key().await;
     let patches = api.patches();
-    assert_eq!(patches.len(), 1);
-    let p = &patches[0];
+    assert_eq!(patches.len(), 2);
+    assert_eq!(
+        patches[0].body.as_ref().unwrap(),
+        &json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "a", "annotations": {"wgmesh.io/public-key": public(1).to_base64(),
+                                                          "wgmesh.io/phase": "leaving"}}})
+    );
+    let p = &patches[1];
     assert_eq!(p.path, "/api/v1/nodes/a");
     assert_eq!(
         p.content_type.as_deref(),
@@ -204,7 +229,7 @@ async fn clears_its_key_when_wireguard_is_disabled() {
     );
     assert_eq!(
         p.body.as_ref().unwrap(),
-        &json!({"metadata": {"annotations": {"wgmesh.io/public-key": null}}})
+        &json!({"metadata": {"annotations": {"wgmesh.io/public-key": null, "wgmesh.io/phase": null}}})
     );
     eventually("empty plan applied", || agent.metrics.state().ready()).await;
     assert!(agent.dataplane.lock().node().is_empty());

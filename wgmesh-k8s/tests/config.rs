@@ -233,3 +233,46 @@ fn key_rotation_announcement_limit() {
         Err("config: key_rotation_announcement_limit_seconds = \"59\": must be between 60 and 604800".to_owned())
     );
 }
+
+#[test]
+fn phase_grace_settle_and_leave_file() {
+    use std::time::Duration;
+    let parse = |text: &str| {
+        ConfigSpec::parse(text)
+            .and_then(|s| s.validate(env(IN_CLUSTER)))
+            .map(|c| {
+                (
+                    c.settings.phase.grace,
+                    c.settings.phase.settle,
+                    c.settings.leave_file,
+                )
+            })
+            .map_err(|e| e.to_string())
+    };
+    let s = Duration::from_secs;
+    assert_eq!(
+        parse("{}"),
+        Ok((s(60), s(10), Some("/var/lib/wgmesh/leave".into())))
+    );
+    assert_eq!(
+        parse("private_key_file: /etc/wg/key\nphase_grace_seconds: 300\nphase_settle_seconds: 30"),
+        Ok((s(300), s(30), Some("/etc/wg/leave".into())))
+    );
+    // A short grace shortens the default settle time, which stays below it.
+    assert_eq!(
+        parse("phase_grace_seconds: 10\nleave_file: /run/wgmesh-leave"),
+        Ok((s(10), s(5), Some("/run/wgmesh-leave".into())))
+    );
+    assert_eq!(
+        parse("phase_grace_seconds: 20\nphase_settle_seconds: 20"),
+        Err("config: phase_settle_seconds = \"20\": must be between 0 and 19".to_owned())
+    );
+    assert_eq!(
+        parse("phase_grace_seconds: 9"),
+        Err("config: phase_grace_seconds = \"9\": must be between 10 and 3600".to_owned())
+    );
+    assert_eq!(
+        parse("leave_file: \"\""),
+        Err("config: leave_file = \"\": must not be empty".to_owned())
+    );
+}

@@ -915,7 +915,7 @@ fn a_tampered_own_annotation_is_republished_and_a_fight_backs_off() {
 }
 
 #[test]
-fn disabling_wireguard_clears_the_keys_and_removes_everything() {
+fn disabling_wireguard_leaves_in_phases_then_clears_the_keys_and_removes_everything() {
     let mut d = kubeadm(MeshConfig::default());
     d.run_for(10 * MS);
     assert!(!d.agent.dataplane().node().is_empty());
@@ -932,6 +932,37 @@ fn disabling_wireguard_clears_the_keys_and_removes_everything() {
     d2.start_with(&nodes, &[]);
     d2.take_ops();
     d2.run_for(200 * MS);
+    // First the leaving marker, the key kept; the device stays (peers now route to the node
+    // plain and still accept its encrypted packets).
+    assert_eq!(d2.publications.len(), 1);
+    let p = &d2.publications[0].1;
+    assert_eq!(
+        p.apply.get("wgmesh.io/phase").map(String::as_str),
+        Some("leaving")
+    );
+    assert_eq!(
+        p.apply.get("wgmesh.io/public-key"),
+        Some(&public(1).to_base64())
+    );
+    assert!(p.remove.is_empty());
+    assert!(!d2.agent.dataplane().node().is_empty());
+    assert_eq!(
+        d2.agent
+            .view()
+            .cluster()
+            .unwrap()
+            .node("a")
+            .unwrap()
+            .phase(),
+        wgmesh_core::Phase::Leaving
+    );
+    assert!(!d2.take_ops().iter().any(|o| o.starts_with("delete link")));
+    // Still there just before the settle time (10 s) is over...
+    d2.run_for(9 * S);
+    assert!(!d2.agent.dataplane().node().is_empty());
+    assert_eq!(d2.publications.len(), 1);
+    // ... gone after it, and only then are the key and the marker withdrawn.
+    d2.run_for(S);
     assert!(d2.agent.dataplane().node().is_empty());
     let ops = d2.take_ops();
     assert!(
@@ -943,22 +974,17 @@ fn disabling_wireguard_clears_the_keys_and_removes_everything() {
         ops.iter()
             .any(|o| o.starts_with("delete rule ipv4 pref 99"))
     );
-    assert_eq!(d2.publications.len(), 1);
-    let p = &d2.publications[0].1;
+    assert_eq!(d2.publications.len(), 2);
+    let p = &d2.publications[1].1;
     assert!(p.apply.is_empty());
-    assert_eq!(p.remove, ["wgmesh.io/public-key"]);
-    // After the echo the annotation is gone and nothing more is asked.
+    assert_eq!(p.remove, ["wgmesh.io/public-key", "wgmesh.io/phase"]);
+    // After the echo the annotations are gone and nothing more is asked.
     d2.run_for(30 * S);
-    assert_eq!(d2.publications.len(), 1);
-    assert_eq!(
-        d2.nodes["a"]
-            .metadata
-            .annotations
-            .as_ref()
-            .unwrap()
-            .get("wgmesh.io/public-key"),
-        None
-    );
+    assert_eq!(d2.publications.len(), 2);
+    let annotations = d2.nodes["a"].metadata.annotations.clone().unwrap();
+    assert_eq!(annotations.get("wgmesh.io/public-key"), None);
+    assert_eq!(annotations.get("wgmesh.io/phase"), None);
+    assert!(d2.agent.dataplane().node().is_empty());
 }
 
 #[test]
