@@ -571,13 +571,18 @@ impl<D: Dataplane> Agent<D> {
     /// Notes the phase another Node claims on the grace clocks and tells the view whether to
     /// honour it (before the view converts the Node, so an expired claim never gets in). This
     /// node's own marker is its agent's, always honoured: its sequence is bounded by the
-    /// settle time.
+    /// settle time. In strict mode no marker is honoured: a phase sends the node's traffic
+    /// plain, and strict mode drops rather than send plaintext (membership changes there are
+    /// break-before-make).
     fn gate_phase(&mut self, node: &K8sNode, now: Instant) -> Changes {
         let Some(name) = node.metadata.name.as_deref() else {
             return Changes::default();
         };
         if name == self.settings.node_name {
             return Changes::default();
+        }
+        if self.view.mesh().strict_mode {
+            return self.view.honour_phase(name, false);
         }
         let claimed = node
             .metadata
@@ -1519,8 +1524,10 @@ impl<D: Dataplane> Agent<D> {
             };
             // Joining: no key published yet, or a join under way (an earlier run's marker).
             // Leaving: a key still published, or a leave under way.
+            // Strict mode has no phases (see `gate_phase`): the node joins and leaves at once.
             let start = info.is_some()
                 && have_keys
+                && !self.view.mesh().strict_mode
                 && if enabled {
                     !published_keys || marker == Some(Phase::Joining)
                 } else {

@@ -5,8 +5,7 @@
 //! # The grace
 //!
 //! A node's phase is its own, untrusted claim ([`wgmesh_core::Phase`]): while it stands, its
-//! peers route traffic to it plain (and in strict mode a leaving node counts as explicitly
-//! plain for its own destinations). So every agent honours another node's marker only for
+//! peers route traffic to it plain. So every agent honours another node's marker only for
 //! [`PhaseSettings::grace`], counted on its own clock from the moment it first saw the marker
 //! ([`PhaseClocks`], over [`crate::marker`]); after that the node is taken as active again,
 //! a warning names it once and `wgmesh_phase_markers_expired_total` counts it. One clock
@@ -14,8 +13,12 @@
 //! publishing it again does not restart the clock, nor does switching between `leaving` and
 //! `joining`, nor a new key; only a marker absent for [`REARM_FACTOR`] graces (or the Node
 //! deleted, or this agent restarted) does. A node that joins again within that time after a
-//! leave therefore joins without a phase (as before phases existed). A hostile node thus gets at most one grace of plaintext toward its own pods per
-//! eleven graces, never more, never toward anyone else's.
+//! leave therefore joins without a phase (as before phases existed). A hostile node thus
+//! gets at most one grace of plaintext toward its own pods per eleven graces, never more,
+//! never toward anyone else's.
+//!
+//! **Strict mode has no phases**: it drops rather than send plaintext, so with
+//! `strict_mode` agents honour no marker and publish none; nodes join and leave at once.
 //!
 //! # The agent's own sequence
 //!

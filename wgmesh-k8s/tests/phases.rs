@@ -194,38 +194,59 @@ fn a_joining_peer_is_a_peer_routed_plain_until_its_marker_goes() {
 }
 
 #[test]
-fn strict_mode_lets_a_leaving_node_go_plain_only_within_the_grace() {
+fn strict_mode_honours_no_phase_marker_and_publishes_none() {
     let mut mesh = MeshConfig::default();
     mesh.strict_mode = true;
-    let mut d = started(mesh, &nodes(Some(1)));
+    let mut d = started(mesh.clone(), &nodes(Some(1)));
     let active = plan_with(&d, "b", Phase::Active);
     assert_eq!(on_node(&d), active);
+    // A leaving (or joining) node would be sent plain; strict mode drops rather than send
+    // plaintext, so b stays in the tunnel however it plays with its marker.
     let b = nodes(Some(1))[1].clone();
-    d.node(with_phase(b.clone(), Some("leaving")));
-    d.run_for(200 * MS);
-    // Within the grace: b counts as explicitly plain for its own destinations.
-    let leaving = plan_with(&d, "b", Phase::Leaving);
-    assert_ne!(leaving, active);
-    assert_eq!(on_node(&d), leaving);
-    assert_eq!(route(&on_node(&d), "10.65.0.64/26"), Path::Plain);
-    // After it, strict mode's rule holds again: into the tunnel, never plaintext.
-    d.run_for(60 * S);
-    assert_eq!(on_node(&d), active);
-    // However b plays with its marker from now on.
     for (i, phase) in [
-        None,
         Some("leaving"),
+        None,
         Some("joining"),
-        None,
         Some("leaving"),
+        None,
     ]
     .into_iter()
     .enumerate()
     {
         d.node(with_phase(b.clone(), phase));
         d.run_for(5 * S);
+        assert_eq!(phase_of(&d, "b"), Phase::Active, "step {i}: {phase:?}");
         assert_eq!(on_node(&d), active, "step {i}: {phase:?}");
+        assert_eq!(route(&on_node(&d), "10.65.0.64/26"), Path::Encrypted);
     }
+    assert_eq!(d.agent.metrics().expired_phase_markers(), 0);
+    // Its own join: the key alone, no joining marker, everything into the tunnel at once.
+    let mut d = Driver::new(Agent::new(
+        AgentSettings::new("a", mesh),
+        RecordingDataplane::new(Some(public(1)), None),
+        Metrics::new(),
+    ));
+    d.start_with(&nodes(None), &[]);
+    d.run_for(200 * MS);
+    assert_eq!(d.publications.len(), 1);
+    let p = &d.publications[0].1;
+    assert_eq!(p.apply.get(PHASE), None);
+    assert_eq!(
+        p.apply.get("wgmesh.io/public-key"),
+        Some(&public(1).to_base64())
+    );
+    assert_eq!(phase_of(&d, "a"), Phase::Active);
+    assert_eq!(route(&on_node(&d), "10.65.0.64/26"), Path::Encrypted);
+    // Its own leave: at once, no leaving marker; the device goes, then the key.
+    d.run_for(20 * S);
+    let before = d.publications.len();
+    d.agent.on_leave_request(true, d.now);
+    d.run_for(200 * MS);
+    assert!(on_node(&d).is_empty());
+    assert_eq!(d.publications.len(), before + 1);
+    let p = &d.publications[before].1;
+    assert_eq!(p.apply.get(PHASE), None);
+    assert_eq!(p.remove, ["wgmesh.io/public-key"]);
 }
 
 #[test]
