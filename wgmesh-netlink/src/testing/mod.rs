@@ -206,9 +206,11 @@ impl<D: Dataplane> Dataplane for Recording<D> {
 /// A [`FakeKernel`] that several handles share, each with sockets of its own, like processes
 /// on one host: [`KernelIo::open_another`](crate::KernelIo::open_another) gives another
 /// handle (another thread may use it), and [`SharedKernel::kernel`] reaches the kernel itself
-/// (tests drift it). Each request's answers are taken from the kernel at once and queued on
-/// the handle that sent it; a dump is made whole while the kernel is locked (a real kernel
-/// lets other requests in between its pages).
+/// (tests drift it). Each request's acknowledgements and replies are taken from the kernel at
+/// once and queued on the handle that sent it. A dump of routes or WireGuard peers is made a
+/// page at a time as the handle reads it, the kernel locked for that page only, as Linux
+/// does: another handle's requests run between the pages (a delta is not held up by a
+/// background read of 560,000 routes), and later pages show their effects.
 ///
 /// ```
 /// use wgmesh_netlink::{KernelIo, Linux, Dataplane, Ownership, testing::{FakeKernel, SharedKernel}};
@@ -224,6 +226,8 @@ impl<D: Dataplane> Dataplane for Recording<D> {
 pub struct SharedKernel {
     kernel: std::sync::Arc<std::sync::Mutex<FakeKernel>>,
     answers: [std::collections::VecDeque<std::io::Result<Vec<u8>>>; 3],
+    /// Each socket's unread dump, kept here between its pages.
+    dumps: [Option<kernel::Dump>; 3],
 }
 
 impl SharedKernel {
@@ -232,6 +236,7 @@ impl SharedKernel {
         Self {
             kernel: std::sync::Arc::new(std::sync::Mutex::new(kernel)),
             answers: Default::default(),
+            dumps: Default::default(),
         }
     }
 
@@ -241,6 +246,7 @@ impl SharedKernel {
         Self {
             kernel: self.kernel.clone(),
             answers: Default::default(),
+            dumps: Default::default(),
         }
     }
 
@@ -258,20 +264,34 @@ impl crate::KernelIo for SharedKernel {
             .kernel
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        kernel.send(protocol, datagram)?;
-        let queue = &mut self.answers[protocol.index()];
-        loop {
-            let mut buf = Vec::new();
-            match kernel.recv(protocol, &mut buf) {
-                Ok(()) => queue.push_back(Ok(buf)),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(()),
-                Err(e) => queue.push_back(Err(e)),
-            }
+        // This socket's unread dump is the kernel's while it handles the request (a second
+        // dump meanwhile is refused, `EBUSY`); a new dump is taken out with it.
+        let i = protocol.index();
+        kernel.put_dump(protocol, self.dumps[i].take());
+        let sent = kernel.send(protocol, datagram);
+        self.dumps[i] = kernel.take_dump(protocol);
+        sent?;
+        while let Some(answer) = kernel.recv_queued(protocol) {
+            self.answers[i].push_back(answer);
         }
+        Ok(())
     }
 
     fn recv(&mut self, protocol: crate::Protocol, buf: &mut Vec<u8>) -> std::io::Result<()> {
-        match self.answers[protocol.index()].pop_front() {
+        let i = protocol.index();
+        let next = match self.answers[i].pop_front() {
+            Some(answer) => Some(answer),
+            None if self.dumps[i].is_some() => {
+                // One page, made now; the kernel is unlocked again before it is read.
+                let kernel = self
+                    .kernel
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                kernel.next_page(&mut self.dumps[i]).map(Ok)
+            }
+            None => None,
+        };
+        match next {
             Some(Ok(d)) => {
                 *buf = d;
                 Ok(())
