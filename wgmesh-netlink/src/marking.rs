@@ -326,16 +326,29 @@ fn verdict(code: i32) -> Expr {
 
 /// `iifname … return` for each interface that is not underlay (exact names, then prefixes).
 fn skip_rules(m: &Marking) -> Vec<Vec<Expr>> {
-    let mut rules = Vec::new();
-    for name in &m.skip_interfaces {
-        let mut data = name.as_bytes().to_vec();
-        data.resize(IFNAMSIZ, 0);
-        rules.push(iifname_return(data));
-    }
-    for prefix in &m.skip_interface_prefixes {
-        rules.push(iifname_return(prefix.as_bytes().to_vec()));
-    }
+    let mut rules = name_skip_rules(m);
+    rules.extend(prefix_skip_rules(m));
     rules
+}
+
+/// `iifname … return` for the exact names (the loopback and mesh interfaces).
+fn name_skip_rules(m: &Marking) -> Vec<Vec<Expr>> {
+    m.skip_interfaces
+        .iter()
+        .map(|name| {
+            let mut data = name.as_bytes().to_vec();
+            data.resize(IFNAMSIZ, 0);
+            iifname_return(data)
+        })
+        .collect()
+}
+
+/// `iifname … return` for the name prefixes (the workload interfaces).
+fn prefix_skip_rules(m: &Marking) -> Vec<Vec<Expr>> {
+    m.skip_interface_prefixes
+        .iter()
+        .map(|prefix| iifname_return(prefix.as_bytes().to_vec()))
+        .collect()
 }
 
 /// ICMPv6 neighbour solicitation and advertisement: exempt from strict mode's ingress filter.
@@ -533,17 +546,12 @@ pub fn compile(m: &Marking) -> Vec<NftTable> {
     // `inet` prerouting: after the loopback and mesh interfaces, the destinations sent plain
     // (from any other interface, workload ones included; everything while joining), then the
     // workload interfaces, then the underlay.
-    let mut pre: Vec<Vec<Expr>> = skip_rules(m)
-        .into_iter()
-        .take(m.skip_interfaces.len())
-        .collect();
-    if m.plain_all {
-        pre.push(mark_rule(m.firewall_mark));
-    } else {
+    let mut pre = name_skip_rules(m);
+    if !m.plain_all {
         pre.extend(plain_destination_rules(m));
-        pre.extend(skip_rules(m).into_iter().skip(m.skip_interfaces.len()));
-        pre.push(mark_rule(m.firewall_mark));
+        pre.extend(prefix_skip_rules(m));
     }
+    pre.push(mark_rule(m.firewall_mark));
     let mut chains = vec![NftChain {
         name: "prerouting".into(),
         kind: Some("filter".into()),
