@@ -467,11 +467,20 @@ impl Marking {
     /// ```
     pub fn nft_script(&self) -> String {
         let mark = format!("meta mark set meta mark | {:#x}", self.firewall_mark);
+        // The destinations sent plain live in one interval set per family (`plain4`,
+        // `plain6`), looked up by one rule per chain and family.
+        let families: Vec<(&str, &str)> = [("ip", "plain4"), ("ip6", "plain6")]
+            .into_iter()
+            .filter(|(ip, _)| {
+                self.plain_destinations
+                    .iter()
+                    .any(|d| matches!(d, IpNet::V4(_)) == (*ip == "ip"))
+            })
+            .collect();
         let destinations = || {
             let mut s = String::new();
-            for d in &self.plain_destinations {
-                let (ip, d) = nft_prefix(d);
-                s.push_str(&format!("\t\t{ip} daddr {d} {mark}\n"));
+            for (ip, set) in &families {
+                s.push_str(&format!("\t\t{ip} daddr @{set} {mark}\n"));
             }
             s
         };
@@ -494,6 +503,25 @@ impl Marking {
             s
         };
         let mut s = format!("table inet {} {{\n", self.table);
+        for (ip, set) in &families {
+            let (kind, v4) = if *ip == "ip" {
+                ("ipv4_addr", true)
+            } else {
+                ("ipv6_addr", false)
+            };
+            // `auto-merge`: nft merges overlapping and adjacent prefixes (the kernel takes
+            // disjoint intervals only).
+            let elements: Vec<String> = self
+                .plain_destinations
+                .iter()
+                .filter(|d| matches!(d, IpNet::V4(_)) == v4)
+                .map(|d| nft_prefix(d).1)
+                .collect();
+            s.push_str(&format!(
+                "\tset {set} {{\n\t\ttype {kind}\n\t\tflags interval\n\t\tauto-merge\n\t\telements = {{ {} }}\n\t}}\n",
+                elements.join(", ")
+            ));
+        }
         s.push_str(
             "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n",
         );
@@ -539,9 +567,8 @@ impl Marking {
                 s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} return\n"));
                 s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} return\n"));
             }
-            for d in &self.plain_destinations {
-                let (ip, d) = nft_prefix(d);
-                s.push_str(&format!("\t\t{ip} saddr {d} return\n"));
+            for (ip, set) in &families {
+                s.push_str(&format!("\t\t{ip} saddr @{set} return\n"));
             }
             for (proto, dev) in [
                 ("ipv4", &strict.interface_v4),

@@ -207,6 +207,7 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
             name: "other".into(),
             flags: 0,
             chains: vec![],
+            sets: Vec::new(),
         },
     );
     let before = k.clone();

@@ -565,6 +565,7 @@ fn mark_rule_golden_bytes() {
             policy: None,
             rules: vec![rule.clone()],
         }],
+        sets: Vec::new(),
     };
     let batch = nft::replace_batch("t", &[t]);
     let (flags, m) = &batch[7];
@@ -626,7 +627,21 @@ fn marking_batches_round_trip() {
         plain_all: true,
         ..marking()
     };
-    for m in [marking(), plain, joining] {
+    // 3,000 pod IPs of a phased node: the elements span several messages.
+    let many = wgmesh_core::Marking {
+        plain_destinations: (0..3000u32)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(0x0a41_0000 + 2 * i);
+                IpNet::from(IpAddr::V4(a))
+            })
+            .chain((0..3000u128).map(|i| {
+                let a = std::net::Ipv6Addr::from((0xfd10u128 << 112) + 2 * i);
+                IpNet::from(IpAddr::V6(a))
+            }))
+            .collect(),
+        ..marking()
+    };
+    for m in [marking(), plain, joining, many] {
         marking_round_trip(&m);
     }
 }
@@ -658,11 +673,22 @@ fn marking_round_trip(m: &wgmesh_core::Marking) {
         .map(|t| t.chains.iter().map(|c| c.rules.len()).sum::<usize>())
         .sum();
     let chains: usize = tables.iter().map(|t| t.chains.len()).sum();
-    assert_eq!(batch.len(), 1 + 4 + tables.len() + chains + rules + 1);
+    // Each set: NEWSET, then its elements in NEWSETELEMs of at most ELEMENTS_PER_MESSAGE.
+    let sets: usize = tables
+        .iter()
+        .flat_map(|t| &t.sets)
+        .map(|s| 1 + s.elements.len().div_ceil(nft::ELEMENTS_PER_MESSAGE))
+        .sum();
+    assert_eq!(
+        batch.len(),
+        1 + 4 + tables.len() + sets + chains + rules + 1
+    );
     let mut back: Vec<NftTable> = Vec::new();
     for (_, msg) in &batch[5..batch.len() - 1] {
         // Through bytes and back, as the kernel would receive it.
         let bytes = serialize(msg, 0, 1);
+        // An attribute's length is 16 bits: a message that fits has every attribute fit.
+        assert!(bytes.len() <= usize::from(u16::MAX), "{}", bytes.len());
         let (_, msg) = parse::<netlink_packet_netfilter::NetfilterMessage>(&bytes, "test").unwrap();
         if let Ok((family, name, flags)) = nft::decode_table(&msg) {
             back.push(NftTable {
@@ -670,9 +696,22 @@ fn marking_round_trip(m: &wgmesh_core::Marking) {
                 name,
                 flags,
                 chains: Vec::new(),
+                sets: Vec::new(),
             });
         } else if let Ok((_, _, c)) = nft::decode_chain(&msg) {
             back.last_mut().unwrap().chains.push(c);
+        } else if let Ok((_, table, set)) = nft::decode_set(&msg) {
+            let t = back.last_mut().unwrap();
+            assert_eq!(t.name, table);
+            assert!(
+                t.chains.is_empty(),
+                "sets come before the rules that use them"
+            );
+            t.sets.push(set);
+        } else if let Ok((_, _, set, elements)) = nft::decode_set_elements(&msg) {
+            let s = back.last_mut().unwrap().sets.last_mut().unwrap();
+            assert_eq!(s.name, set);
+            s.elements.extend(elements);
         } else {
             let (_, _, chain, exprs) = nft::decode_rule(&msg).unwrap();
             let t = back.last_mut().unwrap();
