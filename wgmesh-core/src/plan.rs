@@ -1140,3 +1140,51 @@ pub fn plan_all(cluster: &Cluster) -> Vec<NodePlan> {
         .filter_map(|n| plan_node(cluster, &n.name).ok())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The destinations sent plain are one interval set per family, looked up by one rule
+    /// per chain and family (never one rule per prefix).
+    #[test]
+    fn the_script_puts_plain_destinations_in_interval_sets() {
+        let mut m = Marking {
+            table: "wgmesh".into(),
+            firewall_mark: 0x100000,
+            skip_interfaces: vec!["lo".into()],
+            skip_interface_prefixes: vec![],
+            mark_arp: false,
+            mark_output: false,
+            plain_tcp_endpoints: vec![],
+            strict: Some(StrictFilter::default()),
+            plain_destinations: ["10.0.0.2/32", "10.65.0.0/24", "10.65.1.0/24"]
+                .iter()
+                .map(|p| p.parse().unwrap())
+                .collect(),
+            plain_all: false,
+        };
+        let s = m.nft_script();
+        assert!(
+            s.contains(
+                "\tset plain4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\tauto-merge\n\t\telements = { 10.0.0.2, 10.65.0.0/24, 10.65.1.0/24 }\n\t}\n"
+            ),
+            "{s}"
+        );
+        assert!(!s.contains("plain6"), "{s}");
+        // prerouting, output and the strict chain's exemption
+        assert_eq!(
+            s.matches("ip daddr @plain4 meta mark set").count(),
+            2,
+            "{s}"
+        );
+        assert_eq!(s.matches("ip saddr @plain4 return").count(), 1, "{s}");
+        assert!(!s.contains("10.65.0.0/24 meta"), "{s}");
+        m.plain_destinations.push("fd10::/120".parse().unwrap());
+        let s = m.nft_script();
+        assert!(s.contains("type ipv6_addr"), "{s}");
+        assert!(s.contains("ip6 daddr @plain6 meta mark set"), "{s}");
+        m.plain_destinations.clear();
+        assert!(!m.nft_script().contains("set plain"));
+    }
+}
