@@ -790,3 +790,102 @@ fn fib_and_counter_expressions_encode_as_the_uapi_says() {
     let m = nft::new_rule(NFPROTO_INET, "t", "c", &counted);
     assert_eq!(nft::decode_rule(&m).unwrap().3, counted);
 }
+
+/// The figure of BENCHMARKS.md ("Phases: plain destinations as interval sets"): messages and
+/// bytes of the batch that installs 11,000 plain /32s (100 phased nodes of 110 pod IPs), as
+/// interval sets now and as one rule per prefix and chain before, and the time to compile
+/// and encode it. `cargo test -p wgmesh-netlink --lib plain_destination_batch_size --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement for BENCHMARKS.md, not a check"]
+fn plain_destination_batch_size() {
+    use crate::marking::{Expr, REG_1};
+    let prefixes: Vec<IpNet> = (0..11_000u32)
+        .map(|i| IpNet::from(IpAddr::V4(std::net::Ipv4Addr::from(0x0a41_0000 + 3 * i))))
+        .collect();
+    let m = wgmesh_core::Marking {
+        plain_destinations: prefixes.clone(),
+        plain_tcp_endpoints: vec![],
+        ..marking()
+    };
+    let bytes_of = |batch: &[nft::NftRequest]| -> usize {
+        batch
+            .iter()
+            .map(|(_, msg)| serialize(msg, 0, 1).len())
+            .sum()
+    };
+    let start = std::time::Instant::now();
+    let tables = crate::marking::compile(&m);
+    let batch = nft::replace_batch("wgmesh", &tables);
+    let bytes = bytes_of(&batch);
+    let after = start.elapsed();
+    // Before: one rule per prefix in prerouting and in output (family, address, mark).
+    let start = std::time::Instant::now();
+    let mut old = crate::marking::compile(&wgmesh_core::Marking {
+        plain_destinations: vec![],
+        ..m.clone()
+    });
+    let mark = |net: &IpNet| {
+        let IpNet::V4(n) = net else { unreachable!() };
+        vec![
+            Expr::Meta {
+                key: 15,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: 0,
+                data: vec![2],
+            },
+            Expr::Payload {
+                dreg: REG_1,
+                base: 1,
+                offset: 16,
+                len: 4,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: 0,
+                data: n.addr().octets().to_vec(),
+            },
+            Expr::Meta {
+                key: 3,
+                dreg: REG_1,
+            },
+            Expr::Bitwise {
+                sreg: REG_1,
+                dreg: REG_1,
+                len: 4,
+                mask: (!0x100000u32).to_ne_bytes().to_vec(),
+                xor: 0x100000u32.to_ne_bytes().to_vec(),
+            },
+            Expr::MetaSet {
+                key: 3,
+                sreg: REG_1,
+            },
+        ]
+    };
+    let rules: Vec<Vec<Expr>> = prefixes.iter().map(mark).collect();
+    old[0].chains[0].rules.splice(2..2, rules.clone());
+    old[0].chains.push(crate::marking::NftChain {
+        name: "output".into(),
+        kind: Some("route".into()),
+        hook: Some(3),
+        priority: Some(-150),
+        policy: Some(1),
+        rules,
+    });
+    let old_batch = nft::replace_batch("wgmesh", &old);
+    let old_bytes = bytes_of(&old_batch);
+    let before = start.elapsed();
+    println!(
+        "11,000 plain /32s: sets {} messages, {} bytes, {:?}; rules per prefix {} messages, {} bytes, {:?}",
+        batch.len(),
+        bytes,
+        after,
+        old_batch.len(),
+        old_bytes,
+        before
+    );
+    assert!(bytes < old_bytes);
+}
