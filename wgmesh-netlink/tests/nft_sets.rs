@@ -194,3 +194,121 @@ fn plain_destinations_are_interval_sets_marked_and_read_back() {
     }
     sh(&format!("nft delete table inet {}", m.table));
 }
+
+/// The figure of BENCHMARKS.md ("Phases: plain destinations as interval sets"), on the host
+/// kernel: 11,000 plain /32s applied as sets and as one rule per prefix and chain (how wgmesh
+/// marked them before), each timed over netlink (apply, then a read-back) and by the cost of
+/// locally sent UDP packets to an address in none of them (every rule evaluated).
+/// `unshare -n cargo test -p wgmesh-netlink --test nft_sets -- --ignored --nocapture measure`
+#[test]
+#[ignore = "a measurement for BENCHMARKS.md: root in a throwaway network namespace"]
+fn measure_eleven_thousand_plain_destinations() {
+    use wgmesh_netlink::marking::{Expr, NftChain};
+    assert_eq!(sh("id -u").trim(), "0", "needs root");
+    let own = Ownership::from_mesh(&MeshConfig::default());
+    let mut linux =
+        Linux::open(LinuxConfig::with_backend(Backend::Userspace)).expect("open netlink");
+    let prefixes: Vec<String> = (0..11_000u32)
+        .map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0a41_0000 + 3 * i)))
+        .collect();
+    let refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    let mut m = marking(&refs);
+    m.strict = None;
+    let sets = compile(&m);
+    let mut rules_per_prefix = compile(&marking(&[]));
+    rules_per_prefix[0].chains.truncate(1);
+    rules_per_prefix[0].sets.clear();
+    let rule = |a: &str| {
+        let a: std::net::Ipv4Addr = a.trim_end_matches("/32").parse().unwrap();
+        vec![
+            Expr::Meta { key: 15, dreg: 1 },
+            Expr::Cmp {
+                sreg: 1,
+                op: 0,
+                data: vec![2],
+            },
+            Expr::Payload {
+                dreg: 1,
+                base: 1,
+                offset: 16,
+                len: 4,
+            },
+            Expr::Cmp {
+                sreg: 1,
+                op: 0,
+                data: a.octets().to_vec(),
+            },
+            Expr::Meta { key: 3, dreg: 1 },
+            Expr::Bitwise {
+                sreg: 1,
+                dreg: 1,
+                len: 4,
+                mask: (!0x100000u32).to_ne_bytes().to_vec(),
+                xor: 0x100000u32.to_ne_bytes().to_vec(),
+            },
+            Expr::MetaSet { key: 3, sreg: 1 },
+        ]
+    };
+    let rules: Vec<Vec<Expr>> = prefixes.iter().map(|a| rule(a)).collect();
+    rules_per_prefix[0].chains[0]
+        .rules
+        .splice(1..1, rules.clone());
+    rules_per_prefix[0].chains.push(NftChain {
+        name: "output".into(),
+        kind: Some("route".into()),
+        hook: Some(3),
+        priority: Some(-150),
+        policy: Some(1),
+        rules,
+    });
+    sh(
+        "ip link add probe0 type veth peer name probe1 && ip link set probe1 up \
+        && ip link set probe0 up && ip link set lo up && ip addr add 192.0.2.1/24 dev probe0 \
+        && ip route add default dev probe0 \
+        && ip neigh add 10.200.0.1 lladdr 02:00:00:00:00:01 dev probe0 nud permanent",
+    );
+    for (label, tables) in [("sets", &sets), ("rules per prefix", &rules_per_prefix)] {
+        let _ = linux.execute(
+            &[Operation::DeleteMarking {
+                table: m.table.clone(),
+            }],
+            &KeyRing::none(),
+        );
+        let start = std::time::Instant::now();
+        let applied = linux.execute(
+            &[Operation::SetMarking {
+                tables: tables.clone(),
+            }],
+            &KeyRing::none(),
+        );
+        let apply = start.elapsed();
+        if let Err(e) = applied {
+            // Rules per prefix: the batch (8 MB, 22,019 acknowledged messages) may not go in.
+            println!("11,000 plain /32s as {label}: apply failed after {apply:?}: {e}");
+            continue;
+        }
+        let start = std::time::Instant::now();
+        let back = linux.read(&own, &[]).expect("read back");
+        let read = start.elapsed();
+        if label == "rules per prefix" {
+            // Read back without a lookup: the rules are there, the sets are not read.
+            assert_eq!(back.marking[0].chains[1].rules.len(), 11_000);
+        } else {
+            assert_eq!(without_counts(&back.marking), *tables);
+        }
+        let send = sh("python3 -c '
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n = 20000
+t = time.perf_counter()
+for _ in range(n):
+    s.sendto(b\"x\", (\"10.200.0.1\", 9))
+print((time.perf_counter() - t) / n * 1e6)
+'");
+        println!(
+            "11,000 plain /32s as {label}: apply {apply:?}, read back {read:?}, \
+             {:.1} us per UDP packet sent to an address in none of them",
+            send.trim().parse::<f64>().unwrap()
+        );
+    }
+}

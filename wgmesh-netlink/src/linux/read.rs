@@ -236,9 +236,10 @@ impl<K: KernelIo> Linux<K> {
                 .nft(nft::dump_set_elements(family, table, &set.name), doing)?
                 .map_err(|r| r.error(doing))?;
             for r in replies {
-                let m: NetfilterMessage = parse(&r, "NEWSETELEM", doing)?;
-                let (_, _, _, elements) =
-                    nft::decode_set_elements(&m).map_err(|e| Error::decode(doing, e))?;
+                // Straight from the bytes: the crate's parser is quadratic in a page's
+                // elements.
+                let elements =
+                    nft::set_elements_from_bytes(&r).map_err(|e| Error::decode(doing, e))?;
                 set.elements.extend(elements);
             }
             set.elements.sort();

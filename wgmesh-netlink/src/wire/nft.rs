@@ -739,3 +739,61 @@ pub(crate) fn decode_set_elements(
     }
     Ok((m.header.family.into(), table, set, elements))
 }
+
+/// The elements of a `NEWSETELEM` read straight from its bytes (the whole netlink message):
+/// the crate's parser takes time quadratic in the elements of one message (11 s for a dump of
+/// 22,000 in pages of about 1,000, debug build), this walk is linear. Only keys and the
+/// interval-end flag are read.
+pub(crate) fn set_elements_from_bytes(bytes: &[u8]) -> Result<Vec<SetElement>, DecodeError> {
+    use netlink_packet_core::{NLA_TYPE_MASK, NlasIterator};
+    const NLMSG_AND_NFGEN_HEADERS: usize = 16 + 4;
+    const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+    const NFTA_SET_ELEM_KEY: u16 = 1;
+    const NFTA_SET_ELEM_FLAGS: u16 = 3;
+    const NFTA_DATA_VALUE: u16 = 1;
+    let bad = |detail: &str| DecodeError::invalid("NEWSETELEM", detail);
+    let len = bytes
+        .get(..4)
+        .map(|l| u32::from_ne_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        .ok_or_else(|| bad("shorter than its header"))?;
+    let attrs = bytes
+        .get(NLMSG_AND_NFGEN_HEADERS..len)
+        .ok_or_else(|| bad("length beyond the datagram"))?;
+    let mut out = Vec::new();
+    for list in NlasIterator::new(attrs) {
+        let list = list.map_err(|_| bad("malformed attribute"))?;
+        if list.kind() & NLA_TYPE_MASK != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for elem in NlasIterator::new(list.value()) {
+            let elem = elem.map_err(|_| bad("malformed element"))?;
+            let (mut key, mut end) = (None, false);
+            for a in NlasIterator::new(elem.value()) {
+                let a = a.map_err(|_| bad("malformed element attribute"))?;
+                match a.kind() & NLA_TYPE_MASK {
+                    NFTA_SET_ELEM_KEY => {
+                        for d in NlasIterator::new(a.value()) {
+                            let d = d.map_err(|_| bad("malformed key"))?;
+                            if d.kind() & NLA_TYPE_MASK == NFTA_DATA_VALUE {
+                                key = Some(d.value().to_vec());
+                            }
+                        }
+                    }
+                    NFTA_SET_ELEM_FLAGS => {
+                        let v: [u8; 4] = a
+                            .value()
+                            .try_into()
+                            .map_err(|_| bad("flags are not 4 bytes"))?;
+                        end = u32::from_be_bytes(v) & 1 != 0;
+                    }
+                    _ => {}
+                }
+            }
+            out.push(SetElement {
+                key: need(key, "set element", "NFTA_SET_ELEM_KEY")?,
+                end,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -709,6 +709,8 @@ fn marking_round_trip(m: &wgmesh_core::Marking) {
             );
             t.sets.push(set);
         } else if let Ok((_, _, set, elements)) = nft::decode_set_elements(&msg) {
+            // The reader's walk of the bytes finds the same elements.
+            assert_eq!(nft::set_elements_from_bytes(&bytes).unwrap(), elements);
             let s = back.last_mut().unwrap().sets.last_mut().unwrap();
             assert_eq!(s.name, set);
             s.elements.extend(elements);
@@ -819,6 +821,32 @@ fn plain_destination_batch_size() {
     let batch = nft::replace_batch("wgmesh", &tables);
     let bytes = bytes_of(&batch);
     let after = start.elapsed();
+    let start = std::time::Instant::now();
+    let mut decoded = 0;
+    for (_, msg) in &batch {
+        let bytes = serialize(msg, 0, 1);
+        let (_, msg) = parse::<netlink_packet_netfilter::NetfilterMessage>(&bytes, "test").unwrap();
+        if let Ok((_, _, _, e)) = nft::decode_set_elements(&msg) {
+            decoded += e.len();
+        }
+    }
+    let parsed = start.elapsed();
+    let start = std::time::Instant::now();
+    let mut walked = 0;
+    for (_, msg) in &batch {
+        if let netlink_packet_netfilter::NetfilterMessageInner::NfTables(
+            netlink_packet_netfilter::nftables::NfTablesMessage::NewSetElement(_),
+        ) = &msg.inner
+        {
+            walked += nft::set_elements_from_bytes(&serialize(msg, 0, 1))
+                .unwrap()
+                .len();
+        }
+    }
+    println!(
+        "read back {decoded} elements: crate parser {parsed:?}, byte walk {walked} in {:?}",
+        start.elapsed()
+    );
     // Before: one rule per prefix in prerouting and in output (family, address, mark).
     let start = std::time::Instant::now();
     let mut old = crate::marking::compile(&wgmesh_core::Marking {
