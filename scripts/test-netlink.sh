@@ -40,7 +40,7 @@ mapfile -t bins < <(cargo test --release -p wgmesh-netlink --tests --no-run --me
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("linux", "bench"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("linux", "bench", "nft_sets"):
         print(m["target"]["name"], m["executable"])
 ')
 # The `wgmesh apply` test (cargo builds the binary it runs).
@@ -52,15 +52,16 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "apply_cli":
         print(m["executable"])
 ')
-linux="" bench=""
+linux="" bench="" sets=""
 for b in "${bins[@]}"; do
     case "$b" in
     "linux "*) linux="${b#linux }" ;;
     "bench "*) bench="${b#bench }" ;;
+    "nft_sets "*) sets="${b#nft_sets }" ;;
     esac
 done
-[ -x "$linux" ] && [ -x "$bench" ] && [ -x "$example" ] ||
-    die "could not find the linux, bench and apply_cli test binaries (cargo test --no-run failed?)"
+[ -x "$linux" ] && [ -x "$bench" ] && [ -x "$example" ] && [ -x "$sets" ] ||
+    die "could not find the linux, bench, nft_sets and apply_cli test binaries (cargo test --no-run failed?)"
 
 failed=()
 cases="${WGMESH_DRIFT_CASES:-24}"
@@ -93,6 +94,13 @@ if ! WGMESH_TEST_BACKEND=userspace RUST_BACKTRACE=1 ip netns exec "$ns" "$exampl
     failed+=("wgmesh apply")
 fi
 echo "userspace suite: $(($(date +%s) - t)) s"
+cleanup
+
+step "the phases' nftables interval sets on the host kernel (a namespace of their own, ~3 s)"
+ip netns add "$ns"
+if ! RUST_BACKTRACE=1 ip netns exec "$ns" "$sets" --ignored --test-threads=1; then
+    failed+=("nftables sets")
+fi
 cleanup
 
 step "kernel suite in the VM"

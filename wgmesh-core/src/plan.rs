@@ -467,11 +467,20 @@ impl Marking {
     /// ```
     pub fn nft_script(&self) -> String {
         let mark = format!("meta mark set meta mark | {:#x}", self.firewall_mark);
+        // The destinations sent plain live in one interval set per family (`plain4`,
+        // `plain6`), looked up by one rule per chain and family.
+        let families: Vec<(&str, &str)> = [("ip", "plain4"), ("ip6", "plain6")]
+            .into_iter()
+            .filter(|(ip, _)| {
+                self.plain_destinations
+                    .iter()
+                    .any(|d| matches!(d, IpNet::V4(_)) == (*ip == "ip"))
+            })
+            .collect();
         let destinations = || {
             let mut s = String::new();
-            for d in &self.plain_destinations {
-                let (ip, d) = nft_prefix(d);
-                s.push_str(&format!("\t\t{ip} daddr {d} {mark}\n"));
+            for (ip, set) in &families {
+                s.push_str(&format!("\t\t{ip} daddr @{set} {mark}\n"));
             }
             s
         };
@@ -494,6 +503,25 @@ impl Marking {
             s
         };
         let mut s = format!("table inet {} {{\n", self.table);
+        for (ip, set) in &families {
+            let (kind, v4) = if *ip == "ip" {
+                ("ipv4_addr", true)
+            } else {
+                ("ipv6_addr", false)
+            };
+            // `auto-merge`: nft merges overlapping and adjacent prefixes (the kernel takes
+            // disjoint intervals only).
+            let elements: Vec<String> = self
+                .plain_destinations
+                .iter()
+                .filter(|d| matches!(d, IpNet::V4(_)) == v4)
+                .map(|d| nft_prefix(d).1)
+                .collect();
+            s.push_str(&format!(
+                "\tset {set} {{\n\t\ttype {kind}\n\t\tflags interval\n\t\tauto-merge\n\t\telements = {{ {} }}\n\t}}\n",
+                elements.join(", ")
+            ));
+        }
         s.push_str(
             "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n",
         );
@@ -539,9 +567,8 @@ impl Marking {
                 s.push_str(&format!("\t\t{ip} saddr {a} tcp sport {p} return\n"));
                 s.push_str(&format!("\t\t{ip} daddr {a} tcp dport {p} return\n"));
             }
-            for d in &self.plain_destinations {
-                let (ip, d) = nft_prefix(d);
-                s.push_str(&format!("\t\t{ip} saddr {d} return\n"));
+            for (ip, set) in &families {
+                s.push_str(&format!("\t\t{ip} saddr @{set} return\n"));
             }
             for (proto, dev) in [
                 ("ipv4", &strict.interface_v4),
@@ -1112,4 +1139,52 @@ pub fn plan_all(cluster: &Cluster) -> Vec<NodePlan> {
         .iter()
         .filter_map(|n| plan_node(cluster, &n.name).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The destinations sent plain are one interval set per family, looked up by one rule
+    /// per chain and family (never one rule per prefix).
+    #[test]
+    fn the_script_puts_plain_destinations_in_interval_sets() {
+        let mut m = Marking {
+            table: "wgmesh".into(),
+            firewall_mark: 0x100000,
+            skip_interfaces: vec!["lo".into()],
+            skip_interface_prefixes: vec![],
+            mark_arp: false,
+            mark_output: false,
+            plain_tcp_endpoints: vec![],
+            strict: Some(StrictFilter::default()),
+            plain_destinations: ["10.0.0.2/32", "10.65.0.0/24", "10.65.1.0/24"]
+                .iter()
+                .map(|p| p.parse().unwrap())
+                .collect(),
+            plain_all: false,
+        };
+        let s = m.nft_script();
+        assert!(
+            s.contains(
+                "\tset plain4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\tauto-merge\n\t\telements = { 10.0.0.2, 10.65.0.0/24, 10.65.1.0/24 }\n\t}\n"
+            ),
+            "{s}"
+        );
+        assert!(!s.contains("plain6"), "{s}");
+        // prerouting, output and the strict chain's exemption
+        assert_eq!(
+            s.matches("ip daddr @plain4 meta mark set").count(),
+            2,
+            "{s}"
+        );
+        assert_eq!(s.matches("ip saddr @plain4 return").count(), 1, "{s}");
+        assert!(!s.contains("10.65.0.0/24 meta"), "{s}");
+        m.plain_destinations.push("fd10::/120".parse().unwrap());
+        let s = m.nft_script();
+        assert!(s.contains("type ipv6_addr"), "{s}");
+        assert!(s.contains("ip6 daddr @plain6 meta mark set"), "{s}");
+        m.plain_destinations.clear();
+        assert!(!m.nft_script().contains("set plain"));
+    }
 }

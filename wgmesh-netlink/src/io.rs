@@ -107,6 +107,26 @@ fn open(protocol: isize, timeout: Option<Duration>) -> io::Result<Socket> {
     Ok(sock)
 }
 
+/// Datagrams above this size may not fit the socket's send buffer (`wmem_default`, 208 KiB
+/// on most hosts).
+const BIG_DATAGRAM: usize = 128 * 1024;
+
+/// Grows the socket's send buffer to take a datagram of `len` bytes: Linux refuses a netlink
+/// datagram larger than the buffer (`EMSGSIZE`), and an nf_tables batch (a table with tens of
+/// thousands of set elements) must go in one. `SO_SNDBUFFORCE` (root) passes `wmem_max`;
+/// without the privilege `SO_SNDBUF` is tried. A failure is left to the send to report.
+fn grow_send_buffer(sock: &Socket, len: usize) {
+    use rustix::net::sockopt;
+    // Linux stores twice the value set and keeps some for its bookkeeping.
+    if sockopt::socket_send_buffer_size(sock).is_ok_and(|have| have >= 2 * len) {
+        return;
+    }
+    let want = len + 64 * 1024;
+    if sockopt::set_socket_send_buffer_size_force(sock, want).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(sock, want);
+    }
+}
+
 impl Sockets {
     /// Opens the rtnetlink, generic and netfilter sockets. Every wait for an answer ends after
     /// `timeout` (`None`: never) with [`io::ErrorKind::TimedOut`]; sysctls are under
@@ -138,7 +158,11 @@ impl Sockets {
 
 impl KernelIo for Sockets {
     fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> io::Result<()> {
-        self.sockets[protocol.index()].send(datagram, 0).map(|_| ())
+        let sock = &self.sockets[protocol.index()];
+        if datagram.len() > BIG_DATAGRAM {
+            grow_send_buffer(sock, datagram.len());
+        }
+        sock.send(datagram, 0).map(|_| ())
     }
 
     fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> io::Result<()> {

@@ -498,6 +498,7 @@ mod tests {
                     name: "wgmesh".into(),
                     flags: 0,
                     chains: Vec::new(),
+                    sets: Vec::new(),
                 }],
             },
             Operation::DeleteMarking {

@@ -78,6 +78,46 @@ pub struct NftTable {
     pub flags: u32,
     /// Chains, in order.
     pub chains: Vec<NftChain>,
+    /// Named sets, by name; each created before the chains whose rules look it up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<NftSet>,
+}
+
+/// `NFT_SET_INTERVAL`: the set holds ranges.
+pub const SET_F_INTERVAL: u32 = 4;
+/// nft's `ipv4_addr` data type (informational for the kernel, read by `nft list`).
+pub const TYPE_IPV4_ADDR: u32 = 7;
+/// nft's `ipv6_addr` data type.
+pub const TYPE_IPV6_ADDR: u32 = 8;
+/// The set of IPv4 destinations sent plain ([`Marking::plain_destinations`]).
+pub const PLAIN_SET_V4: &str = "plain4";
+/// The set of IPv6 destinations sent plain.
+pub const PLAIN_SET_V6: &str = "plain6";
+
+/// A named nftables set of addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NftSet {
+    /// Set name.
+    pub name: String,
+    /// Key data type ([`TYPE_IPV4_ADDR`], [`TYPE_IPV6_ADDR`]).
+    pub key_type: u32,
+    /// Key length in bytes.
+    pub key_len: u32,
+    /// `NFT_SET_*` flags ([`SET_F_INTERVAL`]).
+    pub flags: u32,
+    /// Elements, sorted by key: in an interval set, each range is a start element and an
+    /// end element (`end`, the first address after the range) unless it reaches the top of
+    /// the address space.
+    pub elements: Vec<SetElement>,
+}
+
+/// One element of an [`NftSet`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SetElement {
+    /// The key (an address, network byte order).
+    pub key: Vec<u8>,
+    /// `NFT_SET_ELEM_INTERVAL_END`: the first key after a range.
+    pub end: bool,
 }
 
 /// A base chain with its rules.
@@ -165,6 +205,13 @@ pub enum Expr {
         packets: u64,
         /// Bytes counted.
         bytes: u64,
+    },
+    /// Look a register up in a named set (match when present).
+    Lookup {
+        /// Source register.
+        sreg: u32,
+        /// The set's name.
+        set: String,
     },
     /// A verdict.
     Verdict {
@@ -264,25 +311,100 @@ fn endpoint_match(ep: &SocketAddr, destination: bool) -> Vec<Expr> {
     ]
 }
 
-/// Packets to (`destination`) or from a prefix: the family, then the address under the
-/// prefix's mask (no mask for a host prefix).
-fn prefix_match(net: &IpNet, destination: bool) -> Vec<Expr> {
-    let (proto, addr, mask, off) = match net {
-        IpNet::V4(n) => (
-            2u8,
-            n.network().octets().to_vec(),
-            n.netmask().octets().to_vec(),
-            if destination { 16 } else { 12 },
-        ),
-        IpNet::V6(n) => (
-            10u8,
-            n.network().octets().to_vec(),
-            n.netmask().octets().to_vec(),
-            if destination { 24 } else { 8 },
-        ),
+/// The prefixes merged into disjoint ranges `[first, last]` of one family (`bits` 32 or
+/// 128), sorted: overlapping and adjacent prefixes become one range (the kernel refuses
+/// overlapping intervals).
+fn ranges(prefixes: impl Iterator<Item = (u128, u8)>, bits: u8) -> Vec<(u128, u128)> {
+    let mut r: Vec<(u128, u128)> = prefixes
+        .map(|(addr, len)| {
+            let host = bits - len.min(bits);
+            let span: u128 = if host >= 128 {
+                u128::MAX
+            } else {
+                (1u128 << host) - 1
+            };
+            let first = addr & !span;
+            (first, first | span)
+        })
+        .collect();
+    r.sort_unstable();
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(r.len());
+    for (first, last) in r {
+        match out.last_mut() {
+            Some((_, l)) if first <= l.saturating_add(1) => *l = (*l).max(last),
+            _ => out.push((first, last)),
+        }
+    }
+    out
+}
+
+/// The interval elements of a family's plain destinations (`bits` 32 or 128): a start
+/// element per range, and an end element at the address after it unless the range ends at
+/// the top of the address space (nothing to end there: the range is open).
+pub fn interval_elements(prefixes: &[IpNet], bits: u8) -> Vec<SetElement> {
+    let top = if bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << bits) - 1
     };
-    let len = addr.len() as u32;
-    let mut v = vec![
+    let key = |a: u128| -> Vec<u8> {
+        if bits == 32 {
+            (a as u32).to_be_bytes().to_vec()
+        } else {
+            a.to_be_bytes().to_vec()
+        }
+    };
+    let of_family = prefixes.iter().filter_map(|p| match (p, bits) {
+        (IpNet::V4(n), 32) => Some((u32::from(n.network()) as u128, n.prefix_len())),
+        (IpNet::V6(n), 128) => Some((u128::from(n.network()), n.prefix_len())),
+        _ => None,
+    });
+    let mut out = Vec::new();
+    for (first, last) in ranges(of_family, bits) {
+        out.push(SetElement {
+            key: key(first),
+            end: false,
+        });
+        if last < top {
+            out.push(SetElement {
+                key: key(last + 1),
+                end: true,
+            });
+        }
+    }
+    out
+}
+
+/// The sets of the destinations sent plain, one per family that has some.
+fn plain_sets(m: &Marking) -> Vec<NftSet> {
+    [
+        (PLAIN_SET_V4, TYPE_IPV4_ADDR, 32u8),
+        (PLAIN_SET_V6, TYPE_IPV6_ADDR, 128u8),
+    ]
+    .into_iter()
+    .filter_map(|(name, key_type, bits)| {
+        let elements = interval_elements(&m.plain_destinations, bits);
+        (!elements.is_empty()).then(|| NftSet {
+            name: name.into(),
+            key_type,
+            key_len: u32::from(bits / 8),
+            flags: SET_F_INTERVAL,
+            elements,
+        })
+    })
+    .collect()
+}
+
+/// Packets to (`destination`) or from an address in the family's set of plain
+/// destinations: the family, the address, the lookup.
+fn set_match(v6: bool, destination: bool) -> Vec<Expr> {
+    let (proto, len, off, set) = match (v6, destination) {
+        (false, true) => (2u8, 4, 16, PLAIN_SET_V4),
+        (false, false) => (2u8, 4, 12, PLAIN_SET_V4),
+        (true, true) => (10u8, 16, 24, PLAIN_SET_V6),
+        (true, false) => (10u8, 16, 8, PLAIN_SET_V6),
+    };
+    vec![
         Expr::Meta {
             key: META_NFPROTO,
             dreg: REG_1,
@@ -294,26 +416,32 @@ fn prefix_match(net: &IpNet, destination: bool) -> Vec<Expr> {
             offset: off,
             len,
         },
-    ];
-    if net.prefix_len() < net.max_prefix_len() {
-        v.push(Expr::Bitwise {
+        Expr::Lookup {
             sreg: REG_1,
-            dreg: REG_1,
-            len,
-            mask,
-            xor: vec![0; len as usize],
-        });
-    }
-    v.push(cmp(addr));
-    v
+            set: set.into(),
+        },
+    ]
 }
 
-/// Marks packets to each destination sent plain ([`Marking::plain_destinations`]).
+/// The families (IPv6 or not) that have destinations sent plain.
+fn plain_families(m: &Marking) -> Vec<bool> {
+    [false, true]
+        .into_iter()
+        .filter(|v6| {
+            m.plain_destinations
+                .iter()
+                .any(|d| d.addr().is_ipv6() == *v6)
+        })
+        .collect()
+}
+
+/// Marks packets to the destinations sent plain ([`Marking::plain_destinations`]): one rule
+/// per family, a lookup in its set.
 fn plain_destination_rules(m: &Marking) -> Vec<Vec<Expr>> {
-    m.plain_destinations
-        .iter()
-        .map(|d| {
-            let mut rule = prefix_match(d, true);
+    plain_families(m)
+        .into_iter()
+        .map(|v6| {
+            let mut rule = set_match(v6, true);
             rule.extend(mark_rule(m.firewall_mark));
             rule
         })
@@ -421,8 +549,8 @@ fn strict_rules(m: &Marking, strict: &wgmesh_core::StrictFilter) -> Vec<Vec<Expr
         }
     }
     // A joining or leaving node's plaintext: this node sends to it plain too.
-    for d in &m.plain_destinations {
-        let mut rule = prefix_match(d, false);
+    for v6 in plain_families(m) {
+        let mut rule = set_match(v6, false);
         rule.push(verdict(VERDICT_RETURN));
         rules.push(rule);
     }
@@ -601,6 +729,7 @@ pub fn compile(m: &Marking) -> Vec<NftTable> {
         name: m.table.clone(),
         flags: 0,
         chains,
+        sets: plain_sets(m),
     }];
     if m.mark_arp {
         tables.push(NftTable {
@@ -615,6 +744,7 @@ pub fn compile(m: &Marking) -> Vec<NftTable> {
                 policy: Some(1),
                 rules: input_rules(),
             }],
+            sets: Vec::new(),
         });
     }
     tables
@@ -649,41 +779,49 @@ mod tests {
         assert_eq!(compile(&m).len(), 1);
     }
 
-    /// Destinations sent plain: marked in prerouting after the loopback and mesh
-    /// interfaces and before the workload interfaces' return, and in output; exempt from
-    /// strict mode's filter by source; everything marked while joining.
+    /// Destinations sent plain: one set per family, looked up in prerouting after the
+    /// loopback and mesh interfaces and before the workload interfaces' return, and in
+    /// output; exempt from strict mode's filter by source; everything marked while joining.
     #[test]
     fn plain_destinations_are_marked_before_the_workload_interfaces_return() {
         let mut m = marking(false, vec![]);
         m.plain_destinations = vec![
             "10.65.3.0/24".parse().unwrap(),
             "fd10::3/128".parse().unwrap(),
+            "10.65.3.7/32".parse().unwrap(),
         ];
         let t = compile(&m);
         let pre = &t[0].chains[0].rules;
-        // lo, wireguard.cali, 2 destinations, cali*, mark
+        // lo, wireguard.cali, one rule per family, cali*, mark
         assert_eq!(pre.len(), 6);
-        assert_eq!(
-            pre[2][..3],
-            prefix_match(&m.plain_destinations[0], true)[..3]
-        );
-        assert!(pre[2].contains(&Expr::Bitwise {
+        assert_eq!(pre[2][..4], set_match(false, true)[..]);
+        assert!(pre[3].contains(&Expr::Lookup {
             sreg: REG_1,
-            dreg: REG_1,
-            len: 4,
-            mask: vec![255, 255, 255, 0],
-            xor: vec![0; 4],
+            set: PLAIN_SET_V6.into()
         }));
-        assert!(
-            !pre[3]
-                .iter()
-                .any(|e| matches!(e, Expr::Bitwise { len: 16, .. }))
-        );
         assert_eq!(pre[4], iifname_return(b"cali".to_vec()));
         assert_eq!(t[0].chains[1].name, "output");
         assert_eq!(t[0].chains[1].rules.len(), 2);
-        // ARP is marked as before.
+        let v4 = &t[0].sets[0];
+        assert_eq!((v4.name.as_str(), v4.key_len, v4.flags), ("plain4", 4, 4));
+        // The /32 inside the /24 is merged into it.
+        assert_eq!(
+            v4.elements,
+            vec![
+                SetElement {
+                    key: vec![10, 65, 3, 0],
+                    end: false
+                },
+                SetElement {
+                    key: vec![10, 65, 4, 0],
+                    end: true
+                },
+            ]
+        );
+        assert_eq!(t[0].sets[1].elements.len(), 2);
+        // ARP is marked as before, and has no sets.
         assert_eq!(t[1].chains[0].rules.len(), 4);
+        assert!(t[1].sets.is_empty());
         m.strict = Some(wgmesh_core::StrictFilter {
             interface_v4: Some("wireguard.cali".into()),
             ..Default::default()
@@ -701,6 +839,68 @@ mod tests {
         let t = compile(&m);
         assert_eq!(t[0].chains[0].rules.len(), 3); // lo, wireguard.cali, mark
         assert_eq!(t[0].chains[1].rules, vec![mark_rule(0x100000)]);
+        m.plain_destinations.clear();
+        m.plain_all = false;
+        assert!(compile(&m)[0].sets.is_empty());
+    }
+
+    fn el(key: &[u8], end: bool) -> SetElement {
+        SetElement {
+            key: key.to_vec(),
+            end,
+        }
+    }
+
+    /// Adjacent and overlapping prefixes are merged; a range that reaches the top of the
+    /// address space has no end element; `0.0.0.0/0` and `::/0` are one open range.
+    #[test]
+    fn interval_elements_merge_and_mind_the_edges() {
+        let p = |v: &[&str]| -> Vec<IpNet> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(
+            interval_elements(&p(&["10.0.0.0/25", "10.0.0.128/25", "10.0.1.0/32"]), 32),
+            vec![el(&[10, 0, 0, 0], false), el(&[10, 0, 1, 1], true)]
+        );
+        assert_eq!(
+            interval_elements(&p(&["10.0.0.0/24", "10.0.2.0/24", "fd00::/8"]), 32),
+            vec![
+                el(&[10, 0, 0, 0], false),
+                el(&[10, 0, 1, 0], true),
+                el(&[10, 0, 2, 0], false),
+                el(&[10, 0, 3, 0], true),
+            ]
+        );
+        assert_eq!(
+            interval_elements(&p(&["255.255.255.255/32", "0.0.0.0/32"]), 32),
+            vec![
+                el(&[0, 0, 0, 0], false),
+                el(&[0, 0, 0, 1], true),
+                el(&[255; 4], false),
+            ]
+        );
+        assert_eq!(
+            interval_elements(&p(&["10.0.0.0/8", "0.0.0.0/0"]), 32),
+            vec![el(&[0; 4], false)]
+        );
+        assert_eq!(
+            interval_elements(&p(&["::/0", "fd00::1/128"]), 128),
+            vec![el(&[0; 16], false)]
+        );
+        let mut end = [0u8; 16];
+        end[15] = 2;
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert_eq!(
+            interval_elements(&p(&["::1/128"]), 128),
+            vec![el(&one, false), el(&end, true)]
+        );
+        assert_eq!(
+            interval_elements(&p(&["ffff::/16", "10.0.0.0/8"]), 128),
+            vec![el(
+                &[0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                false
+            )]
+        );
+        assert!(interval_elements(&[], 128).is_empty());
     }
 
     #[test]

@@ -137,18 +137,23 @@ fn assert_matches_plan(k: &FakeKernel, plan: &NodePlan, own: &Ownership) {
     for s in &plan.sysctls {
         assert_eq!(k.sysctls.get(&s.key), Some(&s.value));
     }
-    let got: Vec<&wgmesh_netlink::marking::NftTable> = k
+    // The fake keeps a set's elements in Linux's (descending) order: compare them sorted.
+    let got: Vec<wgmesh_netlink::marking::NftTable> = k
         .nft
         .iter()
         .filter(|((_, n), _)| *n == own.nft_table)
-        .map(|(_, t)| t)
+        .map(|(_, t)| {
+            let mut t = t.clone();
+            t.sets.iter_mut().for_each(|s| s.elements.sort());
+            t
+        })
         .collect();
     let want = plan
         .marking
         .as_ref()
         .map(wgmesh_netlink::marking::compile)
         .unwrap_or_default();
-    assert_eq!(got, want.iter().collect::<Vec<_>>());
+    assert_eq!(got, want);
 }
 
 /// Adds a link carrying wgmesh's marker, as wgmesh makes them.
@@ -207,6 +212,7 @@ fn empty_plan_removes_everything_owned_and_nothing_else() {
             name: "other".into(),
             flags: 0,
             chains: vec![],
+            sets: Vec::new(),
         },
     );
     let before = k.clone();
@@ -1251,4 +1257,41 @@ fn a_neighbours_mark_or_priority_is_refused_naming_it() {
     other.firewall_mask = 0x80000;
     add_rule(&mut r, other);
     converge(&mut r, &plan);
+}
+
+/// A leaving peer's destinations: interval sets in the table, read back (a second reconcile
+/// is a no-op), a lost element seen as drift and repaired, gone when the peer is active.
+#[test]
+fn phased_destinations_are_sets_read_back_and_repaired() {
+    let base = cluster(true);
+    let mut leaving = base.clone();
+    let mut b = leaving.node("b").unwrap().clone();
+    b.wireguard.as_mut().unwrap().phase = wgmesh_core::Phase::Leaving;
+    leaving.upsert_node(b).unwrap();
+    let plan = plan_node(&leaving, "a").unwrap();
+    assert!(!plan.marking.as_ref().unwrap().plain_destinations.is_empty());
+    let mut r = Reconciler::new(fake(), Ownership::from_mesh(base.mesh()), ring());
+    converge(&mut r, &plan);
+    let sets = |r: &Reconciler<Fake>| -> Vec<wgmesh_netlink::marking::NftSet> {
+        r.dataplane()
+            .kernel()
+            .nft
+            .values()
+            .flat_map(|t| t.sets.clone())
+            .collect()
+    };
+    let held = sets(&r);
+    assert_eq!(held[0].name, "plain4");
+    assert!(!held[0].elements.is_empty());
+    // Drift: an element lost.
+    for t in r.dataplane_mut().kernel_mut().nft.values_mut() {
+        for s in &mut t.sets {
+            s.elements.pop();
+        }
+    }
+    assert!(!r.reconcile(&plan).unwrap().is_noop());
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    assert_eq!(sets(&r).len(), held.len());
+    converge(&mut r, &plan_node(&base, "a").unwrap());
+    assert!(sets(&r).is_empty());
 }

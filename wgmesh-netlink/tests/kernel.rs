@@ -348,6 +348,7 @@ fn a_reconcile_reads_only_wgmeshs_nftables_tables() {
                         policy: None,
                         rules: vec![rule; foreign_rules],
                     }],
+                    sets: Vec::new(),
                 },
             );
         }

@@ -14,7 +14,7 @@ use crate::error::{EAFNOSUPPORT, ENODEV, ENOENT, EOPNOTSUPP, EPROTONOSUPPORT, Er
 use crate::exec::Answer;
 use crate::io::KernelIo;
 use crate::lower::{self};
-use crate::marking::{FAMILIES, NftTable};
+use crate::marking::{Expr, FAMILIES, NftSet, NftTable};
 use crate::state::{ActualDevice, ActualLink, ActualState, Ownership, PeerStats};
 use crate::wire::Protocol;
 use crate::wire::genl::{self, Wg};
@@ -161,6 +161,7 @@ impl<K: KernelIo> Linux<K> {
                             name: table.to_owned(),
                             flags,
                             chains: Vec::new(),
+                            sets: Vec::new(),
                         });
                     }
                 }
@@ -199,8 +200,51 @@ impl<K: KernelIo> Linux<K> {
                     c.rules.push(exprs);
                 }
             }
+            // Sets only when a rule looks one up: a table without sets reads as before.
+            let Some(t) = tables.iter_mut().find(|t| t.family == family) else {
+                continue;
+            };
+            let looks_up = t
+                .chains
+                .iter()
+                .flat_map(|c| c.rules.iter().flatten())
+                .any(|e| matches!(e, Expr::Lookup { .. }));
+            if looks_up {
+                t.sets = self.read_sets(family, table, &doing)?;
+            }
         }
         Ok(tables)
+    }
+
+    /// The sets of one table with their elements, sets by name and elements by key (the
+    /// order [`crate::marking::compile`] makes).
+    fn read_sets(&mut self, family: u8, table: &str, doing: &str) -> Result<Vec<NftSet>> {
+        let replies = self
+            .nft(nft::dump_sets(family, table), doing)?
+            .map_err(|r| r.error(doing))?;
+        let mut sets = Vec::new();
+        for r in replies {
+            let m: NetfilterMessage = parse(&r, "NEWSET", doing)?;
+            let (fam, tbl, set) = nft::decode_set(&m).map_err(|e| Error::decode(doing, e))?;
+            if fam == family && tbl == table {
+                sets.push(set);
+            }
+        }
+        sets.sort_by(|a, b| a.name.cmp(&b.name));
+        for set in &mut sets {
+            let replies = self
+                .nft(nft::dump_set_elements(family, table, &set.name), doing)?
+                .map_err(|r| r.error(doing))?;
+            for r in replies {
+                // Straight from the bytes: the crate's parser is quadratic in a page's
+                // elements.
+                let elements =
+                    nft::set_elements_from_bytes(&r).map_err(|e| Error::decode(doing, e))?;
+                set.elements.extend(elements);
+            }
+            set.elements.sort();
+        }
+        Ok(sets)
     }
 
     /// A sysctl's value (`None`: there is no such sysctl).

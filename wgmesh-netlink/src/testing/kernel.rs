@@ -12,7 +12,8 @@ use netlink_packet_generic::GenlMessage;
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_netfilter::nftables::{
-    GenAttribute, GenMessage, NfTablesMessage, RuleAttribute as NftRuleAttribute, TableAttribute,
+    GenAttribute, GenMessage, NfTablesMessage, RuleAttribute as NftRuleAttribute, SetAttribute,
+    SetElementList, TableAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner};
@@ -32,7 +33,7 @@ use wgmesh_core::{Family, PrivateKey, PublicKey};
 
 use crate::error::{EEXIST, EINVAL, ENODEV, ENOENT, EOPNOTSUPP, ESRCH};
 use crate::io::KernelIo;
-use crate::marking::{NftChain, NftTable};
+use crate::marking::{NftChain, NftSet, NftTable};
 use crate::state::{ActualLink, ActualPeer, ActualRoute, ActualRouteKind, PeerStats};
 use crate::wire::ack::AckRepr;
 use crate::wire::genl::Wg;
@@ -1541,6 +1542,7 @@ impl FakeKernel {
                                 name,
                                 flags: flags.unwrap_or(0),
                                 chains: Vec::new(),
+                                sets: Vec::new(),
                             },
                         );
                     }
@@ -1580,6 +1582,41 @@ impl FakeKernel {
                         c.rules.insert(0, exprs);
                     }
                 }
+            }
+            NfTablesMessage::NewSet(_) => {
+                let msg =
+                    NetfilterMessage::new(NetfilterHeader::new(family.into(), 0, 0), n.clone());
+                let (_, table, set) = nft::decode_set(&msg).map_err(|_| refuse(EINVAL))?;
+                let t = tables.get_mut(&(family, table)).ok_or(refuse(ENOENT))?;
+                match t.sets.iter().position(|s| s.name == set.name) {
+                    Some(_) if h.flags & NLM_F_EXCL != 0 => return Err(refuse(EEXIST)),
+                    Some(_) => {}
+                    None => t.sets.push(set),
+                }
+            }
+            NfTablesMessage::NewSetElement(_) => {
+                let msg =
+                    NetfilterMessage::new(NetfilterHeader::new(family.into(), 0, 0), n.clone());
+                let (_, table, set, elements) =
+                    nft::decode_set_elements(&msg).map_err(|_| refuse(EINVAL))?;
+                let t = tables.get_mut(&(family, table)).ok_or(refuse(ENOENT))?;
+                let s = t
+                    .sets
+                    .iter_mut()
+                    .find(|s| s.name == set)
+                    .ok_or(refuse(ENOENT))?;
+                for e in elements {
+                    // Linux refuses a key of the wrong length, and a key already there.
+                    if e.key.len() != s.key_len as usize {
+                        return Err(refuse(EINVAL));
+                    }
+                    if s.elements.iter().any(|x| x.key == e.key) {
+                        return Err(refuse(EEXIST));
+                    }
+                    s.elements.push(e);
+                }
+                // Linux's interval sets dump in descending order.
+                s.elements.sort_by(|a, b| b.cmp(a));
             }
             _ => return Err(refuse(EOPNOTSUPP)),
         }
@@ -1645,6 +1682,64 @@ impl FakeKernel {
                                 )
                             })
                         })
+                    })
+                    .collect();
+                self.dump(Protocol::Netfilter, h.seq, messages);
+                return Ok(None);
+            }
+            NfTablesMessage::GetSet(q) if dump => {
+                let table = q.attributes.iter().find_map(|a| match a {
+                    SetAttribute::Table(t) => Some(t.as_str()),
+                    _ => None,
+                });
+                let messages = self
+                    .nft
+                    .values()
+                    .filter(|t| of_family(t) && table.is_none_or(|n| n == t.name))
+                    .flat_map(|t| {
+                        t.sets.iter().enumerate().map(move |(i, s)| {
+                            let bare = NftSet {
+                                elements: Vec::new(),
+                                ..s.clone()
+                            };
+                            wire::serialize(
+                                &nft::new_set(t.family, &t.name, &bare, i as u32 + 1),
+                                0,
+                                h.seq,
+                            )
+                        })
+                    })
+                    .collect();
+                self.dump(Protocol::Netfilter, h.seq, messages);
+                return Ok(None);
+            }
+            NfTablesMessage::GetSetElement(q) if dump => {
+                let (mut table, mut set) = (None, None);
+                for a in &q.attributes {
+                    match a {
+                        SetElementList::Table(t) => table = Some(t.clone()),
+                        SetElementList::Set(s) => set = Some(s.clone()),
+                        _ => {}
+                    }
+                }
+                let (Some(table), Some(set)) = (table, set) else {
+                    return Err(refuse(EINVAL));
+                };
+                let s = self
+                    .nft
+                    .get(&(family, table.clone()))
+                    .and_then(|t| t.sets.iter().find(|s| s.name == set))
+                    .ok_or(refuse(ENOENT))?;
+                // Several messages, as Linux pages a large set.
+                let messages = s
+                    .elements
+                    .chunks(100)
+                    .map(|chunk| {
+                        wire::serialize(
+                            &nft::new_set_elements(family, &table, &set, chunk),
+                            0,
+                            h.seq,
+                        )
                     })
                     .collect();
                 self.dump(Protocol::Netfilter, h.seq, messages);

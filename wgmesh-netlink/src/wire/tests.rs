@@ -565,6 +565,7 @@ fn mark_rule_golden_bytes() {
             policy: None,
             rules: vec![rule.clone()],
         }],
+        sets: Vec::new(),
     };
     let batch = nft::replace_batch("t", &[t]);
     let (flags, m) = &batch[7];
@@ -626,7 +627,21 @@ fn marking_batches_round_trip() {
         plain_all: true,
         ..marking()
     };
-    for m in [marking(), plain, joining] {
+    // 3,000 pod IPs of a phased node: the elements span several messages.
+    let many = wgmesh_core::Marking {
+        plain_destinations: (0..3000u32)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(0x0a41_0000 + 2 * i);
+                IpNet::from(IpAddr::V4(a))
+            })
+            .chain((0..3000u128).map(|i| {
+                let a = std::net::Ipv6Addr::from((0xfd10u128 << 112) + 2 * i);
+                IpNet::from(IpAddr::V6(a))
+            }))
+            .collect(),
+        ..marking()
+    };
+    for m in [marking(), plain, joining, many] {
         marking_round_trip(&m);
     }
 }
@@ -658,11 +673,22 @@ fn marking_round_trip(m: &wgmesh_core::Marking) {
         .map(|t| t.chains.iter().map(|c| c.rules.len()).sum::<usize>())
         .sum();
     let chains: usize = tables.iter().map(|t| t.chains.len()).sum();
-    assert_eq!(batch.len(), 1 + 4 + tables.len() + chains + rules + 1);
+    // Each set: NEWSET, then its elements in NEWSETELEMs of at most ELEMENTS_PER_MESSAGE.
+    let sets: usize = tables
+        .iter()
+        .flat_map(|t| &t.sets)
+        .map(|s| 1 + s.elements.len().div_ceil(nft::ELEMENTS_PER_MESSAGE))
+        .sum();
+    assert_eq!(
+        batch.len(),
+        1 + 4 + tables.len() + sets + chains + rules + 1
+    );
     let mut back: Vec<NftTable> = Vec::new();
     for (_, msg) in &batch[5..batch.len() - 1] {
         // Through bytes and back, as the kernel would receive it.
         let bytes = serialize(msg, 0, 1);
+        // An attribute's length is 16 bits: a message that fits has every attribute fit.
+        assert!(bytes.len() <= usize::from(u16::MAX), "{}", bytes.len());
         let (_, msg) = parse::<netlink_packet_netfilter::NetfilterMessage>(&bytes, "test").unwrap();
         if let Ok((family, name, flags)) = nft::decode_table(&msg) {
             back.push(NftTable {
@@ -670,9 +696,24 @@ fn marking_round_trip(m: &wgmesh_core::Marking) {
                 name,
                 flags,
                 chains: Vec::new(),
+                sets: Vec::new(),
             });
         } else if let Ok((_, _, c)) = nft::decode_chain(&msg) {
             back.last_mut().unwrap().chains.push(c);
+        } else if let Ok((_, table, set)) = nft::decode_set(&msg) {
+            let t = back.last_mut().unwrap();
+            assert_eq!(t.name, table);
+            assert!(
+                t.chains.is_empty(),
+                "sets come before the rules that use them"
+            );
+            t.sets.push(set);
+        } else if let Ok((_, _, set, elements)) = nft::decode_set_elements(&msg) {
+            // The reader's walk of the bytes finds the same elements.
+            assert_eq!(nft::set_elements_from_bytes(&bytes).unwrap(), elements);
+            let s = back.last_mut().unwrap().sets.last_mut().unwrap();
+            assert_eq!(s.name, set);
+            s.elements.extend(elements);
         } else {
             let (_, _, chain, exprs) = nft::decode_rule(&msg).unwrap();
             let t = back.last_mut().unwrap();
@@ -750,4 +791,129 @@ fn fib_and_counter_expressions_encode_as_the_uapi_says() {
     }];
     let m = nft::new_rule(NFPROTO_INET, "t", "c", &counted);
     assert_eq!(nft::decode_rule(&m).unwrap().3, counted);
+}
+
+/// The figure of BENCHMARKS.md ("Phases: plain destinations as interval sets"): messages and
+/// bytes of the batch that installs 11,000 plain /32s (100 phased nodes of 110 pod IPs), as
+/// interval sets now and as one rule per prefix and chain before, and the time to compile
+/// and encode it. `cargo test -p wgmesh-netlink --lib plain_destination_batch_size --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement for BENCHMARKS.md, not a check"]
+fn plain_destination_batch_size() {
+    use crate::marking::{Expr, REG_1};
+    let prefixes: Vec<IpNet> = (0..11_000u32)
+        .map(|i| IpNet::from(IpAddr::V4(std::net::Ipv4Addr::from(0x0a41_0000 + 3 * i))))
+        .collect();
+    let m = wgmesh_core::Marking {
+        plain_destinations: prefixes.clone(),
+        plain_tcp_endpoints: vec![],
+        ..marking()
+    };
+    let bytes_of = |batch: &[nft::NftRequest]| -> usize {
+        batch
+            .iter()
+            .map(|(_, msg)| serialize(msg, 0, 1).len())
+            .sum()
+    };
+    let start = std::time::Instant::now();
+    let tables = crate::marking::compile(&m);
+    let batch = nft::replace_batch("wgmesh", &tables);
+    let bytes = bytes_of(&batch);
+    let after = start.elapsed();
+    let start = std::time::Instant::now();
+    let mut decoded = 0;
+    for (_, msg) in &batch {
+        let bytes = serialize(msg, 0, 1);
+        let (_, msg) = parse::<netlink_packet_netfilter::NetfilterMessage>(&bytes, "test").unwrap();
+        if let Ok((_, _, _, e)) = nft::decode_set_elements(&msg) {
+            decoded += e.len();
+        }
+    }
+    let parsed = start.elapsed();
+    let start = std::time::Instant::now();
+    let mut walked = 0;
+    for (_, msg) in &batch {
+        if let netlink_packet_netfilter::NetfilterMessageInner::NfTables(
+            netlink_packet_netfilter::nftables::NfTablesMessage::NewSetElement(_),
+        ) = &msg.inner
+        {
+            walked += nft::set_elements_from_bytes(&serialize(msg, 0, 1))
+                .unwrap()
+                .len();
+        }
+    }
+    println!(
+        "read back {decoded} elements: crate parser {parsed:?}, byte walk {walked} in {:?}",
+        start.elapsed()
+    );
+    // Before: one rule per prefix in prerouting and in output (family, address, mark).
+    let start = std::time::Instant::now();
+    let mut old = crate::marking::compile(&wgmesh_core::Marking {
+        plain_destinations: vec![],
+        ..m.clone()
+    });
+    let mark = |net: &IpNet| {
+        let IpNet::V4(n) = net else { unreachable!() };
+        vec![
+            Expr::Meta {
+                key: 15,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: 0,
+                data: vec![2],
+            },
+            Expr::Payload {
+                dreg: REG_1,
+                base: 1,
+                offset: 16,
+                len: 4,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: 0,
+                data: n.addr().octets().to_vec(),
+            },
+            Expr::Meta {
+                key: 3,
+                dreg: REG_1,
+            },
+            Expr::Bitwise {
+                sreg: REG_1,
+                dreg: REG_1,
+                len: 4,
+                mask: (!0x100000u32).to_ne_bytes().to_vec(),
+                xor: 0x100000u32.to_ne_bytes().to_vec(),
+            },
+            Expr::MetaSet {
+                key: 3,
+                sreg: REG_1,
+            },
+        ]
+    };
+    let rules: Vec<Vec<Expr>> = prefixes.iter().map(mark).collect();
+    old[0].chains[0].rules.splice(2..2, rules.clone());
+    old[0].chains.push(crate::marking::NftChain {
+        name: "output".into(),
+        kind: Some("route".into()),
+        hook: Some(3),
+        priority: Some(-150),
+        policy: Some(1),
+        rules,
+    });
+    let old_batch = nft::replace_batch("wgmesh", &old);
+    let old_bytes = bytes_of(&old_batch);
+    let before = start.elapsed();
+    println!(
+        "11,000 plain /32s: sets {} messages, {} bytes, {:?}; rules per prefix {} messages, {} bytes, {:?}",
+        batch.len(),
+        bytes,
+        after,
+        old_batch.len(),
+        old_bytes,
+        before
+    );
+    assert!(bytes < old_bytes);
 }
