@@ -701,7 +701,9 @@ pub(crate) fn decode_set(m: &NetfilterMessage) -> Result<(u8, String, NftSet), D
     Ok((m.header.family.into(), table, set))
 }
 
-/// A `NEWSETELEM` as `(family, table, set, elements)`.
+/// A `NEWSETELEM` as `(family, table, set, elements)` (the fake kernel's parser; the reader
+/// walks the dump's bytes itself, see `linux::read`).
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn decode_set_elements(
     m: &NetfilterMessage,
 ) -> Result<(u8, String, String, Vec<SetElement>), DecodeError> {
