@@ -121,7 +121,7 @@ fn plain_destinations_are_interval_sets_marked_and_read_back() {
     // Packets: a veth routes everything; a probe table after wgmesh's counts
     // the output packets marked and not.
     sh(
-        "ip link add probe0 type veth peer name probe1 && ip link set probe1 up && ip link set probe0 up && ip link set lo up \
+        "ip link del probe0 2>/dev/null; ip link add probe0 type veth peer name probe1 && ip link set probe1 up && ip link set probe0 up && ip link set lo up \
         && ip addr add 192.0.2.1/24 dev probe0 && ip -6 addr add 2001:db8::1/64 dev probe0 nodad \
         && ip route add default dev probe0 && ip -6 route add default dev probe0",
     );
@@ -262,7 +262,7 @@ fn measure_eleven_thousand_plain_destinations() {
         rules,
     });
     sh(
-        "ip link add probe0 type veth peer name probe1 && ip link set probe1 up \
+        "ip link del probe0 2>/dev/null; ip link add probe0 type veth peer name probe1 && ip link set probe1 up \
         && ip link set probe0 up && ip link set lo up && ip addr add 192.0.2.1/24 dev probe0 \
         && ip route add default dev probe0 \
         && ip neigh add 10.200.0.1 lladdr 02:00:00:00:00:01 dev probe0 nud permanent",
