@@ -1165,19 +1165,15 @@ impl Cluster {
         Ok(node)
     }
 
-    /// The first steps of a leave (make-before-break): the node is published `leaving`, its
-    /// own agent applies first (it keeps encrypting; in strict mode its ingress filter goes,
-    /// so its peers' plaintext arrives), then its peers (they send to it plain by marking and
-    /// keep it as a peer and its routes, so its encrypted packets still pass their
-    /// reverse-path check); then the node's own agent sends plain too (its own view
-    /// `joining`: device, peers and routes kept, every packet marked). The caller then drops
-    /// the node.
+    /// The first step of a leave (make-before-break), as the Kubernetes agent runs it: the
+    /// node is published `leaving`, its own agent applies first (it keeps encrypting; in
+    /// strict mode its ingress filter goes, so its peers' plaintext arrives), then its peers
+    /// (they send to it plain by marking and keep it as a peer and its routes, so its
+    /// encrypted packets still pass their reverse-path check). The caller then drops the
+    /// node, its own agent first: it goes from encrypting straight to plain.
     fn leave(&mut self, name: &str) -> Result<usize> {
         let leaving = self.phased_node(name, Phase::Leaving)?;
-        let mut ops = self.step(&[Event::NodeUpserted(leaving)], name, true)?;
-        let plain = self.phased_node(name, Phase::Joining)?;
-        ops += self.apply_on(name, &[Event::NodeUpserted(plain)])?;
-        Ok(ops)
+        self.step(&[Event::NodeUpserted(leaving)], name, true)
     }
 
     /// A join in phases (make-before-break): the node is published `joining`, its own agent
