@@ -12,6 +12,7 @@
 //! `--outage-rate R` (100 events per second during the outage), `--steady-secs S` (120),
 //! `--resync-secs S` (the agent's resync interval; its default is 90), `--foreground-resync`
 //! (the resync as a full reconcile on the event loop, as before it moved to a thread),
+//! `--restart-only` (stop after the first full apply: its time and memory),
 //! `--smoke` (the small scale of the test).
 
 #[path = "agent_scale/harness.rs"]
@@ -31,6 +32,10 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
         }
         if arg == "--foreground-resync" {
             params.foreground_resync = true;
+            continue;
+        }
+        if arg == "--restart-only" {
+            params.restart_only = true;
             continue;
         }
         if arg == "--smoke" {

@@ -1189,6 +1189,8 @@ pub struct Params {
     pub foreground_resync: bool,
     /// Give up waiting for a convergence after this long.
     pub patience: Duration,
+    /// Stop after the restart's first full apply (its time and memory only).
+    pub restart_only: bool,
 }
 
 impl Params {
@@ -1205,6 +1207,7 @@ impl Params {
             resync_secs: None,
             foreground_resync: false,
             patience: Duration::from_secs(120),
+            restart_only: false,
         }
     }
 
@@ -1222,6 +1225,7 @@ impl Params {
             resync_secs: Some(2),
             foreground_resync: false,
             patience: Duration::from_secs(60),
+            restart_only: false,
         }
     }
 }
@@ -1260,6 +1264,8 @@ pub struct Report {
     pub restart_kernel_time: Duration,
     /// `heap::figures()` at the first full apply.
     pub restart_heap: [(f64, f64); 6],
+    /// The agent's memory sampled until the first full apply.
+    pub restart_sampled: AgentMemory,
     /// The same over the outage and the relists that end it.
     pub relist_heap: [(f64, f64); 6],
     pub relist_rss_peak_mb: f64,
@@ -1277,6 +1283,51 @@ pub struct Report {
     pub background_resyncs: usize,
     pub background_operations: usize,
     pub errors: Vec<String>,
+}
+
+/// The agent's memory, sampled (every 5 ms while the harness waits for the restart): the
+/// process's RSS less the live heap of the mock API server and the fake kernel — what is left
+/// is charged to the agent: its heap, and the allocator's overhead and the 16-byte tags of
+/// every part, code, stacks (so it overstates the agent) — and the agent's own heap, each at
+/// its largest and when.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AgentMemory {
+    /// Process RSS less the live heap of the mock and the fake kernel, MB.
+    pub rss_less_others_mb: f64,
+    pub rss_less_others_at: Duration,
+    /// The process RSS at that moment, MB.
+    pub rss_then_mb: f64,
+    /// The agent's heap (with its dataplane calls), MB.
+    pub heap_mb: f64,
+    pub heap_at: Duration,
+    /// Of the agent's heap: inside its dataplane calls, at their largest, MB.
+    pub dataplane_mb: f64,
+    pub dataplane_at: Duration,
+}
+
+impl AgentMemory {
+    fn sample(&mut self, since: Instant) {
+        if !heap::installed() {
+            return;
+        }
+        let at = since.elapsed();
+        let f = heap::figures();
+        let rss = rss_mb().0;
+        let less = rss - f[1].0 - f[2].0;
+        if less > self.rss_less_others_mb {
+            self.rss_less_others_mb = less;
+            self.rss_less_others_at = at;
+            self.rss_then_mb = rss;
+        }
+        if f[5].0 > self.heap_mb {
+            self.heap_mb = f[5].0;
+            self.heap_at = at;
+        }
+        if f[3].0 > self.dataplane_mb {
+            self.dataplane_mb = f[3].0;
+            self.dataplane_at = at;
+        }
+    }
 }
 
 async fn wait_for(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -1372,7 +1423,9 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     ));
     let expected_peers = 2 * (p.nodes - 1);
     let expected_routes = (p.nodes - 1) * (p.pods + 1);
+    let mut sampled = AgentMemory::default();
     let ok = agent_rt.block_on(wait_for(p.patience * 2, || {
+        sampled.sample(start);
         tracker
             .lock()
             .unwrap()
@@ -1380,6 +1433,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             .iter()
             .any(|r| r.2 >= expected_peers && r.3 >= expected_routes)
     }));
+    report.restart_sampled = sampled;
     {
         let t = tracker.lock().unwrap();
         if let Some(r) = t.reconciles.iter().find(|r| r.2 >= expected_peers) {
@@ -1411,6 +1465,28 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             "heap by part (live / peak MB): agent {:.0} / {:.0} (of it in dataplane calls {:.0} / {:.0}), fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
             a.0, a.1, d.0, d.1, k.0, k.1, m.0, m.1, t.0, t.1
         ));
+        let s = report.restart_sampled;
+        log(&format!(
+            "sampled every 5 ms until the first full apply: process RSS less the live heap of mock and fake kernel at most {:.0} MB (at {:.2} s, RSS {:.0} MB then); agent heap at most {:.0} MB (at {:.2} s), in dataplane calls at most {:.0} MB (at {:.2} s)",
+            s.rss_less_others_mb,
+            s.rss_less_others_at.as_secs_f64(),
+            s.rss_then_mb,
+            s.heap_mb,
+            s.heap_at.as_secs_f64(),
+            s.dataplane_mb,
+            s.dataplane_at.as_secs_f64()
+        ));
+    }
+    if p.restart_only {
+        let _ = stop_tx.send(());
+        let _ = agent_rt.block_on(agent);
+        agent_rt.shutdown_background();
+        mock_rt.shutdown_background();
+        report.peak_rss_mb = report.restart_rss_peak_mb;
+        report
+            .errors
+            .extend(tracker.lock().unwrap().errors.iter().cloned());
+        return report;
     }
     // Let the start settle (status write, Events).
     std::thread::sleep(Duration::from_secs(2));
