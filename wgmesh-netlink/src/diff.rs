@@ -3,7 +3,7 @@
 //! [`diff`] compares a [`NodePlan`] with an [`ActualState`] and returns a [`ChangeSet`];
 //! [`delta_operations`] turns a [`PlanDelta`] into one without reading anything (the
 //! incremental path). Neither does IO, and neither orders anything: the change set runs its
-//! operations in the order of [`Phase`](crate::Phase), stated once.
+//! operations in the order of [`Phase`], stated once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ use wgmesh_core::{
 };
 
 use crate::marking;
-use crate::op::{ChangeSet, Operation};
+use crate::op::{ChangeSet, Operation, Phase};
 use crate::state::{
     ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind, Ownership, RawRule,
 };
@@ -308,6 +308,7 @@ pub(crate) fn diff_with_routes(
             _ => ops.push(Operation::DeleteRoute { route: a.clone() }),
         }
     }
+    ops.reserve(Phase::Routes, routes.len() - kept.len().min(routes.len()));
     ops.extend(
         routes
             .iter()
