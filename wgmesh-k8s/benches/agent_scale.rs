@@ -13,6 +13,9 @@
 //! `--resync-secs S` (the agent's resync interval; its default is 90), `--foreground-resync`
 //! (the resync as a full reconcile on the event loop, as before it moved to a thread),
 //! `--restart-only` (stop after the first full apply: its time and memory),
+//! `--mock-process` (with `--restart-only`: the mock API server in a child process, this
+//! binary run with `--serve-mock`, over HTTP on 127.0.0.1, so that the agent's process holds
+//! only the agent and the fake kernel),
 //! `--smoke` (the small scale of the test).
 
 #[path = "agent_scale/harness.rs"]
@@ -24,7 +27,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static HEAP: harness::heap::Tagged = harness::heap::Tagged;
 
-fn parse(params: &mut harness::Params) -> Result<(), String> {
+fn parse(params: &mut harness::Params, serve_mock: &mut bool) -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--bench" {
@@ -36,6 +39,14 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
         }
         if arg == "--restart-only" {
             params.restart_only = true;
+            continue;
+        }
+        if arg == "--mock-process" {
+            params.mock_process = true;
+            continue;
+        }
+        if arg == "--serve-mock" {
+            *serve_mock = true;
             continue;
         }
         if arg == "--smoke" {
@@ -71,9 +82,14 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let mut params = harness::Params::full();
-    if let Err(e) = parse(&mut params) {
+    let mut serve_mock = false;
+    if let Err(e) = parse(&mut params, &mut serve_mock) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    if serve_mock {
+        harness::serve_mock(params.nodes, params.pods);
+        return ExitCode::SUCCESS;
     }
     println!("agent_scale: {params:?}");
     let report = harness::run(&params, &mut |line| println!("{line}"));

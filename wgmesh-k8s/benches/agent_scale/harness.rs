@@ -200,6 +200,8 @@ pub mod heap {
     /// moments, so the sum of the two parts' peaks would overstate the agent's.
     static AGENT: AtomicIsize = AtomicIsize::new(0);
     static AGENT_PEAK: AtomicIsize = AtomicIsize::new(0);
+    /// Live allocations by part: each carries a 16-byte tag (in RSS, not in the figures).
+    static COUNT: [AtomicIsize; 4] = [const { AtomicIsize::new(0) }; 4];
 
     thread_local! {
         static CURRENT: Cell<u8> = const { Cell::new(0) };
@@ -254,12 +256,21 @@ pub mod heap {
         ]
     }
 
+    /// Live allocations by part: agent, mock, kernel, dataplane.
+    pub fn counts() -> [isize; 4] {
+        [0, 1, 2, 3].map(|i| COUNT[i].load(Relaxed))
+    }
+
     pub fn reset_peaks() {
         for i in 0..4 {
             PEAK[i].store(LIVE[i].load(Relaxed), Relaxed);
         }
         TOTAL_PEAK.store(TOTAL.load(Relaxed), Relaxed);
         AGENT_PEAK.store(AGENT.load(Relaxed), Relaxed);
+    }
+
+    fn count(tag: u8, n: isize) {
+        COUNT[usize::from(tag.min(3))].fetch_add(n, Relaxed);
     }
 
     fn account(tag: u8, bytes: isize) {
@@ -305,6 +316,7 @@ pub mod heap {
             unsafe {
                 base.write(tag);
                 account(tag, l.size() as isize);
+                count(tag, 1);
                 base.add(offset)
             }
         }
@@ -317,6 +329,7 @@ pub mod heap {
             unsafe {
                 let base = p.sub(offset);
                 account(*base, -(l.size() as isize));
+                count(*base, -1);
                 System.dealloc(base, o);
             }
         }
@@ -1117,6 +1130,122 @@ impl tower::Service<Request<kube::client::Body>> for MockApi {
 }
 
 // ---------------------------------------------------------------------------------------
+// The mock API server in a process of its own
+
+/// Serves the mock API server over HTTP/1.1 on 127.0.0.1 (a port of the system's choice,
+/// printed as `listening PORT` on stdout) until stdin closes: the bench binary run with
+/// `--serve-mock`, by [`MockProcess::spawn`].
+pub fn serve_mock(nodes: usize, pods: usize) {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("mock")
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = MockApi::new(nodes, pods, rt.handle().clone());
+    // The parent's end of our stdin closes when it is done (or dies): so do we.
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+        std::process::exit(0);
+    });
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening {port}");
+        let _ = out.flush();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let api = api.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let api = api.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            Ok::<_, Infallible>(api.handle(
+                                parts.method.to_string(),
+                                parts.uri.path().to_owned(),
+                                parts.uri.query().unwrap_or("").to_owned(),
+                                body,
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// The mock API server in a child process (this binary with `--serve-mock`), reached over
+/// HTTP on 127.0.0.1. Dropping it ends the child.
+pub struct MockProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl MockProcess {
+    pub fn spawn(nodes: usize, pods: usize) -> std::io::Result<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(["--serve-mock", "--nodes", &nodes.to_string()])
+            .args(["--pods", &pods.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok());
+        match port {
+            Some(port) => Ok(Self { child, port }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::io::Error::other(format!(
+                    "no port from the mock's process: {line:?}"
+                )))
+            }
+        }
+    }
+
+    pub fn client(&self) -> kube::Client {
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let config = kube::Config::new(url.parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// (current RSS, peak RSS) of the mock's process, in MB.
+    pub fn rss_mb(&self) -> (f64, f64) {
+        status_rss_mb(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        // Closing its stdin ends it; kill in case it does not listen.
+        drop(self.child.stdin.take());
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Process measurements
 
 /// CPU seconds (user + system) of the threads in `tids`, from /proc.
@@ -1144,7 +1273,12 @@ pub fn process_cpu() -> f64 {
 
 /// (current RSS, peak RSS) of the process, in MB.
 pub fn rss_mb() -> (f64, f64) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status_rss_mb("/proc/self/status")
+}
+
+/// (VmRSS, VmHWM) of a `/proc/PID/status`, in MB.
+fn status_rss_mb(path: &str) -> (f64, f64) {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     let field = |name: &str| {
         s.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -1191,6 +1325,9 @@ pub struct Params {
     pub patience: Duration,
     /// Stop after the restart's first full apply (its time and memory only).
     pub restart_only: bool,
+    /// Run the mock API server in a process of its own (with `restart_only`): the agent's
+    /// process then holds only the agent and the fake kernel.
+    pub mock_process: bool,
 }
 
 impl Params {
@@ -1208,6 +1345,7 @@ impl Params {
             foreground_resync: false,
             patience: Duration::from_secs(120),
             restart_only: false,
+            mock_process: false,
         }
     }
 
@@ -1226,6 +1364,7 @@ impl Params {
             foreground_resync: false,
             patience: Duration::from_secs(60),
             restart_only: false,
+            mock_process: false,
         }
     }
 }
@@ -1297,6 +1436,10 @@ pub struct AgentMemory {
     pub rss_less_others_at: Duration,
     /// The process RSS at that moment, MB.
     pub rss_then_mb: f64,
+    /// The 16-byte tags of the live allocations of the agent (with its dataplane calls)
+    /// and of the fake kernel at that moment, MB (in RSS, not in the heap figures).
+    pub agent_tags_mb: f64,
+    pub kernel_tags_mb: f64,
     /// The agent's heap (with its dataplane calls), MB.
     pub heap_mb: f64,
     pub heap_at: Duration,
@@ -1315,9 +1458,13 @@ impl AgentMemory {
         let rss = rss_mb().0;
         let less = rss - f[1].0 - f[2].0;
         if less > self.rss_less_others_mb {
+            let c = heap::counts();
+            let mb = |n: isize| (n * 16) as f64 / (1024.0 * 1024.0);
             self.rss_less_others_mb = less;
             self.rss_less_others_at = at;
             self.rss_then_mb = rss;
+            self.agent_tags_mb = mb(c[0] + c[3]);
+            self.kernel_tags_mb = mb(c[2]);
         }
         if f[5].0 > self.heap_mb {
             self.heap_mb = f[5].0;
@@ -1364,10 +1511,32 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         .build()
         .unwrap();
     let mut report = Report::default();
+    if p.mock_process && !p.restart_only {
+        report
+            .errors
+            .push("--mock-process measures the restart only: add --restart-only".into());
+        return report;
+    }
     let main_part = heap::enter(heap::Part::Mock);
-    let api = MockApi::new(p.nodes, p.pods, mock_rt.handle().clone());
+    let (api, mut child) = if p.mock_process {
+        match MockProcess::spawn(p.nodes, p.pods) {
+            Ok(c) => (None, Some(c)),
+            Err(e) => {
+                report.errors.push(format!("the mock's process: {e}"));
+                return report;
+            }
+        }
+    } else {
+        (
+            Some(MockApi::new(p.nodes, p.pods, mock_rt.handle().clone())),
+            None,
+        )
+    };
     heap::leave(main_part);
-    let tracker = api.tracker();
+    let tracker = match &api {
+        Some(api) => api.tracker(),
+        None => Arc::new(Mutex::new(Tracker::default())),
+    };
     report.mock_rss_mb = rss_mb().0;
     reset_peak_rss();
     heap::reset_peaks();
@@ -1407,7 +1576,11 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     }
     let client = {
         let _guard = agent_rt.enter();
-        api.client()
+        match (&api, &child) {
+            (Some(api), _) => api.client(),
+            (None, Some(child)) => child.client(),
+            (None, None) => unreachable!("a mock in the process or in another"),
+        }
     };
 
     // Restart to first full apply.
@@ -1467,14 +1640,23 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         ));
         let s = report.restart_sampled;
         log(&format!(
-            "sampled every 5 ms until the first full apply: process RSS less the live heap of mock and fake kernel at most {:.0} MB (at {:.2} s, RSS {:.0} MB then); agent heap at most {:.0} MB (at {:.2} s), in dataplane calls at most {:.0} MB (at {:.2} s)",
+            "sampled every 5 ms until the first full apply: process RSS less the live heap of mock and fake kernel at most {:.0} MB (at {:.2} s, RSS {:.0} MB then; the allocator's 16-byte tags then: agent {:.0} MB, fake kernel {:.0} MB); agent heap at most {:.0} MB (at {:.2} s), in dataplane calls at most {:.0} MB (at {:.2} s)",
             s.rss_less_others_mb,
             s.rss_less_others_at.as_secs_f64(),
             s.rss_then_mb,
+            s.agent_tags_mb,
+            s.kernel_tags_mb,
             s.heap_mb,
             s.heap_at.as_secs_f64(),
             s.dataplane_mb,
             s.dataplane_at.as_secs_f64()
+        ));
+    }
+    if let Some(child) = &mut child {
+        let rss = child.rss_mb();
+        log(&format!(
+            "the mock API server's process (not counted above): RSS {:.0} MB, peak {:.0} MB",
+            rss.0, rss.1
         ));
     }
     if p.restart_only {
@@ -1486,8 +1668,12 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         report
             .errors
             .extend(tracker.lock().unwrap().errors.iter().cloned());
+        drop(child);
         return report;
     }
+    let Some(api) = api else {
+        unreachable!("a mock in another process measures the restart only")
+    };
     // Let the start settle (status write, Events).
     std::thread::sleep(Duration::from_secs(2));
 
