@@ -76,14 +76,14 @@ impl<K: KernelIo> Linux<K> {
 
     /// Looks up the indexes of the links that unicast routes of `ops` leave through.
     fn resolve_indexes(&mut self, ops: &[Operation]) -> Result<()> {
-        let mut missing: Vec<String> = ops
+        // Distinct names first: every route of a first apply names the same device (a
+        // name per route, 560,000 at 5,000 nodes × 110 pods, was 17 MB of the apply).
+        let missing: std::collections::BTreeSet<&str> = ops
             .iter()
             .filter_map(lower::needs_index)
             .filter(|d| !self.ifindex.contains_key(*d))
-            .map(str::to_owned)
             .collect();
-        missing.sort();
-        missing.dedup();
+        let missing: Vec<String> = missing.into_iter().map(str::to_owned).collect();
         if missing.is_empty() {
             return Ok(());
         }
