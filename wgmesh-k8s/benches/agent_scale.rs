@@ -16,7 +16,9 @@
 //! `--mock-process` (with `--restart-only`: the mock API server in a child process, this
 //! binary run with `--serve-mock`, over HTTP on 127.0.0.1, so that the agent's process holds
 //! only the agent and the fake kernel),
-//! `--smoke` (the small scale of the test).
+//! `--dataplane wireguard-go` (wireguard-go devices and the host's rtnetlink in a network
+//! namespace of the bench's own instead of the fake kernel; needs root and wireguard-go,
+//! skipped with the reason otherwise), `--smoke` (the small scale of the test).
 
 #[path = "agent_scale/harness.rs"]
 mod harness;
@@ -74,6 +76,17 @@ fn parse(params: &mut harness::Params, serve_mock: &mut bool) -> Result<(), Stri
             "--outage-rate" => params.outage_rate = number(&value)?,
             "--steady-secs" => params.steady_secs = number(&value)? as u64,
             "--resync-secs" => params.resync_secs = Some(number(&value)?.max(1) as u64),
+            "--dataplane" => {
+                params.wireguard_go = match value.as_str() {
+                    "fake" => false,
+                    "wireguard-go" => true,
+                    other => {
+                        return Err(format!(
+                            "--dataplane takes fake or wireguard-go, got {other:?}"
+                        ));
+                    }
+                }
+            }
             _ => return Err(format!("unknown option {arg}")),
         }
     }
@@ -93,6 +106,10 @@ fn main() -> ExitCode {
     }
     println!("agent_scale: {params:?}");
     let report = harness::run(&params, &mut |line| println!("{line}"));
+    if let Some(why) = &report.skipped {
+        println!("skipped: {why}");
+        return ExitCode::SUCCESS;
+    }
     println!("peak RSS of the process: {:.0} MB", report.peak_rss_mb);
     if report.errors.is_empty() {
         ExitCode::SUCCESS

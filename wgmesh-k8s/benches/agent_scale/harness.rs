@@ -36,7 +36,7 @@ use wgmesh_k8s::dataplane::{
 use wgmesh_k8s::metrics::Metrics;
 use wgmesh_k8s::netlink::NetlinkDataplane;
 use wgmesh_netlink::testing::{FakeKernel, SharedKernel};
-use wgmesh_netlink::{Backend, KernelIo, KeyRing, Linux, LinuxConfig, Protocol};
+use wgmesh_netlink::{Backend, KernelIo, KeyRing, Linux, LinuxConfig, Protocol, Sockets};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -359,13 +359,13 @@ pub mod heap {
 ///
 /// The kernel is shared ([`SharedKernel`]): the agent's background resync reads it through a
 /// second handle on its own thread, timed alike.
-pub struct TimedKernel {
-    pub inner: SharedKernel,
+pub struct TimedKernel<K = SharedKernel> {
+    pub inner: K,
     pub spent: Arc<Mutex<Duration>>,
 }
 
-impl TimedKernel {
-    fn timed<T>(&mut self, f: impl FnOnce(&mut SharedKernel) -> T) -> T {
+impl<K> TimedKernel<K> {
+    fn timed<T>(&mut self, f: impl FnOnce(&mut K) -> T) -> T {
         let previous = heap::enter(heap::Part::Kernel);
         let start = Instant::now();
         let r = f(&mut self.inner);
@@ -375,7 +375,7 @@ impl TimedKernel {
     }
 }
 
-impl KernelIo for TimedKernel {
+impl<K: KernelIo + Send + 'static> KernelIo for TimedKernel<K> {
     fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> std::io::Result<()> {
         self.timed(|k| k.send(protocol, datagram))
     }
@@ -389,10 +389,10 @@ impl KernelIo for TimedKernel {
         self.timed(|k| k.write_sysctl(key, value))
     }
     fn open_another(&mut self) -> Option<std::io::Result<Box<dyn KernelIo + Send>>> {
-        Some(Ok(Box::new(TimedKernel {
-            inner: self.inner.handle(),
-            spent: self.spent.clone(),
-        })))
+        let spent = self.spent.clone();
+        self.inner.open_another().map(|r| {
+            r.map(|inner| Box::new(TimedKernel { inner, spent }) as Box<dyn KernelIo + Send>)
+        })
     }
 }
 
@@ -469,8 +469,8 @@ fn host_v4(net: &IpNet) -> Option<Ipv4Addr> {
 }
 
 /// The real netlink dataplane over the fake kernel, with the measuring hook around it.
-pub struct Timed {
-    inner: NetlinkDataplane<Linux<TimedKernel>>,
+pub struct Timed<K = SharedKernel> {
+    inner: NetlinkDataplane<Linux<TimedKernel<K>>>,
     tracker: Arc<Mutex<Tracker>>,
     foreground_resync: bool,
 }
@@ -509,7 +509,7 @@ fn record_reconcile(
     r
 }
 
-impl Dataplane for Timed {
+impl<K: KernelIo + Send + 'static> Dataplane for Timed<K> {
     fn public_key(&self, family: Family) -> Option<PublicKey> {
         self.inner.public_key(family)
     }
@@ -1246,6 +1246,119 @@ impl Drop for MockProcess {
 }
 
 // ---------------------------------------------------------------------------------------
+// The wireguard-go dataplane
+
+/// Why the wireguard-go dataplane cannot run here, if it cannot.
+fn wireguard_go_missing() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("the wireguard-go dataplane needs root (network namespaces)".into());
+    }
+    let found = std::process::Command::new("wireguard-go")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        return Some("wireguard-go is not installed (apt-get install wireguard-go)".into());
+    }
+    let ip = std::process::Command::new("ip").arg("-V").output();
+    if !ip.is_ok_and(|o| o.status.success()) {
+        return Some("ip (iproute2) is not installed".into());
+    }
+    None
+}
+
+/// A network namespace of the bench's own, with the names of the two WireGuard devices the
+/// agent makes in it (unique per process: wireguard-go's socket
+/// `/var/run/wireguard/NAME.sock` is not per namespace). Deleted on drop, which removes the
+/// devices, and with them the daemons.
+pub struct Netns {
+    pub name: String,
+    pub file: Arc<std::fs::File>,
+    pub ifnames: [String; 2],
+}
+
+impl Netns {
+    fn create() -> Result<Self, String> {
+        let pid = std::process::id();
+        let name = format!("wgmesh-scale-{pid}");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("ip netns add {name}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let netns = Self {
+            file: Arc::new(
+                std::fs::File::open(format!("/var/run/netns/{name}"))
+                    .map_err(|e| format!("/var/run/netns/{name}: {e}"))?,
+            ),
+            name,
+            ifnames: [format!("wgs{pid}"), format!("wgt{pid}")],
+        };
+        // Loopback up, as on a node.
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &netns.name, "link", "set", "lo", "up"])
+            .output();
+        Ok(netns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        // The daemons exit when their devices go; their sockets may stay behind.
+        std::thread::sleep(Duration::from_millis(500));
+        for i in &self.ifnames {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{i}.sock"));
+        }
+    }
+}
+
+fn enter_netns(file: &std::fs::File) -> std::io::Result<()> {
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(file),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// The wireguard-go daemons of these devices (`wireguard-go IFNAME` exactly): how many, and
+/// their summed RSS, now and peak, in MB.
+fn daemons_rss_mb(ifnames: &[String; 2]) -> (usize, f64, f64) {
+    let mut found = (0, 0.0, 0.0);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let pid = entry.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_daemon = args.len() >= 2
+            && args[0].ends_with(b"wireguard-go")
+            && ifnames.iter().any(|i| args[1] == i.as_bytes());
+        if is_daemon {
+            let (rss, peak) = status_rss_mb(&format!("/proc/{pid}/status"));
+            found = (found.0 + 1, found.1 + rss, found.2 + peak);
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------
 // Process measurements
 
 /// CPU seconds (user + system) of the threads in `tids`, from /proc.
@@ -1328,6 +1441,9 @@ pub struct Params {
     /// Run the mock API server in a process of its own (with `restart_only`): the agent's
     /// process then holds only the agent and the fake kernel.
     pub mock_process: bool,
+    /// The dataplane: wireguard-go devices and the host's rtnetlink in a network namespace
+    /// of their own, instead of the fake kernel (needs root and wireguard-go).
+    pub wireguard_go: bool,
 }
 
 impl Params {
@@ -1346,6 +1462,7 @@ impl Params {
             patience: Duration::from_secs(120),
             restart_only: false,
             mock_process: false,
+            wireguard_go: false,
         }
     }
 
@@ -1365,6 +1482,7 @@ impl Params {
             patience: Duration::from_secs(60),
             restart_only: false,
             mock_process: false,
+            wireguard_go: false,
         }
     }
 }
@@ -1422,6 +1540,10 @@ pub struct Report {
     pub background_resyncs: usize,
     pub background_operations: usize,
     pub errors: Vec<String>,
+    /// Why the run did not happen (the wireguard-go dataplane without root or wireguard-go).
+    pub skipped: Option<String>,
+    /// The wireguard-go daemons' RSS after the first full apply, now and peak, MB.
+    pub daemons_rss_mb: (f64, f64),
 }
 
 /// The agent's memory, sampled (every 5 ms while the harness waits for the restart): the
@@ -1504,13 +1626,37 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         .enable_all()
         .build()
         .unwrap();
+    let mut report = Report::default();
+    // The wireguard-go dataplane: every thread of the agent's runtime enters a network
+    // namespace of the bench's own (netlink sockets, sysctls and the daemons it starts
+    // belong to the namespace of the thread that makes them).
+    let netns = if p.wireguard_go {
+        if let Some(why) = wireguard_go_missing() {
+            report.skipped = Some(why);
+            return report;
+        }
+        match Netns::create() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        }
+    } else {
+        None
+    };
+    let ns_file = netns.as_ref().map(|n| n.file.clone());
     let agent_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("agent")
+        .on_thread_start(move || {
+            if let Some(f) = &ns_file {
+                enter_netns(f).expect("setns into the bench's network namespace");
+            }
+        })
         .enable_all()
         .build()
         .unwrap();
-    let mut report = Report::default();
     if p.mock_process && !p.restart_only {
         report
             .errors
@@ -1547,29 +1693,71 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let kernel_time = Arc::new(Mutex::new(Duration::ZERO));
+    let mesh = match &netns {
+        Some(n) => {
+            let mut m = mesh();
+            m.interface_name = n.ifnames[0].clone();
+            m.interface_name_v6 = n.ifnames[1].clone();
+            m
+        }
+        None => mesh(),
+    };
+    let (io, backend): (Box<dyn KernelIo + Send>, Backend) = match &netns {
+        None => {
+            // Only messages change it here: its allowed-IP index is sound, and the search
+            // it replaces is quadratic at this scale.
+            let mut kernel = FakeKernel::new();
+            kernel.index_allowed_ips = true;
+            (Box::new(SharedKernel::new(kernel)), Backend::Kernel)
+        }
+        Some(_) => {
+            // Opened on one of the agent's threads: in the namespace.
+            let opened = agent_rt.block_on(async {
+                tokio::task::spawn_blocking(|| {
+                    Sockets::open(Some(Duration::from_secs(30)), "/proc/sys")
+                })
+                .await
+            });
+            match opened {
+                Ok(Ok(s)) => (Box::new(s), Backend::Userspace),
+                Ok(Err(e)) => {
+                    report.errors.push(format!("netlink sockets: {e}"));
+                    return report;
+                }
+                Err(e) => {
+                    report.errors.push(format!("netlink sockets: {e}"));
+                    return report;
+                }
+            }
+        }
+    };
+    log(&format!(
+        "dataplane: {}",
+        match &netns {
+            Some(n) => format!(
+                "wireguard-go devices {} and {} and rtnetlink in network namespace {} (figures \"inside the fake kernel\" are the time inside netlink send and receive calls)",
+                n.ifnames[0], n.ifnames[1], n.name
+            ),
+            None => "the message-level fake kernel".into(),
+        }
+    ));
     let dataplane = Timed {
         inner: NetlinkDataplane::new(
             Linux::with_kernel(
-                {
-                    // Only messages change it here: its allowed-IP index is sound, and the
-                    // search it replaces is quadratic at this scale.
-                    let mut kernel = FakeKernel::new();
-                    kernel.index_allowed_ips = true;
-                    TimedKernel {
-                        inner: SharedKernel::new(kernel),
-                        spent: kernel_time.clone(),
-                    }
+                TimedKernel {
+                    inner: io,
+                    spent: kernel_time.clone(),
                 },
-                LinuxConfig::with_backend(Backend::Kernel),
+                LinuxConfig::with_backend(backend),
             )
             .unwrap(),
-            &mesh(),
+            &mesh,
             KeyRing::single(agent_key()),
         ),
         tracker: tracker.clone(),
         foreground_resync: p.foreground_resync,
     };
-    let mut settings = AgentSettings::new(node_name(0), mesh());
+    let mut settings = AgentSettings::new(node_name(0), mesh.clone());
     settings.watch_pods = true;
     if let Some(s) = p.resync_secs {
         settings.resync_interval = Duration::from_secs(s);
@@ -1650,6 +1838,13 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             s.heap_at.as_secs_f64(),
             s.dataplane_mb,
             s.dataplane_at.as_secs_f64()
+        ));
+    }
+    if let Some(n) = &netns {
+        let (count, rss, peak) = daemons_rss_mb(&n.ifnames);
+        report.daemons_rss_mb = (rss, peak);
+        log(&format!(
+            "wireguard-go ({count} daemons, not counted above): RSS {rss:.0} MB, peak {peak:.0} MB"
         ));
     }
     if let Some(child) = &mut child {
@@ -1901,10 +2096,17 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         report.background_operations,
         ms(tracker.lock().unwrap().background_loop_max)
     ));
+    if let Some(n) = &netns {
+        let (count, rss, peak) = daemons_rss_mb(&n.ifnames);
+        log(&format!(
+            "wireguard-go at the end ({count} daemons): RSS {rss:.0} MB, peak {peak:.0} MB"
+        ));
+    }
     let _ = stop_tx.send(());
     let _ = agent_rt.block_on(agent);
     agent_rt.shutdown_background();
     mock_rt.shutdown_background();
+    drop(netns);
     report
 }
 
