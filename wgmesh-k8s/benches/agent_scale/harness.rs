@@ -1195,9 +1195,20 @@ pub struct MockProcess {
 }
 
 impl MockProcess {
-    pub fn spawn(nodes: usize, pods: usize) -> std::io::Result<Self> {
+    /// In the network namespace `netns` when given (the agent's, with the wireguard-go
+    /// dataplane: its 127.0.0.1 is the namespace's).
+    pub fn spawn(nodes: usize, pods: usize, netns: Option<&str>) -> std::io::Result<Self> {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(std::env::current_exe()?)
+        let exe = std::env::current_exe()?;
+        let mut command = match netns {
+            Some(name) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", name]).arg(exe);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
+        let mut child = command
             .args(["--serve-mock", "--nodes", &nodes.to_string()])
             .args(["--pods", &pods.to_string()])
             .stdin(std::process::Stdio::piped())
@@ -1665,7 +1676,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     }
     let main_part = heap::enter(heap::Part::Mock);
     let (api, mut child) = if p.mock_process {
-        match MockProcess::spawn(p.nodes, p.pods) {
+        match MockProcess::spawn(p.nodes, p.pods, netns.as_ref().map(|n| n.name.as_str())) {
             Ok(c) => (None, Some(c)),
             Err(e) => {
                 report.errors.push(format!("the mock's process: {e}"));
