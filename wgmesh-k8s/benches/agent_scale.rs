@@ -12,7 +12,13 @@
 //! `--outage-rate R` (100 events per second during the outage), `--steady-secs S` (120),
 //! `--resync-secs S` (the agent's resync interval; its default is 90), `--foreground-resync`
 //! (the resync as a full reconcile on the event loop, as before it moved to a thread),
-//! `--smoke` (the small scale of the test).
+//! `--restart-only` (stop after the first full apply: its time and memory),
+//! `--mock-process` (with `--restart-only`: the mock API server in a child process, this
+//! binary run with `--serve-mock`, over HTTP on 127.0.0.1, so that the agent's process holds
+//! only the agent and the fake kernel),
+//! `--dataplane wireguard-go` (wireguard-go devices and the host's rtnetlink in a network
+//! namespace of the bench's own instead of the fake kernel; needs root and wireguard-go,
+//! skipped with the reason otherwise), `--smoke` (the small scale of the test).
 
 #[path = "agent_scale/harness.rs"]
 mod harness;
@@ -23,7 +29,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static HEAP: harness::heap::Tagged = harness::heap::Tagged;
 
-fn parse(params: &mut harness::Params) -> Result<(), String> {
+fn parse(params: &mut harness::Params, serve_mock: &mut bool) -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--bench" {
@@ -31,6 +37,18 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
         }
         if arg == "--foreground-resync" {
             params.foreground_resync = true;
+            continue;
+        }
+        if arg == "--restart-only" {
+            params.restart_only = true;
+            continue;
+        }
+        if arg == "--mock-process" {
+            params.mock_process = true;
+            continue;
+        }
+        if arg == "--serve-mock" {
+            *serve_mock = true;
             continue;
         }
         if arg == "--smoke" {
@@ -58,6 +76,17 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
             "--outage-rate" => params.outage_rate = number(&value)?,
             "--steady-secs" => params.steady_secs = number(&value)? as u64,
             "--resync-secs" => params.resync_secs = Some(number(&value)?.max(1) as u64),
+            "--dataplane" => {
+                params.wireguard_go = match value.as_str() {
+                    "fake" => false,
+                    "wireguard-go" => true,
+                    other => {
+                        return Err(format!(
+                            "--dataplane takes fake or wireguard-go, got {other:?}"
+                        ));
+                    }
+                }
+            }
             _ => return Err(format!("unknown option {arg}")),
         }
     }
@@ -66,12 +95,21 @@ fn parse(params: &mut harness::Params) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let mut params = harness::Params::full();
-    if let Err(e) = parse(&mut params) {
+    let mut serve_mock = false;
+    if let Err(e) = parse(&mut params, &mut serve_mock) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if serve_mock {
+        harness::serve_mock(params.nodes, params.pods);
+        return ExitCode::SUCCESS;
+    }
     println!("agent_scale: {params:?}");
     let report = harness::run(&params, &mut |line| println!("{line}"));
+    if let Some(why) = &report.skipped {
+        println!("skipped: {why}");
+        return ExitCode::SUCCESS;
+    }
     println!("peak RSS of the process: {:.0} MB", report.peak_rss_mb);
     if report.errors.is_empty() {
         ExitCode::SUCCESS

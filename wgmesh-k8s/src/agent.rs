@@ -645,7 +645,13 @@ impl<D: Dataplane> Agent<D> {
                 Changes::default()
             }
             watcher::Event::InitDone => {
-                let changes = self.view.finish_pod_relist();
+                // Without a planner (before the first plan) the events would be dropped:
+                // the planner is built from the whole view.
+                let changes = if self.planner.is_none() {
+                    self.view.finish_pod_relist_without_events()
+                } else {
+                    self.view.finish_pod_relist()
+                };
                 if !self.pods_synced {
                     info!(pods = self.view.pod_count(), "pods listed");
                 }

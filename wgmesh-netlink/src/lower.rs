@@ -354,6 +354,77 @@ pub(crate) fn lower(
     })
 }
 
+/// How many requests [`chunks`] lowers at a time by default: with a route's typed and
+/// encoded message about 0.5 KB together, a chunk holds about 0.5 MB however big the change.
+pub(crate) const DEFAULT_CHUNK: usize = 1024;
+
+/// The requests of consecutive operations of `ops`, each tagged with the index (in `ops`) of
+/// the operation it carries out, in pieces of at most `max_requests` requests (at least one
+/// operation a piece: an operation's requests are never split). Lowering is lazy: the
+/// executor sends a piece and drops it before the next is made, so a change of 560,000
+/// routes never exists as 560,000 messages at once. Pure, like [`lower`]: the pieces joined
+/// are `ops` lowered one by one.
+///
+/// An operation that cannot be lowered ends the pieces: the requests of the operations
+/// before it come first, as a piece of their own, then its index and error.
+pub(crate) fn chunks<'a>(
+    ops: &'a [Operation],
+    caps: &'a Capabilities,
+    keys: &'a Keys<'a>,
+    links: &'a HashMap<String, u32>,
+    max_requests: usize,
+) -> Chunks<'a> {
+    Chunks {
+        ops,
+        caps,
+        keys,
+        links,
+        max_requests: max_requests.max(1),
+        next: 0,
+        failed: None,
+    }
+}
+
+/// The iterator of [`chunks`].
+pub(crate) struct Chunks<'a> {
+    ops: &'a [Operation],
+    caps: &'a Capabilities,
+    keys: &'a Keys<'a>,
+    links: &'a HashMap<String, u32>,
+    max_requests: usize,
+    /// The next operation to lower.
+    next: usize,
+    /// A lowering error held back until the piece before it has been taken.
+    failed: Option<(usize, Error)>,
+}
+
+impl Iterator for Chunks<'_> {
+    type Item = std::result::Result<Vec<(usize, Request)>, (usize, Error)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(failed) = self.failed.take() {
+            return Some(Err(failed));
+        }
+        let mut piece: Vec<(usize, Request)> = Vec::new();
+        while self.next < self.ops.len() && piece.len() < self.max_requests {
+            let i = self.next;
+            self.next += 1;
+            match lower(&self.ops[i], self.caps, self.keys, self.links) {
+                Ok(reqs) => piece.extend(reqs.into_iter().map(|r| (i, r))),
+                Err(e) => {
+                    self.next = self.ops.len();
+                    if piece.is_empty() {
+                        return Some(Err((i, e)));
+                    }
+                    self.failed = Some((i, e));
+                    break;
+                }
+            }
+        }
+        (!piece.is_empty()).then_some(Ok(piece))
+    }
+}
+
 /// The two device updates that probe whether the kernel removes single allowed IPs: a
 /// throwaway peer added with one allowed IP flagged for removal, then the peer removed.
 /// Kernels without the flag refuse the unknown attribute (`EINVAL`) after creating the peer;
@@ -669,6 +740,88 @@ mod tests {
             assert!(!shown.contains(k.to_hex().as_str()), "{shown}");
             assert!(!shown.contains("1, 1, 1, 1"), "{shown}");
         }
+    }
+
+    /// Lowered in pieces, the operations give the requests they give one by one, in order
+    /// and tagged with their operation; no piece is over the bound unless one operation
+    /// alone is; an operation's requests are never split.
+    #[test]
+    fn pieces_joined_are_the_operations_lowered_one_by_one() {
+        let ring = KeyRing::single(PrivateKey::from_bytes([1; 32]).unwrap());
+        let keys = Keys {
+            ring: &ring,
+            throwaway: pk(9),
+        };
+        let links = HashMap::from([("wg0".to_owned(), 7)]);
+        let mut ops = every_operation();
+        ops.extend(every_operation());
+        for caps in [kernel(false), kernel(true), userspace()] {
+            let whole: Vec<(usize, String)> = ops
+                .iter()
+                .enumerate()
+                .flat_map(|(i, op)| {
+                    lower(op, &caps, &keys, &links)
+                        .unwrap()
+                        .into_iter()
+                        .map(move |r| (i, format!("{r:?}")))
+                })
+                .collect();
+            for max in [1, 2, 3, 5, 1000] {
+                let pieces: Vec<Vec<(usize, Request)>> = chunks(&ops, &caps, &keys, &links, max)
+                    .collect::<std::result::Result<_, _>>()
+                    .unwrap();
+                let joined: Vec<(usize, String)> = pieces
+                    .iter()
+                    .flatten()
+                    .map(|(i, r)| (*i, format!("{r:?}")))
+                    .collect();
+                assert_eq!(joined, whole, "max {max}");
+                for (n, p) in pieces.iter().enumerate() {
+                    let first = p[0].0;
+                    // Over the bound only by the requests of its last operation.
+                    let before_last = p.iter().filter(|(i, _)| *i != p[p.len() - 1].0).count();
+                    assert!(before_last < max, "max {max}: piece {n} has {}", p.len());
+                    if n > 0 {
+                        assert_ne!(pieces[n - 1].last().unwrap().0, first, "split operation");
+                    }
+                }
+                if max == 1000 {
+                    assert_eq!(pieces.len(), 1);
+                }
+            }
+        }
+    }
+
+    /// An operation that cannot be lowered: the operations before it come as a piece, then
+    /// its index and error, then nothing.
+    #[test]
+    fn a_lowering_error_ends_the_pieces_after_those_before_it() {
+        let ring = KeyRing::none();
+        let keys = Keys {
+            ring: &ring,
+            throwaway: pk(9),
+        };
+        let links = HashMap::from([("wg0".to_owned(), 7)]);
+        let bad = Operation::SetSysctl {
+            key: "../x".into(),
+            value: "1".into(),
+        };
+        let ok = every_operation()[3].clone(); // set link wg0 up
+        let ops = vec![ok.clone(), ok.clone(), ok.clone(), bad, ok];
+        let caps = kernel(false);
+        let got: Vec<_> = chunks(&ops, &caps, &keys, &links, 2).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].as_ref().unwrap().len(), 2);
+        assert_eq!(got[1].as_ref().unwrap().len(), 1);
+        assert!(
+            matches!(&got[2], Err((3, Error::InvalidSysctlKey { .. }))),
+            "{got:?}"
+        );
+        let got: Vec<_> = chunks(&ops[3..], &caps, &keys, &links, 2).collect();
+        assert!(
+            matches!(&got[..], [Err((0, Error::InvalidSysctlKey { .. }))]),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -334,11 +334,31 @@ impl ChangeSet {
         self.phases.iter().flatten()
     }
 
+    /// Room for `additional` more operations of `phase` (a diff that knows how many routes
+    /// it adds reserves them, instead of doubling the phase's list as it grows).
+    pub(crate) fn reserve(&mut self, phase: Phase, additional: usize) {
+        self.phases[phase.index()].reserve_exact(additional);
+    }
+
     /// The operations in execution order, as a list.
-    pub fn into_operations(self) -> Vec<Operation> {
-        let mut out = Vec::with_capacity(self.len());
-        for p in self.phases {
-            out.extend(p);
+    ///
+    /// The largest phase's list becomes the result (grown in place, the other phases moved
+    /// into it), so a big change is never held twice: a first apply at 5,000 nodes × 110
+    /// pods is 560,000 route operations, and copying them into a new list held both.
+    pub fn into_operations(mut self) -> Vec<Operation> {
+        let total = self.len();
+        let largest = (0..self.phases.len())
+            .max_by_key(|&i| self.phases[i].len())
+            .unwrap_or(0);
+        let mut out = std::mem::take(&mut self.phases[largest]);
+        out.reserve_exact(total - out.len());
+        let before: Vec<Operation> = self.phases[..largest]
+            .iter_mut()
+            .flat_map(std::mem::take)
+            .collect();
+        out.splice(0..0, before);
+        for p in &mut self.phases[largest + 1..] {
+            out.append(p);
         }
         out
     }
@@ -492,6 +512,52 @@ impl fmt::Display for Operation {
                 Ok(())
             }
             Self::DeleteMarking { table } => write!(f, "delete nftables tables {table}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(i: usize) -> Operation {
+        Operation::SetUp {
+            interface: format!("wg{i}"),
+        }
+    }
+
+    fn delete(i: usize) -> Operation {
+        Operation::DeleteLink {
+            interface: format!("old{i}"),
+        }
+    }
+
+    fn sysctl(i: usize) -> Operation {
+        Operation::SetSysctl {
+            key: format!("net.x{i}"),
+            value: "1".into(),
+        }
+    }
+
+    /// The list is the operations in execution order whichever phase is the largest (its
+    /// list is reused): before, between and after the others.
+    #[test]
+    fn the_list_is_the_execution_order_whichever_phase_is_largest() {
+        for (deletes, ups, sysctls) in [(9, 2, 3), (2, 9, 3), (2, 3, 9), (0, 5, 0), (0, 0, 0)] {
+            let mut c = ChangeSet::new();
+            for i in 0..sysctls {
+                c.push(sysctl(i));
+            }
+            for i in 0..ups {
+                c.push(up(i));
+            }
+            for i in 0..deletes {
+                c.push(delete(i));
+            }
+            c.reserve(Phase::Links, 100);
+            let want: Vec<Operation> = c.iter().cloned().collect();
+            assert_eq!(want.len(), deletes + ups + sysctls);
+            assert_eq!(c.into_operations(), want, "{deletes} {ups} {sysctls}");
         }
     }
 }

@@ -25,8 +25,11 @@ pub trait Dataplane {
     fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState>;
 
     /// Executes `ops` in order. On failure, the operations before the failed one have been
-    /// carried out; the error is an [`Error::Operation`] with its index. Returns the number
-    /// of messages sent (netlink messages, UAPI requests, sysctl writes).
+    /// carried out, and none after it except those already sent with it ([`crate::Linux`]
+    /// sends a change in pieces of [`LinuxConfig::execute_chunk`](crate::LinuxConfig)
+    /// requests, pipelined, and sends no piece after a failed one); the error is an
+    /// [`Error::Operation`] with its index. Returns the number of messages sent (netlink
+    /// messages, UAPI requests, sysctl writes).
     fn execute(&mut self, ops: &[Operation], keys: &KeyRing) -> Result<usize>;
 
     /// The kind of link this dataplane's WireGuard devices are.

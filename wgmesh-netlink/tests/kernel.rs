@@ -95,6 +95,132 @@ fn pipelining_packs_many_messages_per_datagram_and_bounds_unread_answers() {
     );
 }
 
+/// The dataplane over a fresh fake kernel, executing `chunk` requests at a time.
+fn linux_in_pieces(chunk: usize) -> Linux<FakeKernel> {
+    let mut config = LinuxConfig::with_backend(Backend::Kernel);
+    config.execute_chunk = chunk;
+    Linux::with_kernel(FakeKernel::new(), config).unwrap()
+}
+
+/// Everything the fake kernel holds of wgmesh's objects, comparable.
+fn kernel_state(k: &FakeKernel) -> String {
+    let devices: Vec<String> = k
+        .devices
+        .iter()
+        .map(|(name, d)| format!("{name} {:?} {:?}", d.public_key(), d.peers))
+        .collect();
+    format!(
+        "{:?}\n{devices:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        k.links, k.routes, k.rules, k.sysctls, k.nft
+    )
+}
+
+/// A change of hundreds of operations executed in pieces of 16, 7 and 1 requests leaves
+/// the kernel exactly as executing it in one piece does (each phase lowered and sent whole,
+/// as before pieces), with the same messages — in more datagrams, since each piece's
+/// answers are awaited before the next is sent.
+#[test]
+fn a_change_executed_in_pieces_leaves_the_kernel_as_one_piece_does() {
+    let plan = plan_node(&big_cluster(300, 200), "a").unwrap();
+    assert!(plan.routes.len() > 400, "{}", plan.routes.len());
+    let run = |chunk: usize| {
+        let mut r = Reconciler::new(linux_in_pieces(chunk), own(), ring());
+        let report = r.reconcile(&plan).unwrap();
+        assert!(r.reconcile(&plan).unwrap().is_noop(), "chunk {chunk}");
+        let k = r.dataplane().kernel();
+        (
+            kernel_state(k),
+            report.messages,
+            k.messages_received(),
+            k.datagrams_received(),
+        )
+    };
+    let whole = run(usize::MAX);
+    assert!(whole.0.contains("Unicast") || !plan.routes.is_empty());
+    for chunk in [16, 7, 1] {
+        let pieces = run(chunk);
+        assert_eq!(pieces.0, whole.0, "chunk {chunk}: another kernel state");
+        assert_eq!(pieces.1, whole.1, "chunk {chunk}: messages reported");
+        assert_eq!(pieces.2, whole.2, "chunk {chunk}: messages received");
+        assert!(
+            pieces.3 > whole.3 + plan.routes.len() / chunk / 2,
+            "chunk {chunk}: {} datagrams, {} in one piece: not executed in pieces",
+            pieces.3,
+            whole.3
+        );
+    }
+}
+
+/// A refusal in a later piece of a big change: the error names the refused route and its
+/// place; the pieces before it were carried out, the pieces after it never sent (nor the
+/// policy rule, which comes after every route: traffic never enters a half-made table);
+/// the next reconcile repairs to the state of an apply in one piece.
+#[test]
+fn a_refusal_in_a_later_piece_is_named_and_the_next_reconcile_repairs() {
+    let plan = plan_node(&big_cluster(300, 200), "a").unwrap();
+    let whole = {
+        let mut r = Reconciler::new(linux_in_pieces(usize::MAX), own(), ring());
+        r.reconcile(&plan).unwrap();
+        kernel_state(r.dataplane().kernel())
+    };
+    let chunk = 16;
+    let mut r = Reconciler::new(linux_in_pieces(chunk), own(), ring());
+    let ops = r.dry_run(&plan).unwrap().operations;
+    let first_route = ops
+        .iter()
+        .position(|o| matches!(o, Operation::AddRoute { .. }))
+        .unwrap();
+    // Past the links, devices and peers: a route message well inside the routes.
+    let route_messages = plan.routes.len();
+    let peers = plan.interfaces[0].peers.len();
+    let n = peers + route_messages / 2;
+    r.dataplane_mut()
+        .kernel_mut()
+        .refuse_request(n, 22, Some("injected by the test"));
+    let e = r.reconcile(&plan).unwrap_err();
+    let Error::Operation {
+        index,
+        total,
+        operation,
+        ..
+    } = &e
+    else {
+        panic!("not an operation error: {e}");
+    };
+    assert_eq!(*total, ops.len());
+    assert_eq!(operation, &ops[*index].to_string());
+    assert!(operation.starts_with("replace route"), "{e}");
+    assert_eq!(e.root().errno(), Some(22), "{e}");
+    assert_eq!(e.kernel_message(), Some("injected by the test"));
+    let k = r.dataplane().kernel();
+    assert!(!k.refusal_pending());
+    let routes = k.routes.len();
+    let before = index - first_route;
+    // The routes before the refused one are there (earlier pieces, and the refused
+    // piece's pipelined messages); the later pieces were not sent.
+    assert!(
+        before > 2 * chunk,
+        "refused route {before} is not in a later piece"
+    );
+    assert!(
+        routes >= before,
+        "{routes} routes, {before} before the refused one"
+    );
+    assert!(
+        routes < before + chunk,
+        "{routes} routes: pieces after the refused one were sent"
+    );
+    let mesh_table = plan.rules[0].table;
+    assert!(
+        k.rules.iter().all(|r| r.table != mesh_table),
+        "the rule was added after a failed route"
+    );
+    assert!(r.needs_resync());
+    r.reconcile(&plan).unwrap();
+    assert!(r.reconcile(&plan).unwrap().is_noop());
+    assert_eq!(kernel_state(r.dataplane().kernel()), whole);
+}
+
 #[test]
 fn an_overflowing_receive_buffer_is_an_error_not_a_hang() {
     let plan = plan_node(&big_cluster(400, 5), "a").unwrap();

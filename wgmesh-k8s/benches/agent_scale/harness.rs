@@ -36,7 +36,7 @@ use wgmesh_k8s::dataplane::{
 use wgmesh_k8s::metrics::Metrics;
 use wgmesh_k8s::netlink::NetlinkDataplane;
 use wgmesh_netlink::testing::{FakeKernel, SharedKernel};
-use wgmesh_netlink::{Backend, KernelIo, KeyRing, Linux, LinuxConfig, Protocol};
+use wgmesh_netlink::{Backend, KernelIo, KeyRing, Linux, LinuxConfig, Protocol, Sockets};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -200,6 +200,8 @@ pub mod heap {
     /// moments, so the sum of the two parts' peaks would overstate the agent's.
     static AGENT: AtomicIsize = AtomicIsize::new(0);
     static AGENT_PEAK: AtomicIsize = AtomicIsize::new(0);
+    /// Live allocations by part: each carries a 16-byte tag (in RSS, not in the figures).
+    static COUNT: [AtomicIsize; 4] = [const { AtomicIsize::new(0) }; 4];
 
     thread_local! {
         static CURRENT: Cell<u8> = const { Cell::new(0) };
@@ -254,12 +256,21 @@ pub mod heap {
         ]
     }
 
+    /// Live allocations by part: agent, mock, kernel, dataplane.
+    pub fn counts() -> [isize; 4] {
+        [0, 1, 2, 3].map(|i| COUNT[i].load(Relaxed))
+    }
+
     pub fn reset_peaks() {
         for i in 0..4 {
             PEAK[i].store(LIVE[i].load(Relaxed), Relaxed);
         }
         TOTAL_PEAK.store(TOTAL.load(Relaxed), Relaxed);
         AGENT_PEAK.store(AGENT.load(Relaxed), Relaxed);
+    }
+
+    fn count(tag: u8, n: isize) {
+        COUNT[usize::from(tag.min(3))].fetch_add(n, Relaxed);
     }
 
     fn account(tag: u8, bytes: isize) {
@@ -305,6 +316,7 @@ pub mod heap {
             unsafe {
                 base.write(tag);
                 account(tag, l.size() as isize);
+                count(tag, 1);
                 base.add(offset)
             }
         }
@@ -317,6 +329,7 @@ pub mod heap {
             unsafe {
                 let base = p.sub(offset);
                 account(*base, -(l.size() as isize));
+                count(*base, -1);
                 System.dealloc(base, o);
             }
         }
@@ -346,13 +359,13 @@ pub mod heap {
 ///
 /// The kernel is shared ([`SharedKernel`]): the agent's background resync reads it through a
 /// second handle on its own thread, timed alike.
-pub struct TimedKernel {
-    pub inner: SharedKernel,
+pub struct TimedKernel<K = SharedKernel> {
+    pub inner: K,
     pub spent: Arc<Mutex<Duration>>,
 }
 
-impl TimedKernel {
-    fn timed<T>(&mut self, f: impl FnOnce(&mut SharedKernel) -> T) -> T {
+impl<K> TimedKernel<K> {
+    fn timed<T>(&mut self, f: impl FnOnce(&mut K) -> T) -> T {
         let previous = heap::enter(heap::Part::Kernel);
         let start = Instant::now();
         let r = f(&mut self.inner);
@@ -362,7 +375,7 @@ impl TimedKernel {
     }
 }
 
-impl KernelIo for TimedKernel {
+impl<K: KernelIo + Send + 'static> KernelIo for TimedKernel<K> {
     fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> std::io::Result<()> {
         self.timed(|k| k.send(protocol, datagram))
     }
@@ -376,10 +389,10 @@ impl KernelIo for TimedKernel {
         self.timed(|k| k.write_sysctl(key, value))
     }
     fn open_another(&mut self) -> Option<std::io::Result<Box<dyn KernelIo + Send>>> {
-        Some(Ok(Box::new(TimedKernel {
-            inner: self.inner.handle(),
-            spent: self.spent.clone(),
-        })))
+        let spent = self.spent.clone();
+        self.inner.open_another().map(|r| {
+            r.map(|inner| Box::new(TimedKernel { inner, spent }) as Box<dyn KernelIo + Send>)
+        })
     }
 }
 
@@ -456,8 +469,8 @@ fn host_v4(net: &IpNet) -> Option<Ipv4Addr> {
 }
 
 /// The real netlink dataplane over the fake kernel, with the measuring hook around it.
-pub struct Timed {
-    inner: NetlinkDataplane<Linux<TimedKernel>>,
+pub struct Timed<K = SharedKernel> {
+    inner: NetlinkDataplane<Linux<TimedKernel<K>>>,
     tracker: Arc<Mutex<Tracker>>,
     foreground_resync: bool,
 }
@@ -496,7 +509,7 @@ fn record_reconcile(
     r
 }
 
-impl Dataplane for Timed {
+impl<K: KernelIo + Send + 'static> Dataplane for Timed<K> {
     fn public_key(&self, family: Family) -> Option<PublicKey> {
         self.inner.public_key(family)
     }
@@ -1117,6 +1130,246 @@ impl tower::Service<Request<kube::client::Body>> for MockApi {
 }
 
 // ---------------------------------------------------------------------------------------
+// The mock API server in a process of its own
+
+/// Serves the mock API server over HTTP/1.1 on 127.0.0.1 (a port of the system's choice,
+/// printed as `listening PORT` on stdout) until stdin closes: the bench binary run with
+/// `--serve-mock`, by [`MockProcess::spawn`].
+pub fn serve_mock(nodes: usize, pods: usize) {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("mock")
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = MockApi::new(nodes, pods, rt.handle().clone());
+    // The parent's end of our stdin closes when it is done (or dies): so do we.
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+        std::process::exit(0);
+    });
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening {port}");
+        let _ = out.flush();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let api = api.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let api = api.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            Ok::<_, Infallible>(api.handle(
+                                parts.method.to_string(),
+                                parts.uri.path().to_owned(),
+                                parts.uri.query().unwrap_or("").to_owned(),
+                                body,
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// The mock API server in a child process (this binary with `--serve-mock`), reached over
+/// HTTP on 127.0.0.1. Dropping it ends the child.
+pub struct MockProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl MockProcess {
+    /// In the network namespace `netns` when given (the agent's, with the wireguard-go
+    /// dataplane: its 127.0.0.1 is the namespace's).
+    pub fn spawn(nodes: usize, pods: usize, netns: Option<&str>) -> std::io::Result<Self> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe()?;
+        let mut command = match netns {
+            Some(name) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", name]).arg(exe);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
+        let mut child = command
+            .args(["--serve-mock", "--nodes", &nodes.to_string()])
+            .args(["--pods", &pods.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok());
+        match port {
+            Some(port) => Ok(Self { child, port }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::io::Error::other(format!(
+                    "no port from the mock's process: {line:?}"
+                )))
+            }
+        }
+    }
+
+    pub fn client(&self) -> kube::Client {
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let config = kube::Config::new(url.parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// (current RSS, peak RSS) of the mock's process, in MB.
+    pub fn rss_mb(&self) -> (f64, f64) {
+        status_rss_mb(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        // Closing its stdin ends it; kill in case it does not listen.
+        drop(self.child.stdin.take());
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The wireguard-go dataplane
+
+/// Why the wireguard-go dataplane cannot run here, if it cannot.
+fn wireguard_go_missing() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("the wireguard-go dataplane needs root (network namespaces)".into());
+    }
+    let found = std::process::Command::new("wireguard-go")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        return Some("wireguard-go is not installed (apt-get install wireguard-go)".into());
+    }
+    let ip = std::process::Command::new("ip").arg("-V").output();
+    if !ip.is_ok_and(|o| o.status.success()) {
+        return Some("ip (iproute2) is not installed".into());
+    }
+    None
+}
+
+/// A network namespace of the bench's own, with the names of the two WireGuard devices the
+/// agent makes in it (unique per process: wireguard-go's socket
+/// `/var/run/wireguard/NAME.sock` is not per namespace). Deleted on drop, which removes the
+/// devices, and with them the daemons.
+pub struct Netns {
+    pub name: String,
+    pub file: Arc<std::fs::File>,
+    pub ifnames: [String; 2],
+}
+
+impl Netns {
+    fn create() -> Result<Self, String> {
+        let pid = std::process::id();
+        let name = format!("wgmesh-scale-{pid}");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("ip netns add {name}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let netns = Self {
+            file: Arc::new(
+                std::fs::File::open(format!("/var/run/netns/{name}"))
+                    .map_err(|e| format!("/var/run/netns/{name}: {e}"))?,
+            ),
+            name,
+            ifnames: [format!("wgs{pid}"), format!("wgt{pid}")],
+        };
+        // Loopback up, as on a node.
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &netns.name, "link", "set", "lo", "up"])
+            .output();
+        Ok(netns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        // The daemons exit when their devices go; their sockets may stay behind.
+        std::thread::sleep(Duration::from_millis(500));
+        for i in &self.ifnames {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{i}.sock"));
+        }
+    }
+}
+
+fn enter_netns(file: &std::fs::File) -> std::io::Result<()> {
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(file),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// The wireguard-go daemons of these devices (`wireguard-go IFNAME` exactly): how many, and
+/// their summed RSS, now and peak, in MB.
+fn daemons_rss_mb(ifnames: &[String; 2]) -> (usize, f64, f64) {
+    let mut found = (0, 0.0, 0.0);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let pid = entry.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_daemon = args.len() >= 2
+            && args[0].ends_with(b"wireguard-go")
+            && ifnames.iter().any(|i| args[1] == i.as_bytes());
+        if is_daemon {
+            let (rss, peak) = status_rss_mb(&format!("/proc/{pid}/status"));
+            found = (found.0 + 1, found.1 + rss, found.2 + peak);
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------
 // Process measurements
 
 /// CPU seconds (user + system) of the threads in `tids`, from /proc.
@@ -1144,7 +1397,12 @@ pub fn process_cpu() -> f64 {
 
 /// (current RSS, peak RSS) of the process, in MB.
 pub fn rss_mb() -> (f64, f64) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status_rss_mb("/proc/self/status")
+}
+
+/// (VmRSS, VmHWM) of a `/proc/PID/status`, in MB.
+fn status_rss_mb(path: &str) -> (f64, f64) {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     let field = |name: &str| {
         s.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -1189,6 +1447,14 @@ pub struct Params {
     pub foreground_resync: bool,
     /// Give up waiting for a convergence after this long.
     pub patience: Duration,
+    /// Stop after the restart's first full apply (its time and memory only).
+    pub restart_only: bool,
+    /// Run the mock API server in a process of its own (with `restart_only`): the agent's
+    /// process then holds only the agent and the fake kernel.
+    pub mock_process: bool,
+    /// The dataplane: wireguard-go devices and the host's rtnetlink in a network namespace
+    /// of their own, instead of the fake kernel (needs root and wireguard-go).
+    pub wireguard_go: bool,
 }
 
 impl Params {
@@ -1205,6 +1471,9 @@ impl Params {
             resync_secs: None,
             foreground_resync: false,
             patience: Duration::from_secs(120),
+            restart_only: false,
+            mock_process: false,
+            wireguard_go: false,
         }
     }
 
@@ -1222,6 +1491,9 @@ impl Params {
             resync_secs: Some(2),
             foreground_resync: false,
             patience: Duration::from_secs(60),
+            restart_only: false,
+            mock_process: false,
+            wireguard_go: false,
         }
     }
 }
@@ -1260,6 +1532,8 @@ pub struct Report {
     pub restart_kernel_time: Duration,
     /// `heap::figures()` at the first full apply.
     pub restart_heap: [(f64, f64); 6],
+    /// The agent's memory sampled until the first full apply.
+    pub restart_sampled: AgentMemory,
     /// The same over the outage and the relists that end it.
     pub relist_heap: [(f64, f64); 6],
     pub relist_rss_peak_mb: f64,
@@ -1277,6 +1551,63 @@ pub struct Report {
     pub background_resyncs: usize,
     pub background_operations: usize,
     pub errors: Vec<String>,
+    /// Why the run did not happen (the wireguard-go dataplane without root or wireguard-go).
+    pub skipped: Option<String>,
+    /// The wireguard-go daemons' RSS after the first full apply, now and peak, MB.
+    pub daemons_rss_mb: (f64, f64),
+}
+
+/// The agent's memory, sampled (every 5 ms while the harness waits for the restart): the
+/// process's RSS less the live heap of the mock API server and the fake kernel — what is left
+/// is charged to the agent: its heap, and the allocator's overhead and the 16-byte tags of
+/// every part, code, stacks (so it overstates the agent) — and the agent's own heap, each at
+/// its largest and when.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AgentMemory {
+    /// Process RSS less the live heap of the mock and the fake kernel, MB.
+    pub rss_less_others_mb: f64,
+    pub rss_less_others_at: Duration,
+    /// The process RSS at that moment, MB.
+    pub rss_then_mb: f64,
+    /// The 16-byte tags of the live allocations of the agent (with its dataplane calls)
+    /// and of the fake kernel at that moment, MB (in RSS, not in the heap figures).
+    pub agent_tags_mb: f64,
+    pub kernel_tags_mb: f64,
+    /// The agent's heap (with its dataplane calls), MB.
+    pub heap_mb: f64,
+    pub heap_at: Duration,
+    /// Of the agent's heap: inside its dataplane calls, at their largest, MB.
+    pub dataplane_mb: f64,
+    pub dataplane_at: Duration,
+}
+
+impl AgentMemory {
+    fn sample(&mut self, since: Instant) {
+        if !heap::installed() {
+            return;
+        }
+        let at = since.elapsed();
+        let f = heap::figures();
+        let rss = rss_mb().0;
+        let less = rss - f[1].0 - f[2].0;
+        if less > self.rss_less_others_mb {
+            let c = heap::counts();
+            let mb = |n: isize| (n * 16) as f64 / (1024.0 * 1024.0);
+            self.rss_less_others_mb = less;
+            self.rss_less_others_at = at;
+            self.rss_then_mb = rss;
+            self.agent_tags_mb = mb(c[0] + c[3]);
+            self.kernel_tags_mb = mb(c[2]);
+        }
+        if f[5].0 > self.heap_mb {
+            self.heap_mb = f[5].0;
+            self.heap_at = at;
+        }
+        if f[3].0 > self.dataplane_mb {
+            self.dataplane_mb = f[3].0;
+            self.dataplane_at = at;
+        }
+    }
 }
 
 async fn wait_for(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -1306,17 +1637,63 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         .enable_all()
         .build()
         .unwrap();
+    let mut report = Report::default();
+    // The wireguard-go dataplane: every thread of the agent's runtime enters a network
+    // namespace of the bench's own (netlink sockets, sysctls and the daemons it starts
+    // belong to the namespace of the thread that makes them).
+    let netns = if p.wireguard_go {
+        if let Some(why) = wireguard_go_missing() {
+            report.skipped = Some(why);
+            return report;
+        }
+        match Netns::create() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        }
+    } else {
+        None
+    };
+    let ns_file = netns.as_ref().map(|n| n.file.clone());
     let agent_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("agent")
+        .on_thread_start(move || {
+            if let Some(f) = &ns_file {
+                enter_netns(f).expect("setns into the bench's network namespace");
+            }
+        })
         .enable_all()
         .build()
         .unwrap();
-    let mut report = Report::default();
+    if p.mock_process && !p.restart_only {
+        report
+            .errors
+            .push("--mock-process measures the restart only: add --restart-only".into());
+        return report;
+    }
     let main_part = heap::enter(heap::Part::Mock);
-    let api = MockApi::new(p.nodes, p.pods, mock_rt.handle().clone());
+    let (api, mut child) = if p.mock_process {
+        match MockProcess::spawn(p.nodes, p.pods, netns.as_ref().map(|n| n.name.as_str())) {
+            Ok(c) => (None, Some(c)),
+            Err(e) => {
+                report.errors.push(format!("the mock's process: {e}"));
+                return report;
+            }
+        }
+    } else {
+        (
+            Some(MockApi::new(p.nodes, p.pods, mock_rt.handle().clone())),
+            None,
+        )
+    };
     heap::leave(main_part);
-    let tracker = api.tracker();
+    let tracker = match &api {
+        Some(api) => api.tracker(),
+        None => Arc::new(Mutex::new(Tracker::default())),
+    };
     report.mock_rss_mb = rss_mb().0;
     reset_peak_rss();
     heap::reset_peaks();
@@ -1327,36 +1704,82 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let kernel_time = Arc::new(Mutex::new(Duration::ZERO));
+    let mesh = match &netns {
+        Some(n) => {
+            let mut m = mesh();
+            m.interface_name = n.ifnames[0].clone();
+            m.interface_name_v6 = n.ifnames[1].clone();
+            m
+        }
+        None => mesh(),
+    };
+    let (io, backend): (Box<dyn KernelIo + Send>, Backend) = match &netns {
+        None => {
+            // Only messages change it here: its allowed-IP index is sound, and the search
+            // it replaces is quadratic at this scale.
+            let mut kernel = FakeKernel::new();
+            kernel.index_allowed_ips = true;
+            (Box::new(SharedKernel::new(kernel)), Backend::Kernel)
+        }
+        Some(_) => {
+            // Opened on one of the agent's threads: in the namespace.
+            let opened = agent_rt.block_on(async {
+                tokio::task::spawn_blocking(|| {
+                    Sockets::open(Some(Duration::from_secs(30)), "/proc/sys")
+                })
+                .await
+            });
+            match opened {
+                Ok(Ok(s)) => (Box::new(s), Backend::Userspace),
+                Ok(Err(e)) => {
+                    report.errors.push(format!("netlink sockets: {e}"));
+                    return report;
+                }
+                Err(e) => {
+                    report.errors.push(format!("netlink sockets: {e}"));
+                    return report;
+                }
+            }
+        }
+    };
+    log(&format!(
+        "dataplane: {}",
+        match &netns {
+            Some(n) => format!(
+                "wireguard-go devices {} and {} and rtnetlink in network namespace {} (figures \"inside the fake kernel\" are the time inside netlink send and receive calls)",
+                n.ifnames[0], n.ifnames[1], n.name
+            ),
+            None => "the message-level fake kernel".into(),
+        }
+    ));
     let dataplane = Timed {
         inner: NetlinkDataplane::new(
             Linux::with_kernel(
-                {
-                    // Only messages change it here: its allowed-IP index is sound, and the
-                    // search it replaces is quadratic at this scale.
-                    let mut kernel = FakeKernel::new();
-                    kernel.index_allowed_ips = true;
-                    TimedKernel {
-                        inner: SharedKernel::new(kernel),
-                        spent: kernel_time.clone(),
-                    }
+                TimedKernel {
+                    inner: io,
+                    spent: kernel_time.clone(),
                 },
-                LinuxConfig::with_backend(Backend::Kernel),
+                LinuxConfig::with_backend(backend),
             )
             .unwrap(),
-            &mesh(),
+            &mesh,
             KeyRing::single(agent_key()),
         ),
         tracker: tracker.clone(),
         foreground_resync: p.foreground_resync,
     };
-    let mut settings = AgentSettings::new(node_name(0), mesh());
+    let mut settings = AgentSettings::new(node_name(0), mesh.clone());
     settings.watch_pods = true;
     if let Some(s) = p.resync_secs {
         settings.resync_interval = Duration::from_secs(s);
     }
     let client = {
         let _guard = agent_rt.enter();
-        api.client()
+        match (&api, &child) {
+            (Some(api), _) => api.client(),
+            (None, Some(child)) => child.client(),
+            (None, None) => unreachable!("a mock in the process or in another"),
+        }
     };
 
     // Restart to first full apply.
@@ -1372,7 +1795,9 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     ));
     let expected_peers = 2 * (p.nodes - 1);
     let expected_routes = (p.nodes - 1) * (p.pods + 1);
+    let mut sampled = AgentMemory::default();
     let ok = agent_rt.block_on(wait_for(p.patience * 2, || {
+        sampled.sample(start);
         tracker
             .lock()
             .unwrap()
@@ -1380,6 +1805,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             .iter()
             .any(|r| r.2 >= expected_peers && r.3 >= expected_routes)
     }));
+    report.restart_sampled = sampled;
     {
         let t = tracker.lock().unwrap();
         if let Some(r) = t.reconciles.iter().find(|r| r.2 >= expected_peers) {
@@ -1411,7 +1837,49 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             "heap by part (live / peak MB): agent {:.0} / {:.0} (of it in dataplane calls {:.0} / {:.0}), fake kernel {:.0} / {:.0}, mock and harness {:.0} / {:.0}; all {:.0} / {:.0}",
             a.0, a.1, d.0, d.1, k.0, k.1, m.0, m.1, t.0, t.1
         ));
+        let s = report.restart_sampled;
+        log(&format!(
+            "sampled every 5 ms until the first full apply: process RSS less the live heap of mock and fake kernel at most {:.0} MB (at {:.2} s, RSS {:.0} MB then; the allocator's 16-byte tags then: agent {:.0} MB, fake kernel {:.0} MB); agent heap at most {:.0} MB (at {:.2} s), in dataplane calls at most {:.0} MB (at {:.2} s)",
+            s.rss_less_others_mb,
+            s.rss_less_others_at.as_secs_f64(),
+            s.rss_then_mb,
+            s.agent_tags_mb,
+            s.kernel_tags_mb,
+            s.heap_mb,
+            s.heap_at.as_secs_f64(),
+            s.dataplane_mb,
+            s.dataplane_at.as_secs_f64()
+        ));
     }
+    if let Some(n) = &netns {
+        let (count, rss, peak) = daemons_rss_mb(&n.ifnames);
+        report.daemons_rss_mb = (rss, peak);
+        log(&format!(
+            "wireguard-go ({count} daemons, not counted above): RSS {rss:.0} MB, peak {peak:.0} MB"
+        ));
+    }
+    if let Some(child) = &mut child {
+        let rss = child.rss_mb();
+        log(&format!(
+            "the mock API server's process (not counted above): RSS {:.0} MB, peak {:.0} MB",
+            rss.0, rss.1
+        ));
+    }
+    if p.restart_only {
+        let _ = stop_tx.send(());
+        let _ = agent_rt.block_on(agent);
+        agent_rt.shutdown_background();
+        mock_rt.shutdown_background();
+        report.peak_rss_mb = report.restart_rss_peak_mb;
+        report
+            .errors
+            .extend(tracker.lock().unwrap().errors.iter().cloned());
+        drop(child);
+        return report;
+    }
+    let Some(api) = api else {
+        unreachable!("a mock in another process measures the restart only")
+    };
     // Let the start settle (status write, Events).
     std::thread::sleep(Duration::from_secs(2));
 
@@ -1639,10 +2107,17 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         report.background_operations,
         ms(tracker.lock().unwrap().background_loop_max)
     ));
+    if let Some(n) = &netns {
+        let (count, rss, peak) = daemons_rss_mb(&n.ifnames);
+        log(&format!(
+            "wireguard-go at the end ({count} daemons): RSS {rss:.0} MB, peak {peak:.0} MB"
+        ));
+    }
     let _ = stop_tx.send(());
     let _ = agent_rt.block_on(agent);
     agent_rt.shutdown_background();
     mock_rt.shutdown_background();
+    drop(netns);
     report
 }
 

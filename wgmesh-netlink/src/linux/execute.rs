@@ -76,14 +76,14 @@ impl<K: KernelIo> Linux<K> {
 
     /// Looks up the indexes of the links that unicast routes of `ops` leave through.
     fn resolve_indexes(&mut self, ops: &[Operation]) -> Result<()> {
-        let mut missing: Vec<String> = ops
+        // Distinct names first: every route of a first apply names the same device (a
+        // name per route, 560,000 at 5,000 nodes × 110 pods, was 17 MB of the apply).
+        let missing: std::collections::BTreeSet<&str> = ops
             .iter()
             .filter_map(lower::needs_index)
             .filter(|d| !self.ifindex.contains_key(*d))
-            .map(str::to_owned)
             .collect();
-        missing.sort();
-        missing.dedup();
+        let missing: Vec<String> = missing.into_iter().map(str::to_owned).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -130,17 +130,23 @@ impl<K: KernelIo> Linux<K> {
             ring: keys,
             throwaway: self.throwaway,
         };
-        let mut lowered: Vec<(usize, Request)> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            for r in lower::lower(op, &caps, &keys, &self.ifindex).map_err(|e| (i, e))? {
-                lowered.push((i, r));
-            }
-        }
         let changes_links = matches!(
             ops.first().map(Operation::phase),
             Some(Phase::LinkDeletes | Phase::Links)
         );
-        let result = self.send_lowered(ops, lowered);
+        // Lowered and sent a piece at a time, each piece's answers checked before the next
+        // is made: the messages of one piece at most exist at once (at 5,000 nodes × 110
+        // pods, a first apply's 560,000 route messages, made all at once, were half the
+        // agent's peak heap). A failure stops the phase there: the operations before the
+        // failed one have been carried out, none after its piece has been sent.
+        let links = self.ifindex.clone();
+        let mut result = Ok(());
+        for piece in lower::chunks(ops, &caps, &keys, &links, self.config.execute_chunk) {
+            result = piece.and_then(|lowered| self.send_lowered(ops, lowered));
+            if result.is_err() {
+                break;
+            }
+        }
         if changes_links {
             self.ifindex.clear();
         }
@@ -148,7 +154,7 @@ impl<K: KernelIo> Linux<K> {
     }
 
     /// Sends lowered requests in order: consecutive rtnetlink or WireGuard messages together,
-    /// pipelined; the others one by one.
+    /// pipelined; the others one by one. Every answer has been checked when it returns.
     fn send_lowered(
         &mut self,
         ops: &[Operation],

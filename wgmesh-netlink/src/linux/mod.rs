@@ -91,6 +91,12 @@ pub struct LinuxConfig {
     /// fails (`None`: forever). A kernel that never answers then costs the agent one failed
     /// reconcile, not a hung process. Late answers are recognised and dropped.
     pub netlink_timeout: Option<Duration>,
+    /// How many requests are lowered and sent at a time (at least one operation's): a
+    /// change is executed in pieces of this many messages, each piece's answers checked
+    /// before the next piece is made, so the memory an execution takes does not grow with
+    /// the change (a first apply at 5,000 nodes × 110 pods is 560,000 route messages).
+    /// Default 1,024.
+    pub execute_chunk: usize,
 }
 
 impl Default for LinuxConfig {
@@ -105,6 +111,7 @@ impl Default for LinuxConfig {
             proc_sys: PathBuf::from("/proc/sys"),
             daemon_timeout: Duration::from_secs(20),
             netlink_timeout: Some(Duration::from_secs(30)),
+            execute_chunk: crate::lower::DEFAULT_CHUNK,
         }
     }
 }
