@@ -179,9 +179,13 @@ pub fn run(target: &Target, budget: &Budget) -> Result<Report, Box<Failure>> {
 
 /// Runs one input: the check passes, without a panic, in time.
 pub fn execute(target: &Target, input: &[u8], slow: Duration) -> Result<(), String> {
+    quiet_panics();
+    PANIC_AT.with(|at| at.borrow_mut().take());
+    QUIET.with(|q| q.set(true));
     let start = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| (target.check)(input)));
     let took = start.elapsed();
+    QUIET.with(|q| q.set(false));
     match result {
         Err(panic) => {
             let what = panic
@@ -189,12 +193,46 @@ pub fn execute(target: &Target, input: &[u8], slow: Duration) -> Result<(), Stri
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                 .unwrap_or_default();
-            Err(format!("panicked: {what}"))
+            let at = PANIC_AT
+                .with(|at| at.borrow_mut().take())
+                .unwrap_or_default();
+            Err(format!("panicked at {at}: {what}"))
         }
         Ok(Err(message)) => Err(message),
         Ok(Ok(())) if took > slow => Err(format!("took {took:?} (limit {slow:?})")),
         Ok(Ok(())) => Ok(()),
     }
+}
+
+thread_local! {
+    /// Set while [`execute`] runs a check on this thread: its panics are reported by
+    /// [`execute`] itself, not printed by the panic hook.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the last quiet panic on this thread happened.
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs, once, a panic hook that keeps quiet about the panics of a running check: the
+/// check's failure names the panic and where it happened, and panics caught inside the
+/// code under test (`wgmesh_netlink::wire::parse` catches the rust-netlink parsers' own)
+/// would otherwise print a backtrace per input, tens of thousands in a run. Panics on other
+/// threads, or outside a check, go to the previous hook.
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.with(std::cell::Cell::get) {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
+                PANIC_AT.with(|p| *p.borrow_mut() = Some(at));
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 fn save(name: &str, input: &[u8]) -> Option<PathBuf> {
@@ -305,5 +343,38 @@ pub fn test(target: &Target) {
             target.name, report.executions, report.corpus, budget.duration, report.seed
         ),
         Err(failure) => panic!("{failure}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn panics(input: &[u8]) -> Result<(), String> {
+        // A panic caught inside the code under test is no failure.
+        let caught = catch_unwind(|| panic!("caught inside"));
+        assert!(caught.is_err());
+        if input.first() == Some(&1) {
+            panic!("boom {}", input.len());
+        }
+        Ok(())
+    }
+
+    /// A check's panic is a failure that names the panic and where it happened (the quiet
+    /// hook records it instead of printing it); a panic caught inside the check is not.
+    #[test]
+    fn a_panic_is_a_failure_with_its_place() {
+        let target = Target {
+            name: "test",
+            dictionary: &[],
+            check: panics,
+        };
+        let slow = Duration::from_secs(5);
+        assert_eq!(execute(&target, &[0], slow), Ok(()));
+        let failure = execute(&target, &[1, 2], slow).unwrap_err();
+        assert!(failure.starts_with("panicked at "), "{failure}");
+        assert!(failure.contains("lib.rs:"), "{failure}");
+        assert!(failure.ends_with(": boom 2"), "{failure}");
+        assert_eq!(execute(&target, &[0], slow), Ok(()));
     }
 }
