@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -261,6 +262,12 @@ impl MeshConfig {
             Family::V4 => &self.interface_name,
             Family::V6 => &self.interface_name_v6,
         }
+    }
+
+    /// Both families' interface names, shared, by [`Family::index`]: what planned routes
+    /// name as their device.
+    pub(crate) fn devices(&self) -> [Arc<str>; 2] {
+        Family::ALL.map(|f| Arc::from(self.interface(f)))
     }
 
     /// The listening port of a family's interface.

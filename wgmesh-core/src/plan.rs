@@ -105,6 +105,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -261,9 +262,11 @@ pub struct Route {
     /// Unicast into the tunnel, throw, or blackhole.
     #[serde(rename = "type")]
     pub kind: RouteType,
-    /// The WireGuard interface, for unicast routes.
+    /// The WireGuard interface, for unicast routes. Shared: a plan's unicast routes all name
+    /// one of two interfaces, and a node of a big cluster plans hundreds of thousands of
+    /// routes (`Arc::from("wg-v4")` or `"wg-v4".into()` makes one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
+    pub device: Option<Arc<str>>,
 }
 
 /// One policy rule: `not fwmark M/M lookup T` when `invert`.
@@ -1097,6 +1100,7 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
         plan.interfaces.push(iface);
     }
     // Each family's routes are sorted already, IPv4 before IPv6.
+    let devices = mesh.devices();
     plan.routes = routes
         .into_iter()
         .map(|(destination, kind)| {
@@ -1106,7 +1110,7 @@ pub fn plan_node(cluster: &Cluster, node: &str) -> Result<NodePlan, Error> {
                 table: mesh.routing_table,
                 destination,
                 kind,
-                device: (kind == RouteType::Unicast).then(|| mesh.interface(family).to_owned()),
+                device: (kind == RouteType::Unicast).then(|| devices[family.index()].clone()),
             }
         })
         .collect();

@@ -381,7 +381,7 @@ impl Walk<'_> {
                 .map(|r| (&r.destination, r));
             match lpm(routes, &dst) {
                 Some((net, r)) if r.kind == RouteType::Unicast => {
-                    let dev = r.device.clone().unwrap_or_default();
+                    let dev = r.device.as_deref().unwrap_or_default().to_owned();
                     self.hop(
                         node,
                         format!(

@@ -15,7 +15,7 @@ use wgmesh_core::{
 };
 
 use crate::marking;
-use crate::op::{ChangeSet, Operation, Phase};
+use crate::op::{AllowedIpsRemoval, ChangeSet, Operation, PeerChange, Phase};
 use crate::state::{
     ActualRoute, ActualRouteKind, ActualRule, ActualState, LinkKind, Ownership, RawRule,
 };
@@ -327,7 +327,9 @@ pub(crate) fn diff_with_routes(
             // Same key as the wanted route: replaced in place by AddRoute, no gap.
             Some(r) if a.metric == route_metric(r.family) && a.tos == 0 && !kept.contains(&key) => {
             }
-            _ => ops.push(Operation::DeleteRoute { route: a.clone() }),
+            _ => ops.push(Operation::DeleteRoute {
+                route: Box::new(a.clone()),
+            }),
         }
     }
     ops.reserve(Phase::Routes, routes.len() - kept.len().min(routes.len()));
@@ -362,13 +364,13 @@ pub(crate) fn diff_with_routes(
                 firewall_mark: Some(p.firewall_mark),
             });
             for peer in &p.peers {
-                ops.push(Operation::SetPeer {
+                ops.push(Operation::from(PeerChange {
                     interface: (*name).to_owned(),
                     public_key: peer.public_key,
                     endpoint: Some(peer.endpoint),
                     persistent_keepalive: Some(peer.persistent_keepalive.unwrap_or(0)),
                     allowed_ips: peer.allowed_ips.clone(),
-                });
+                }));
             }
             continue;
         };
@@ -412,13 +414,13 @@ pub(crate) fn diff_with_routes(
             match dev.peers.get(k) {
                 None => {
                     gained.extend(q.allowed_ips.iter().copied());
-                    ops.push(Operation::SetPeer {
+                    ops.push(Operation::from(PeerChange {
                         interface: (*name).to_owned(),
                         public_key: *k,
                         endpoint: Some(q.endpoint),
                         persistent_keepalive: Some(keepalive),
                         allowed_ips: q.allowed_ips.clone(),
-                    });
+                    }));
                 }
                 Some(a) => {
                     let add: Vec<IpNet> = q
@@ -438,13 +440,13 @@ pub(crate) fn diff_with_routes(
                     let ka = (a.persistent_keepalive != keepalive).then_some(keepalive);
                     gained.extend(add.iter().copied());
                     if !add.is_empty() || endpoint.is_some() || ka.is_some() {
-                        ops.push(Operation::SetPeer {
+                        ops.push(Operation::from(PeerChange {
                             interface: (*name).to_owned(),
                             public_key: *k,
                             endpoint,
                             persistent_keepalive: ka,
                             allowed_ips: add,
-                        });
+                        }));
                     }
                     if !remove.is_empty() {
                         removals.push((*k, remove));
@@ -458,11 +460,11 @@ pub(crate) fn diff_with_routes(
                 .filter(|ip| !gained.contains(ip))
                 .collect();
             if !remove.is_empty() {
-                ops.push(Operation::RemoveAllowedIps {
+                ops.push(Operation::from(AllowedIpsRemoval {
                     interface: (*name).to_owned(),
                     public_key: k,
                     allowed_ips: remove,
-                });
+                }));
             }
         }
     }
@@ -567,12 +569,12 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ch
             let mut a = actual_route(r);
             if d.interfaces_removed
                 .iter()
-                .any(|i| Some(&i.name) == r.device.as_ref())
+                .any(|i| Some(i.name.as_str()) == r.device.as_deref())
             {
                 continue; // goes with its link
             }
             a.device = r.device.clone();
-            ops.push(Operation::DeleteRoute { route: a });
+            ops.push(Operation::DeleteRoute { route: Box::new(a) });
         }
     }
     for i in &d.interfaces_removed {
@@ -634,13 +636,13 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ch
                 .map(|ip| (p.interface.as_str(), *ip)),
         );
         let keepalive = p.peer.persistent_keepalive.unwrap_or(0);
-        ops.push(Operation::SetPeer {
+        ops.push(Operation::from(PeerChange {
             interface: p.interface.clone(),
             public_key: p.peer.public_key,
             endpoint: Some(p.peer.endpoint),
             persistent_keepalive: Some(keepalive),
             allowed_ips: p.peer.allowed_ips.clone(),
-        });
+        }));
         // A peer added to a running device (a node joined, a key changed) handshakes at
         // once. With a planned keepalive, setting it above already does that.
         if keepalive == 0 && !created.contains(p.interface.as_str()) {
@@ -666,13 +668,13 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ch
             .is_none_or(|b| b.persistent_keepalive != u.persistent_keepalive)
             .then_some(u.persistent_keepalive.unwrap_or(0));
         if !u.allowed_ips_added.is_empty() || endpoint.is_some() || ka.is_some() {
-            ops.push(Operation::SetPeer {
+            ops.push(Operation::from(PeerChange {
                 interface: u.interface.clone(),
                 public_key: u.public_key,
                 endpoint,
                 persistent_keepalive: ka,
                 allowed_ips: u.allowed_ips_added.clone(),
-            });
+            }));
         }
     }
     for u in &d.peers_updated {
@@ -683,11 +685,11 @@ pub fn delta_operations(old: &NodePlan, d: &PlanDelta, opts: &DiffOptions) -> Ch
             .copied()
             .collect();
         if !remove.is_empty() {
-            ops.push(Operation::RemoveAllowedIps {
+            ops.push(Operation::from(AllowedIpsRemoval {
                 interface: u.interface.clone(),
                 public_key: u.public_key,
                 allowed_ips: remove,
-            });
+            }));
         }
     }
     for r in &d.routes_added {

@@ -69,7 +69,7 @@ pub use error::{DecodeError, Error, Result};
 pub use io::{KernelIo, Sockets};
 pub use keys::KeyRing;
 pub use linux::{Backend, Linux, LinuxConfig, ParseBackendError};
-pub use op::{ChangeSet, Operation, Phase};
+pub use op::{AllowedIpsRemoval, ChangeSet, Operation, PeerChange, Phase};
 pub use reconcile::{Dataplane, Reconciler, Report, ResyncFound, ResyncJob};
 pub use state::{
     ActualDevice, ActualLink, ActualPeer, ActualRoute, ActualRouteKind, ActualRule, ActualState,

@@ -325,30 +325,21 @@ pub(crate) fn lower(
             p.remove = true;
             wireguard(interface, &[peer_update(interface, p)], caps)?
         }
-        Operation::SetPeer {
-            interface,
-            public_key,
-            endpoint,
-            persistent_keepalive,
-            allowed_ips,
-        } => {
-            let mut p = PeerUpdate::new(*public_key);
-            p.endpoint = *endpoint;
-            p.persistent_keepalive = *persistent_keepalive;
-            p.allowed_ips = allowed_ips.iter().map(|i| (*i, false)).collect();
+        Operation::SetPeer(change) => {
+            let mut p = PeerUpdate::new(change.public_key);
+            p.endpoint = change.endpoint;
+            p.persistent_keepalive = change.persistent_keepalive;
+            p.allowed_ips = change.allowed_ips.iter().map(|i| (*i, false)).collect();
+            let interface = &change.interface;
             wireguard(interface, &[peer_update(interface, p)], caps)?
         }
         Operation::StartHandshake {
             interface,
             public_key,
         } => wireguard(interface, &kick(interface, *public_key), caps)?,
-        Operation::RemoveAllowedIps {
-            interface,
-            public_key,
-            allowed_ips,
-        } => wireguard(
-            interface,
-            &remove_allowed_ips(interface, *public_key, allowed_ips, caps, keys),
+        Operation::RemoveAllowedIps(r) => wireguard(
+            &r.interface,
+            &remove_allowed_ips(&r.interface, r.public_key, &r.allowed_ips, caps, keys),
             caps,
         )?,
     })
@@ -450,6 +441,7 @@ pub(crate) fn remove_flag_probe(interface: &str, throwaway: PublicKey) -> [Devic
 mod tests {
     use super::*;
     use crate::marking::{FAMILIES, NftTable};
+    use crate::op::{AllowedIpsRemoval, PeerChange};
     use crate::state::{ActualRoute, ActualRouteKind, ActualRule, RawRule};
     use wgmesh_core::{Family, PrivateKey, Route, Rule};
 
@@ -513,33 +505,33 @@ mod tests {
                 interface: wg(),
                 public_key: pk(2),
             },
-            Operation::SetPeer {
+            Operation::from(PeerChange {
                 interface: wg(),
                 public_key: pk(2),
                 endpoint: Some("10.0.0.2:51820".parse().unwrap()),
                 persistent_keepalive: Some(0),
                 allowed_ips: vec!["10.65.0.64/26".parse().unwrap()],
-            },
+            }),
             Operation::StartHandshake {
                 interface: wg(),
                 public_key: pk(2),
             },
-            Operation::RemoveAllowedIps {
+            Operation::from(AllowedIpsRemoval {
                 interface: wg(),
                 public_key: pk(2),
                 allowed_ips: vec!["10.65.0.5/32".parse().unwrap()],
-            },
+            }),
             Operation::AddRoute {
                 route: Route {
                     family: Family::V4,
                     table: 1,
                     destination: "10.65.0.64/26".parse().unwrap(),
                     kind: RouteType::Unicast,
-                    device: Some(wg()),
+                    device: Some(wg().into()),
                 },
             },
             Operation::DeleteRoute {
-                route: ActualRoute {
+                route: Box::new(ActualRoute {
                     family: Family::V4,
                     table: 1,
                     destination: "10.65.0.64/26".parse().unwrap(),
@@ -549,7 +541,7 @@ mod tests {
                     gateway: None,
                     metric: 0,
                     tos: 0,
-                },
+                }),
             },
             Operation::AddRule { rule: rule() },
             Operation::DuplicateRule { rule: rule() },

@@ -12,7 +12,7 @@ use crate::diff::{DiffOptions, check_ownership, delta_operations, diff_with_rout
 use crate::error::{Error, Result};
 use crate::keys::KeyRing;
 use crate::marking::StrictDrops;
-use crate::op::Operation;
+use crate::op::{Operation, PeerChange};
 use crate::state::{ActualState, LinkKind, Ownership, PeerStats};
 use crate::watchdog::{HandshakeWatchdog, Readd};
 
@@ -217,25 +217,9 @@ impl Touched {
         match op {
             Operation::AddRoute { route } => self.routes.contains(&route.destination),
             Operation::DeleteRoute { route } => self.routes.contains(&route.destination),
-            Operation::RemovePeer {
-                interface,
-                public_key,
-            }
-            | Operation::SetPeer {
-                interface,
-                public_key,
-                ..
-            }
-            | Operation::StartHandshake {
-                interface,
-                public_key,
-            }
-            | Operation::RemoveAllowedIps {
-                interface,
-                public_key,
-                ..
-            } => self.peers.contains(&(interface.clone(), *public_key)),
-            _ => false,
+            op => op
+                .peer()
+                .is_some_and(|(i, k)| self.peers.contains(&(i.to_owned(), *k))),
         }
     }
 }
@@ -852,17 +836,10 @@ impl<D: Dataplane> Reconciler<D> {
         };
         if let Some(touched) = &mut self.touched {
             for op in &operations {
-                if let Operation::RemovePeer {
-                    interface,
-                    public_key,
-                }
-                | Operation::SetPeer {
-                    interface,
-                    public_key,
-                    ..
-                } = op
+                if matches!(op, Operation::RemovePeer { .. } | Operation::SetPeer(_))
+                    && let Some((interface, public_key)) = op.peer()
                 {
-                    touched.peers.insert((interface.clone(), *public_key));
+                    touched.peers.insert((interface.to_owned(), *public_key));
                 }
             }
         }
@@ -906,13 +883,13 @@ fn readd_operations(plan: &NodePlan, readds: &[Readd]) -> Vec<Operation> {
             interface: r.interface.clone(),
             public_key: r.public_key,
         });
-        ops.push(Operation::SetPeer {
+        ops.push(Operation::from(PeerChange {
             interface: r.interface.clone(),
             public_key: r.public_key,
             endpoint: Some(peer.endpoint),
             persistent_keepalive: Some(keepalive),
             allowed_ips: peer.allowed_ips.clone(),
-        });
+        }));
         if keepalive == 0 {
             ops.push(Operation::StartHandshake {
                 interface: r.interface.clone(),

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
@@ -323,9 +324,10 @@ pub struct ActualRoute {
     pub destination: IpNet,
     /// Route type.
     pub kind: ActualRouteKind,
-    /// Output device name, when it has one and the device is known.
+    /// Output device name, when it has one and the device is known (shared by the routes
+    /// of one device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
+    pub device: Option<Arc<str>>,
     /// Output interface index, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oif: Option<u32>,

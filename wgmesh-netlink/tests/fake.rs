@@ -104,7 +104,7 @@ fn assert_matches_plan(k: &FakeKernel, plan: &NodePlan, own: &Ownership) {
             (
                 r.destination,
                 r.kind.into(),
-                r.device.as_ref().map(|d| k.links[d].index),
+                r.device.as_deref().map(|d| k.links[d].index),
             )
         })
         .collect();
@@ -410,7 +410,7 @@ fn allowed_ip_changes_never_clear_or_remove_a_kept_peer() {
     }
     // The moved /32 is only added to its new peer (WireGuard moves it), never removed first.
     assert!(!report.operations.iter().any(|op| matches!(op,
-        Operation::RemoveAllowedIps { allowed_ips, .. } if allowed_ips.contains(&"10.65.0.5/32".parse().unwrap()))));
+        Operation::RemoveAllowedIps(r) if r.allowed_ips.contains(&"10.65.0.5/32".parse().unwrap()))));
     let own = r.ownership().clone();
     assert_matches_plan(r.dataplane().kernel(), &plan2, &own);
 }
@@ -464,7 +464,9 @@ fn key_change_is_add_new_then_remove_old() {
     let plan2 = plan_node(&Cluster::new(c.mesh().clone(), nodes).unwrap(), "a").unwrap();
     let ops = r.reconcile(&plan2).unwrap().operations;
     let rm = ops.iter().position(|o| matches!(o, Operation::RemovePeer { public_key, .. } if *public_key == key(2).public_key()));
-    let add = ops.iter().position(|o| matches!(o, Operation::SetPeer { public_key, .. } if *public_key == key(42).public_key()));
+    let add = ops
+        .iter()
+        .position(|o| matches!(o, Operation::SetPeer(p) if p.public_key == key(42).public_key()));
     // The new entry takes the allowed IPs first (WireGuard moves them), then the old goes:
     // at no moment does b's block have no peer.
     assert!(add.unwrap() < rm.unwrap(), "{ops:?}");
@@ -640,7 +642,7 @@ fn one_workload_ip_is_one_peer_update_and_one_route() {
     assert_eq!(report.operations.len(), 2, "{:?}", report.operations);
     assert_eq!(report.messages, 2);
     assert!(
-        matches!(&report.operations[0], Operation::SetPeer { allowed_ips, endpoint: None, persistent_keepalive: None, .. } if allowed_ips.len() == 1)
+        matches!(&report.operations[0], Operation::SetPeer(p) if p.allowed_ips.len() == 1 && p.endpoint.is_none() && p.persistent_keepalive.is_none())
     );
     assert!(matches!(&report.operations[1], Operation::AddRoute { .. }));
     // Folding back: a resync finds nothing to do.
@@ -727,7 +729,7 @@ fn a_peer_added_to_a_running_device_starts_its_handshake_at_once() {
     let wg = "wireguard.cali".to_owned();
     let set = ops
         .iter()
-        .position(|o| matches!(o, Operation::SetPeer { public_key, persistent_keepalive: Some(0), .. } if *public_key == d))
+        .position(|o| matches!(o, Operation::SetPeer(p) if p.public_key == d && p.persistent_keepalive == Some(0)))
         .expect("d is added");
     assert!(
         matches!(&ops[set + 1], Operation::StartHandshake { interface, public_key } if *interface == wg && *public_key == d),
@@ -804,9 +806,8 @@ fn peers_of_a_device_the_delta_creates_are_not_kicked() {
         |o| matches!(o, Operation::CreateLink { interface, .. } if interface == "wg-v6.cali")
     ));
     assert!(
-        ops.iter().any(
-            |o| matches!(o, Operation::SetPeer { interface, .. } if interface == "wg-v6.cali")
-        )
+        ops.iter()
+            .any(|o| matches!(o, Operation::SetPeer(p) if p.interface == "wg-v6.cali"))
     );
     assert!(kicks(&ops).is_empty(), "{ops:#?}");
     assert!(r.dataplane().kernel().handshakes_initiated().is_empty());

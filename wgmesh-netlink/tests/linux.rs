@@ -195,7 +195,7 @@ fn check_with_tools(plan: &NodePlan) {
                     match r.kind {
                         RouteType::Throw => "throw".to_owned(),
                         RouteType::Blackhole => "blackhole".to_owned(),
-                        RouteType::Unicast => r.device.clone().unwrap_or_default(),
+                        RouteType::Unicast => r.device.as_deref().unwrap_or_default().to_owned(),
                     },
                 )
             })

@@ -65,7 +65,7 @@ fn the_smaller_key_re_adds_a_peer_without_handshake_once() {
         matches!(&ops[0], Operation::RemovePeer { interface, public_key } if interface == WG && *public_key == d)
     );
     assert!(
-        matches!(&ops[1], Operation::SetPeer { interface, public_key, endpoint: Some(_), persistent_keepalive: Some(0), allowed_ips } if interface == WG && *public_key == d && !allowed_ips.is_empty())
+        matches!(&ops[1], Operation::SetPeer(p) if p.interface == WG && p.public_key == d && p.endpoint.is_some() && p.persistent_keepalive == Some(0) && !p.allowed_ips.is_empty())
     );
     assert!(
         matches!(&ops[2], Operation::StartHandshake { interface, public_key } if interface == WG && *public_key == d)

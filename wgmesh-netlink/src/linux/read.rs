@@ -264,8 +264,11 @@ impl<K: KernelIo> Linux<K> {
         let mut s = ActualState::default();
         let links = self.read_links(&own.interfaces)?;
         self.ifindex = links.iter().map(|(n, l)| (n.clone(), l.index)).collect();
-        let by_index: HashMap<u32, String> =
-            links.iter().map(|(n, l)| (l.index, n.clone())).collect();
+        // Shared by the routes of a device (hundreds of thousands on a big cluster's node).
+        let by_index: HashMap<u32, std::sync::Arc<str>> = links
+            .iter()
+            .map(|(n, l)| (l.index, std::sync::Arc::from(n.as_str())))
+            .collect();
         // In name order: the same state is read with the same requests in the same order.
         let links: BTreeMap<String, ActualLink> = links.into_iter().collect();
         for (name, l) in &links {
