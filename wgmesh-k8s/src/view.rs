@@ -64,14 +64,73 @@ impl Changes {
     }
 }
 
-/// What one pod contributes, compact: 550,000 of them at 5,000 nodes × 110 pods. The node's
-/// name is shared by its pods ([`ClusterView::intern`]), not one string per pod.
+/// What one pod contributes, compact: 550,000 of them at 5,000 nodes × 110 pods, in a table
+/// of a power of two entries (2^20 there), so each byte of an entry is a megabyte. The
+/// node's name is held once ([`NodeNames`]); a pod names it by index.
 #[derive(Debug, Clone)]
 struct PodEntry {
-    node: Arc<str>,
-    ips: Box<[IpAddr]>,
+    /// The pod's node, by its index in [`ClusterView::pod_nodes`].
+    node: u32,
     /// The relist that last listed this pod unchanged ([`ClusterView::stage_pod`]).
     listed: u32,
+    ips: Box<[IpAddr]>,
+}
+
+/// The node names pods name, each allocated once, by index.
+#[derive(Debug, Clone, Default)]
+struct NodeNames {
+    names: Vec<Option<Arc<str>>>,
+    ids: HashMap<Arc<str>, u32>,
+    free: Vec<u32>,
+}
+
+impl NodeNames {
+    /// The index of `name`, made if it has none.
+    fn intern(&mut self, name: String) -> u32 {
+        if let Some(&id) = self.ids.get(name.as_str()) {
+            return id;
+        }
+        let name: Arc<str> = name.into();
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.names[id as usize] = Some(name.clone());
+                id
+            }
+            None => {
+                // More distinct names than pods cannot be: the index fits.
+                let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+                self.names.push(Some(name.clone()));
+                id
+            }
+        };
+        self.ids.insert(name, id);
+        id
+    }
+
+    /// The name with index `id` (empty for an index not given out).
+    fn name(&self, id: u32) -> Arc<str> {
+        self.names
+            .get(id as usize)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| Arc::from(""))
+    }
+
+    /// Frees every index that no entry of `pods` uses (when no staged entry holds one).
+    fn retain_used<'a>(&mut self, pods: impl Iterator<Item = &'a PodEntry>) {
+        let mut used = vec![false; self.names.len()];
+        for e in pods {
+            if let Some(u) = used.get_mut(e.node as usize) {
+                *u = true;
+            }
+        }
+        for (id, used) in used.into_iter().enumerate() {
+            if !used && let Some(name) = self.names[id].take() {
+                self.ids.remove(&name);
+                self.free.push(id as u32);
+            }
+        }
+    }
 }
 
 /// What a listed pod contributes, and what was wrong with it.
@@ -108,9 +167,9 @@ pub struct ClusterView {
     track_pods: bool,
     nodes: HashMap<String, NodeInfo>,
     node_warnings: HashMap<String, Vec<AdapterWarning>>,
-    pods: HashMap<String, PodEntry>,
+    pods: HashMap<Box<str>, PodEntry>,
     /// The node names pods name, each allocated once (pruned after each relist).
-    pod_nodes: HashSet<Arc<str>>,
+    pod_nodes: NodeNames,
     pod_warnings: HashMap<String, Vec<AdapterWarning>>,
     /// A relist in progress: what each listed pod contributes, kept in compact form (the
     /// agent keeps no copy of the Pod objects themselves).
@@ -144,7 +203,7 @@ impl ClusterView {
             nodes: HashMap::new(),
             node_warnings: HashMap::new(),
             pods: HashMap::new(),
-            pod_nodes: HashSet::new(),
+            pod_nodes: NodeNames::default(),
             pod_warnings: HashMap::new(),
             staged: None,
             relist: 0,
@@ -437,27 +496,29 @@ impl ClusterView {
     fn set_pod(&mut self, key: String, entry: Option<PodEntry>) -> Changes {
         let mut changes = Changes::default();
         // Unchanged (most pods of a relist): nothing moved, copied or hashed again.
-        if let (Some(o), Some(n)) = (self.pods.get(&key), &entry)
+        if let (Some(o), Some(n)) = (self.pods.get(key.as_str()), &entry)
             && o.node == n.node
             && o.ips == n.ips
         {
             return changes;
         }
-        let old = self.pods.remove(&key);
+        let old = self.pods.remove(key.as_str());
         // Add before removing: an address that stays (a pod that gains its IPv6 address)
         // never drops to zero.
         if let Some(n) = &entry {
+            let node = self.pod_nodes.name(n.node);
             for ip in n.ips.iter() {
-                self.add_ip(&n.node, *ip, &mut changes);
+                self.add_ip(&node, *ip, &mut changes);
             }
         }
         if let Some(o) = &old {
+            let node = self.pod_nodes.name(o.node);
             for ip in o.ips.iter() {
-                self.remove_ip(&o.node, *ip, &mut changes);
+                self.remove_ip(&node, *ip, &mut changes);
             }
         }
         if let Some(n) = entry {
-            self.pods.insert(key, n);
+            self.pods.insert(key.into_boxed_str(), n);
         }
         changes
     }
@@ -466,23 +527,13 @@ impl ClusterView {
         let mut warnings = Vec::new();
         let entry = match pod_workload(pod, &mut warnings) {
             PodWorkload::Ips { node, ips } => Some(PodEntry {
-                node: self.intern(node),
+                node: self.pod_nodes.intern(node),
                 ips: ips.into_boxed_slice(),
                 listed: 0,
             }),
             PodWorkload::Excluded(_) => None,
         };
         (entry, warnings)
-    }
-
-    /// The shared copy of a node name that pods name.
-    fn intern(&mut self, node: String) -> Arc<str> {
-        if let Some(name) = self.pod_nodes.get(node.as_str()) {
-            return name.clone();
-        }
-        let name: Arc<str> = node.into();
-        self.pod_nodes.insert(name.clone());
-        name
     }
 
     /// A Pod was added or modified.
@@ -563,7 +614,7 @@ impl ClusterView {
             None => warnings.is_empty(),
         };
         if same_warnings {
-            match (self.pods.get_mut(&key), &entry) {
+            match (self.pods.get_mut(key.as_str()), &entry) {
                 (Some(o), Some(n)) if o.node == n.node && o.ips == n.ips => {
                     o.listed = self.relist;
                     return;
@@ -612,8 +663,8 @@ impl ClusterView {
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(k, e)| e.listed != relist && !listed.contains_key(*k))
-            .map(|(k, _)| k.clone())
+            .filter(|(k, e)| e.listed != relist && !listed.contains_key(&***k))
+            .map(|(k, _)| k.to_string())
             .collect();
         for key in gone {
             self.pod_warnings.remove(&key);
@@ -624,8 +675,8 @@ impl ClusterView {
             let c = self.set_pod_with_warnings(key, entry, warnings);
             add(&mut changes, c);
         }
-        // Names no pod holds any more (the view's set is the only holder).
-        self.pod_nodes.retain(|name| Arc::strong_count(name) > 1);
+        // Names no pod holds any more.
+        self.pod_nodes.retain_used(self.pods.values());
         changes
     }
 }
@@ -761,5 +812,51 @@ mod tests {
         };
         assert_eq!(sorted(&l), sorted(&q));
         assert_eq!(l.events.len(), 4, "{:?}", l.events);
+    }
+
+    /// A node name no pod names after a relist gives its index back; a pod of another node
+    /// that takes the index later is that node's, and the first node's pods are not.
+    #[test]
+    fn a_node_name_index_is_reused_only_when_no_pod_names_it() {
+        let mut v = view();
+        relist(
+            &mut v,
+            &[pod("p1", "a", "10.1.0.1"), pod("p2", "b", "10.1.0.2")],
+            true,
+        );
+        let b = v.pod_nodes.ids["b"];
+        // b's only pod goes: b's index is free after the relist.
+        relist(&mut v, &[pod("p1", "a", "10.1.0.1")], true);
+        assert!(!v.pod_nodes.ids.contains_key("b"));
+        assert_eq!(v.pod_nodes.free, [b]);
+        // A pod of c takes the index; a pod of b comes back with another.
+        let c = v.apply_pod(&pod("p3", "c", "10.1.0.3"));
+        assert_eq!(v.pod_nodes.ids["c"], b);
+        assert!(c.events.is_empty(), "c is not a node: {:?}", c.events);
+        let back = v.apply_pod(&pod("p4", "b", "10.1.0.4"));
+        assert_ne!(v.pod_nodes.ids["b"], b);
+        assert_eq!(
+            back.events,
+            [Event::WorkloadIpAdded {
+                node: "b".into(),
+                ip: "10.1.0.4".parse().unwrap()
+            }]
+        );
+        assert_eq!(v.workload_ips("b"), ["10.1.0.4".parse::<IpAddr>().unwrap()]);
+        assert_eq!(v.workload_ips("c"), ["10.1.0.3".parse::<IpAddr>().unwrap()]);
+        // p3 moves from c to a: the event names a, and c's address goes.
+        let moved = v.apply_pod(&pod("p3", "a", "10.1.0.3"));
+        assert_eq!(
+            moved.events,
+            [Event::WorkloadIpAdded {
+                node: "a".into(),
+                ip: "10.1.0.3".parse().unwrap()
+            }]
+        );
+        assert!(v.workload_ips("c").is_empty());
+        // Every name in use resolves to itself.
+        for (name, id) in &v.pod_nodes.ids {
+            assert_eq!(&*v.pod_nodes.name(*id), &**name);
+        }
     }
 }
