@@ -312,6 +312,9 @@ fn main() -> ExitCode {
         };
     }
     logging::init(config.log_format);
+    // Before the runtime's threads start (each could get a malloc arena of its own).
+    let capped = daemon::limit_malloc_arenas();
+    tracing::debug!(capped, arenas = daemon::MALLOC_ARENAS, "malloc arenas");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -93,7 +93,8 @@
 //! kubelet probes, and the packet path on real nodes (the bootstrap is checked with the
 //! core's packet-path simulator, not with real packets).
 
-#![forbid(unsafe_code)]
+// One exception, in `daemon`: glibc's `mallopt`, to cap malloc's arenas.
+#![deny(unsafe_code)]
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
