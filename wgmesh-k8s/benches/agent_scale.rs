@@ -15,7 +15,9 @@
 //! `--restart-only` (stop after the first full apply: its time and memory),
 //! `--mock-process` (with `--restart-only`: the mock API server in a child process, this
 //! binary run with `--serve-mock`, over HTTP on 127.0.0.1, so that the agent's process holds
-//! only the agent and the fake kernel),
+//! only the agent and the fake kernel), `--kernel-process` (with `--restart-only`: the fake
+//! kernel in a child process too, this binary run with `--serve-kernel PATH`, over a Unix
+//! socket, so that the measured process holds only the agent),
 //! `--dataplane wireguard-go` (wireguard-go devices and the host's rtnetlink in a network
 //! namespace of the bench's own instead of the fake kernel; needs root and wireguard-go,
 //! skipped with the reason otherwise), `--smoke` (the small scale of the test).
@@ -29,7 +31,11 @@ use std::process::ExitCode;
 #[global_allocator]
 static HEAP: harness::heap::Tagged = harness::heap::Tagged;
 
-fn parse(params: &mut harness::Params, serve_mock: &mut bool) -> Result<(), String> {
+fn parse(
+    params: &mut harness::Params,
+    serve_mock: &mut bool,
+    serve_kernel: &mut Option<std::path::PathBuf>,
+) -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--bench" {
@@ -45,6 +51,14 @@ fn parse(params: &mut harness::Params, serve_mock: &mut bool) -> Result<(), Stri
         }
         if arg == "--mock-process" {
             params.mock_process = true;
+            continue;
+        }
+        if arg == "--kernel-process" {
+            params.kernel_process = true;
+            continue;
+        }
+        if arg == "--serve-kernel" {
+            *serve_kernel = Some(args.next().ok_or("--serve-kernel needs a path")?.into());
             continue;
         }
         if arg == "--serve-mock" {
@@ -96,9 +110,14 @@ fn parse(params: &mut harness::Params, serve_mock: &mut bool) -> Result<(), Stri
 fn main() -> ExitCode {
     let mut params = harness::Params::full();
     let mut serve_mock = false;
-    if let Err(e) = parse(&mut params, &mut serve_mock) {
+    let mut serve_kernel = None;
+    if let Err(e) = parse(&mut params, &mut serve_mock, &mut serve_kernel) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(path) = serve_kernel {
+        harness::serve_kernel(&path);
+        return ExitCode::SUCCESS;
     }
     if serve_mock {
         harness::serve_mock(params.nodes, params.pods);

@@ -1256,6 +1256,301 @@ impl Drop for MockProcess {
     }
 }
 
+/// The fake kernel the bench programs: only messages change it here, so its allowed-IP
+/// index is sound (the search it replaces is quadratic at this scale).
+pub fn bench_kernel() -> FakeKernel {
+    let mut kernel = FakeKernel::new();
+    kernel.index_allowed_ips = true;
+    kernel
+}
+
+/// The fake kernel in a child process (this binary with `--serve-kernel`), served over a
+/// Unix socket: each connection is a handle of its own ([`SharedKernel::handle`]), as each
+/// `KernelIo` of the agent's process is.
+pub struct KernelProcess {
+    child: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl KernelProcess {
+    pub fn spawn() -> std::io::Result<Self> {
+        use std::io::BufRead;
+        let path =
+            std::env::temp_dir().join(format!("wgmesh-scale-kernel-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("--serve-kernel")
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        if line.trim() != "listening" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "the fake kernel's process did not start: {line:?}"
+            )));
+        }
+        Ok(Self { child, path })
+    }
+
+    pub fn connect(&self) -> std::io::Result<RemoteKernel> {
+        RemoteKernel::connect(&self.path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (current RSS, peak RSS) of the kernel's process, in MB.
+    pub fn rss_mb(&self) -> (f64, f64) {
+        status_rss_mb(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for KernelProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+const KERNEL_SEND: u8 = 0;
+const KERNEL_RECV: u8 = 1;
+const KERNEL_READ_SYSCTL: u8 = 2;
+const KERNEL_WRITE_SYSCTL: u8 = 3;
+
+/// A [`KernelIo`] whose kernel is in [`KernelProcess`]: each call is one request and one
+/// answer on the socket. Request: call (1 byte), protocol (1), length (4, LE), bytes.
+/// Answer: 0 and bytes, 1 (none), or 2 and an error (OS error number or -1, kind, message).
+pub struct RemoteKernel {
+    stream: std::os::unix::net::UnixStream,
+    path: std::path::PathBuf,
+    /// Answers fetched ahead, per protocol: a receive takes up to [`KERNEL_RECV_AHEAD`]
+    /// (one round trip for a piece's acknowledgements, not one per message).
+    ahead: [VecDeque<Vec<u8>>; 3],
+}
+
+/// How many datagrams one receive request fetches at most.
+const KERNEL_RECV_AHEAD: usize = 256;
+
+impl RemoteKernel {
+    pub fn connect(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self {
+            stream: std::os::unix::net::UnixStream::connect(path)?,
+            path: path.to_owned(),
+            ahead: Default::default(),
+        })
+    }
+
+    fn call(
+        &mut self,
+        call: u8,
+        protocol: Protocol,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let index = Protocol::ALL
+            .iter()
+            .position(|q| *q == protocol)
+            .unwrap_or(0) as u8;
+        let mut head = [call, index, 0, 0, 0, 0];
+        head[2..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.stream.write_all(&head)?;
+        self.stream.write_all(payload)?;
+        let mut status = [0u8; 5];
+        self.stream.read_exact(&mut status)?;
+        let len = u32::from_le_bytes(status[1..].try_into().unwrap()) as usize;
+        out.clear();
+        out.resize(len, 0);
+        self.stream.read_exact(out)?;
+        match status[0] {
+            0 => Ok(true),
+            1 => Ok(false),
+            _ => Err(decode_error(out)),
+        }
+    }
+}
+
+fn encode_error(e: &std::io::Error) -> Vec<u8> {
+    let mut out = e.raw_os_error().unwrap_or(-1).to_le_bytes().to_vec();
+    out.push(u8::from(e.kind() == std::io::ErrorKind::TimedOut));
+    out.extend_from_slice(e.to_string().as_bytes());
+    out
+}
+
+fn decode_error(b: &[u8]) -> std::io::Error {
+    if b.len() < 5 {
+        return std::io::Error::other("a malformed error from the fake kernel's process");
+    }
+    let errno = i32::from_le_bytes(b[..4].try_into().unwrap());
+    if errno >= 0 {
+        return std::io::Error::from_raw_os_error(errno);
+    }
+    let message = String::from_utf8_lossy(&b[5..]).into_owned();
+    if b[4] == 1 {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, message)
+    } else {
+        std::io::Error::other(message)
+    }
+}
+
+impl KernelIo for RemoteKernel {
+    fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> std::io::Result<()> {
+        self.call(KERNEL_SEND, protocol, datagram, &mut Vec::new())
+            .map(drop)
+    }
+    fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let i = Protocol::ALL
+            .iter()
+            .position(|q| *q == protocol)
+            .unwrap_or(0);
+        if self.ahead[i].is_empty() {
+            let mut all = Vec::new();
+            self.call(KERNEL_RECV, protocol, &[], &mut all)?;
+            let mut rest = &all[..];
+            while rest.len() >= 4 {
+                let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+                self.ahead[i].push_back(rest[4..4 + len].to_vec());
+                rest = &rest[4 + len..];
+            }
+        }
+        match self.ahead[i].pop_front() {
+            Some(d) => {
+                *buf = d;
+                Ok(())
+            }
+            None => Err(std::io::Error::other(
+                "an empty answer from the fake kernel's process",
+            )),
+        }
+    }
+    fn read_sysctl(&mut self, key: &str) -> std::io::Result<Option<String>> {
+        let mut out = Vec::new();
+        let found = self.call(
+            KERNEL_READ_SYSCTL,
+            Protocol::Route,
+            key.as_bytes(),
+            &mut out,
+        )?;
+        Ok(found.then(|| String::from_utf8_lossy(&out).into_owned()))
+    }
+    fn write_sysctl(&mut self, key: &str, value: &str) -> std::io::Result<()> {
+        let payload = [key.as_bytes(), b"\0", value.as_bytes()].concat();
+        self.call(
+            KERNEL_WRITE_SYSCTL,
+            Protocol::Route,
+            &payload,
+            &mut Vec::new(),
+        )
+        .map(drop)
+    }
+    fn open_another(&mut self) -> Option<std::io::Result<Box<dyn KernelIo + Send>>> {
+        Some(Self::connect(&self.path).map(|k| Box::new(k) as Box<dyn KernelIo + Send>))
+    }
+}
+
+/// The child's side of [`KernelProcess`]: the bench's fake kernel, a thread per connection.
+pub fn serve_kernel(path: &std::path::Path) {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    // The parent's end of our stdin closes when it is done (or dies): so do we.
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+        std::process::exit(0);
+    });
+    let shared = SharedKernel::new(bench_kernel());
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "listening");
+    let _ = out.flush();
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let mut kernel = shared.handle();
+        std::thread::spawn(move || {
+            let mut payload = Vec::new();
+            let mut answer = Vec::new();
+            let mut held: [Option<std::io::Error>; 3] = Default::default();
+            loop {
+                let mut head = [0u8; 6];
+                if stream.read_exact(&mut head).is_err() {
+                    return;
+                }
+                let len = u32::from_le_bytes(head[2..].try_into().unwrap()) as usize;
+                payload.resize(len, 0);
+                if stream.read_exact(&mut payload).is_err() {
+                    return;
+                }
+                let protocol = Protocol::ALL[usize::from(head[1]).min(2)];
+                answer.clear();
+                let result: std::io::Result<bool> = match head[0] {
+                    KERNEL_SEND => kernel.send(protocol, &payload).map(|()| true),
+                    // Up to KERNEL_RECV_AHEAD datagrams, each with its length; the error
+                    // when there is none (TimedOut: nothing to say).
+                    // A failure after some datagrams is kept for the next request.
+                    KERNEL_RECV => match held[usize::from(head[1]).min(2)].take() {
+                        Some(e) => Err(e),
+                        None => {
+                            let mut one = Vec::new();
+                            let mut got = Ok(true);
+                            for n in 0..KERNEL_RECV_AHEAD {
+                                match kernel.recv(protocol, &mut one) {
+                                    Ok(()) => {
+                                        answer.extend_from_slice(&(one.len() as u32).to_le_bytes());
+                                        answer.extend_from_slice(&one);
+                                    }
+                                    Err(e) if n == 0 => got = Err(e),
+                                    Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
+                                        held[usize::from(head[1]).min(2)] = Some(e);
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                                if got.is_err() {
+                                    break;
+                                }
+                            }
+                            got
+                        }
+                    },
+                    KERNEL_READ_SYSCTL => kernel
+                        .read_sysctl(&String::from_utf8_lossy(&payload))
+                        .map(|v| v.map(|v| answer.extend_from_slice(v.as_bytes())).is_some()),
+                    _ => {
+                        let text = String::from_utf8_lossy(&payload).into_owned();
+                        let (key, value) = text.split_once('\0').unwrap_or((&text, ""));
+                        kernel.write_sysctl(key, value).map(|()| true)
+                    }
+                };
+                let status = match result {
+                    Ok(true) => 0u8,
+                    Ok(false) => 1,
+                    Err(e) => {
+                        answer = encode_error(&e);
+                        2
+                    }
+                };
+                let mut head = [status, 0, 0, 0, 0];
+                head[1..].copy_from_slice(&(answer.len() as u32).to_le_bytes());
+                if stream
+                    .write_all(&head)
+                    .and_then(|()| stream.write_all(&answer))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The wireguard-go dataplane
 
@@ -1452,6 +1747,10 @@ pub struct Params {
     /// Run the mock API server in a process of its own (with `restart_only`): the agent's
     /// process then holds only the agent and the fake kernel.
     pub mock_process: bool,
+    /// Run the fake kernel in a process of its own too (with `restart_only`), reached over a
+    /// Unix socket ([`RemoteKernel`]): the measured process then holds only the agent (and
+    /// this allocator's tags).
+    pub kernel_process: bool,
     /// The dataplane: wireguard-go devices and the host's rtnetlink in a network namespace
     /// of their own, instead of the fake kernel (needs root and wireguard-go).
     pub wireguard_go: bool,
@@ -1473,6 +1772,7 @@ impl Params {
             patience: Duration::from_secs(120),
             restart_only: false,
             mock_process: false,
+            kernel_process: false,
             wireguard_go: false,
         }
     }
@@ -1493,6 +1793,7 @@ impl Params {
             patience: Duration::from_secs(60),
             restart_only: false,
             mock_process: false,
+            kernel_process: false,
             wireguard_go: false,
         }
     }
@@ -1623,6 +1924,22 @@ async fn wait_for(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// Runs every phase; `log` gets one line per phase as it finishes.
 pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
+    // As `wgmesh-agent` does before its threads start (`MALLOC_ARENA_MAX` set: that instead).
+    let capped = wgmesh_k8s::daemon::limit_malloc_arenas();
+    log(&format!(
+        "malloc arenas: {}",
+        if capped {
+            format!(
+                "at most {} (as wgmesh-agent)",
+                wgmesh_k8s::daemon::MALLOC_ARENAS
+            )
+        } else {
+            match std::env::var("MALLOC_ARENA_MAX") {
+                Ok(v) => format!("MALLOC_ARENA_MAX={v}"),
+                Err(_) => "the C library's own".into(),
+            }
+        }
+    ));
     let mock_tids = Arc::new(Mutex::new(Vec::new()));
     let t = mock_tids.clone();
     let mock_rt = tokio::runtime::Builder::new_multi_thread()
@@ -1668,10 +1985,17 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         .enable_all()
         .build()
         .unwrap();
-    if p.mock_process && !p.restart_only {
+    if (p.mock_process || p.kernel_process) && !p.restart_only {
+        report.errors.push(
+            "--mock-process and --kernel-process measure the restart only: add --restart-only"
+                .into(),
+        );
+        return report;
+    }
+    if p.kernel_process && p.wireguard_go {
         report
             .errors
-            .push("--mock-process measures the restart only: add --restart-only".into());
+            .push("--kernel-process is for the fake kernel, not --dataplane wireguard-go".into());
         return report;
     }
     let main_part = heap::enter(heap::Part::Mock);
@@ -1713,14 +2037,30 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         }
         None => mesh(),
     };
+    let mut kernel_child: Option<KernelProcess> = None;
     let (io, backend): (Box<dyn KernelIo + Send>, Backend) = match &netns {
-        None => {
-            // Only messages change it here: its allowed-IP index is sound, and the search
-            // it replaces is quadratic at this scale.
-            let mut kernel = FakeKernel::new();
-            kernel.index_allowed_ips = true;
-            (Box::new(SharedKernel::new(kernel)), Backend::Kernel)
-        }
+        None if p.kernel_process => match KernelProcess::spawn() {
+            Ok(k) => {
+                let io = k.connect();
+                kernel_child = Some(k);
+                match io {
+                    Ok(io) => (Box::new(io), Backend::Kernel),
+                    Err(e) => {
+                        report
+                            .errors
+                            .push(format!("the fake kernel's process: {e}"));
+                        return report;
+                    }
+                }
+            }
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("the fake kernel's process: {e}"));
+                return report;
+            }
+        },
+        None => (Box::new(SharedKernel::new(bench_kernel())), Backend::Kernel),
         Some(_) => {
             // Opened on one of the agent's threads: in the namespace.
             let opened = agent_rt.block_on(async {
@@ -1748,6 +2088,10 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             Some(n) => format!(
                 "wireguard-go devices {} and {} and rtnetlink in network namespace {} (figures \"inside the fake kernel\" are the time inside netlink send and receive calls)",
                 n.ifnames[0], n.ifnames[1], n.name
+            ),
+            None if p.kernel_process => format!(
+                "the message-level fake kernel, in a process of its own (pid {}; figures \"inside the fake kernel\" are the time inside calls to it over a Unix socket)",
+                kernel_child.as_ref().map_or(0, KernelProcess::pid)
             ),
             None => "the message-level fake kernel".into(),
         }
@@ -1865,6 +2209,13 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             rss.0, rss.1
         ));
     }
+    if let Some(k) = &kernel_child {
+        let rss = k.rss_mb();
+        log(&format!(
+            "the fake kernel's process (not counted above): RSS {:.0} MB, peak {:.0} MB",
+            rss.0, rss.1
+        ));
+    }
     if p.restart_only {
         let _ = stop_tx.send(());
         let _ = agent_rt.block_on(agent);
@@ -1875,6 +2226,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             .errors
             .extend(tracker.lock().unwrap().errors.iter().cloned());
         drop(child);
+        drop(kernel_child);
         return report;
     }
     let Some(api) = api else {
