@@ -1187,10 +1187,54 @@ pub fn serve_mock(nodes: usize, pods: usize) {
     });
 }
 
+/// A child process of this binary that serves the agent (the mock, the fake kernel): its
+/// stdin is a pipe whose closing ends it, and its first line of output says it is ready.
+/// Dropping it ends the child.
+pub struct ServingChild {
+    child: std::process::Child,
+}
+
+impl ServingChild {
+    /// Starts `command` and reads its first line of output.
+    fn spawn(mut command: std::process::Command) -> std::io::Result<(Self, String)> {
+        use std::io::BufRead;
+        let mut child = Self {
+            child: command
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()?,
+        };
+        let mut line = String::new();
+        if let Some(out) = child.child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        Ok((child, line))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (current RSS, peak RSS) of the child, in MB.
+    pub fn rss_mb(&self) -> (f64, f64) {
+        status_rss_mb(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for ServingChild {
+    fn drop(&mut self) {
+        // Closing its stdin ends it; kill in case it does not listen.
+        drop(self.child.stdin.take());
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The mock API server in a child process (this binary with `--serve-mock`), reached over
 /// HTTP on 127.0.0.1. Dropping it ends the child.
 pub struct MockProcess {
-    child: std::process::Child,
+    child: ServingChild,
     port: u16,
 }
 
@@ -1198,7 +1242,6 @@ impl MockProcess {
     /// In the network namespace `netns` when given (the agent's, with the wireguard-go
     /// dataplane: its 127.0.0.1 is the namespace's).
     pub fn spawn(nodes: usize, pods: usize, netns: Option<&str>) -> std::io::Result<Self> {
-        use std::io::BufRead;
         let exe = std::env::current_exe()?;
         let mut command = match netns {
             Some(name) => {
@@ -1208,29 +1251,19 @@ impl MockProcess {
             }
             None => std::process::Command::new(exe),
         };
-        let mut child = command
+        command
             .args(["--serve-mock", "--nodes", &nodes.to_string()])
-            .args(["--pods", &pods.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            std::io::BufReader::new(out).read_line(&mut line)?;
-        }
+            .args(["--pods", &pods.to_string()]);
+        let (child, line) = ServingChild::spawn(command)?;
         let port = line
             .trim()
             .strip_prefix("listening ")
             .and_then(|p| p.parse().ok());
         match port {
             Some(port) => Ok(Self { child, port }),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(std::io::Error::other(format!(
-                    "no port from the mock's process: {line:?}"
-                )))
-            }
+            None => Err(std::io::Error::other(format!(
+                "no port from the mock's process: {line:?}"
+            ))),
         }
     }
 
@@ -1242,17 +1275,7 @@ impl MockProcess {
 
     /// (current RSS, peak RSS) of the mock's process, in MB.
     pub fn rss_mb(&self) -> (f64, f64) {
-        status_rss_mb(&format!("/proc/{}/status", self.child.id()))
-    }
-}
-
-impl Drop for MockProcess {
-    fn drop(&mut self) {
-        // Closing its stdin ends it; kill in case it does not listen.
-        drop(self.child.stdin.take());
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.rss_mb()
     }
 }
 
@@ -1268,29 +1291,19 @@ pub fn bench_kernel() -> FakeKernel {
 /// Unix socket: each connection is a handle of its own ([`SharedKernel::handle`]), as each
 /// `KernelIo` of the agent's process is.
 pub struct KernelProcess {
-    child: std::process::Child,
+    child: ServingChild,
     path: std::path::PathBuf,
 }
 
 impl KernelProcess {
     pub fn spawn() -> std::io::Result<Self> {
-        use std::io::BufRead;
         let path =
             std::env::temp_dir().join(format!("wgmesh-scale-kernel-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let mut child = std::process::Command::new(std::env::current_exe()?)
-            .arg("--serve-kernel")
-            .arg(&path)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            std::io::BufReader::new(out).read_line(&mut line)?;
-        }
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command.arg("--serve-kernel").arg(&path);
+        let (child, line) = ServingChild::spawn(command)?;
         if line.trim() != "listening" {
-            let _ = child.kill();
-            let _ = child.wait();
             return Err(std::io::Error::other(format!(
                 "the fake kernel's process did not start: {line:?}"
             )));
@@ -1308,16 +1321,13 @@ impl KernelProcess {
 
     /// (current RSS, peak RSS) of the kernel's process, in MB.
     pub fn rss_mb(&self) -> (f64, f64) {
-        status_rss_mb(&format!("/proc/{}/status", self.child.id()))
+        self.child.rss_mb()
     }
 }
 
 impl Drop for KernelProcess {
     fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The child ends after this (its field is dropped next); its socket goes now.
         let _ = std::fs::remove_file(&self.path);
     }
 }
