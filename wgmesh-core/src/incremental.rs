@@ -532,15 +532,14 @@ impl IncrementalPlanner {
         if self.local_id().is_none() {
             return plan;
         }
+        let statics = Family::ALL.map(|f| strict_static(&self.mesh, f));
         // Room for both families' routes at once: reserving per family would double the list
         // when the second family is reserved (560,000 routes at 5,000 nodes × 110 pods).
         let room = plan
             .interfaces
             .iter()
             .filter(|i| self.local_routes(i.family).is_some())
-            .map(|i| {
-                self.fams[i.family.index()].claims.len() + strict_static(&self.mesh, i.family).len()
-            })
+            .map(|i| self.fams[i.family.index()].claims.len() + statics[i.family.index()].len())
             .sum();
         let mut routes = Vec::with_capacity(room);
         for iface in &mut plan.interfaces {
@@ -555,9 +554,9 @@ impl IncrementalPlanner {
                     routes.push(route);
                 }
             }
-            for (dest, _) in strict_static(&self.mesh, family) {
-                if !fam.claims.contains_key(&dest)
-                    && let Some(route) = self.route(family, dest, self.decision(family, &dest))
+            for (dest, _) in &statics[f] {
+                if !fam.claims.contains_key(dest)
+                    && let Some(route) = self.route(family, *dest, self.decision(family, dest))
                 {
                     routes.push(route);
                 }
