@@ -637,7 +637,13 @@ impl<D: Dataplane> Agent<D> {
             watcher::Event::Apply(pod) => self.view.apply_pod(&pod),
             watcher::Event::Delete(pod) => self.view.delete_pod(&pod),
             watcher::Event::Init => {
-                self.view.begin_pod_relist();
+                // The first relist: there is no planner before it ends (it is built from
+                // the whole view), so the pods take effect as they come, without events.
+                if self.pods_synced {
+                    self.view.begin_pod_relist();
+                } else {
+                    self.view.begin_pod_relist_without_events();
+                }
                 Changes::default()
             }
             watcher::Event::InitApply(pod) => {

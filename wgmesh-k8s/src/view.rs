@@ -71,7 +71,7 @@ impl Changes {
 struct PodEntry {
     /// The pod's node, by its index in [`ClusterView::pod_nodes`].
     node: u32,
-    /// The relist that last listed this pod unchanged ([`ClusterView::stage_pod`]).
+    /// The last relist that listed this pod ([`ClusterView::stage_pod`]; 0: none).
     listed: u32,
     ips: Box<[IpAddr]>,
 }
@@ -174,6 +174,9 @@ pub struct ClusterView {
     /// A relist in progress: what each listed pod contributes, kept in compact form (the
     /// agent keeps no copy of the Pod objects themselves).
     staged: Option<HashMap<String, Staged>>,
+    /// A relist in progress that takes effect pod by pod, without events
+    /// ([`Self::begin_pod_relist_without_events`]): the warnings it has found so far.
+    applying: Option<Vec<AdapterWarning>>,
     /// The relist in progress (or the last): pods it lists unchanged are marked with it
     /// instead of being staged.
     relist: u32,
@@ -206,6 +209,7 @@ impl ClusterView {
             pod_nodes: NodeNames::default(),
             pod_warnings: HashMap::new(),
             staged: None,
+            applying: None,
             relist: 0,
             workload: HashMap::new(),
             overruled: HashSet::new(),
@@ -496,10 +500,14 @@ impl ClusterView {
     fn set_pod(&mut self, key: String, entry: Option<PodEntry>) -> Changes {
         let mut changes = Changes::default();
         // Unchanged (most pods of a relist): nothing moved, copied or hashed again.
-        if let (Some(o), Some(n)) = (self.pods.get(key.as_str()), &entry)
+        if let (Some(o), Some(n)) = (self.pods.get_mut(key.as_str()), &entry)
             && o.node == n.node
             && o.ips == n.ips
         {
+            // A relist's mark (0 is none: a relist's number never is).
+            if n.listed != 0 {
+                o.listed = n.listed;
+            }
             return changes;
         }
         let old = self.pods.remove(key.as_str());
@@ -591,8 +599,21 @@ impl ClusterView {
     /// [`Self::stage_pod`] and replace the known ones at [`Self::finish_pod_relist`]. Only
     /// what each pod contributes is kept (node and addresses), never the object.
     pub fn begin_pod_relist(&mut self) {
-        self.relist = self.relist.wrapping_add(1);
+        self.relist = self.relist.wrapping_add(1).max(1);
         self.staged = self.track_pods.then(HashMap::new);
+        self.applying = None;
+    }
+
+    /// [`Self::begin_pod_relist`] for a caller that plans from the whole view once the relist
+    /// is complete (the agent before its first plan): each pod takes effect as it is staged,
+    /// and the relist's finish gives its warnings but no events, whichever finish is called.
+    /// The view then never holds the listed pods twice, and the work of taking them in is
+    /// done while the list is still being read. The view reached is the one
+    /// [`Self::finish_pod_relist_without_events`] reaches.
+    pub fn begin_pod_relist_without_events(&mut self) {
+        self.relist = self.relist.wrapping_add(1).max(1);
+        self.staged = None;
+        self.applying = self.track_pods.then(Vec::new);
     }
 
     /// One pod of the relist in progress (kube-runtime's `InitApply`); without
@@ -604,7 +625,7 @@ impl ClusterView {
         if !self.track_pods {
             return;
         }
-        if self.staged.is_none() {
+        if self.staged.is_none() && self.applying.is_none() {
             self.begin_pod_relist();
         }
         let (entry, warnings) = self.entry(pod);
@@ -624,7 +645,16 @@ impl ClusterView {
                 _ => {}
             }
         }
-        if let Some(staged) = &mut self.staged {
+        if self.applying.is_some() {
+            let entry = entry.map(|e| PodEntry {
+                listed: self.relist,
+                ..e
+            });
+            let found = self.set_pod_with_warnings(key, entry, warnings).warnings;
+            if let Some(applying) = &mut self.applying {
+                applying.extend(found);
+            }
+        } else if let Some(staged) = &mut self.staged {
             staged.insert(key, (entry, warnings));
         }
     }
@@ -646,6 +676,23 @@ impl ClusterView {
 
     fn finish_relist(&mut self, events: bool) -> Changes {
         let mut changes = Changes::default();
+        if let Some(warnings) = self.applying.take() {
+            // Listed pods are in already, marked with this relist: the others are gone.
+            let relist = self.relist;
+            let gone: Vec<String> = self
+                .pods
+                .iter()
+                .filter(|(_, e)| e.listed != relist)
+                .map(|(k, _)| k.to_string())
+                .collect();
+            for key in gone {
+                self.pod_warnings.remove(&key);
+                self.set_pod(key, None);
+            }
+            self.pod_nodes.retain_used(self.pods.values());
+            changes.warnings = warnings;
+            return changes;
+        }
         let Some(listed) = self.staged.take() else {
             return changes;
         };
@@ -812,6 +859,87 @@ mod tests {
         };
         assert_eq!(sorted(&l), sorted(&q));
         assert_eq!(l.events.len(), 4, "{:?}", l.events);
+    }
+
+    /// A relist that takes effect pod by pod (the agent's first) reaches the view and the
+    /// warnings a staged relist reaches, without events: pods new, changed, unchanged and
+    /// gone, and a pod whose warnings alone change (its mark must not be lost with them).
+    #[test]
+    fn a_relist_applied_pod_by_pod_makes_the_same_view() {
+        let two_ips = |second: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p6", "namespace": "default"},
+                "spec": {"nodeName": "b", "containers": []},
+                "status": {"phase": "Running",
+                           "podIPs": [{"ip": "10.1.0.6"}, {"ip": second}]}}))
+            .unwrap()
+        };
+        let lists = [
+            vec![
+                pod("p1", "a", "10.1.0.1"),
+                pod("p2", "b", "10.1.0.2"),
+                pod("p3", "b", "not an address"),
+                pod("p4", "a", "10.1.0.4"),
+                two_ips("bad"),
+            ],
+            vec![
+                pod("p1", "a", "10.1.0.9"),
+                pod("p2", "b", "10.1.0.2"),
+                pod("p3", "b", "10.1.0.3"),
+                pod("p5", "c", "10.1.0.5"),
+                two_ips("10.1.0.6"),
+            ],
+            vec![pod("p2", "b", "10.1.0.2"), two_ips("10.1.0.6")],
+        ];
+        let (mut staged, mut applied) = (view(), view());
+        // p3's first address is not one: it holds none.
+        for (list, held) in lists.iter().zip([4, 5, 2]) {
+            let s = relist(&mut staged, list, false);
+            applied.begin_pod_relist_without_events();
+            for p in list {
+                applied.stage_pod(p);
+            }
+            let a = applied.finish_pod_relist();
+            assert!(a.events.is_empty(), "{:?}", a.events);
+            let sorted = |c: &Changes| {
+                let mut w: Vec<String> = c.warnings.iter().map(|w| format!("{w:?}")).collect();
+                w.sort();
+                w
+            };
+            assert_eq!(sorted(&a), sorted(&s));
+            let pods = |v: &ClusterView| {
+                let mut p: Vec<String> = v
+                    .pods
+                    .iter()
+                    .map(|(k, e)| format!("{k} {} {:?}", v.pod_nodes.name(e.node), e.ips))
+                    .collect();
+                p.sort();
+                p
+            };
+            assert_eq!(pods(&applied), pods(&staged));
+            assert_eq!(applied.pods.len(), held, "{:?}", pods(&applied));
+            assert_eq!(applied.pod_warnings, staged.pod_warnings);
+            let mut names: Vec<&Arc<str>> = applied.pod_nodes.ids.keys().collect();
+            names.sort();
+            let mut theirs: Vec<&Arc<str>> = staged.pod_nodes.ids.keys().collect();
+            theirs.sort();
+            assert_eq!(names, theirs);
+            assert_eq!(
+                applied.cluster().unwrap().nodes(),
+                staged.cluster().unwrap().nodes()
+            );
+        }
+        // A staged relist after it gives the events it gives after a staged one.
+        let next = [pod("p2", "b", "10.1.0.7")];
+        let s = relist(&mut staged, &next, true);
+        let a = relist(&mut applied, &next, true);
+        let events = |c: &Changes| {
+            let mut e: Vec<String> = c.events.iter().map(|e| format!("{e:?}")).collect();
+            e.sort();
+            e
+        };
+        assert_eq!(events(&a), events(&s));
+        assert_eq!(a.events.len(), 3, "{:?}", a.events);
     }
 
     /// A node name no pod names after a relist gives its index back; a pod of another node
