@@ -117,7 +117,9 @@ pub struct AgentSettings {
     pub control_plane: ControlPlaneEndpoints,
     /// Quiet time after the last change before a batch of changes is applied.
     pub debounce: Duration,
-    /// Longest a change waits while changes keep coming.
+    /// Longest a change waits while changes keep coming (not less than `debounce`). By
+    /// default the same as the debounce: under steady churn a batch is applied every
+    /// `debounce`, and no change waits longer.
     pub max_delay: Duration,
     /// Interval of full resyncs (rebuild from the watch caches, full reconcile).
     pub resync_interval: Duration,
@@ -157,9 +159,10 @@ pub struct AgentSettings {
 }
 
 impl AgentSettings {
-    /// Settings for node `node_name` with mesh `mesh` and every default: debounce 100 ms (at
-    /// most 200 ms while changes keep coming; up to 4,096 pending deltas), resync every 90 s, publication backoff 1 s to 60 s, dataplane backoff 1 s
-    /// to 30 s, pods watched iff the route source is `workload_ips`.
+    /// Settings for node `node_name` with mesh `mesh` and every default: debounce 100 ms (and
+    /// no change waits longer while changes keep coming; up to 4,096 pending deltas), resync
+    /// every 90 s, publication backoff 1 s to 60 s, dataplane backoff 1 s to 30 s, pods
+    /// watched iff the route source is `workload_ips`.
     pub fn new(node_name: impl Into<String>, mesh: MeshConfig) -> Self {
         let watch_pods = mesh.route_source == wgmesh_core::RouteSource::WorkloadIps;
         Self {
@@ -169,7 +172,7 @@ impl AgentSettings {
             watch_pods,
             control_plane: ControlPlaneEndpoints::default(),
             debounce: Duration::from_millis(100),
-            max_delay: Duration::from_millis(200),
+            max_delay: Duration::from_millis(100),
             resync_interval: Duration::from_secs(90),
             publish_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             echo_timeout: Duration::from_secs(10),

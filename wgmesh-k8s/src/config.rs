@@ -21,7 +21,7 @@
 //!   port: 6443                     # the API server's port on control-plane nodes
 //! underlay_mtu: null               # publish this node's underlay MTU
 //! debounce_ms: 100
-//! max_delay_ms: 200
+//! max_delay_ms: 100               # at most this long while changes keep coming (default: debounce_ms)
 //! resync_seconds: 90
 //! publish_backoff_max_seconds: 60
 //! health_address: 127.0.0.1:9469   # /healthz, /readyz and /metrics for the host; "" turns it off
@@ -398,8 +398,16 @@ impl ConfigSpec {
         settings.control_plane = ControlPlaneEndpoints::new(fixed, label.map(|_| port));
         settings.debounce =
             Duration::from_millis(ranged("debounce_ms", self.debounce_ms, 100, 0, 60_000)?);
-        settings.max_delay =
-            Duration::from_millis(ranged("max_delay_ms", self.max_delay_ms, 200, 0, 600_000)?);
+        // By default a change waits at most the debounce (a batch every debounce_ms while
+        // changes keep coming).
+        let debounce_ms = settings.debounce.as_millis() as u64;
+        settings.max_delay = Duration::from_millis(ranged(
+            "max_delay_ms",
+            self.max_delay_ms,
+            debounce_ms,
+            0,
+            600_000,
+        )?);
         if settings.max_delay < settings.debounce {
             return Err(invalid(
                 "max_delay_ms",

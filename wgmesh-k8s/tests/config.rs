@@ -30,7 +30,7 @@ fn defaults_in_a_pod() {
     assert!(!s.watch_pods, "cidr_blocks: no pods");
     assert_eq!(s.resync_interval, Duration::from_secs(90));
     assert_eq!(s.debounce, Duration::from_millis(100));
-    assert_eq!(s.max_delay, Duration::from_millis(200));
+    assert_eq!(s.max_delay, Duration::from_millis(100));
     assert_eq!(s.publish_backoff.max, Duration::from_secs(60));
     assert_eq!(s.control_plane.fixed, ["10.0.0.1:443".parse().unwrap()]);
     assert_eq!(s.control_plane.node_port, Some(6443));
@@ -115,6 +115,24 @@ fn json_works_too_and_an_empty_health_address_turns_it_off() {
         .unwrap();
     assert_eq!(c.health_address, None);
     assert!(c.settings.control_plane.fixed.is_empty(), "not in a pod");
+}
+
+/// Without `max_delay_ms`, a change waits at most the debounce, whatever the debounce is (a
+/// longer debounce alone is not refused as longer than the maximum).
+#[test]
+fn max_delay_follows_the_debounce_unless_set() {
+    let settings = |text: &str| {
+        ConfigSpec::parse(text)
+            .unwrap()
+            .validate(env(&[]))
+            .unwrap()
+            .settings
+    };
+    let s = settings("node_name: n\ndebounce_ms: 500");
+    assert_eq!(s.debounce, Duration::from_millis(500));
+    assert_eq!(s.max_delay, Duration::from_millis(500));
+    let s = settings("node_name: n\ndebounce_ms: 50\nmax_delay_ms: 400");
+    assert_eq!(s.max_delay, Duration::from_millis(400));
 }
 
 #[test]

@@ -433,16 +433,17 @@ fn pods_churn_in_debounced_batches() {
     let mut d = aks();
     d.run_for(10 * MS);
     d.take_ops();
-    // Three pods start on node 1 within 100 ms of each other: one batch.
+    // Three pods start on node 1 within the 100 ms after the first: one batch, applied
+    // 100 ms after the first.
     for (i, ip) in ["10.240.0.40", "10.240.0.41", "10.240.0.42"]
         .iter()
         .enumerate()
     {
         d.pod(pod("default", &format!("web-{i}"), N1, &[ip], "Running"));
-        d.run_for(40 * MS);
+        d.run_for(30 * MS);
     }
     assert!(d.agent.dataplane().calls().is_empty(), "still debouncing");
-    d.run_for(100 * MS);
+    d.run_for(20 * MS);
     let calls = d.take_calls();
     assert_eq!(calls.len(), 3, "one delta per event, applied together");
     assert!(calls.iter().all(|c| matches!(c, Call::Delta(_))));
@@ -505,7 +506,8 @@ fn pods_churn_in_debounced_batches() {
 
 #[test]
 fn a_continuous_burst_is_applied_within_max_delay() {
-    let mut d = aks();
+    // Longer than the debounce: a change every 50 ms never leaves 100 ms of quiet.
+    let mut d = aks_with(|s| s.max_delay = 300 * MS);
     d.run_for(10 * MS);
     d.take_calls();
     let start = d.elapsed();
