@@ -10,7 +10,9 @@
 //! Options: `--nodes N` (5000), `--pods P` per node (110), `--rates R,R,…` (100,1000,5000
 //! pod events per second), `--churn-secs S` (30), `--burst N` (100), `--outage-secs S` (60),
 //! `--outage-rate R` (100 events per second during the outage), `--steady-secs S` (120),
-//! `--resync-secs S` (the agent's resync interval; its default is 90), `--foreground-resync`
+//! `--resync-secs S` (the agent's resync interval; its default is 90), `--max-delay-ms M`
+//! (the agent's `max_delay`: how long a change may wait for the debounce at most),
+//! `--foreground-resync`
 //! (the resync as a full reconcile on the event loop, as before it moved to a thread),
 //! `--restart-only` (stop after the first full apply: its time and memory),
 //! `--mock-process` (with `--restart-only`: the mock API server in a child process, this
@@ -89,6 +91,7 @@ fn parse(
             "--outage-secs" => params.outage_secs = number(&value)? as u64,
             "--outage-rate" => params.outage_rate = number(&value)?,
             "--steady-secs" => params.steady_secs = number(&value)? as u64,
+            "--max-delay-ms" => params.max_delay_ms = Some(number(&value)? as u64),
             "--resync-secs" => params.resync_secs = Some(number(&value)?.max(1) as u64),
             "--dataplane" => {
                 params.wireguard_go = match value.as_str() {

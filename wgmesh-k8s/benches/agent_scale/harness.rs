@@ -716,7 +716,23 @@ impl State {
     /// One pod event: a creation, a deletion or an IP move, in turn.
     fn churn_one(&mut self, turn: u64) {
         let now = Instant::now();
-        let n = self.rand(self.slots.len());
+        // A node with a slot of each kind the turn needs (a free one to add, a pod to delete
+        // or move): after enough churn a node can be full or empty, and picking a slot there
+        // never ended.
+        let (free, held) = match turn % 3 {
+            0 => (true, false),
+            1 => (false, true),
+            _ => (true, true),
+        };
+        let n = loop {
+            let n = self.rand(self.slots.len());
+            let slots = &self.slots[n];
+            if (!free || slots.iter().any(Option::is_none))
+                && (!held || slots.iter().any(Option::is_some))
+            {
+                break n;
+            }
+        };
         let pick = |st: &mut Self, occupied: bool| loop {
             let s = st.rand(SLOTS);
             if st.slots[n][s].is_some() == occupied {
@@ -1747,6 +1763,8 @@ pub struct Params {
     pub steady_secs: u64,
     /// The agent's resync interval (`None`: its default, 90 s).
     pub resync_secs: Option<u64>,
+    /// The agent's `max_delay` (`None`: its default).
+    pub max_delay_ms: Option<u64>,
     /// Resync on the event loop (a full reconcile), as before the background resync: the
     /// dataplane offers no `begin_resync`.
     pub foreground_resync: bool,
@@ -1778,6 +1796,7 @@ impl Params {
             outage_rate: 100,
             steady_secs: 120,
             resync_secs: None,
+            max_delay_ms: None,
             foreground_resync: false,
             patience: Duration::from_secs(120),
             restart_only: false,
@@ -1799,6 +1818,7 @@ impl Params {
             steady_secs: 1,
             // Resyncs during every phase: they run beside the deltas.
             resync_secs: Some(2),
+            max_delay_ms: None,
             foreground_resync: false,
             patience: Duration::from_secs(60),
             restart_only: false,
@@ -2124,6 +2144,9 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     };
     let mut settings = AgentSettings::new(node_name(0), mesh.clone());
     settings.watch_pods = true;
+    if let Some(ms) = p.max_delay_ms {
+        settings.max_delay = Duration::from_millis(ms).max(settings.debounce);
+    }
     if let Some(s) = p.resync_secs {
         settings.resync_interval = Duration::from_secs(s);
     }
@@ -2203,6 +2226,29 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             s.heap_at.as_secs_f64(),
             s.dataplane_mb,
             s.dataplane_at.as_secs_f64()
+        ));
+    }
+    if let Some(api) = &api {
+        // Where the restart's time went: the lists (requests as the mock received them),
+        // then the agent's own work up to the first full apply.
+        let lists = |path: &str| -> (usize, f64, f64) {
+            let at: Vec<f64> = api
+                .requests()
+                .iter()
+                .filter(|r| r.path == path && !r.watch && r.at >= start)
+                .map(|r| (r.at - start).as_secs_f64())
+                .collect();
+            (
+                at.len(),
+                at.first().copied().unwrap_or(0.0),
+                at.last().copied().unwrap_or(0.0),
+            )
+        };
+        let (n, n0, n1) = lists("/api/v1/nodes");
+        let (p0, p1, p2) = lists("/api/v1/pods");
+        log(&format!(
+            "restart timeline: {n} node list pages requested from {n0:.2} s to {n1:.2} s, {p0} pod list pages from {p1:.2} s to {p2:.2} s, first full apply done at {:.2} s",
+            report.restart.as_secs_f64()
         ));
     }
     if let Some(n) = &netns {
