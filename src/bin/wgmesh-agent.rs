@@ -21,6 +21,12 @@ use wgmesh::k8s::{daemon, logging, tokio, tracing};
 
 mod shared;
 
+/// The static (musl) build's allocator, the image's: with musl's own malloc a restart at
+/// 5,000 nodes × 110 pods took twice as long as with glibc's (BENCHMARKS.md, "Eighth round").
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use shared::Failure;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -108,7 +108,7 @@ pub const MALLOC_ARENAS: i32 = 2;
 /// freed in one arena is not reused by another: at 5,000 nodes × 110 pods the agent's
 /// process peaked about 40 MB higher with the default (BENCHMARKS.md, "Seventh round").
 /// Returns whether the cap was set: never with another C library (the image's static
-/// binaries use musl's allocator, which has no arenas).
+/// `wgmesh-agent` allocates with mimalloc instead of musl's malloc).
 ///
 /// ```
 /// let capped = wgmesh_k8s::daemon::limit_malloc_arenas();

@@ -177,9 +177,16 @@ impl PodTemplate {
 /// `recv` is the kernel, everything else the agent), so a free is charged to the part that
 /// allocated, wherever it happens. The headers themselves are not counted (but are in RSS).
 pub mod heap {
-    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::alloc::{GlobalAlloc, Layout};
     use std::cell::Cell;
     use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering::Relaxed};
+
+    // The allocator under the tags: the one `wgmesh-agent` has on the same target (glibc's
+    // malloc; mimalloc in the static musl build of the image).
+    #[cfg(target_env = "musl")]
+    use mimalloc::MiMalloc as Inner;
+    #[cfg(not(target_env = "musl"))]
+    use std::alloc::System as Inner;
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Part {
@@ -296,7 +303,7 @@ pub mod heap {
 
     pub struct Tagged;
 
-    // SAFETY: every block handed out is `offset` bytes into a block of `System` of the
+    // SAFETY: every block handed out is `offset` bytes into a block of `Inner` of the
     // outer layout, which is recomputed from the caller's layout at free and realloc; the
     // tag byte sits at the start of the outer block.
     #[allow(unsafe_code)]
@@ -307,7 +314,7 @@ pub mod heap {
                 return std::ptr::null_mut();
             };
             // SAFETY: `o` has a non-zero size.
-            let base = unsafe { System.alloc(o) };
+            let base = unsafe { Inner.alloc(o) };
             if base.is_null() {
                 return base;
             }
@@ -330,7 +337,7 @@ pub mod heap {
                 let base = p.sub(offset);
                 account(*base, -(l.size() as isize));
                 count(*base, -1);
-                System.dealloc(base, o);
+                Inner.dealloc(base, o);
             }
         }
 
@@ -343,7 +350,7 @@ pub mod heap {
             unsafe {
                 let base = p.sub(offset);
                 let tag = *base;
-                let nb = System.realloc(base, o, new_size + offset);
+                let nb = Inner.realloc(base, o, new_size + offset);
                 if nb.is_null() {
                     return nb;
                 }
