@@ -759,6 +759,13 @@ mod tests {
         v
     }
 
+    /// Events or warnings as sorted text (a map's order differs between two views).
+    fn sorted<T: std::fmt::Debug>(items: &[T]) -> Vec<String> {
+        let mut text: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+        text.sort();
+        text
+    }
+
     fn relist(v: &mut ClusterView, pods: &[Pod], events: bool) -> Changes {
         v.begin_pod_relist();
         for p in pods {
@@ -852,12 +859,7 @@ mod tests {
         let l = relist(&mut loud, &second, true);
         let q = relist(&mut quiet, &second, true);
         // The same events (in the staged map's order, which differs between two maps).
-        let sorted = |c: &Changes| {
-            let mut e: Vec<String> = c.events.iter().map(|e| format!("{e:?}")).collect();
-            e.sort();
-            e
-        };
-        assert_eq!(sorted(&l), sorted(&q));
+        assert_eq!(sorted(&l.events), sorted(&q.events));
         assert_eq!(l.events.len(), 4, "{:?}", l.events);
     }
 
@@ -901,12 +903,7 @@ mod tests {
             }
             let a = applied.finish_pod_relist();
             assert!(a.events.is_empty(), "{:?}", a.events);
-            let sorted = |c: &Changes| {
-                let mut w: Vec<String> = c.warnings.iter().map(|w| format!("{w:?}")).collect();
-                w.sort();
-                w
-            };
-            assert_eq!(sorted(&a), sorted(&s));
+            assert_eq!(sorted(&a.warnings), sorted(&s.warnings));
             let pods = |v: &ClusterView| {
                 let mut p: Vec<String> = v
                     .pods
@@ -933,12 +930,7 @@ mod tests {
         let next = [pod("p2", "b", "10.1.0.7")];
         let s = relist(&mut staged, &next, true);
         let a = relist(&mut applied, &next, true);
-        let events = |c: &Changes| {
-            let mut e: Vec<String> = c.events.iter().map(|e| format!("{e:?}")).collect();
-            e.sort();
-            e
-        };
-        assert_eq!(events(&a), events(&s));
+        assert_eq!(sorted(&a.events), sorted(&s.events));
         assert_eq!(a.events.len(), 3, "{:?}", a.events);
     }
 
