@@ -14,7 +14,8 @@
 //! (the agent's `max_delay`: how long a change may wait for the debounce at most),
 //! `--foreground-resync`
 //! (the resync as a full reconcile on the event loop, as before it moved to a thread),
-//! `--restart-only` (stop after the first full apply: its time and memory),
+//! `--restart-only` (stop after the first full apply: its time and memory; with
+//! `--hold-secs S`, S seconds later, with the peaks of RSS and heap over those seconds),
 //! `--mock-process` (with `--restart-only`: the mock API server in a child process, this
 //! binary run with `--serve-mock`, over HTTP on 127.0.0.1, so that the agent's process holds
 //! only the agent and the fake kernel), `--kernel-process` (with `--restart-only`: the fake
@@ -91,6 +92,7 @@ fn parse(
             "--outage-secs" => params.outage_secs = number(&value)? as u64,
             "--outage-rate" => params.outage_rate = number(&value)?,
             "--steady-secs" => params.steady_secs = number(&value)? as u64,
+            "--hold-secs" => params.hold_secs = number(&value)? as u64,
             "--max-delay-ms" => params.max_delay_ms = Some(number(&value)? as u64),
             "--resync-secs" => params.resync_secs = Some(number(&value)?.max(1) as u64),
             "--dataplane" => {

@@ -1779,6 +1779,10 @@ pub struct Params {
     pub patience: Duration,
     /// Stop after the restart's first full apply (its time and memory only).
     pub restart_only: bool,
+    /// With `restart_only`: keep the agent running this long after the first full apply
+    /// (its background resyncs, every `resync_secs`), and report the peak RSS and heap over
+    /// that time alone.
+    pub hold_secs: u64,
     /// Run the mock API server in a process of its own (with `restart_only`): the agent's
     /// process then holds only the agent and the fake kernel.
     pub mock_process: bool,
@@ -1807,6 +1811,7 @@ impl Params {
             foreground_resync: false,
             patience: Duration::from_secs(120),
             restart_only: false,
+            hold_secs: 0,
             mock_process: false,
             kernel_process: false,
             wireguard_go: false,
@@ -1829,6 +1834,7 @@ impl Params {
             foreground_resync: false,
             patience: Duration::from_secs(60),
             restart_only: false,
+            hold_secs: 0,
             mock_process: false,
             kernel_process: false,
             wireguard_go: false,
@@ -2278,6 +2284,21 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             "the fake kernel's process (not counted above): RSS {:.0} MB, peak {:.0} MB",
             rss.0, rss.1
         ));
+    }
+    if p.restart_only && p.hold_secs > 0 {
+        // The steady state after the restart: RSS and heap peaks over the hold alone.
+        let begun = tracker.lock().unwrap().background.len();
+        reset_peak_rss();
+        heap::reset_peaks();
+        std::thread::sleep(Duration::from_secs(p.hold_secs));
+        let resyncs = tracker.lock().unwrap().background.len() - begun;
+        let (rss, peak) = rss_mb();
+        let [_, _, _, d, _, a] = heap::figures();
+        log(&format!(
+            "held {} s after the first full apply ({resyncs} background resyncs done): RSS {rss:.0} MB, peak {peak:.0} MB over the hold; agent heap live / peak {:.0} / {:.0} MB (in dataplane calls {:.0} / {:.0})",
+            p.hold_secs, a.0, a.1, d.0, d.1
+        ));
+        report.restart_rss_peak_mb = report.restart_rss_peak_mb.max(peak);
     }
     if p.restart_only {
         let _ = stop_tx.send(());
