@@ -22,7 +22,7 @@ use wgmesh::k8s::{daemon, logging, tokio, tracing};
 mod shared;
 
 /// The static (musl) build's allocator, the image's: with musl's own malloc a restart at
-/// 5,000 nodes × 110 pods took twice as long as with glibc's (BENCHMARKS.md, "Eighth round").
+/// 5,000 nodes × 110 pods took 1.5-2 times as long as with glibc's (BENCHMARKS.md, "Eighth round").
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
