@@ -62,6 +62,10 @@ impl Refusal {
 /// The answer to one request: its reply messages (whole, header included), or the refusal.
 pub(crate) type Answer = std::result::Result<Vec<Vec<u8>>, Refusal>;
 
+/// How one request ended, its replies handed out as they came
+/// ([`Pipeline::transact_each`]): acknowledged (or not answered), or refused.
+pub(crate) type Outcome = std::result::Result<(), Refusal>;
+
 /// Sequence numbers, per protocol, and the receive buffer.
 #[derive(Debug)]
 pub(crate) struct Pipeline {
@@ -110,13 +114,41 @@ impl Pipeline {
         groups: Option<&[Range<usize>]>,
         doing: &str,
     ) -> Result<Vec<Answer>> {
+        let mut partial: Vec<Vec<Vec<u8>>> = vec![Vec::new(); reqs.len()];
+        let outcomes = self.transact_each(io, protocol, reqs, groups, doing, &mut |i, m| {
+            partial[i].push(m.to_vec());
+            Ok(())
+        })?;
+        Ok(outcomes
+            .into_iter()
+            .zip(partial)
+            .map(|(o, p)| o.map(|()| p))
+            .collect())
+    }
+
+    /// [`Self::transact`], handing each reply message to `each` (with the index of its
+    /// request) as it arrives instead of keeping it: a dump of 560,000 routes kept as
+    /// messages took 70–85 MB before the first was parsed. After an error of `each`, the
+    /// rest of the replies are received and dropped (a socket whose dump was left unread
+    /// refuses the next one with `EBUSY`), and the error is returned. A request's replies
+    /// come before its outcome: a refused request may have had some.
+    pub(crate) fn transact_each<K: KernelIo + ?Sized>(
+        &mut self,
+        io: &mut K,
+        protocol: Protocol,
+        reqs: &[Outgoing],
+        groups: Option<&[Range<usize>]>,
+        doing: &str,
+        each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<Vec<Outcome>> {
         let index: HashMap<u32, usize> = reqs.iter().enumerate().map(|(i, r)| (r.seq, i)).collect();
         let mut state = Collect {
             index: &index,
             answered: reqs.iter().map(|r| r.answered).collect(),
             outcomes: (0..reqs.len()).map(|_| None).collect(),
-            partial: vec![Vec::new(); reqs.len()],
             outstanding: 0,
+            each,
+            failed: None,
         };
         let packed;
         let groups = match groups {
@@ -149,12 +181,19 @@ impl Pipeline {
                 self.receive(io, protocol, &mut state, doing)?;
             }
         }
+        if let Some(e) = state.failed {
+            return Err(e);
+        }
         Ok(state
             .outcomes
             .into_iter()
-            .zip(state.partial)
-            .map(|(o, p)| o.unwrap_or(Ok(p)))
+            .map(|o| o.unwrap_or(Ok(())))
             .collect())
+    }
+
+    /// Wipes the receive buffer (it may hold a device's private key, read back).
+    pub(crate) fn wipe_buffer(&mut self) {
+        self.buf.zeroize();
     }
 
     fn receive<K: KernelIo + ?Sized>(
@@ -185,7 +224,7 @@ impl Pipeline {
                 Some(ack) => {
                     let ack = ack.map_err(|e: DecodeError| Error::decode(doing.to_owned(), e))?;
                     st.outcomes[i] = Some(if ack.code == 0 {
-                        Ok(std::mem::take(&mut st.partial[i]))
+                        Ok(())
                     } else {
                         Err(Refusal {
                             errno: ack.code.saturating_abs(),
@@ -196,7 +235,12 @@ impl Pipeline {
                         st.outstanding = st.outstanding.saturating_sub(1);
                     }
                 }
-                None => st.partial[i].push(m.to_vec()),
+                None if st.failed.is_none() => {
+                    if let Err(e) = (st.each)(i, m) {
+                        st.failed = Some(e);
+                    }
+                }
+                None => {}
             }
         }
         Ok(())
@@ -206,9 +250,11 @@ impl Pipeline {
 struct Collect<'a> {
     index: &'a HashMap<u32, usize>,
     answered: Vec<bool>,
-    outcomes: Vec<Option<Answer>>,
-    partial: Vec<Vec<Vec<u8>>>,
+    outcomes: Vec<Option<Outcome>>,
     outstanding: usize,
+    each: &'a mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    /// The first error of `each`: the replies after it are dropped.
+    failed: Option<Error>,
 }
 
 /// Groups requests into datagrams of at most [`SEND_CHUNK`] bytes and half a window of
@@ -285,6 +331,61 @@ mod tests {
         assert!(err.contains("no answer from the kernel"), "{err}");
         assert!(waited >= timeout, "{waited:?}");
         assert_eq!(then.unwrap(), [Ok(vec![]), Ok(vec![])]);
+    }
+
+    /// A dump whose replies are handed out as they come, and whose reader fails on the
+    /// first: the error comes back, the rest of the dump is drained (the kernel would refuse
+    /// the next dump with `EBUSY` otherwise), and the next dump reads every route.
+    #[test]
+    fn a_failed_reader_drains_its_dump() {
+        use crate::state::{ActualRoute, ActualRouteKind};
+        use crate::testing::FakeKernel;
+        use wgmesh_core::Family;
+        let mut kernel = FakeKernel::new();
+        for i in 0..5_000u32 {
+            kernel.add_route(ActualRoute {
+                family: Family::V4,
+                table: 1,
+                destination: ipnet::IpNet::new(
+                    std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+                    32,
+                )
+                .unwrap(),
+                kind: ActualRouteKind::Throw,
+                device: None,
+                oif: None,
+                gateway: None,
+                metric: 0,
+                tos: 0,
+            });
+        }
+        let mut p = Pipeline::default();
+        let dump = |p: &mut Pipeline, kernel: &mut FakeKernel, fail: bool| {
+            let (flags, m) = crate::wire::route::route_dump(Family::V4);
+            let req = p.message(Protocol::Route, flags, &m);
+            let mut seen = 0;
+            let out = p.transact_each(
+                kernel,
+                Protocol::Route,
+                &[req],
+                None,
+                "dump",
+                &mut |_, _| {
+                    seen += 1;
+                    match fail {
+                        true => Err(Error::io("read", std::io::Error::other("refused"))),
+                        false => Ok(()),
+                    }
+                },
+            );
+            (out.map_err(|e| e.to_string()), seen)
+        };
+        let (failed, seen) = dump(&mut p, &mut kernel, true);
+        assert!(failed.unwrap_err().contains("refused"));
+        assert_eq!(seen, 1);
+        let (out, seen) = dump(&mut p, &mut kernel, false);
+        assert_eq!(out.unwrap(), [Ok(())]);
+        assert_eq!(seen, 5_000);
     }
 
     #[test]

@@ -298,6 +298,17 @@ impl<K: KernelIo> Linux<K> {
             .transact(&mut self.io, protocol, reqs, groups, doing)
     }
 
+    fn transact_each(
+        &mut self,
+        protocol: Protocol,
+        reqs: &[Outgoing],
+        doing: &str,
+        each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<Vec<crate::exec::Outcome>> {
+        self.pipeline
+            .transact_each(&mut self.io, protocol, reqs, None, doing, each)
+    }
+
     fn rt(&mut self, reqs: &[RtRequest], doing: &str) -> Result<Vec<Answer>> {
         let out: Vec<Outgoing> = reqs
             .iter()
@@ -310,7 +321,16 @@ impl<K: KernelIo> Linux<K> {
 
 impl<K: KernelIo> Dataplane for Linux<K> {
     fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState> {
-        self.read_state(own, sysctls)
+        self.read_state(own, sysctls, &mut |_| false)
+    }
+
+    fn read_with(
+        &mut self,
+        own: &Ownership,
+        sysctls: &[String],
+        take: &mut dyn FnMut(&crate::ActualRoute) -> bool,
+    ) -> Result<ActualState> {
+        self.read_state(own, sysctls, take)
     }
 
     fn execute(&mut self, ops: &[Operation], keys: &KeyRing) -> Result<usize> {

@@ -15,7 +15,7 @@ use crate::exec::Answer;
 use crate::io::KernelIo;
 use crate::lower::{self};
 use crate::marking::{Expr, FAMILIES, NftSet, NftTable};
-use crate::state::{ActualDevice, ActualLink, ActualState, Ownership, PeerStats};
+use crate::state::{ActualDevice, ActualLink, ActualRoute, ActualState, Ownership, PeerStats};
 use crate::wire::Protocol;
 use crate::wire::genl::{self, Wg};
 use crate::wire::nft::{self, NftRequest};
@@ -43,7 +43,7 @@ impl<K: KernelIo> Linux<K> {
     }
 
     /// Dumps a WireGuard device and hands each part to `merge` (which wipes its private
-    /// key). `Ok(false)` when there is no such device.
+    /// key) as it arrives. `Ok(false)` when there is no such device.
     fn wg_dump(
         &mut self,
         family_id: u16,
@@ -61,18 +61,14 @@ impl<K: KernelIo> Linux<K> {
                 message: &m,
             },
         );
-        let mut out = self.transact(Protocol::Generic, &[req], None, &doing)?;
-        match out.pop() {
-            Some(Ok(parts)) => {
-                for mut p in parts {
-                    let parsed: std::result::Result<GenlMessage<WireguardMessage>, Error> =
-                        parse(&p, "WG_CMD_GET_DEVICE", &doing);
-                    zeroize::Zeroize::zeroize(&mut p);
-                    let mut parsed = parsed?;
-                    merge(&mut parsed.payload).map_err(|e| Error::decode(&doing, e))?;
-                }
-                Ok(true)
-            }
+        let out = self.transact_each(Protocol::Generic, &[req], &doing, &mut |_, p| {
+            let mut parsed: GenlMessage<WireguardMessage> = parse(p, "WG_CMD_GET_DEVICE", &doing)?;
+            merge(&mut parsed.payload).map_err(|e| Error::decode(&doing, e))
+        });
+        // The replies were parsed straight from the receive buffer: it held the key.
+        self.pipeline.wipe_buffer();
+        match out?.pop() {
+            Some(Ok(())) => Ok(true),
             Some(Err(r)) if r.errno == ENODEV || r.errno == ENOENT => Ok(false),
             Some(Err(r)) => Err(r.error(doing)),
             None => Ok(false),
@@ -108,9 +104,9 @@ impl<K: KernelIo> Linux<K> {
             let by_index: HashMap<u32, String> =
                 links.iter().map(|(n, l)| (l.index, n.clone())).collect();
             let doing = "dump addresses";
-            for r in self.dump(route::address_dump(), doing)?.unwrap_or_default() {
-                let RouteNetlinkMessage::NewAddress(m) = parse(&r, "RTM_NEWADDR", doing)? else {
-                    continue;
+            self.dump(route::address_dump(), doing, &mut |r| {
+                let RouteNetlinkMessage::NewAddress(m) = parse(r, "RTM_NEWADDR", doing)? else {
+                    return Ok(());
                 };
                 if let Some((index, net)) =
                     route::parse_address(&m).map_err(|e| Error::decode(doing, e))?
@@ -119,19 +115,32 @@ impl<K: KernelIo> Linux<K> {
                         l.addresses.push(net);
                     }
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(links)
     }
 
-    /// One rtnetlink dump (`None`: the family is not there, e.g. no IPv6).
-    fn dump(&mut self, req: RtRequest, doing: &str) -> Result<Option<Vec<Vec<u8>>>> {
-        match self.rt(&[req], doing)?.pop() {
-            Some(Ok(replies)) => Ok(Some(replies)),
+    /// One rtnetlink dump, each reply handed to `each` as it arrives (`Ok(false)`: the
+    /// family is not there, e.g. no IPv6).
+    fn dump(
+        &mut self,
+        req: RtRequest,
+        doing: &str,
+        each: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<bool> {
+        let (flags, m) = req;
+        let req = self.pipeline.message(Protocol::Route, flags, &m);
+        self.messages += 1;
+        match self
+            .transact_each(Protocol::Route, &[req], doing, &mut |_, r| each(r))?
+            .pop()
+        {
+            Some(Ok(())) => Ok(true),
             // A kernel without IPv6 has no IPv6 routes or rules.
-            Some(Err(r)) if r.errno == EOPNOTSUPP || r.errno == EAFNOSUPPORT => Ok(None),
+            Some(Err(r)) if r.errno == EOPNOTSUPP || r.errno == EAFNOSUPPORT => Ok(false),
             Some(Err(r)) => Err(r.error(doing)),
-            None => Ok(None),
+            None => Ok(false),
         }
     }
 
@@ -255,11 +264,13 @@ impl<K: KernelIo> Linux<K> {
             .map_err(|e| Error::io(format!("read sysctl {key}"), e))
     }
 
-    /// What the host has of what `own` names (and the sysctls in `sysctls`).
+    /// What the host has of what `own` names (and the sysctls in `sysctls`), but the routes
+    /// that `take` takes as they are read.
     pub(super) fn read_state(
         &mut self,
         own: &Ownership,
         sysctls: &[String],
+        take: &mut dyn FnMut(&ActualRoute) -> bool,
     ) -> Result<ActualState> {
         let mut s = ActualState::default();
         let links = self.read_links(&own.interfaces)?;
@@ -287,32 +298,30 @@ impl<K: KernelIo> Linux<K> {
         s.links = links;
         // One dump at a time per socket (the kernel answers EBUSY otherwise).
         for family in [Family::V4, Family::V6] {
-            for r in self
-                .dump(route::route_dump(family), "dump routes")?
-                .unwrap_or_default()
-            {
-                let m = parse(&r, "RTM_NEWROUTE", "dump routes")?;
-                let RouteNetlinkMessage::NewRoute(m) = m else {
-                    continue;
-                };
-                if let Some(mut route) = route::parse_route(&m, own.table)
-                    .map_err(|e| Error::decode("dump routes", e))?
+            // Parsed as the dump comes: 560,000 routes at 5,000 nodes × 110 pods.
+            let doing = "dump routes";
+            self.dump(route::route_dump(family), doing, &mut |r| {
+                if let RouteNetlinkMessage::NewRoute(m) = parse(r, "RTM_NEWROUTE", doing)?
+                    && let Some(mut route) =
+                        route::parse_route(&m, own.table).map_err(|e| Error::decode(doing, e))?
                 {
                     route.device = route.oif.and_then(|x| by_index.get(&x).cloned());
-                    s.routes.push(route);
+                    if !take(&route) {
+                        s.routes.push(route);
+                    }
                 }
-            }
-            for r in self
-                .dump(route::rule_dump(family), "dump rules")?
-                .unwrap_or_default()
-            {
-                if let RouteNetlinkMessage::NewRule(m) = parse(&r, "RTM_NEWRULE", "dump rules")? {
+                Ok(())
+            })?;
+            let doing = "dump rules";
+            self.dump(route::rule_dump(family), doing, &mut |r| {
+                if let RouteNetlinkMessage::NewRule(m) = parse(r, "RTM_NEWRULE", doing)? {
                     match route::parse_rule(&m, own.table) {
                         Some(rule) => s.rules.push(rule),
                         None => s.foreign_rules.extend(route::parse_foreign_rule(&m)),
                     }
                 }
-            }
+                Ok(())
+            })?;
         }
         for key in sysctls {
             if let Some(v) = self.read_sysctl(key)? {

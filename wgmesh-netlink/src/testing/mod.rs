@@ -84,6 +84,15 @@ impl<D: Dataplane> Dataplane for FailingDataplane<D> {
         self.inner.read(own, sysctls)
     }
 
+    fn read_with(
+        &mut self,
+        own: &Ownership,
+        sysctls: &[String],
+        take: &mut dyn FnMut(&crate::ActualRoute) -> bool,
+    ) -> Result<ActualState> {
+        self.inner.read_with(own, sysctls, take)
+    }
+
     fn execute(&mut self, ops: &[Operation], keys: &KeyRing) -> Result<usize> {
         match self.fail_at {
             Some(k) if k < self.seen + ops.len() => {
@@ -167,6 +176,15 @@ impl<D: Dataplane> Recording<D> {
 impl<D: Dataplane> Dataplane for Recording<D> {
     fn read(&mut self, own: &Ownership, sysctls: &[String]) -> Result<ActualState> {
         self.inner.read(own, sysctls)
+    }
+
+    fn read_with(
+        &mut self,
+        own: &Ownership,
+        sysctls: &[String],
+        take: &mut dyn FnMut(&crate::ActualRoute) -> bool,
+    ) -> Result<ActualState> {
+        self.inner.read_with(own, sysctls, take)
     }
 
     fn execute(&mut self, ops: &[Operation], keys: &KeyRing) -> Result<usize> {
