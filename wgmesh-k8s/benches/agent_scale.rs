@@ -23,7 +23,8 @@
 //! socket, so that the measured process holds only the agent),
 //! `--dataplane wireguard-go` (wireguard-go devices and the host's rtnetlink in a network
 //! namespace of the bench's own instead of the fake kernel; needs root and wireguard-go,
-//! skipped with the reason otherwise), `--smoke` (the small scale of the test).
+//! skipped with the reason otherwise), `--smoke` (the small scale of the test). With
+//! `RUST_LOG` set (`RUST_LOG=wgmesh_k8s=debug`), the agent's log goes to stderr.
 
 #[path = "agent_scale/harness.rs"]
 mod harness;
@@ -127,6 +128,13 @@ fn main() -> ExitCode {
     if serve_mock {
         harness::serve_mock(params.nodes, params.pods);
         return ExitCode::SUCCESS;
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The agent's own log, to stderr (`RUST_LOG=wgmesh_k8s=debug`): what it did when.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
     }
     println!("agent_scale: {params:?}");
     let report = harness::run(&params, &mut |line| println!("{line}"));

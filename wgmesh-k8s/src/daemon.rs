@@ -138,6 +138,36 @@ fn set_malloc_arena_max(_arenas: i32) -> bool {
     false
 }
 
+/// Gives the memory that glibc's malloc holds free back to the system (`malloc_trim(0)`,
+/// every arena); returns whether any was. [`crate::run::run`] calls it around each
+/// background resync: glibc keeps what a restart's first apply freed (its peak is 70 MB
+/// above what stays live at 5,000 nodes × 110 pods), and a resync reading on another thread
+/// allocates in another arena, which cannot reuse it — the process grew by each resync's
+/// own peak (BENCHMARKS.md, "Ninth round"). Does nothing with another C library.
+///
+/// ```
+/// wgmesh_k8s::daemon::release_free_memory();
+/// ```
+pub fn release_free_memory() -> bool {
+    trim_malloc()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_malloc() -> bool {
+    unsafe extern "C" {
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+    // SAFETY: malloc_trim takes a byte count and only releases free pages of malloc's own
+    // arenas, under their locks; it returns 1 when it released any.
+    unsafe { malloc_trim(0) == 1 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_malloc() -> bool {
+    false
+}
+
 /// Runs the agent until SIGTERM or SIGINT: the whole process of `wgmesh-agent`, on the
 /// current tokio runtime (multi-threaded: dataplane calls block).
 ///

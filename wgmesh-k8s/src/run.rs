@@ -306,6 +306,18 @@ fn pod_events(client: &Client, watch: bool, node: &str) -> Events<Pod> {
         .boxed()
 }
 
+/// [`crate::daemon::release_free_memory`], timed: it holds each malloc arena's lock while
+/// it walks it.
+fn release_free_memory(when: &str) {
+    let started = std::time::Instant::now();
+    let released = crate::daemon::release_free_memory();
+    let micros = started.elapsed().as_micros() as u64;
+    debug!(
+        released,
+        micros, when, "gave free memory back to the system"
+    );
+}
+
 /// Runs `f` where blocking is allowed: dataplane calls are synchronous (netlink), so on a
 /// multi-threaded runtime the worker hands its other tasks off first.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -387,7 +399,14 @@ where
         if resyncing.is_none()
             && let Some(job) = agent.take_background_resync()
         {
-            resyncing = Some(tokio::task::spawn_blocking(move || job.run()));
+            resyncing = Some(tokio::task::spawn_blocking(move || {
+                // Before: what the last full apply freed is not reusable from this thread's
+                // arena; after: what the job held (see `release_free_memory`).
+                release_free_memory("before a resync");
+                let found = job.run();
+                release_free_memory("after a resync");
+                found
+            }));
         }
         if writing.is_none()
             && let Some(update) = agent.take_status_update()
