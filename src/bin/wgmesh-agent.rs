@@ -27,6 +27,17 @@ mod shared;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `daemon::release_free_memory` does with mimalloc: without it, the agent's process
+/// stayed 150 MB above its live heap after background resyncs (BENCHMARKS.md, "Ninth round").
+#[cfg(target_env = "musl")]
+#[allow(unsafe_code)]
+fn mimalloc_collect() -> bool {
+    // SAFETY: mi_collect takes a flag and only frees and purges mimalloc's own free memory
+    // (the calling thread's heap, abandoned pages, the arenas' purgeable ranges).
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    true
+}
+
 use shared::Failure;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -321,6 +332,8 @@ fn main() -> ExitCode {
     // Before the runtime's threads start (each could get a malloc arena of its own).
     let capped = daemon::limit_malloc_arenas();
     tracing::debug!(capped, arenas = daemon::MALLOC_ARENAS, "malloc arenas");
+    #[cfg(target_env = "musl")]
+    daemon::set_memory_release(mimalloc_collect);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -138,18 +138,39 @@ fn set_malloc_arena_max(_arenas: i32) -> bool {
     false
 }
 
-/// Gives the memory that glibc's malloc holds free back to the system (`malloc_trim(0)`,
-/// every arena); returns whether any was. [`crate::run::run`] calls it around each
-/// background resync: glibc keeps what a restart's first apply freed (its peak is 70 MB
-/// above what stays live at 5,000 nodes × 110 pods), and a resync reading on another thread
-/// allocates in another arena, which cannot reuse it — the process grew by each resync's
-/// own peak (BENCHMARKS.md, "Ninth round"). Does nothing with another C library.
+/// Gives the memory the allocator holds free back to the system; returns whether it did
+/// anything. By default glibc's `malloc_trim(0)` (every arena; nothing with another C
+/// library); a process with another global allocator says how with [`set_memory_release`]
+/// (the image's `wgmesh-agent`: mimalloc's `mi_collect`). [`crate::run::run`] calls it on
+/// the resync's thread before and after each background resync: glibc kept what a
+/// restart's first apply freed (its heap peaks 70 MB above what stays at 5,000 nodes × 110
+/// pods), and the resync, on another thread, allocates from another arena, which cannot
+/// reuse that — the process grew by each resync's own peak (BENCHMARKS.md, "Ninth round").
 ///
 /// ```
 /// wgmesh_k8s::daemon::release_free_memory();
 /// ```
 pub fn release_free_memory() -> bool {
-    trim_malloc()
+    match MEMORY_RELEASE.get() {
+        Some(release) => release(),
+        None => trim_malloc(),
+    }
+}
+
+static MEMORY_RELEASE: std::sync::OnceLock<fn() -> bool> = std::sync::OnceLock::new();
+
+/// Sets what [`release_free_memory`] does, for a process whose global allocator is not the C
+/// library's malloc. Only the first call counts: returns whether this one did.
+///
+/// ```
+/// fn collect() -> bool {
+///     false // e.g. mimalloc's `mi_collect(true)`
+/// }
+/// wgmesh_k8s::daemon::set_memory_release(collect);
+/// assert!(!wgmesh_k8s::daemon::release_free_memory());
+/// ```
+pub fn set_memory_release(release: fn() -> bool) -> bool {
+    MEMORY_RELEASE.set(release).is_ok()
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -399,10 +399,11 @@ where
         if resyncing.is_none()
             && let Some(job) = agent.take_background_resync()
         {
+            // Free memory goes back to the system before the job, from this thread (what
+            // the last full apply freed: mimalloc collects the calling thread's heap), and
+            // after it, from the job's (see `daemon::release_free_memory`).
+            release_free_memory("before a resync");
             resyncing = Some(tokio::task::spawn_blocking(move || {
-                // Before: what the last full apply freed is not reusable from this thread's
-                // arena; after: what the job held (see `release_free_memory`).
-                release_free_memory("before a resync");
                 let found = job.run();
                 release_free_memory("after a resync");
                 found

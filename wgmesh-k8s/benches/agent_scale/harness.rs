@@ -188,6 +188,15 @@ pub mod heap {
     #[cfg(not(target_env = "musl"))]
     use std::alloc::System as Inner;
 
+    /// What `wgmesh-agent` gives `daemon::set_memory_release` on the same target.
+    #[cfg(target_env = "musl")]
+    #[allow(unsafe_code)]
+    pub fn collect() -> bool {
+        // SAFETY: mi_collect takes a flag and only frees and purges mimalloc's free memory.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+        true
+    }
+
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Part {
         Agent = 0,
@@ -1969,6 +1978,8 @@ async fn wait_for(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
 pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     // As `wgmesh-agent` does before its threads start (`MALLOC_ARENA_MAX` set: that instead).
     let capped = wgmesh_k8s::daemon::limit_malloc_arenas();
+    #[cfg(target_env = "musl")]
+    wgmesh_k8s::daemon::set_memory_release(heap::collect);
     log(&format!(
         "malloc arenas: {}",
         if capped {
