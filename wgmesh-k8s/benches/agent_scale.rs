@@ -23,7 +23,9 @@
 //! socket, so that the measured process holds only the agent),
 //! `--dataplane wireguard-go` (wireguard-go devices and the host's rtnetlink in a network
 //! namespace of the bench's own instead of the fake kernel; needs root and wireguard-go,
-//! skipped with the reason otherwise), `--smoke` (the small scale of the test). With
+//! skipped with the reason otherwise), `--dataplane kernel` (kernel WireGuard devices the
+//! same way; needs root and the wireguard module, so it runs in the VM:
+//! `scripts/bench-kernel-vm.sh`), `--smoke` (the small scale of the test). With
 //! `RUST_LOG` set (`RUST_LOG=wgmesh_k8s=debug`), the agent's log goes to stderr.
 
 #[path = "agent_scale/harness.rs"]
@@ -97,12 +99,13 @@ fn parse(
             "--max-delay-ms" => params.max_delay_ms = Some(number(&value)? as u64),
             "--resync-secs" => params.resync_secs = Some(number(&value)?.max(1) as u64),
             "--dataplane" => {
-                params.wireguard_go = match value.as_str() {
-                    "fake" => false,
-                    "wireguard-go" => true,
+                (params.wireguard_go, params.kernel_wireguard) = match value.as_str() {
+                    "fake" => (false, false),
+                    "wireguard-go" => (true, false),
+                    "kernel" => (false, true),
                     other => {
                         return Err(format!(
-                            "--dataplane takes fake or wireguard-go, got {other:?}"
+                            "--dataplane takes fake, wireguard-go or kernel, got {other:?}"
                         ));
                     }
                 }

@@ -1615,6 +1615,31 @@ fn wireguard_go_missing() -> Option<String> {
     None
 }
 
+/// Why the kernel WireGuard dataplane cannot run here, if it cannot.
+fn kernel_wireguard_missing() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("the kernel WireGuard dataplane needs root (network namespaces)".into());
+    }
+    let ip = std::process::Command::new("ip").arg("-V").output();
+    if !ip.is_ok_and(|o| o.status.success()) {
+        return Some("ip (iproute2) is not installed".into());
+    }
+    // Made and removed in the host's namespace: the module loads on demand.
+    let name = format!("wgk{}", std::process::id());
+    let added = std::process::Command::new("ip")
+        .args(["link", "add", &name, "type", "wireguard"])
+        .output();
+    if !added.is_ok_and(|o| o.status.success()) {
+        return Some(
+            "this kernel has no WireGuard (run it in the VM: scripts/bench-kernel-vm.sh)".into(),
+        );
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &name])
+        .output();
+    None
+}
+
 /// A network namespace of the bench's own, with the names of the two WireGuard devices the
 /// agent makes in it (unique per process: wireguard-go's socket
 /// `/var/run/wireguard/NAME.sock` is not per namespace). Deleted on drop, which removes the
@@ -1802,6 +1827,9 @@ pub struct Params {
     /// The dataplane: wireguard-go devices and the host's rtnetlink in a network namespace
     /// of their own, instead of the fake kernel (needs root and wireguard-go).
     pub wireguard_go: bool,
+    /// The dataplane: kernel WireGuard devices and rtnetlink in a network namespace of their
+    /// own (needs root and the wireguard module: the VM of `scripts/vm`).
+    pub kernel_wireguard: bool,
 }
 
 impl Params {
@@ -1824,6 +1852,7 @@ impl Params {
             mock_process: false,
             kernel_process: false,
             wireguard_go: false,
+            kernel_wireguard: false,
         }
     }
 
@@ -1847,6 +1876,7 @@ impl Params {
             mock_process: false,
             kernel_process: false,
             wireguard_go: false,
+            kernel_wireguard: false,
         }
     }
 }
@@ -2012,8 +2042,12 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
     // The wireguard-go dataplane: every thread of the agent's runtime enters a network
     // namespace of the bench's own (netlink sockets, sysctls and the daemons it starts
     // belong to the namespace of the thread that makes them).
-    let netns = if p.wireguard_go {
-        if let Some(why) = wireguard_go_missing() {
+    let netns = if p.wireguard_go || p.kernel_wireguard {
+        let missing = match p.wireguard_go {
+            true => wireguard_go_missing(),
+            false => kernel_wireguard_missing(),
+        };
+        if let Some(why) = missing {
             report.skipped = Some(why);
             return report;
         }
@@ -2046,10 +2080,10 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         );
         return report;
     }
-    if p.kernel_process && p.wireguard_go {
+    if p.kernel_process && (p.wireguard_go || p.kernel_wireguard) {
         report
             .errors
-            .push("--kernel-process is for the fake kernel, not --dataplane wireguard-go".into());
+            .push("--kernel-process is for the fake kernel, not a real dataplane".into());
         return report;
     }
     let main_part = heap::enter(heap::Part::Mock);
@@ -2124,6 +2158,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
                 .await
             });
             match opened {
+                Ok(Ok(s)) if p.kernel_wireguard => (Box::new(s), Backend::Kernel),
                 Ok(Ok(s)) => (Box::new(s), Backend::Userspace),
                 Ok(Err(e)) => {
                     report.errors.push(format!("netlink sockets: {e}"));
@@ -2140,8 +2175,15 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         "dataplane: {}",
         match &netns {
             Some(n) => format!(
-                "wireguard-go devices {} and {} and rtnetlink in network namespace {} (figures \"inside the fake kernel\" are the time inside netlink send and receive calls)",
-                n.ifnames[0], n.ifnames[1], n.name
+                "{} devices {} and {} and rtnetlink in network namespace {} (figures \"inside the fake kernel\" are the time inside netlink send and receive calls)",
+                if p.kernel_wireguard {
+                    "kernel WireGuard"
+                } else {
+                    "wireguard-go"
+                },
+                n.ifnames[0],
+                n.ifnames[1],
+                n.name
             ),
             None if p.kernel_process => format!(
                 "the message-level fake kernel, in a process of its own (pid {}; figures \"inside the fake kernel\" are the time inside calls to it over a Unix socket)",
@@ -2275,7 +2317,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
             report.restart.as_secs_f64()
         ));
     }
-    if let Some(n) = &netns {
+    if let Some(n) = netns.as_ref().filter(|_| p.wireguard_go) {
         let (count, rss, peak) = daemons_rss_mb(&n.ifnames);
         report.daemons_rss_mb = (rss, peak);
         log(&format!(
@@ -2554,7 +2596,7 @@ pub fn run(p: &Params, log: &mut dyn FnMut(&str)) -> Report {
         report.background_operations,
         ms(tracker.lock().unwrap().background_loop_max)
     ));
-    if let Some(n) = &netns {
+    if let Some(n) = netns.as_ref().filter(|_| p.wireguard_go) {
         let (count, rss, peak) = daemons_rss_mb(&n.ifnames);
         log(&format!(
             "wireguard-go at the end ({count} daemons): RSS {rss:.0} MB, peak {peak:.0} MB"
