@@ -73,6 +73,8 @@ pub(crate) struct Pipeline {
     buf: Vec<u8>,
     /// Messages sent so far.
     pub(crate) sent: usize,
+    /// Whether a reply came marked `NLM_F_DUMP_INTR` since [`Self::take_interrupted`].
+    interrupted: bool,
 }
 
 impl Default for Pipeline {
@@ -81,6 +83,7 @@ impl Default for Pipeline {
             next_seq: [1; 3],
             buf: Vec::new(),
             sent: 0,
+            interrupted: false,
         }
     }
 }
@@ -191,6 +194,12 @@ impl Pipeline {
             .collect())
     }
 
+    /// Whether a dump's reply came marked `NLM_F_DUMP_INTR` (what was dumped changed during
+    /// the dump, which may have missed entries) since the last call.
+    pub(crate) fn take_interrupted(&mut self) -> bool {
+        std::mem::take(&mut self.interrupted)
+    }
+
     /// Wipes the receive buffer (it may hold a device's private key, read back).
     pub(crate) fn wipe_buffer(&mut self) {
         self.buf.zeroize();
@@ -212,6 +221,7 @@ impl Pipeline {
             if st.outcomes[i].is_some() {
                 continue;
             }
+            self.interrupted |= h.flags & wire::NLM_F_DUMP_INTR != 0;
             let payload = &m[wire::HEADER_LEN..];
             let end = match h.message_type {
                 NLMSG_ERROR => {

@@ -21,6 +21,10 @@ use crate::wire::genl::{self, Wg};
 use crate::wire::nft::{self, NftRequest};
 use crate::wire::route::{self, RtRequest};
 
+/// How many times a WireGuard device is dumped at most while every dump is interrupted by a
+/// change.
+const WG_DUMP_ATTEMPTS: usize = 3;
+
 impl<K: KernelIo> Linux<K> {
     /// A kernel WireGuard device's configuration (`None`: no such device).
     pub(super) fn kernel_device(
@@ -28,18 +32,47 @@ impl<K: KernelIo> Linux<K> {
         family_id: u16,
         ifname: &str,
     ) -> Result<Option<ActualDevice>> {
-        let mut dev = ActualDevice::default();
-        let found = self.wg_dump(family_id, ifname, "", |m| genl::merge_device(m, &mut dev))?;
-        Ok(found.then_some(dev))
+        self.wg_read(family_id, ifname, "", |m, dev: &mut ActualDevice| {
+            genl::merge_device(m, dev)
+        })
     }
 
     /// A kernel WireGuard device's peer counters.
     fn kernel_stats(&mut self, family_id: u16, ifname: &str) -> Result<Vec<PeerStats>> {
-        let mut stats = BTreeMap::new();
-        self.wg_dump(family_id, ifname, " counters", |m| {
-            genl::merge_stats(m, ifname, &mut stats)
+        let stats = self.wg_read(family_id, ifname, " counters", |m, stats| {
+            genl::merge_stats(m, ifname, stats)
         })?;
-        Ok(stats.into_values().collect())
+        Ok(stats.unwrap_or_default().into_values().collect())
+    }
+
+    /// A WireGuard device dumped whole into a `T` (`None`: no such device), dumped again when
+    /// the kernel marks the dump interrupted: a device that changes during its dump (a
+    /// delta while a background resync reads 10,000 peers) may have been dumped with peers
+    /// or allowed IPs missing, since Linux ends such a dump where the peer it was at went
+    /// (`wg` dumps again too). A device that changes during every one of
+    /// [`WG_DUMP_ATTEMPTS`] dumps (pods churning on a big node) is taken as the last dump
+    /// read it: what a resync would then repair is re-setting what is there, and the
+    /// repairs of what changed after its snapshot are left out anyway.
+    fn wg_read<T: Default>(
+        &mut self,
+        family_id: u16,
+        ifname: &str,
+        what: &str,
+        mut merge: impl FnMut(
+            &mut WireguardMessage,
+            &mut T,
+        ) -> std::result::Result<(), crate::DecodeError>,
+    ) -> Result<Option<T>> {
+        self.pipeline.take_interrupted();
+        let mut attempt = 1;
+        loop {
+            let mut out = T::default();
+            let found = self.wg_dump(family_id, ifname, what, |m| merge(m, &mut out))?;
+            if !self.pipeline.take_interrupted() || attempt == WG_DUMP_ATTEMPTS {
+                return Ok(found.then_some(out));
+            }
+            attempt += 1;
+        }
     }
 
     /// Dumps a WireGuard device and hands each part to `merge` (which wipes its private
@@ -348,5 +381,178 @@ impl<K: KernelIo> Linux<K> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FakeKernel, SharedKernel};
+    use crate::wire::Protocol;
+    use crate::{Dataplane, KeyRing, Reconciler};
+
+    type Change = Box<dyn FnMut(&mut FakeKernel) + Send>;
+
+    /// The fake kernel, changed by `change` when the reader receives its `at`-th generic
+    /// netlink datagram (and every one after it when `every`): a device changing under
+    /// its dump.
+    struct Meddler {
+        inner: SharedKernel,
+        recvs: usize,
+        at: Option<usize>,
+        every: bool,
+        change: Change,
+    }
+
+    impl KernelIo for Meddler {
+        fn send(&mut self, protocol: Protocol, datagram: &[u8]) -> std::io::Result<()> {
+            self.inner.send(protocol, datagram)
+        }
+        fn recv(&mut self, protocol: Protocol, buf: &mut Vec<u8>) -> std::io::Result<()> {
+            if protocol == Protocol::Generic
+                && let Some(at) = self.at
+            {
+                self.recvs += 1;
+                if self.recvs == at || (self.every && self.recvs > at) {
+                    (self.change)(&mut self.inner.kernel());
+                }
+            }
+            self.inner.recv(protocol, buf)
+        }
+        fn read_sysctl(&mut self, key: &str) -> std::io::Result<Option<String>> {
+            self.inner.read_sysctl(key)
+        }
+        fn write_sysctl(&mut self, key: &str, value: &str) -> std::io::Result<()> {
+            self.inner.write_sysctl(key, value)
+        }
+    }
+
+    /// A device of 40 peers, dumped in pages of at most 1 KiB.
+    fn kernel_with_peers() -> (SharedKernel, crate::Ownership, String) {
+        let node = |n: u8| {
+            wgmesh_core::Node::new(format!("n{n}"))
+                .with_addresses([std::net::IpAddr::from([10, 0, 0, n])])
+                .with_pod_cidrs([format!("10.65.{n}.0/24").parse().unwrap()])
+                .with_wireguard(wgmesh_core::NodeWireGuard::new(
+                    Some(wgmesh_core::PrivateKey::generate().public_key()),
+                    None,
+                ))
+        };
+        let cluster =
+            wgmesh_core::Cluster::new(Default::default(), (1..=41).map(node).collect()).unwrap();
+        let plan = wgmesh_core::plan_node(&cluster, "n1").unwrap();
+        let mut fake = FakeKernel::new();
+        fake.dump_message_size = 1024;
+        let kernel = SharedKernel::new(fake);
+        let own = crate::Ownership::from_mesh(cluster.mesh());
+        let linux = Linux::with_kernel(kernel.handle(), Default::default()).unwrap();
+        let keys = KeyRing::single(wgmesh_core::PrivateKey::generate());
+        Reconciler::new(linux, own.clone(), keys)
+            .reconcile(&plan)
+            .unwrap();
+        let name = plan.interfaces[0].name.clone();
+        assert_eq!(kernel.kernel().devices[&name].peers.len(), 40);
+        (kernel, own, name)
+    }
+
+    fn reader(kernel: &SharedKernel, at: usize, every: bool, change: Change) -> Linux<Meddler> {
+        let mut l = Linux::with_kernel(
+            Meddler {
+                inner: kernel.handle(),
+                recvs: 0,
+                at: None,
+                every,
+                change,
+            },
+            Default::default(),
+        )
+        .unwrap();
+        l.kernel_mut().at = Some(at); // after the family lookup
+        l
+    }
+
+    /// A device that changes during its dump is dumped again (Linux marks such a dump
+    /// `NLM_F_DUMP_INTR`, and ends it where the peer it was at went): the read is the
+    /// device as it is after the change, not a mix, nor a dump cut short.
+    #[test]
+    fn a_device_changed_during_its_dump_is_dumped_again() {
+        let (kernel, own, name) = kernel_with_peers();
+        // All but two peers go while the second page is on its way.
+        let n = name.clone();
+        let mut l = reader(
+            &kernel,
+            2,
+            false,
+            Box::new(move |k: &mut FakeKernel| {
+                let dev = k.devices.get_mut(&n).unwrap();
+                let keep: Vec<_> = dev.peers.keys().take(2).copied().collect();
+                dev.peers.retain(|key, _| keep.contains(key));
+                dev.generation += 1;
+            }),
+        );
+        let read = l.read(&own, &[]).unwrap();
+        let fresh = Linux::with_kernel(kernel.handle(), Default::default())
+            .unwrap()
+            .read(&own, &[])
+            .unwrap();
+        assert_eq!(read.devices[&name].peers.len(), 2);
+        assert_eq!(read.devices, fresh.devices);
+        assert!(l.kernel_mut().recvs > 2, "not dumped again");
+
+        // A change that leaves the dump's peer: the flag alone makes the reader dump again.
+        let n = name.clone();
+        let mut l = reader(
+            &kernel,
+            1,
+            false,
+            Box::new(move |k: &mut FakeKernel| {
+                let dev = k.devices.get_mut(&n).unwrap();
+                let last = dev.peers.values_mut().last().unwrap();
+                last.allowed_ips.insert("192.168.77.0/24".parse().unwrap());
+                dev.generation += 1;
+            }),
+        );
+        let read = l.read(&own, &[]).unwrap();
+        let peers = &read.devices[&name].peers;
+        let last = peers.values().last().unwrap();
+        assert!(
+            last.allowed_ips
+                .contains(&"192.168.77.0/24".parse().unwrap())
+        );
+    }
+
+    /// A device that never stops changing is not read for ever: the third dump is taken as
+    /// it is.
+    #[test]
+    fn a_device_that_keeps_changing_is_dumped_three_times() {
+        let (kernel, own, name) = kernel_with_peers();
+        let mut l = reader(
+            &kernel,
+            1,
+            true,
+            Box::new(move |k: &mut FakeKernel| {
+                k.devices.get_mut(&name).unwrap().generation += 1;
+            }),
+        );
+        let sent = l.pipeline.sent;
+        let read = l.read(&own, &[]).unwrap();
+        assert_eq!(
+            read.devices.values().map(|d| d.peers.len()).sum::<usize>(),
+            40
+        );
+        // Three device dumps (one request each) among the read's other requests.
+        let dumps = l.pipeline.sent - sent;
+        let once = {
+            let mut l = reader(
+                &kernel,
+                usize::MAX,
+                false,
+                Box::new(|_: &mut FakeKernel| {}),
+            );
+            let sent = l.pipeline.sent;
+            l.read(&own, &[]).unwrap();
+            l.pipeline.sent - sent
+        };
+        assert_eq!(dumps, once + 2);
     }
 }

@@ -83,6 +83,11 @@ pub struct FakeDevice {
     pub firewall_mark: u32,
     /// Peers by key.
     pub peers: BTreeMap<PublicKey, ActualPeer>,
+    /// Counts the device's changes (WireGuard's `device_update_gen`): a dump during which it
+    /// changes marks its later messages `NLM_F_DUMP_INTR`, and ends early if the peer it
+    /// was at is gone, as Linux's does. Bumped by every `WG_CMD_SET_DEVICE`; a test that
+    /// changes the device directly bumps it too.
+    pub generation: u64,
 }
 
 impl FakeDevice {
@@ -187,6 +192,8 @@ pub(crate) enum Dump {
         name: String,
         peer: Option<PublicKey>,
         ips: usize,
+        /// The device's generation when the dump began.
+        generation: u64,
     },
 }
 
@@ -669,8 +676,9 @@ impl FakeKernel {
                 name,
                 peer,
                 ips,
+                generation,
             } => {
-                let (page, over) = self.device_page(*seq, name, peer, ips);
+                let (page, over) = self.device_page(*seq, name, peer, ips, *generation);
                 (Some(page), over)
             }
         };
@@ -1185,6 +1193,9 @@ impl FakeKernel {
 
     fn set_device(&mut self, w: &WireguardMessage) -> Result<(), Refused> {
         let name = self.device_name(w)?;
+        if let Some(dev) = self.devices.get_mut(&name) {
+            dev.generation += 1;
+        }
         for a in &w.attributes {
             let dev = self.devices.get_mut(&name).ok_or(refuse(ENODEV))?;
             match a {
@@ -1333,11 +1344,13 @@ impl FakeKernel {
     /// continues with only its key and more allowed IPs.
     fn dump_device(&mut self, h: &Header, w: &WireguardMessage) -> Result<(), Refused> {
         let name = self.device_name(w)?;
+        let generation = self.devices.get(&name).map_or(0, |d| d.generation);
         self.sockets[Protocol::Generic.index()].dump = Some(Dump::Device {
             seq: h.seq,
             name,
             peer: None,
             ips: 0,
+            generation,
         });
         Ok(())
     }
@@ -1351,11 +1364,20 @@ impl FakeKernel {
         name: &str,
         cursor: &mut Option<PublicKey>,
         sent: &mut usize,
+        generation: u64,
     ) -> (Vec<u8>, bool) {
         let done = || end_message(NLMSG_DONE, seq, &AckRepr::default());
         let (Some(dev), Some(link)) = (self.devices.get(name), self.links.get(name)) else {
             return (done(), true);
         };
+        let interrupted = dev.generation != generation;
+        // Linux ends the dump where its peer went (the flag tells the reader to dump again).
+        if interrupted && cursor.is_some_and(|k| !dev.peers.contains_key(&k)) {
+            let mut end = done();
+            let flags = u16::from_ne_bytes([end[6], end[7]]) | wire::NLM_F_DUMP_INTR;
+            end[6..8].copy_from_slice(&flags.to_ne_bytes());
+            return (end, true);
+        }
         let mut head = vec![
             WireguardAttribute::ListenPort(dev.listen_port),
             WireguardAttribute::Fwmark(dev.firewall_mark),
@@ -1379,12 +1401,17 @@ impl FakeKernel {
                 cmd: WireguardCmd::GetDevice,
                 attributes,
             };
+            let intr = if interrupted {
+                wire::NLM_F_DUMP_INTR
+            } else {
+                0
+            };
             multipart(wire::serialize(
                 &Wg {
                     family_id,
                     message: &m,
                 },
-                0,
+                intr,
                 seq,
             ))
         };

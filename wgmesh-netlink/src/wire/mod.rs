@@ -33,6 +33,9 @@ pub(crate) use netlink_packet_core::{
 pub(crate) const NLM_F_CAPPED: u16 = 0x100;
 /// `NLM_F_ACK_TLVS` (on an `NLMSG_ERROR` or `NLMSG_DONE`: extended-ack attributes follow).
 pub(crate) const NLM_F_ACK_TLVS: u16 = 0x200;
+/// `NLM_F_DUMP_INTR` (on a dump's message: what is dumped changed during the dump, which may
+/// have missed or repeated entries).
+pub(crate) const NLM_F_DUMP_INTR: u16 = 0x10;
 /// The netlink header's size.
 pub(crate) const HEADER_LEN: usize = 16;
 
