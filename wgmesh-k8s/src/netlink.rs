@@ -229,7 +229,7 @@ impl<D: wgmesh_netlink::Dataplane> Dataplane for NetlinkDataplane<D> {
         if r.skipped > 0 {
             tracing::debug!(
                 skipped = r.skipped,
-                "resync: left out repairs of what deltas changed meanwhile"
+                "resync: left out repairs of what changed meanwhile (deltas, or a device changing under every dump)"
             );
         }
         Ok(report(r))

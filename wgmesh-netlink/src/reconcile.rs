@@ -297,6 +297,9 @@ impl std::fmt::Debug for ResyncJob {
 #[derive(Debug)]
 pub struct ResyncFound {
     operations: Result<Vec<Operation>>,
+    /// Devices whose every dump a change interrupted ([`ActualState::interrupted`]): their
+    /// peers as read may lack some, so their peer repairs are left out.
+    unsure: Vec<String>,
     generation: u64,
     started: Instant,
 }
@@ -304,18 +307,21 @@ pub struct ResyncFound {
 impl ResyncJob {
     /// Reads the dataplane through the second handle and diffs it against the snapshot.
     pub fn run(mut self) -> ResyncFound {
-        let operations = read_and_diff(
+        let mut unsure = Vec::new();
+        let operations = read_and_diff_noting(
             &mut *self.reader,
             &self.ownership,
             &self.options,
             &self.plan,
             &self.routes,
+            &mut unsure,
         );
         let (generation, started) = (self.generation, self.started);
         // The reconciler takes its routes back without a copy once this share is gone.
         drop(self);
         ResyncFound {
             operations,
+            unsure,
             generation,
             started,
         }
@@ -362,9 +368,22 @@ fn read_and_diff<D: Dataplane + ?Sized>(
     plan: &NodePlan,
     routes: &[Route],
 ) -> Result<Vec<Operation>> {
+    read_and_diff_noting(dataplane, ownership, options, plan, routes, &mut Vec::new())
+}
+
+/// [`read_and_diff`], noting in `interrupted` the devices whose every dump was interrupted.
+fn read_and_diff_noting<D: Dataplane + ?Sized>(
+    dataplane: &mut D,
+    ownership: &Ownership,
+    options: &DiffOptions,
+    plan: &NodePlan,
+    routes: &[Route],
+    interrupted: &mut Vec<String>,
+) -> Result<Vec<Operation>> {
     let sysctls: Vec<String> = plan.sysctls.iter().map(|s| s.key.clone()).collect();
     let mut table = PlannedRoutes::new(routes);
     let actual = dataplane.read_with(ownership, &sysctls, &mut |a| table.take(a))?;
+    interrupted.clone_from(&actual.interrupted);
     // Before touching anything: nobody else may use wgmesh's mark, table or priority.
     if let Some(rule) = plan.rules.first()
         && let Some(collision) = crate::neighbours::collisions(
@@ -775,7 +794,8 @@ impl<D: Dataplane> Reconciler<D> {
 
     /// Ends a resync begun by [`Self::begin_resync`]: executes the repairs it found, except
     /// those on a route or peer that a delta changed since its snapshot (the delta's change
-    /// is newer; drift there is left to the next resync). The whole result is dropped —
+    /// is newer; drift there is left to the next resync), and those on the peers of a device
+    /// that changed during every dump of it (the read may lack peers: [`ActualState::interrupted`]). The whole result is dropped —
     /// nothing executed, [`Report::skipped`] counts it — when a full reconcile or a key
     /// change came in between, or a delta changed an interface, rule, sysctl or the marking,
     /// or an execution failed: then [`Self::needs_resync`] says whether to resync again.
@@ -795,9 +815,13 @@ impl<D: Dataplane> Reconciler<D> {
             });
         };
         let total = operations.len();
+        let unsure = |op: &Operation| {
+            op.peer()
+                .is_some_and(|(i, _)| found.unsure.iter().any(|u| u == i))
+        };
         let operations: Vec<Operation> = operations
             .into_iter()
-            .filter(|op| !touched.covers(op))
+            .filter(|op| !touched.covers(op) && !unsure(op))
             .collect();
         let skipped = total - operations.len();
         let messages = if operations.is_empty() {
@@ -1127,6 +1151,78 @@ mod tests {
             .count();
         assert!(added >= unicast, "{remade:#?}");
         assert_eq!(check(&mut r, &unsorted), remade);
+    }
+
+    /// The fake kernel, its WireGuard devices changing all the time (every generic netlink
+    /// datagram received bumps their generation: every dump is interrupted).
+    struct Busy(crate::testing::SharedKernel);
+
+    impl crate::KernelIo for Busy {
+        fn send(&mut self, p: crate::wire::Protocol, d: &[u8]) -> std::io::Result<()> {
+            self.0.send(p, d)
+        }
+        fn recv(&mut self, p: crate::wire::Protocol, buf: &mut Vec<u8>) -> std::io::Result<()> {
+            if p == crate::wire::Protocol::Generic {
+                for d in self.0.kernel().devices.values_mut() {
+                    d.generation += 1;
+                }
+            }
+            self.0.recv(p, buf)
+        }
+        fn read_sysctl(&mut self, key: &str) -> std::io::Result<Option<String>> {
+            self.0.read_sysctl(key)
+        }
+        fn write_sysctl(&mut self, key: &str, value: &str) -> std::io::Result<()> {
+            self.0.write_sysctl(key, value)
+        }
+        fn open_another(&mut self) -> Option<std::io::Result<Box<dyn crate::KernelIo + Send>>> {
+            Some(Ok(Box::new(Busy(self.0.handle()))))
+        }
+    }
+
+    /// A background resync that could not read a device without a change interrupting it
+    /// leaves that device's peers alone (its read may lack some), and repairs the rest; a
+    /// full reconcile repairs the peer.
+    #[test]
+    fn a_resync_leaves_the_peers_of_a_device_it_could_not_read_whole() {
+        let key = wgmesh_core::PrivateKey::generate();
+        let cluster = parse_cluster(&format!(
+            r#"{{"nodes":[
+              {{"name":"a","addresses":["10.0.0.1"],"pod_cidrs":["10.65.0.0/26"],
+               "wireguard":{{"public_key":"{}"}}}},
+              {{"name":"b","addresses":["10.0.0.2"],"pod_cidrs":["10.65.0.64/26"],
+               "wireguard":{{"public_key":"/r0PzTX6F0ZrW9ExPQE8zou2rh1vb20IU6SrXMiKImw="}}}},
+              {{"name":"c","addresses":["10.0.0.3"],"pod_cidrs":["10.65.0.128/26"],
+               "wireguard":{{"public_key":"lDWQTjn07Ve0LXsUpK+8QpVnt+LEsDBTad9yiHJu0Ww="}}}}]}}"#,
+            key.public_key()
+        ))
+        .unwrap();
+        let plan = wgmesh_core::plan_node(&cluster, "a").unwrap();
+        let kernel = crate::testing::SharedKernel::new(crate::testing::FakeKernel::new());
+        let linux = crate::Linux::with_kernel(Busy(kernel.handle()), Default::default()).unwrap();
+        let own = Ownership::from_mesh(cluster.mesh());
+        let mut r = Reconciler::new(linux, own, KeyRing::single(key));
+        r.reconcile(&plan).unwrap();
+        let name = plan.interfaces[0].name.clone();
+        let b_route: IpNet = "10.65.0.64/26".parse().unwrap();
+        let peers = |k: &crate::testing::SharedKernel| k.kernel().devices[&name].peers.len();
+        let has = |d: IpNet| kernel.kernel().routes.values().any(|r| r.destination == d);
+        assert_eq!(peers(&kernel), 2);
+        {
+            let mut k = kernel.kernel();
+            let dev = k.devices.get_mut(&name).unwrap();
+            let first = *dev.peers.keys().next().unwrap();
+            dev.peers.remove(&first);
+            k.routes.retain(|_, r| r.destination != b_route);
+        }
+        let job = r.begin_resync().unwrap().expect("a second handle");
+        let found = std::thread::spawn(move || job.run()).join().unwrap();
+        let report = r.finish_resync(found).unwrap();
+        assert!(has(b_route), "the route was not repaired");
+        assert_eq!(peers(&kernel), 1, "{:#?}", report.operations);
+        assert!(report.skipped >= 1, "{report:#?}");
+        assert!(!r.reconcile(&plan).unwrap().is_noop());
+        assert_eq!(peers(&kernel), 2);
     }
 
     /// A background resync begun while route changes of deltas wait to be folded leaves them

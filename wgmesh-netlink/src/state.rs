@@ -481,4 +481,8 @@ pub struct ActualState {
     /// (`WGALLOWEDIP_F_REMOVE_ME`, Linux 6.12+ / wireguard-go); informational.
     #[serde(default)]
     pub remove_allowed_ip_supported: Option<bool>,
+    /// WireGuard devices that changed during every dump of them (Linux marks such a dump
+    /// `NLM_F_DUMP_INTR` and may end it early): their peers as read may lack some.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interrupted: Vec<String>,
 }

@@ -28,7 +28,7 @@ impl<K: KernelIo> Linux<K> {
         let [add, remove] = lower::remove_flag_probe(ifname, probe);
         let probed = self.genl_set(family_id, &add, "probe per-IP allowed-IP removal");
         let read = match &probed {
-            Ok(()) => self.kernel_device(family_id, ifname)?,
+            Ok(()) => self.kernel_device(family_id, ifname)?.0,
             Err(_) => None,
         };
         self.genl_set(family_id, &remove, "remove the probe peer")?;

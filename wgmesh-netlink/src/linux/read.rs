@@ -27,11 +27,12 @@ const WG_DUMP_ATTEMPTS: usize = 3;
 
 impl<K: KernelIo> Linux<K> {
     /// A kernel WireGuard device's configuration (`None`: no such device).
+    /// `true` with it: every dump of it was interrupted ([`Self::wg_read`]).
     pub(super) fn kernel_device(
         &mut self,
         family_id: u16,
         ifname: &str,
-    ) -> Result<Option<ActualDevice>> {
+    ) -> Result<(Option<ActualDevice>, bool)> {
         self.wg_read(family_id, ifname, "", |m, dev: &mut ActualDevice| {
             genl::merge_device(m, dev)
         })
@@ -39,7 +40,7 @@ impl<K: KernelIo> Linux<K> {
 
     /// A kernel WireGuard device's peer counters.
     fn kernel_stats(&mut self, family_id: u16, ifname: &str) -> Result<Vec<PeerStats>> {
-        let stats = self.wg_read(family_id, ifname, " counters", |m, stats| {
+        let (stats, _) = self.wg_read(family_id, ifname, " counters", |m, stats| {
             genl::merge_stats(m, ifname, stats)
         })?;
         Ok(stats.unwrap_or_default().into_values().collect())
@@ -51,8 +52,8 @@ impl<K: KernelIo> Linux<K> {
     /// or allowed IPs missing, since Linux ends such a dump where the peer it was at went
     /// (`wg` dumps again too). A device that changes during every one of
     /// [`WG_DUMP_ATTEMPTS`] dumps (pods churning on a big node) is taken as the last dump
-    /// read it: what a resync would then repair is re-setting what is there, and the
-    /// repairs of what changed after its snapshot are left out anyway.
+    /// read it, and `true` says so (a background resync leaves the device's peers alone
+    /// then: [`crate::ResyncFound`]).
     fn wg_read<T: Default>(
         &mut self,
         family_id: u16,
@@ -62,14 +63,15 @@ impl<K: KernelIo> Linux<K> {
             &mut WireguardMessage,
             &mut T,
         ) -> std::result::Result<(), crate::DecodeError>,
-    ) -> Result<Option<T>> {
+    ) -> Result<(Option<T>, bool)> {
         self.pipeline.take_interrupted();
         let mut attempt = 1;
         loop {
             let mut out = T::default();
             let found = self.wg_dump(family_id, ifname, what, |m| merge(m, &mut out))?;
-            if !self.pipeline.take_interrupted() || attempt == WG_DUMP_ATTEMPTS {
-                return Ok(found.then_some(out));
+            let interrupted = self.pipeline.take_interrupted();
+            if !interrupted || attempt == WG_DUMP_ATTEMPTS {
+                return Ok((found.then_some(out), interrupted));
             }
             attempt += 1;
         }
@@ -319,7 +321,11 @@ impl<K: KernelIo> Linux<K> {
             let dev = match &self.wg {
                 Driver::Kernel { family_id } if l.kind.as_deref() == Some("wireguard") => {
                     let family_id = *family_id;
-                    self.kernel_device(family_id, name)?
+                    let (dev, interrupted) = self.kernel_device(family_id, name)?;
+                    if interrupted {
+                        s.interrupted.push(name.clone());
+                    }
+                    dev
                 }
                 Driver::Userspace(u) if l.kind.as_deref() == Some("tun") => u.get(name)?,
                 _ => None,
